@@ -1,0 +1,70 @@
+//! Shared-token authentication for gRPC calls and data-plane links.
+
+use std::path::Path;
+
+/// gRPC metadata key carrying the token.
+pub const TOKEN_METADATA_KEY: &str = "authorization";
+/// Environment variable read by every binary when no token file is given.
+pub const TOKEN_ENV: &str = "CVDIST_TOKEN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read token file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("token file {path} is empty")]
+    Empty { path: String },
+}
+
+/// Loads the token from `file` if given, else from `$CVDIST_TOKEN`; `None` when neither is set.
+pub fn load_token(file: Option<&Path>) -> Result<Option<String>, TokenError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| TokenError::Read { path: path.display().to_string(), source })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(TokenError::Empty { path: path.display().to_string() });
+        }
+        return Ok(Some(token));
+    }
+    Ok(std::env::var(TOKEN_ENV).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()))
+}
+
+/// Compares two secrets in time that depends only on their lengths, so a peer cannot
+/// learn a prefix of the token from response timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The value sent in the `authorization` metadata entry.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compares_equal_and_unequal() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn token_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = load_token(Some(&missing)).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        assert!(load_token(Some(&empty)).unwrap_err().to_string().contains("empty"));
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, "abc\n").unwrap();
+        assert_eq!(load_token(Some(&ok)).unwrap().as_deref(), Some("abc"));
+    }
+}

@@ -1,0 +1,88 @@
+//! Connecting to the coordinator, shared by the CLI and the workers: the token goes into
+//! every request, TLS is used for `https://` URLs, and message size limits match the server.
+
+use crate::auth;
+use crate::proto::coordinator_client::CoordinatorClient;
+use crate::version::MAX_MESSAGE_BYTES;
+use std::path::Path;
+use std::time::Duration;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+#[derive(Clone)]
+pub struct TokenInterceptor {
+    value: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.value {
+            req.metadata_mut().insert(auth::TOKEN_METADATA_KEY, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = CoordinatorClient<InterceptedService<Channel, TokenInterceptor>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid coordinator URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("cannot read TLS CA {path}: {source}")]
+    Ca { path: String, source: std::io::Error },
+    #[error("token contains characters not allowed in a header")]
+    Token,
+    #[error("cannot reach the coordinator at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+}
+
+/// Opens a channel to `url` (http:// or https://).
+pub async fn connect(url: &str, token: Option<&str>, tls_ca: Option<&Path>) -> Result<Client, ConnectError> {
+    let bad = |reason: String| ConnectError::Url { url: url.to_string(), reason };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(bad("must start with http:// or https://".into()));
+    }
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| bad(e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = tls_ca {
+            let pem = std::fs::read(ca).map_err(|source| ConnectError::Ca { path: ca.display().to_string(), source })?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| ConnectError::Unreachable { url: url.to_string(), reason: error_chain(&e) })?;
+    let value = match token {
+        Some(t) => Some(auth::bearer(t).parse().map_err(|_| ConnectError::Token)?),
+        None => None,
+    };
+    Ok(CoordinatorClient::with_interceptor(channel, TokenInterceptor { value })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// "outer: inner: innermost", because transport errors hide the useful part in sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        src = s.source();
+    }
+    text
+}

@@ -1,0 +1,18 @@
+//! Types shared by the cvdist coordinator, workers and CLI. Nothing here links libtorch,
+//! so the control plane stays small.
+
+pub mod auth;
+pub mod cifar;
+pub mod client;
+pub mod download;
+pub mod models;
+pub mod run_dir;
+pub mod sampler;
+pub mod spec;
+pub mod version;
+
+/// Generated gRPC/protobuf code for package `cvdist.v1` (see `proto/cvdist.proto`).
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("cvdist.v1");
+}

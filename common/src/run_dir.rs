@@ -1,0 +1,128 @@
+//! Layout of a run directory, the place users look for results:
+//!
+//! ```text
+//! RUN/job.json          the job spec
+//! RUN/metrics.jsonl     one EpochMetrics object per line, in order
+//! RUN/summary.json      final and best accuracy, wall time, outcome
+//! RUN/checkpoints/      ckpt-eEEEE-sSSSSSS.safetensors + .json (see worker checkpoint)
+//! ```
+//!
+//! Both the coordinator (per job under its state dir) and `cvdist local --out` write it.
+
+use crate::proto::{EpochMetrics, JobSpec};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const JOB_FILE: &str = "job.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Summary {
+    pub job_id: String,
+    pub model: String,
+    pub state: String,
+    pub message: String,
+    pub epochs_completed: u32,
+    pub world_size: u32,
+    pub restarts: u32,
+    pub final_test_acc: f64,
+    pub best_test_acc: f64,
+    pub best_epoch: u32,
+    pub wall_seconds: f64,
+    pub mean_epoch_seconds: f64,
+}
+
+impl Summary {
+    /// Builds the summary from the metrics history.
+    pub fn from_history(history: &[EpochMetrics]) -> Summary {
+        let mut s = Summary::default();
+        if let Some(last) = history.last() {
+            s.final_test_acc = last.test_acc;
+            s.epochs_completed = last.epoch + 1;
+            s.world_size = last.world_size;
+        }
+        if let Some(best) = history.iter().max_by(|a, b| a.test_acc.total_cmp(&b.test_acc)) {
+            s.best_test_acc = best.test_acc;
+            s.best_epoch = best.epoch;
+        }
+        if !history.is_empty() {
+            s.mean_epoch_seconds = history.iter().map(|m| m.seconds).sum::<f64>() / history.len() as f64;
+        }
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} line {line}: {source}")]
+    Parse { path: PathBuf, line: usize, source: serde_json::Error },
+}
+
+/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename,
+/// so a crash leaves either the old or the new file, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn write_job(dir: &Path, spec: &JobSpec) -> Result<(), RunDirError> {
+    let path = dir.join(JOB_FILE);
+    let text = serde_json::to_vec_pretty(spec).expect("JobSpec serialises");
+    write_atomic(&path, &text).map_err(|source| RunDirError::Write { path, source })
+}
+
+pub fn write_summary(dir: &Path, summary: &Summary) -> Result<(), RunDirError> {
+    let path = dir.join(SUMMARY_FILE);
+    let text = serde_json::to_vec_pretty(summary).expect("Summary serialises");
+    write_atomic(&path, &text).map_err(|source| RunDirError::Write { path, source })
+}
+
+/// Rewrites metrics.jsonl from the full history (atomic, so a reader never sees half a line).
+pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<(), RunDirError> {
+    let path = dir.join(METRICS_FILE);
+    let mut text = Vec::new();
+    for m in history {
+        serde_json::to_writer(&mut text, m).expect("EpochMetrics serialises");
+        text.push(b'\n');
+    }
+    write_atomic(&path, &text).map_err(|source| RunDirError::Write { path, source })
+}
+
+pub fn read_metrics(dir: &Path) -> Result<Vec<EpochMetrics>, RunDirError> {
+    let path = dir.join(METRICS_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| RunDirError::Read { path: path.clone(), source })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|source| RunDirError::Parse { path: path.clone(), line: i + 1, source }))
+        .collect()
+}
+
+pub fn read_summary(dir: &Path) -> Result<Summary, RunDirError> {
+    let path = dir.join(SUMMARY_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| RunDirError::Read { path: path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|source| RunDirError::Parse { path, line: 1, source })
+}

@@ -1,0 +1,213 @@
+//! Job specification defaults and validation. Every field a user controls is checked here,
+//! once, before the coordinator stores anything.
+
+use crate::proto::JobSpec;
+
+/// Training-set and test-set sizes of CIFAR-10, used to check subsets and shard sizes.
+pub const CIFAR10_TRAIN: u64 = 50_000;
+pub const CIFAR10_TEST: u64 = 10_000;
+const MAX_EPOCHS: u32 = 10_000;
+const MAX_BATCH: u32 = 65_536;
+const MAX_WORKERS: u32 = 1_024;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("unknown model {0:?}; run `cvdist models` for the list")]
+    UnknownModel(String),
+    #[error("epochs must be between 1 and {MAX_EPOCHS}, got {0}")]
+    Epochs(u32),
+    #[error("batch size must be between 1 and {MAX_BATCH}, got {0}")]
+    BatchSize(u32),
+    #[error("learning rate must be a finite number in (0, 100], got {0}")]
+    LearningRate(f64),
+    #[error("momentum must be in [0, 1), got {0}")]
+    Momentum(f64),
+    #[error("weight decay must be a finite number >= 0, got {0}")]
+    WeightDecay(f64),
+    #[error("workers must be N or MIN:MAX with 1 <= MIN <= MAX <= {MAX_WORKERS}, got {0}")]
+    Workers(String),
+    #[error("unknown dataset {0:?}; expected \"cifar10\" or \"synthetic\"")]
+    Dataset(String),
+    #[error("job name {0:?} must be 1-64 characters from [A-Za-z0-9._-] and not start with '.'")]
+    Name(String),
+    #[error("{what} is {got}, but the training set has only {max} samples")]
+    Samples { what: &'static str, got: u64, max: u64 },
+    #[error("batch size {batch} is larger than each worker's shard of {shard} samples ({samples} samples over {workers} workers)")]
+    BatchLargerThanShard { batch: u32, shard: u64, samples: u64, workers: u32 },
+    #[error("unknown collective {0:?}; expected \"auto\", \"ring\" or \"nccl\"")]
+    Collective(String),
+    #[error("warmup epochs ({warmup}) must be smaller than epochs ({epochs})")]
+    Warmup { warmup: u32, epochs: u32 },
+    #[error("threads per worker must be at most 1024, got {0}")]
+    Threads(u32),
+}
+
+/// The standard CIFAR-10 recipe: SGD 0.1, momentum 0.9, wd 5e-4, batch 128, augmentation on.
+pub fn default_spec(model: &str, epochs: u32) -> JobSpec {
+    JobSpec {
+        name: String::new(),
+        model: model.to_string(),
+        epochs,
+        batch_size: 128,
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        min_workers: 1,
+        max_workers: 1,
+        dataset: "cifar10".into(),
+        train_samples: 0,
+        test_samples: 0,
+        seed: 0,
+        scale_lr: false,
+        warmup_epochs: 0,
+        checkpoint_every_steps: 0,
+        max_restarts: 3,
+        threads_per_worker: 0,
+        augment: true,
+        amp: false,
+        channels_last: false,
+        rendezvous_timeout_s: 0,
+        collective: "auto".into(),
+    }
+}
+
+/// Parses `N` or `MIN:MAX`.
+pub fn parse_workers(text: &str) -> Result<(u32, u32), SpecError> {
+    let bad = || SpecError::Workers(text.to_string());
+    let (min, max) = match text.split_once(':') {
+        Some((a, b)) => (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?),
+        None => {
+            let n = text.trim().parse().map_err(|_| bad())?;
+            (n, n)
+        }
+    };
+    if min == 0 || min > max || max > MAX_WORKERS {
+        return Err(bad());
+    }
+    Ok((min, max))
+}
+
+/// A name safe to use as a file name: no separators, no traversal, no hidden files.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Number of training samples a job uses.
+pub fn train_len(spec: &JobSpec) -> u64 {
+    let full = if spec.dataset == "synthetic" { SYNTHETIC_TRAIN } else { CIFAR10_TRAIN };
+    if spec.train_samples == 0 { full } else { spec.train_samples }
+}
+
+/// Number of test samples a job uses.
+pub fn test_len(spec: &JobSpec) -> u64 {
+    let full = if spec.dataset == "synthetic" { SYNTHETIC_TEST } else { CIFAR10_TEST };
+    if spec.test_samples == 0 { full } else { spec.test_samples }
+}
+
+/// Sizes of the generated `synthetic` dataset (same shapes as CIFAR-10, fewer images).
+pub const SYNTHETIC_TRAIN: u64 = 5_000;
+pub const SYNTHETIC_TEST: u64 = 1_000;
+
+/// Checks every field; returns the first problem found.
+pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
+    if !spec.name.is_empty() && !valid_name(&spec.name) {
+        return Err(SpecError::Name(spec.name.clone()));
+    }
+    if !crate::models::is_known(&spec.model) {
+        return Err(SpecError::UnknownModel(spec.model.clone()));
+    }
+    if spec.epochs == 0 || spec.epochs > MAX_EPOCHS {
+        return Err(SpecError::Epochs(spec.epochs));
+    }
+    if spec.batch_size == 0 || spec.batch_size > MAX_BATCH {
+        return Err(SpecError::BatchSize(spec.batch_size));
+    }
+    if !spec.lr.is_finite() || spec.lr <= 0.0 || spec.lr > 100.0 {
+        return Err(SpecError::LearningRate(spec.lr));
+    }
+    if !spec.momentum.is_finite() || !(0.0..1.0).contains(&spec.momentum) {
+        return Err(SpecError::Momentum(spec.momentum));
+    }
+    if !spec.weight_decay.is_finite() || spec.weight_decay < 0.0 {
+        return Err(SpecError::WeightDecay(spec.weight_decay));
+    }
+    if spec.min_workers == 0 || spec.min_workers > spec.max_workers || spec.max_workers > MAX_WORKERS {
+        return Err(SpecError::Workers(format!("{}:{}", spec.min_workers, spec.max_workers)));
+    }
+    let (full_train, full_test) = match spec.dataset.as_str() {
+        "cifar10" => (CIFAR10_TRAIN, CIFAR10_TEST),
+        "synthetic" => (SYNTHETIC_TRAIN, SYNTHETIC_TEST),
+        other => return Err(SpecError::Dataset(other.to_string())),
+    };
+    if spec.train_samples > full_train {
+        return Err(SpecError::Samples { what: "--train-samples", got: spec.train_samples, max: full_train });
+    }
+    if spec.test_samples > full_test {
+        return Err(SpecError::Samples { what: "--test-samples", got: spec.test_samples, max: full_test });
+    }
+    if !matches!(spec.collective.as_str(), "auto" | "ring" | "nccl") {
+        return Err(SpecError::Collective(spec.collective.clone()));
+    }
+    if spec.warmup_epochs >= spec.epochs && spec.warmup_epochs > 0 {
+        return Err(SpecError::Warmup { warmup: spec.warmup_epochs, epochs: spec.epochs });
+    }
+    if spec.threads_per_worker > 1024 {
+        return Err(SpecError::Threads(spec.threads_per_worker));
+    }
+    check_shard(spec, spec.max_workers)
+}
+
+/// The batch must fit in each worker's shard for the given world size.
+pub fn check_shard(spec: &JobSpec, workers: u32) -> Result<(), SpecError> {
+    let samples = train_len(spec);
+    let shard = samples.div_ceil(workers.max(1) as u64);
+    if spec.batch_size as u64 > shard {
+        return Err(SpecError::BatchLargerThanShard { batch: spec.batch_size, shard, samples, workers });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_recipe_is_valid() {
+        assert_eq!(validate(&default_spec("resnet50", 200)), Ok(()));
+    }
+
+    #[test]
+    fn rejects_bad_fields_with_named_errors() {
+        let base = default_spec("resnet20", 2);
+        let cases: Vec<(JobSpec, &str)> = vec![
+            (JobSpec { model: "resnet9000".into(), ..base.clone() }, "unknown model"),
+            (JobSpec { epochs: 0, ..base.clone() }, "epochs"),
+            (JobSpec { epochs: 1_000_000, ..base.clone() }, "epochs"),
+            (JobSpec { batch_size: 0, ..base.clone() }, "batch size"),
+            (JobSpec { lr: f64::NAN, ..base.clone() }, "learning rate"),
+            (JobSpec { lr: f64::INFINITY, ..base.clone() }, "learning rate"),
+            (JobSpec { momentum: 1.5, ..base.clone() }, "momentum"),
+            (JobSpec { dataset: "imagenet".into(), ..base.clone() }, "unknown dataset"),
+            (JobSpec { name: "../etc".into(), ..base.clone() }, "job name"),
+            (JobSpec { min_workers: 3, max_workers: 2, ..base.clone() }, "workers"),
+            (JobSpec { train_samples: 100, batch_size: 128, ..base.clone() }, "larger than each worker's shard"),
+            (JobSpec { collective: "mpi".into(), ..base.clone() }, "collective"),
+        ];
+        for (spec, needle) in cases {
+            let err = validate(&spec).unwrap_err().to_string();
+            assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn parses_worker_ranges() {
+        assert_eq!(parse_workers("4"), Ok((4, 4)));
+        assert_eq!(parse_workers("2:3"), Ok((2, 3)));
+        assert!(parse_workers("0").is_err());
+        assert!(parse_workers("3:2").is_err());
+        assert!(parse_workers("x").is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! Watching a job from the terminal: live progress bars while it runs, a line per epoch,
+//! and a final summary. A dropped stream (coordinator restarting, say) is re-opened with
+//! backoff, so `--follow` survives what the job itself survives.
+
+use crate::state::is_terminal;
+use cvdist_common::client::{connect, error_chain};
+use cvdist_common::proto::{job_event, EpochMetrics, JobInfo, JobState, WatchJobRequest};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub url: String,
+    pub token: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Connection {
+    pub async fn client(&self) -> anyhow::Result<cvdist_common::client::Client> {
+        Ok(connect(&self.url, self.token.as_deref(), self.tls_ca.as_deref()).await?)
+    }
+}
+
+pub fn state_label(s: JobState) -> &'static str {
+    match s {
+        JobState::Queued => "QUEUED",
+        JobState::Running => "RUNNING",
+        JobState::Recovering => "RECOVERING",
+        JobState::Succeeded => "SUCCEEDED",
+        JobState::Failed => "FAILED",
+        JobState::Cancelled => "CANCELLED",
+        JobState::Unspecified => "?",
+    }
+}
+
+pub fn epoch_line(m: &EpochMetrics, epochs: u32) -> String {
+    format!(
+        "epoch {:>3}/{epochs}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s  {:.0} img/s  x{} workers{}",
+        m.epoch + 1,
+        m.train_loss,
+        m.train_acc * 100.0,
+        m.test_loss,
+        m.test_acc * 100.0,
+        m.lr,
+        m.seconds,
+        m.images_per_sec,
+        m.world_size,
+        if m.attempt > 0 { format!("  (attempt {})", m.attempt) } else { String::new() }
+    )
+}
+
+/// Prints the final state; returns whether the job succeeded.
+pub fn print_summary(info: &JobInfo) -> bool {
+    let state = info.state();
+    println!("job {} {}", info.id, state_label(state));
+    if !info.message.is_empty() {
+        println!("  {}", info.message);
+    }
+    if let Some(best) = info.history.iter().max_by(|a, b| a.test_acc.total_cmp(&b.test_acc)) {
+        let last = info.history.last().map(|m| m.test_acc).unwrap_or(0.0);
+        println!(
+            "  final test accuracy {:.2}%, best {:.2}% (epoch {}), {} epochs, {} restarts, {:.1}s wall",
+            last * 100.0,
+            best.test_acc * 100.0,
+            best.epoch + 1,
+            info.history.len(),
+            info.restarts,
+            (info.finished_unix - info.started_unix).max(0.0)
+        );
+    }
+    state == JobState::Succeeded
+}
+
+/// Follows a job until it ends; returns its last snapshot.
+pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Result<JobInfo> {
+    let bar = ProgressBar::with_draw_target(None, if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut last: Option<JobInfo> = None;
+    let mut backoff = Duration::from_millis(200);
+    let mut printed_events = 0usize;
+    let started = Instant::now();
+    loop {
+        let mut client = match conn.client().await {
+            Ok(c) => c,
+            Err(e) if last.is_some() => {
+                bar.println(format!("lost the coordinator ({e}); reconnecting"));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut stream = match client.watch_job(WatchJobRequest { job_id: job_id.to_string() }).await {
+            Ok(s) => s.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && last.is_some() => {
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            Err(status) => anyhow::bail!("{}", status.message()),
+        };
+        backoff = Duration::from_millis(200);
+        loop {
+            let ev = match stream.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(status) => {
+                    bar.println(format!("watch interrupted ({}); reconnecting", status.message()));
+                    break;
+                }
+            };
+            match ev.event {
+                Some(job_event::Event::Snapshot(info)) => {
+                    let epochs = info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
+                    bar.set_prefix(format!("{} {}", info.id, state_label(info.state())));
+                    // Replay what happened while we were not watching.
+                    for line in info.events.iter().skip(printed_events) {
+                        bar.println(format!("  {}", strip_stamp(line)));
+                    }
+                    printed_events = info.events.len();
+                    if last.is_none() {
+                        for m in &info.history {
+                            bar.println(epoch_line(m, epochs));
+                        }
+                    }
+                    let done = is_terminal(info.state());
+                    last = Some(info);
+                    if done {
+                        bar.finish_and_clear();
+                        return last.ok_or_else(|| anyhow::anyhow!("no snapshot"));
+                    }
+                }
+                Some(job_event::Event::Progress(p)) => {
+                    bar.set_length(p.steps_per_epoch);
+                    bar.set_position(p.step);
+                    let epochs = last.as_ref().and_then(|i| i.spec.as_ref()).map(|s| s.epochs).unwrap_or(0);
+                    bar.set_message(format!(
+                        "epoch {}/{epochs} loss {:.4} acc {:.2}% {:.0} img/s",
+                        p.epoch + 1,
+                        p.loss,
+                        p.acc * 100.0,
+                        p.images_per_sec
+                    ));
+                }
+                Some(job_event::Event::Epoch(m)) => {
+                    let epochs = last.as_ref().and_then(|i| i.spec.as_ref()).map(|s| s.epochs).unwrap_or(0);
+                    bar.println(epoch_line(&m, epochs));
+                    if let Some(info) = last.as_mut() {
+                        info.history.retain(|h| h.epoch < m.epoch);
+                        info.history.push(m);
+                    }
+                }
+                Some(job_event::Event::Log(line)) => {
+                    bar.println(format!("  {}", strip_stamp(&line)));
+                    printed_events += 1;
+                }
+                None => {}
+            }
+        }
+        if started.elapsed() > Duration::from_secs(365 * 24 * 3600) {
+            anyhow::bail!("gave up following {job_id}");
+        }
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+fn strip_stamp(line: &str) -> &str {
+    line.split_once(' ').map(|(_, rest)| rest).unwrap_or(line)
+}
+
+/// One line per job for `cvdist jobs`.
+pub fn job_row(info: &JobInfo) -> String {
+    let spec = info.spec.clone().unwrap_or_default();
+    let acc = info.history.last().map(|m| format!("{:.2}%", m.test_acc * 100.0)).unwrap_or_else(|| "-".into());
+    format!(
+        "{:<24} {:<11} {:<12} {:>5}/{:<5} {:>3} {:>8}  {}",
+        info.id,
+        state_label(info.state()),
+        spec.model,
+        info.history.len(),
+        spec.epochs,
+        info.world_size,
+        acc,
+        info.message
+    )
+}
+
+/// Human-readable detail for `cvdist status JOB`.
+pub fn describe(info: &JobInfo) -> String {
+    let spec = info.spec.clone().unwrap_or_default();
+    let mut out = format!(
+        "job:        {}\nstate:      {}\nmodel:      {} ({} epochs, batch {} per worker, lr {}, workers {}..{})\nattempt:    {} ({} restarts of {} allowed)\nworkers:    {}\ncheckpoint: {}\n",
+        info.id,
+        state_label(info.state()),
+        spec.model,
+        spec.epochs,
+        spec.batch_size,
+        spec.lr,
+        spec.min_workers,
+        spec.max_workers,
+        info.attempt,
+        info.restarts,
+        spec.max_restarts,
+        if info.worker_ids.is_empty() { "-".to_string() } else { info.worker_ids.join(", ") },
+        if info.latest_checkpoint.is_empty() { "-" } else { &info.latest_checkpoint },
+    );
+    if !info.message.is_empty() {
+        out.push_str(&format!("message:    {}\n", info.message));
+    }
+    if let Some(p) = &info.progress {
+        if info.state() == JobState::Running {
+            out.push_str(&format!(
+                "progress:   epoch {} step {}/{} loss {:.4} acc {:.2}% {:.0} img/s\n",
+                p.epoch + 1,
+                p.step,
+                p.steps_per_epoch,
+                p.loss,
+                p.acc * 100.0,
+                p.images_per_sec
+            ));
+        }
+    }
+    if !info.history.is_empty() {
+        out.push_str("history:\n");
+        for m in &info.history {
+            out.push_str(&format!("  {}\n", epoch_line(m, spec.epochs)));
+        }
+    }
+    if !info.events.is_empty() {
+        out.push_str("events:\n");
+        for e in &info.events {
+            out.push_str(&format!("  {e}\n"));
+        }
+    }
+    out
+}
+
+/// Formats a connection failure with its cause, for the one-line errors the CLI prints.
+pub fn explain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = error_chain(cause);
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
+}

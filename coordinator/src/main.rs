@@ -1,0 +1,440 @@
+//! `cvdist`: the one entry point for users. Control-plane commands run here; commands that
+//! need libtorch (`worker`, `models`, `train`, `eval`, `export`, `import`) are handed to
+//! the `cvdist-worker` binary so this one stays free of libtorch.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use cvdist_common::proto::{CancelJobRequest, GetJobRequest, JobState, ListJobsRequest, SubmitJobRequest};
+use cvdist_common::{auth, spec};
+use cvdist_coordinator::follow::{self, Connection};
+use cvdist_coordinator::local::{self, LocalRun};
+use cvdist_coordinator::server::{self, CoordinatorConfig, TlsFiles};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "cvdist", version, about = "Distributed data-parallel training of CIFAR-10 classifiers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train on this machine: embedded coordinator plus N local worker processes.
+    #[command(after_help = "Examples:\n  cvdist local --model resnet20 --epochs 2 --workers 2 --data data/cifar10\n  cvdist local --model resnet18 --epochs 1 --dataset synthetic --out runs/smoke")]
+    Local(LocalArgs),
+    /// Run the coordinator service.
+    #[command(after_help = "Examples:\n  cvdist coordinator --listen 127.0.0.1:50051 --state-dir /var/lib/cvdist\n  CVDIST_TOKEN=... cvdist coordinator --listen 0.0.0.0:50051 --state-dir /state --data /data/cifar10")]
+    Coordinator(CoordinatorArgs),
+    /// Submit a training job.
+    #[command(after_help = "Examples:\n  cvdist submit --model resnet50 --epochs 200 --workers 8 --follow\n  cvdist submit --model resnet20 --epochs 5 --workers 2:4 --train-samples 5000")]
+    Submit(SubmitArgs),
+    /// Show one job in detail, or the workers and jobs overview.
+    #[command(after_help = "Examples:\n  cvdist status j0001-resnet50\n  cvdist status")]
+    Status {
+        job: Option<String>,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List jobs.
+    #[command(after_help = "Example:\n  cvdist jobs --coordinator http://coordinator:50051")]
+    Jobs {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Print a job's event log; with --follow, keep watching until it ends.
+    #[command(after_help = "Example:\n  cvdist logs j0001-resnet50 --follow")]
+    Logs {
+        job: String,
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Cancel a queued or running job.
+    #[command(after_help = "Example:\n  cvdist cancel j0001-resnet50")]
+    Cancel {
+        job: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Run a worker (see `cvdist worker --help`).
+    #[command(disable_help_flag = true)]
+    Worker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// List the model zoo with parameters and multiply-adds (see `cvdist models --help`).
+    #[command(disable_help_flag = true)]
+    Models {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Train in this process without a coordinator (see `cvdist train --help`).
+    #[command(disable_help_flag = true)]
+    Train {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ConnArgs {
+    /// Coordinator URL (http:// or https://).
+    #[arg(long, env = "CVDIST_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// File holding the shared token (else $CVDIST_TOKEN).
+    #[arg(long, env = "CVDIST_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate to verify an https:// coordinator.
+    #[arg(long, env = "CVDIST_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    fn connection(&self) -> anyhow::Result<Connection> {
+        Ok(Connection {
+            url: self.coordinator.clone(),
+            token: auth::load_token(self.token_file.as_deref())?,
+            tls_ca: self.tls_ca.clone(),
+        })
+    }
+}
+
+#[derive(Args, Clone)]
+struct JobArgs {
+    /// Model name (`cvdist models` lists them).
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    epochs: u32,
+    /// Batch size per worker; the global batch is this times the number of workers.
+    #[arg(long, default_value_t = 128)]
+    batch_size: u32,
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    /// "cifar10" or "synthetic".
+    #[arg(long, default_value = "cifar10")]
+    dataset: String,
+    /// Train on the first N training images only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    train_samples: u64,
+    /// Evaluate on the first N test images only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    test_samples: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Scale the learning rate linearly with the number of workers (with --warmup-epochs).
+    #[arg(long)]
+    scale_lr: bool,
+    #[arg(long, default_value_t = 0)]
+    warmup_epochs: u32,
+    /// Also checkpoint every K steps (checkpoints are always written at epoch ends).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: u32,
+    /// Restarts allowed after worker failures before the job fails.
+    #[arg(long, default_value_t = 3)]
+    max_restarts: u32,
+    /// Fail the job if the group cannot be formed within this many seconds (0 = wait).
+    #[arg(long, default_value_t = 0)]
+    rendezvous_timeout: u32,
+    /// Disable random crop and flip.
+    #[arg(long)]
+    no_augment: bool,
+    /// CUDA mixed precision (fp16 autocast with loss scaling).
+    #[arg(long)]
+    amp: bool,
+    /// channels_last memory layout on CUDA.
+    #[arg(long)]
+    channels_last: bool,
+    /// "auto" (NCCL when every rank is on CUDA, else ring), "ring" or "nccl".
+    #[arg(long, default_value = "auto")]
+    collective: String,
+    /// Job name (letters, digits, '.', '_', '-').
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Intra-op threads per worker (0 = the worker's default).
+    #[arg(long, default_value_t = 0)]
+    threads_per_worker: u32,
+}
+
+impl JobArgs {
+    fn spec(&self, workers: &str) -> anyhow::Result<cvdist_common::proto::JobSpec> {
+        let (min, max) = spec::parse_workers(workers)?;
+        let mut s = spec::default_spec(&self.model, self.epochs);
+        s.name = self.name.clone();
+        s.batch_size = self.batch_size;
+        s.lr = self.lr;
+        s.momentum = self.momentum;
+        s.weight_decay = self.weight_decay;
+        s.dataset = self.dataset.clone();
+        s.train_samples = self.train_samples;
+        s.test_samples = self.test_samples;
+        s.seed = self.seed;
+        s.scale_lr = self.scale_lr;
+        s.warmup_epochs = self.warmup_epochs;
+        s.checkpoint_every_steps = self.checkpoint_every;
+        s.max_restarts = self.max_restarts;
+        s.rendezvous_timeout_s = self.rendezvous_timeout;
+        s.augment = !self.no_augment;
+        s.amp = self.amp;
+        s.channels_last = self.channels_last;
+        s.collective = self.collective.clone();
+        s.threads_per_worker = self.threads_per_worker;
+        s.min_workers = min;
+        s.max_workers = max;
+        spec::validate(&s)?;
+        Ok(s)
+    }
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    /// N, or MIN:MAX for an elastic job.
+    #[arg(long, default_value = "1")]
+    workers: String,
+    /// Watch the job with progress bars; the exit status reflects its outcome.
+    #[arg(long)]
+    follow: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args)]
+struct LocalArgs {
+    #[command(flatten)]
+    job: JobArgs,
+    /// Number of local worker processes.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// CIFAR-10 directory (holding cifar-10-batches-bin/).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory for metrics, checkpoints and the summary.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// "cpu", "cuda:K" or "auto".
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Suppress progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Address for gRPC (clients, workers, health probes).
+    #[arg(long, env = "CVDIST_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Directory for the job database, run directories and checkpoints.
+    #[arg(long, env = "CVDIST_STATE_DIR")]
+    state_dir: PathBuf,
+    /// File holding the shared token (else $CVDIST_TOKEN).
+    #[arg(long, env = "CVDIST_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without a token.
+    #[arg(long)]
+    allow_insecure_remote: bool,
+    /// CIFAR-10 directory served to workers that have no local copy.
+    #[arg(long, env = "CVDIST_DATA")]
+    data: Option<PathBuf>,
+    #[arg(long, env = "CVDIST_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "CVDIST_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "CVDIST_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Seconds without a heartbeat before a worker is declared lost.
+    #[arg(long, env = "CVDIST_HEARTBEAT_TIMEOUT", default_value_t = 10)]
+    heartbeat_timeout: u64,
+    /// Address for Prometheus metrics over HTTP (GET /metrics).
+    #[arg(long, env = "CVDIST_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "warn,cvdist_coordinator=info".into());
+    let quiet_logs = !matches!(cli.command, Command::Coordinator(_));
+    tracing_subscriber::fmt()
+        .with_env_filter(if quiet_logs { tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "warn".into()) } else { filter })
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", follow::explain(&e));
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn exec_worker(sub: &str, args: &[String]) -> anyhow::Result<i32> {
+    let bin = local::worker_binary()?;
+    let status = std::process::Command::new(&bin)
+        .arg(sub)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    Ok(status.code().unwrap_or(1))
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Worker { args } => return exec_worker("worker", &args),
+        Command::Models { args } => return exec_worker("models", &args),
+        Command::Train { args } => return exec_worker("train", &args),
+        _ => {}
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async_main(cli.command))
+}
+
+async fn async_main(command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Coordinator(a) => {
+            let token = auth::load_token(a.token_file.as_deref())?;
+            let cfg = CoordinatorConfig {
+                state_dir: a.state_dir,
+                token,
+                allow_insecure_remote: a.allow_insecure_remote,
+                tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: a.tls_client_ca }),
+                data_dir: a.data,
+                heartbeat_timeout: Duration::from_secs(a.heartbeat_timeout.max(1)),
+                metrics_listen: a.metrics_listen,
+            };
+            server::check_exposure(a.listen, &cfg)?;
+            let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+            server::serve(listener, cfg, shutdown_signal()).await?;
+            Ok(0)
+        }
+        Command::Submit(a) => {
+            let spec = a.job.spec(&a.workers)?;
+            let conn = a.conn.connection()?;
+            let mut client = conn.client().await?;
+            let id = client
+                .submit_job(SubmitJobRequest { spec: Some(spec) })
+                .await
+                .map_err(|s| anyhow::anyhow!("submit refused: {}", s.message()))?
+                .into_inner()
+                .job_id;
+            println!("{id}");
+            if a.follow {
+                let info = follow::follow(&conn, &id, false).await?;
+                return Ok(if follow::print_summary(&info) { 0 } else { 1 });
+            }
+            Ok(0)
+        }
+        Command::Status { job, conn } => {
+            let mut client = conn.connection()?.client().await?;
+            match job {
+                Some(id) => {
+                    let info = client.get_job(GetJobRequest { job_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    print!("{}", follow::describe(info.get_ref()));
+                }
+                None => {
+                    let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    let jobs = jobs.into_inner().jobs;
+                    let active = jobs.iter().filter(|j| !cvdist_coordinator::state::is_terminal(j.state())).count();
+                    println!("{} jobs ({} active)", jobs.len(), active);
+                    for j in jobs.iter().filter(|j| !cvdist_coordinator::state::is_terminal(j.state())) {
+                        println!("{}", follow::job_row(j));
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Command::Jobs { conn } => {
+            let mut client = conn.connection()?.client().await?;
+            let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("{:<24} {:<11} {:<12} {:>11} {:>3} {:>8}  MESSAGE", "JOB", "STATE", "MODEL", "EPOCHS", "N", "TEST ACC");
+            for j in &jobs.get_ref().jobs {
+                println!("{}", follow::job_row(j));
+            }
+            Ok(0)
+        }
+        Command::Logs { job, follow: watch, conn } => {
+            let conn = conn.connection()?;
+            let mut client = conn.client().await?;
+            let info = client
+                .get_job(GetJobRequest { job_id: job.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            if watch {
+                let info = follow::follow(&conn, &job, false).await?;
+                return Ok(if follow::print_summary(&info) { 0 } else { 1 });
+            }
+            for e in &info.events {
+                println!("{e}");
+            }
+            Ok(0)
+        }
+        Command::Cancel { job, conn } => {
+            let mut client = conn.connection()?.client().await?;
+            let info = client
+                .cancel_job(CancelJobRequest { job_id: job })
+                .await
+                .map_err(|s| anyhow::anyhow!("cancel refused: {}", s.message()))?
+                .into_inner();
+            println!("{} {}", info.id, follow::state_label(JobState::try_from(info.state).unwrap_or(JobState::Unspecified)));
+            Ok(0)
+        }
+        Command::Local(a) => {
+            let workers = a.workers.max(1);
+            let spec = a.job.spec(&workers.to_string())?;
+            let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+            let threads = if a.job.threads_per_worker > 0 { a.job.threads_per_worker } else { (cores / workers).max(1) };
+            let out = a.out.unwrap_or_else(|| {
+                let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                PathBuf::from("runs").join(format!("{}-{stamp}", spec.model))
+            });
+            if spec.dataset == "cifar10" && a.data.is_none() {
+                anyhow::bail!("--data DIR is required for CIFAR-10 (or pass --dataset synthetic)");
+            }
+            let ok = local::run_local(LocalRun {
+                spec,
+                workers,
+                data: a.data,
+                out,
+                threads_per_worker: threads,
+                device: a.device,
+                worker_bin: local::worker_binary()?,
+                quiet: a.quiet,
+            })
+            .await?;
+            Ok(if ok { 0 } else { 1 })
+        }
+        Command::Worker { .. } | Command::Models { .. } | Command::Train { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

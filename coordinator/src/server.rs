@@ -1,0 +1,173 @@
+//! Runs the coordinator: gRPC service with token check, optional (mutual) TLS, the
+//! standard health service for Kubernetes probes, the scheduler tick, and a Prometheus
+//! text endpoint.
+
+use crate::service::Service;
+use crate::state::{Coordinator, StateConfig};
+use crate::store::Store;
+use anyhow::{bail, Context};
+use cvdist_common::auth;
+use cvdist_common::proto::coordinator_server::CoordinatorServer;
+use cvdist_common::version::MAX_MESSAGE_BYTES;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Status};
+use tracing::{info, warn};
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Everything the coordinator binary is configured with.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub state_dir: PathBuf,
+    pub token: Option<String>,
+    pub allow_insecure_remote: bool,
+    pub tls: Option<TlsFiles>,
+    pub data_dir: Option<PathBuf>,
+    pub heartbeat_timeout: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Refuses a configuration that would expose an unauthenticated coordinator.
+pub fn check_exposure(listen: SocketAddr, cfg: &CoordinatorConfig) -> anyhow::Result<()> {
+    if cfg.token.is_none() {
+        if !listen.ip().is_loopback() && !cfg.allow_insecure_remote {
+            bail!(
+                "refusing to listen on {listen} without a token: set CVDIST_TOKEN or --token-file, \
+                 or pass --allow-insecure-remote if the network is trusted"
+            );
+        }
+        warn!("no token configured: any local process can control this coordinator");
+    }
+    Ok(())
+}
+
+/// Serves on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cfg: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    check_exposure(addr, &cfg)?;
+    let store = Store::open(&cfg.state_dir).with_context(|| format!("opening state dir {}", cfg.state_dir.display()))?;
+    let state = Coordinator::new(store, StateConfig { heartbeat_timeout: cfg.heartbeat_timeout })?;
+    let recovered = state.list().len();
+    info!(%addr, state_dir = %cfg.state_dir.display(), jobs = recovered, "coordinator listening");
+
+    let ticker = state.clone();
+    let tick_task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = ticker.wake.notified() => {}
+            }
+            ticker.tick();
+        }
+    });
+    let metrics_task = match cfg.metrics_listen {
+        Some(addr) => Some(tokio::spawn(serve_metrics(addr, state.clone()))),
+        None => None,
+    };
+
+    let service = Service { state: state.clone(), data_dir: cfg.data_dir.clone() };
+    let token = cfg.token.clone();
+    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let Some(token) = &token else { return Ok(req) };
+        let given = req.metadata().get(auth::TOKEN_METADATA_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if auth::constant_time_eq(given.as_bytes(), auth::bearer(token).as_bytes()) {
+            Ok(req)
+        } else if given.is_empty() {
+            Err(Status::unauthenticated("this coordinator requires a token (CVDIST_TOKEN or --token-file)"))
+        } else {
+            Err(Status::unauthenticated("wrong token"))
+        }
+    };
+    let api = CoordinatorServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let api = tonic::service::interceptor::InterceptedService::new(api, check);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<CoordinatorServer<Service>>().await;
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = &cfg.tls {
+        let cert = std::fs::read(&tls.cert).with_context(|| format!("reading TLS certificate {}", tls.cert.display()))?;
+        let key = std::fs::read(&tls.key).with_context(|| format!("reading TLS key {}", tls.key.display()))?;
+        let mut tls_cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &tls.client_ca {
+            let ca = std::fs::read(ca).with_context(|| format!("reading client CA {}", ca.display()))?;
+            tls_cfg = tls_cfg.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(tls_cfg).context("configuring TLS")?;
+    }
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = builder
+        .add_service(health_service)
+        .add_service(api)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    tick_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    result.context("gRPC server")?;
+    Ok(())
+}
+
+/// Minimal Prometheus text exposition over HTTP/1.1 (one request per connection).
+async fn serve_metrics(addr: SocketAddr, state: Arc<Coordinator>) {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(%addr, error = %e, "metrics endpoint disabled");
+            return;
+        }
+    };
+    info!(%addr, "metrics on /metrics");
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
+            let body = render_metrics(&state);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+pub fn render_metrics(state: &Coordinator) -> String {
+    let s = state.stats();
+    let mut out = String::new();
+    out.push_str("# HELP cvdist_jobs Jobs by state.\n# TYPE cvdist_jobs gauge\n");
+    for st in ["queued", "running", "recovering", "succeeded", "failed", "cancelled"] {
+        out.push_str(&format!("cvdist_jobs{{state=\"{st}\"}} {}\n", s.jobs_by_state.get(st).copied().unwrap_or(0)));
+    }
+    out.push_str(&format!("# HELP cvdist_workers Registered workers.\n# TYPE cvdist_workers gauge\ncvdist_workers {}\n", s.workers));
+    out.push_str(&format!("# HELP cvdist_workers_busy Workers in a job.\n# TYPE cvdist_workers_busy gauge\ncvdist_workers_busy {}\n", s.busy_workers));
+    out.push_str(&format!("# HELP cvdist_restarts_total Job attempts lost to failures.\n# TYPE cvdist_restarts_total counter\ncvdist_restarts_total {}\n", s.restarts));
+    out.push_str(&format!("# HELP cvdist_images_per_second Training throughput of running jobs.\n# TYPE cvdist_images_per_second gauge\ncvdist_images_per_second {}\n", s.images_per_sec));
+    out.push_str(&format!("# HELP cvdist_step_seconds Latest step time.\n# TYPE cvdist_step_seconds gauge\ncvdist_step_seconds {}\n", s.step_seconds));
+    out.push_str(&format!("# HELP cvdist_allreduce_seconds Latest all-reduce time per step.\n# TYPE cvdist_allreduce_seconds gauge\ncvdist_allreduce_seconds {}\n", s.allreduce_seconds));
+    out
+}

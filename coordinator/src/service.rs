@@ -1,0 +1,314 @@
+//! The gRPC service: translates RPCs into calls on the [`Coordinator`] state machine and
+//! moves checkpoints and the dataset in checksummed chunks.
+
+use crate::state::{is_terminal, Coordinator};
+use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
+use cvdist_common::proto::{
+    coordinator_message, job_event, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage, DatasetChunk,
+    DownloadCheckpointRequest, FetchDatasetRequest, GetJobRequest, JobEvent, JobInfo, ListJobsRequest, ListJobsResponse,
+    Registered, SubmitJobRequest, SubmitJobResponse, UploadCheckpointResponse, WatchJobRequest, WorkerMessage,
+};
+use cvdist_common::{cifar, spec, version};
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+/// Largest checkpoint accepted (resnet152 with momentum is ~470 MB).
+const MAX_CHECKPOINT_BYTES: u64 = 4 << 30;
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+pub struct Service {
+    pub state: Arc<Coordinator>,
+    /// CIFAR-10 copy served to workers that have none.
+    pub data_dir: Option<PathBuf>,
+}
+
+fn checkpoint_name_ok(name: &str) -> bool {
+    spec::valid_name(name) && name.starts_with("ckpt-e")
+}
+
+#[tonic::async_trait]
+impl CoordinatorApi for Service {
+    async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.spec is missing"))?;
+        let job_id = self.state.submit(spec)?;
+        Ok(Response::new(SubmitJobResponse { job_id }))
+    }
+
+    async fn list_jobs(&self, _req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        Ok(Response::new(ListJobsResponse { jobs: self.state.list() }))
+    }
+
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
+        Ok(Response::new(self.state.get(&req.into_inner().job_id)?))
+    }
+
+    async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<JobInfo>, Status> {
+        Ok(Response::new(self.state.cancel(&req.into_inner().job_id)?))
+    }
+
+    type WatchJobStream = BoxStream<JobEvent>;
+
+    async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let (snapshot, mut rx) = self.state.watch(&req.into_inner().job_id)?;
+        let (tx, out) = mpsc::channel::<Result<JobEvent, Status>>(256);
+        tokio::spawn(async move {
+            let done = is_terminal(snapshot.state());
+            if tx.send(Ok(JobEvent { event: Some(job_event::Event::Snapshot(snapshot)) })).await.is_err() || done {
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let end = matches!(&ev.event, Some(job_event::Event::Snapshot(s)) if is_terminal(s.state()));
+                        if tx.send(Ok(ev)).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    // A slow watcher misses some progress lines rather than slowing the job.
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    type WorkerSessionStream = BoxStream<CoordinatorMessage>;
+
+    async fn worker_session(
+        &self,
+        req: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::WorkerSessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no registration within 10 s"))??
+            .ok_or_else(|| Status::invalid_argument("session closed before registering"))?;
+        let Some(worker_message::Msg::Register(register)) = first.msg else {
+            return Err(Status::invalid_argument("the first message of a worker session must be a registration"));
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (id, session) = self.state.register(register, tx.clone())?;
+        let _ = tx.send(Ok(CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Registered(Registered { worker_id: id.clone() })),
+        }));
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.message().await {
+                    Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(_)) })) => state.heartbeat(&id, session),
+                    Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Report(r)) })) => {
+                        state.heartbeat(&id, session);
+                        if let Err(e) = state.report(&id, r) {
+                            warn!(worker = %id, error = %e.message(), "report refused");
+                        }
+                    }
+                    Ok(Some(_)) => break "protocol error: unexpected message".to_string(),
+                    Ok(None) => break "session closed".to_string(),
+                    Err(e) => break format!("session error: {}", e.message()),
+                }
+            };
+            state.session_closed(&id, session, &why);
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn upload_checkpoint(
+        &self,
+        req: Request<Streaming<CheckpointChunk>>,
+    ) -> Result<Response<UploadCheckpointResponse>, Status> {
+        let mut chunks = req.into_inner();
+        let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
+        if !checkpoint_name_ok(&first.name) {
+            return Err(Status::invalid_argument(format!("invalid checkpoint name {:?}", first.name)));
+        }
+        self.state.accepts_checkpoint(&first.job_id, first.attempt)?;
+        let state_json: serde_json::Value = serde_json::from_str(&first.state_json)
+            .map_err(|e| Status::invalid_argument(format!("checkpoint state is not JSON: {e}")))?;
+        let want_sha = state_json.get("sha256").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let dir = self.state.store().checkpoint_dir(&first.job_id);
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| io_status(&dir, e))?;
+        let tmp = dir.join(format!(".{}.upload", first.name));
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| io_status(&tmp, e))?;
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut chunk = Some(first.clone());
+        let result: Result<(), Status> = async {
+            while let Some(c) = chunk {
+                total += c.data.len() as u64;
+                if total > MAX_CHECKPOINT_BYTES {
+                    return Err(Status::resource_exhausted("checkpoint exceeds 4 GiB"));
+                }
+                hasher.update(&c.data);
+                file.write_all(&c.data).await.map_err(|e| io_status(&tmp, e))?;
+                chunk = chunks.message().await?;
+            }
+            file.sync_all().await.map_err(|e| io_status(&tmp, e))?;
+            let got = hex::encode(hasher.finalize_reset());
+            if got != want_sha {
+                return Err(Status::data_loss(format!("checkpoint {} checksum {got} != declared {want_sha}", first.name)));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        let final_path = dir.join(format!("{}.safetensors", first.name));
+        tokio::fs::rename(&tmp, &final_path).await.map_err(|e| io_status(&final_path, e))?;
+        let json_path = dir.join(format!("{}.json", first.name));
+        let json_bytes = first.state_json.clone().into_bytes();
+        let jp = json_path.clone();
+        tokio::task::spawn_blocking(move || cvdist_common::run_dir::write_atomic(&jp, &json_bytes))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| io_status(&json_path, e))?;
+        self.state.checkpoint_stored(&first.job_id, first.attempt, &first.name)?;
+        info!(job = %first.job_id, name = %first.name, bytes = total, "checkpoint stored");
+        Ok(Response::new(UploadCheckpointResponse { name: first.name, bytes: total }))
+    }
+
+    type DownloadCheckpointStream = BoxStream<CheckpointChunk>;
+
+    async fn download_checkpoint(
+        &self,
+        req: Request<DownloadCheckpointRequest>,
+    ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
+        let req = req.into_inner();
+        if !checkpoint_name_ok(&req.name) {
+            return Err(Status::invalid_argument(format!("invalid checkpoint name {:?}", req.name)));
+        }
+        self.state.get(&req.job_id)?;
+        let dir = self.state.store().checkpoint_dir(&req.job_id);
+        let json_path = dir.join(format!("{}.json", req.name));
+        let state_json = tokio::fs::read_to_string(&json_path)
+            .await
+            .map_err(|e| Status::not_found(format!("checkpoint {} of job {}: {e}", req.name, req.job_id)))?;
+        let data_path = dir.join(format!("{}.safetensors", req.name));
+        let file = tokio::fs::File::open(&data_path).await.map_err(|e| io_status(&data_path, e))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut file = file;
+            let mut first = true;
+            loop {
+                let mut buf = vec![0u8; version::CHUNK_BYTES];
+                let n = match read_full(&mut file, &mut buf).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                buf.truncate(n);
+                let chunk = CheckpointChunk {
+                    job_id: req.job_id.clone(),
+                    name: req.name.clone(),
+                    state_json: if first { state_json.clone() } else { String::new() },
+                    data: buf,
+                    attempt: 0,
+                };
+                if (n == 0 && !first) || tx.send(Ok(chunk)).await.is_err() || n < version::CHUNK_BYTES {
+                    return;
+                }
+                first = false;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    type FetchDatasetStream = BoxStream<DatasetChunk>;
+
+    async fn fetch_dataset(&self, req: Request<FetchDatasetRequest>) -> Result<Response<Self::FetchDatasetStream>, Status> {
+        let req = req.into_inner();
+        if req.dataset != "cifar10" {
+            return Err(Status::invalid_argument(format!("unknown dataset {:?}; only \"cifar10\" is served", req.dataset)));
+        }
+        let dir = self.data_dir.clone().ok_or_else(|| {
+            Status::failed_precondition("this coordinator has no dataset to serve; start it with --data DIR or give workers --data")
+        })?;
+        let batches = cifar::batches_dir(&dir);
+        let mut files: Vec<&str> = cifar::TRAIN_FILES.to_vec();
+        files.push(cifar::TEST_FILE);
+        for f in &files {
+            if !batches.join(f).is_file() {
+                return Err(Status::failed_precondition(format!("coordinator's dataset is incomplete: {} missing", batches.join(f).display())));
+            }
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let names: Vec<String> = files.iter().map(|s| s.to_string()).collect();
+        tokio::spawn(async move {
+            for name in names {
+                let path = batches.join(&name);
+                let mut file = match tokio::fs::File::open(&path).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = tx.send(Err(io_status(&path, e))).await;
+                        return;
+                    }
+                };
+                let mut whole = Sha256::new();
+                let mut offset = 0u64;
+                loop {
+                    let mut buf = vec![0u8; version::CHUNK_BYTES];
+                    let n = match read_full(&mut file, &mut buf).await {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.send(Err(io_status(&path, e))).await;
+                            return;
+                        }
+                    };
+                    buf.truncate(n);
+                    whole.update(&buf);
+                    let last = n < version::CHUNK_BYTES;
+                    let chunk = DatasetChunk {
+                        file: name.clone(),
+                        offset,
+                        chunk_sha256: hex::encode(Sha256::digest(&buf)),
+                        file_sha256: if last { hex::encode(whole.clone().finalize()) } else { String::new() },
+                        data: buf,
+                        last_of_file: last,
+                    };
+                    offset += n as u64;
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return;
+                    }
+                    if last {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+async fn read_full(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = file.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+fn io_status(path: &std::path::Path, e: std::io::Error) -> Status {
+    if e.raw_os_error() == Some(28) {
+        return Status::resource_exhausted(format!("{}: disk full", path.display()));
+    }
+    Status::internal(format!("{}: {e}", path.display()))
+}

@@ -1,0 +1,631 @@
+//! The coordinator's state machine: jobs, workers, rendezvous and recovery.
+//!
+//! ```text
+//!            submit                 enough idle workers
+//!   ───────▶ QUEUED ──────────────────────────────▶ RUNNING ──all ranks finished──▶ SUCCEEDED
+//!              │                                   │   ▲
+//!              │ cancel                 worker lost│   │ group re-formed from
+//!              ▼                        or failed  ▼   │ the newest checkpoint
+//!          CANCELLED ◀──────cancel────────────── RECOVERING ──budget/timeout──▶ FAILED
+//! ```
+//!
+//! Everything lives behind one mutex that is never held across an await; durable changes
+//! go to the [`Store`] before the lock is released.
+
+use crate::store::{Store, StoreError};
+use cvdist_common::proto::{
+    coordinator_message, job_event, Abort, Assignment, CoordinatorMessage, JobEvent, JobInfo, JobReport, JobSpec,
+    JobState, Peer, RegisterRequest, WorkerCapabilities,
+};
+use cvdist_common::{run_dir, spec, version};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, mpsc, Notify};
+use tonic::Status;
+use tracing::{info, warn};
+
+/// After a failed attempt, wait this long before re-forming the group, so that the
+/// session of a worker that died (and caused the failure) is noticed first.
+const RECOVERY_GRACE: Duration = Duration::from_secs(2);
+const EVENT_BUFFER: usize = 1024;
+const MAX_EVENTS_KEPT: usize = 500;
+
+pub type WorkerTx = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub heartbeat_timeout: Duration,
+}
+
+struct JobEntry {
+    info: JobInfo,
+    /// Worker ids by rank for the current attempt.
+    members: Vec<String>,
+    finished: BTreeSet<u32>,
+    events: broadcast::Sender<JobEvent>,
+    waiting_since: Instant,
+    not_before: Instant,
+}
+
+struct WorkerEntry {
+    data_addr: String,
+    caps: WorkerCapabilities,
+    tx: WorkerTx,
+    session: u64,
+    job: Option<(String, u32)>,
+    last_seen: Instant,
+}
+
+struct Inner {
+    jobs: BTreeMap<String, JobEntry>,
+    workers: BTreeMap<String, WorkerEntry>,
+    next_job: u64,
+    next_session: u64,
+}
+
+pub struct Coordinator {
+    inner: Mutex<Inner>,
+    store: Store,
+    cfg: StateConfig,
+    pub wake: Notify,
+}
+
+/// Counts for the metrics endpoint.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub jobs_by_state: BTreeMap<&'static str, u64>,
+    pub workers: u64,
+    pub busy_workers: u64,
+    pub restarts: u64,
+    pub images_per_sec: f64,
+    pub step_seconds: f64,
+    pub allreduce_seconds: f64,
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Recovering => "recovering",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Unspecified => "unspecified",
+    }
+}
+
+pub fn is_terminal(s: JobState) -> bool {
+    matches!(s, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+}
+
+fn internal(e: StoreError) -> Status {
+    Status::internal(format!("coordinator storage error: {e}"))
+}
+
+/// Epoch and step encoded in a checkpoint name `ckpt-eEEEE-sSSSSSS`.
+pub fn checkpoint_position(name: &str) -> Option<(u32, u64)> {
+    let rest = name.strip_prefix("ckpt-e")?;
+    let (e, s) = rest.split_once("-s")?;
+    Some((e.parse().ok()?, s.parse().ok()?))
+}
+
+impl JobEntry {
+    fn log(&mut self, line: String) {
+        info!(job = %self.info.id, "{line}");
+        let stamped = format!("{:.3} {line}", now_unix());
+        self.info.events.push(stamped.clone());
+        if self.info.events.len() > MAX_EVENTS_KEPT {
+            let excess = self.info.events.len() - MAX_EVENTS_KEPT;
+            self.info.events.drain(..excess);
+        }
+        let _ = self.events.send(JobEvent { event: Some(job_event::Event::Log(stamped)) });
+    }
+
+    fn snapshot(&self) {
+        let _ = self.events.send(JobEvent { event: Some(job_event::Event::Snapshot(self.info.clone())) });
+    }
+}
+
+impl Coordinator {
+    /// Loads every stored job. Jobs that were running when the coordinator stopped go back
+    /// to recovery: their workers will reconnect and they resume from the newest checkpoint.
+    pub fn new(store: Store, cfg: StateConfig) -> Result<Arc<Coordinator>, StoreError> {
+        let mut jobs = BTreeMap::new();
+        let mut next_job = 1;
+        for mut info in store.load_jobs()? {
+            if let Some(n) = info.id.strip_prefix('j').and_then(|r| r.split('-').next()).and_then(|n| n.parse::<u64>().ok()) {
+                next_job = next_job.max(n + 1);
+            }
+            let (events, _) = broadcast::channel(EVENT_BUFFER);
+            let mut entry = JobEntry {
+                members: Vec::new(),
+                finished: BTreeSet::new(),
+                events,
+                waiting_since: Instant::now(),
+                not_before: Instant::now(),
+                info: JobInfo::default(),
+            };
+            if matches!(info.state(), JobState::Running | JobState::Recovering) {
+                info.set_state(JobState::Recovering);
+                info.attempt += 1;
+                info.worker_ids.clear();
+                entry.info = info;
+                entry.log("coordinator restarted; waiting for workers to resume from the newest checkpoint".into());
+                store.put_job(&entry.info)?;
+            } else {
+                entry.info = info;
+            }
+            jobs.insert(entry.info.id.clone(), entry);
+        }
+        Ok(Arc::new(Coordinator {
+            inner: Mutex::new(Inner { jobs, workers: BTreeMap::new(), next_job, next_session: 1 }),
+            store,
+            cfg,
+            wake: Notify::new(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; keep serving rather than cascade.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    // ------------------------------------------------------------------ clients
+
+    pub fn submit(&self, spec: JobSpec) -> Result<String, Status> {
+        spec::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut inner = self.lock();
+        if !spec.name.is_empty() && inner.jobs.values().any(|j| j.info.spec.as_ref().is_some_and(|s| s.name == spec.name)) {
+            return Err(Status::already_exists(format!("a job named {:?} already exists", spec.name)));
+        }
+        let id = format!("j{:04}-{}", inner.next_job, spec.model);
+        inner.next_job += 1;
+        let info = JobInfo {
+            id: id.clone(),
+            spec: Some(spec.clone()),
+            state: JobState::Queued as i32,
+            created_unix: now_unix(),
+            ..Default::default()
+        };
+        let dir = self.store.job_dir(&id);
+        run_dir::write_job(&dir, &spec).map_err(|e| Status::internal(e.to_string()))?;
+        self.store.put_job(&info).map_err(internal)?;
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let mut entry = JobEntry {
+            info,
+            members: Vec::new(),
+            finished: BTreeSet::new(),
+            events,
+            waiting_since: Instant::now(),
+            not_before: Instant::now(),
+        };
+        entry.log(format!(
+            "submitted: {} for {} epochs on {}..{} workers, batch {} per worker",
+            spec.model, spec.epochs, spec.min_workers, spec.max_workers, spec.batch_size
+        ));
+        inner.jobs.insert(id.clone(), entry);
+        drop(inner);
+        self.wake.notify_one();
+        Ok(id)
+    }
+
+    pub fn list(&self) -> Vec<JobInfo> {
+        self.lock().jobs.values().map(|j| j.info.clone()).collect()
+    }
+
+    pub fn get(&self, id: &str) -> Result<JobInfo, Status> {
+        self.lock().jobs.get(id).map(|j| j.info.clone()).ok_or_else(|| not_found(id))
+    }
+
+    pub fn watch(&self, id: &str) -> Result<(JobInfo, broadcast::Receiver<JobEvent>), Status> {
+        let inner = self.lock();
+        let job = inner.jobs.get(id).ok_or_else(|| not_found(id))?;
+        Ok((job.info.clone(), job.events.subscribe()))
+    }
+
+    pub fn cancel(&self, id: &str) -> Result<JobInfo, Status> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let job = inner.jobs.get_mut(id).ok_or_else(|| not_found(id))?;
+        if is_terminal(job.info.state()) {
+            return Err(Status::failed_precondition(format!(
+                "job {id} already ended ({})",
+                state_name(job.info.state())
+            )));
+        }
+        release_members(job, &mut inner.workers, "cancelled by user");
+        job.info.set_state(JobState::Cancelled);
+        job.info.finished_unix = now_unix();
+        job.info.message = "cancelled by user".into();
+        job.log("cancelled by user".into());
+        self.finish_job(job)?;
+        Ok(job.info.clone())
+    }
+
+    // ------------------------------------------------------------------ workers
+
+    /// Registers a worker session; returns its id and session number.
+    pub fn register(&self, req: RegisterRequest, tx: WorkerTx) -> Result<(String, u64), Status> {
+        if req.protocol_version != version::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "worker speaks protocol version {} but this coordinator speaks {}; run the same cvdist release on both",
+                req.protocol_version,
+                version::PROTOCOL_VERSION
+            )));
+        }
+        if !req.worker_id.is_empty() && !spec::valid_name(&req.worker_id) {
+            return Err(Status::invalid_argument(format!(
+                "worker id {:?} must be 1-64 characters from [A-Za-z0-9._-]",
+                req.worker_id
+            )));
+        }
+        if req.data_addr.parse::<std::net::SocketAddr>().is_err() && !req.data_addr.contains(':') {
+            return Err(Status::invalid_argument(format!("data address {:?} is not host:port", req.data_addr)));
+        }
+        let mut inner = self.lock();
+        let id = if req.worker_id.is_empty() {
+            format!("worker-{:06x}", rand::random::<u32>() & 0xff_ffff)
+        } else {
+            req.worker_id.clone()
+        };
+        if inner.workers.contains_key(&id) {
+            return Err(Status::already_exists(format!(
+                "a worker with id {id:?} is already connected; ids must be unique (a restarted worker may retry once the old session times out)"
+            )));
+        }
+        let session = inner.next_session;
+        inner.next_session += 1;
+        inner.workers.insert(
+            id.clone(),
+            WorkerEntry {
+                data_addr: req.data_addr,
+                caps: req.capabilities.unwrap_or_default(),
+                tx,
+                session,
+                job: None,
+                last_seen: Instant::now(),
+            },
+        );
+        info!(worker = %id, workers = inner.workers.len(), "worker registered");
+        drop(inner);
+        self.wake.notify_one();
+        Ok((id, session))
+    }
+
+    pub fn heartbeat(&self, worker: &str, session: u64) {
+        if let Some(w) = self.lock().workers.get_mut(worker) {
+            if w.session == session {
+                w.last_seen = Instant::now();
+            }
+        }
+    }
+
+    /// The worker's session ended (process died, network lost, or it shut down).
+    pub fn session_closed(&self, worker: &str, session: u64, why: &str) {
+        let mut inner = self.lock();
+        if inner.workers.get(worker).map(|w| w.session) != Some(session) {
+            return;
+        }
+        let entry = inner.workers.remove(worker);
+        warn!(worker, why, "worker session ended");
+        if let Some((job_id, attempt)) = entry.and_then(|w| w.job) {
+            self.fail_attempt(&mut inner, &job_id, attempt, format!("worker {worker} lost ({why})"));
+        }
+        drop(inner);
+        self.wake.notify_one();
+    }
+
+    pub fn report(&self, worker: &str, report: JobReport) -> Result<(), Status> {
+        use cvdist_common::proto::job_report::Kind;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let job = inner.jobs.get_mut(&report.job_id).ok_or_else(|| not_found(&report.job_id))?;
+        if is_terminal(job.info.state()) {
+            return Err(Status::failed_precondition(format!("job {} already ended", report.job_id)));
+        }
+        // Reports from an aborted attempt arrive late; they must not touch the new one.
+        if report.attempt != job.info.attempt || job.members.get(report.rank as usize).map(String::as_str) != Some(worker) {
+            return Ok(());
+        }
+        match report.kind {
+            Some(Kind::Progress(p)) => {
+                job.info.progress = Some(p.clone());
+                let _ = job.events.send(JobEvent { event: Some(job_event::Event::Progress(p)) });
+            }
+            Some(Kind::Epoch(mut m)) => {
+                m.attempt = job.info.attempt;
+                // After a restart an epoch may be trained again; the newer record replaces it.
+                job.info.history.retain(|h| h.epoch < m.epoch);
+                job.info.history.push(m.clone());
+                let dir = self.store.job_dir(&job.info.id);
+                if let Err(e) = run_dir::write_metrics(&dir, &job.info.history) {
+                    warn!(error = %e, "could not write metrics.jsonl");
+                }
+                self.store.put_job(&job.info).map_err(internal)?;
+                let _ = job.events.send(JobEvent { event: Some(job_event::Event::Epoch(m)) });
+            }
+            Some(Kind::Finished(f)) => {
+                job.finished.insert(report.rank);
+                if job.finished.len() == job.members.len() {
+                    release_members(job, &mut inner.workers, "");
+                    job.info.set_state(JobState::Succeeded);
+                    job.info.finished_unix = now_unix();
+                    job.info.message = format!("final test accuracy {:.2}%", f.final_test_acc * 100.0);
+                    job.log(format!("succeeded: {}", job.info.message));
+                    self.finish_job(job)?;
+                    drop(guard);
+                    self.wake.notify_one();
+                }
+            }
+            Some(Kind::Failed(text)) => {
+                let id = job.info.id.clone();
+                let attempt = job.info.attempt;
+                self.fail_attempt(inner, &id, attempt, format!("rank {} on {worker} failed: {text}", report.rank));
+                drop(guard);
+                self.wake.notify_one();
+            }
+            None => return Err(Status::invalid_argument("empty job report")),
+        }
+        Ok(())
+    }
+
+    /// Records that a verified checkpoint of the current attempt is stored.
+    pub fn checkpoint_stored(&self, job_id: &str, attempt: u32, name: &str) -> Result<(), Status> {
+        let mut inner = self.lock();
+        let job = inner.jobs.get_mut(job_id).ok_or_else(|| not_found(job_id))?;
+        if attempt != job.info.attempt {
+            return Err(Status::failed_precondition(format!(
+                "checkpoint from attempt {attempt} refused: job {job_id} is on attempt {}",
+                job.info.attempt
+            )));
+        }
+        job.info.latest_checkpoint = name.to_string();
+        self.store.put_job(&job.info).map_err(internal)?;
+        Ok(())
+    }
+
+    /// Whether an upload for this job and attempt may be stored at all.
+    pub fn accepts_checkpoint(&self, job_id: &str, attempt: u32) -> Result<(), Status> {
+        let inner = self.lock();
+        let job = inner.jobs.get(job_id).ok_or_else(|| not_found(job_id))?;
+        if is_terminal(job.info.state()) || attempt != job.info.attempt {
+            return Err(Status::failed_precondition(format!(
+                "job {job_id} does not accept checkpoints from attempt {attempt} (state {}, attempt {})",
+                state_name(job.info.state()),
+                job.info.attempt
+            )));
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ scheduling
+
+    /// Periodic housekeeping: expired heartbeats, rendezvous timeouts, forming groups.
+    pub fn tick(&self) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let expired: Vec<(String, u64)> = inner
+            .workers
+            .iter()
+            .filter(|(_, w)| w.last_seen.elapsed() > self.cfg.heartbeat_timeout)
+            .map(|(id, w)| (id.clone(), w.session))
+            .collect();
+        for (id, _) in &expired {
+            if let Some(w) = inner.workers.remove(id) {
+                warn!(worker = %id, "no heartbeat within {:?}; dropping the worker", self.cfg.heartbeat_timeout);
+                let _ = w.tx.send(Err(Status::deadline_exceeded("heartbeat timeout")));
+                if let Some((job, attempt)) = w.job {
+                    self.fail_attempt(inner, &job, attempt, format!("worker {id} missed heartbeats"));
+                }
+            }
+        }
+        self.schedule(inner);
+    }
+
+    fn schedule(&self, inner: &mut Inner) {
+        let waiting: Vec<String> = inner
+            .jobs
+            .values()
+            .filter(|j| matches!(j.info.state(), JobState::Queued | JobState::Recovering))
+            .map(|j| j.info.id.clone())
+            .collect();
+        for id in waiting {
+            let idle: Vec<String> = inner.workers.iter().filter(|(_, w)| w.job.is_none()).map(|(id, _)| id.clone()).collect();
+            let Some(job) = inner.jobs.get_mut(&id) else { continue };
+            let spec = job.info.spec.clone().unwrap_or_default();
+            if Instant::now() < job.not_before {
+                continue;
+            }
+            if idle.len() < spec.min_workers as usize {
+                let limit = spec.rendezvous_timeout_s;
+                if limit > 0 && job.waiting_since.elapsed() > Duration::from_secs(limit as u64) {
+                    let msg = format!(
+                        "rendezvous timed out after {limit}s: {} of at least {} workers available",
+                        idle.len(),
+                        spec.min_workers
+                    );
+                    self.fail_job(job, msg);
+                }
+                // First come, first served: later jobs wait behind this one.
+                break;
+            }
+            let n = idle.len().min(spec.max_workers as usize);
+            if let Err(e) = spec::check_shard(&spec, n as u32) {
+                self.fail_job(job, e.to_string());
+                continue;
+            }
+            let members: Vec<String> = idle.into_iter().take(n).collect();
+            self.start_attempt(job, members, &mut inner.workers);
+        }
+    }
+
+    fn start_attempt(&self, job: &mut JobEntry, members: Vec<String>, workers: &mut BTreeMap<String, WorkerEntry>) {
+        let spec = job.info.spec.clone().unwrap_or_default();
+        let attempt = job.info.attempt;
+        let secret = hex::encode(rand::random::<[u8; 16]>());
+        let (start_epoch, start_step) = checkpoint_position(&job.info.latest_checkpoint).unwrap_or((0, 0));
+        let peers: Vec<Peer> = members
+            .iter()
+            .enumerate()
+            .map(|(rank, id)| Peer {
+                rank: rank as u32,
+                worker_id: id.clone(),
+                data_addr: workers.get(id).map(|w| w.data_addr.clone()).unwrap_or_default(),
+            })
+            .collect();
+        for (rank, id) in members.iter().enumerate() {
+            let Some(w) = workers.get_mut(id) else { continue };
+            w.job = Some((job.info.id.clone(), attempt));
+            let assignment = Assignment {
+                job_id: job.info.id.clone(),
+                attempt,
+                rank: rank as u32,
+                world_size: members.len() as u32,
+                peers: peers.clone(),
+                spec: Some(spec.clone()),
+                start_epoch,
+                start_step,
+                checkpoint: job.info.latest_checkpoint.clone(),
+                session_secret: secret.clone(),
+                nccl_unique_id: String::new(),
+            };
+            let _ = w.tx.send(Ok(CoordinatorMessage { msg: Some(coordinator_message::Msg::Assignment(assignment)) }));
+        }
+        job.members = members.clone();
+        job.finished.clear();
+        job.info.set_state(JobState::Running);
+        job.info.world_size = members.len() as u32;
+        job.info.worker_ids = members.clone();
+        if job.info.started_unix == 0.0 {
+            job.info.started_unix = now_unix();
+        }
+        let from = if job.info.latest_checkpoint.is_empty() {
+            "from scratch".to_string()
+        } else {
+            format!("from {}", job.info.latest_checkpoint)
+        };
+        job.log(format!("attempt {attempt} started on {} workers ({}) {from}", members.len(), members.join(", ")));
+        if let Err(e) = self.store.put_job(&job.info) {
+            warn!(error = %e, "could not persist job start");
+        }
+        job.snapshot();
+    }
+
+    /// Ends the current attempt after a failure: aborts its members and either recovers
+    /// (re-forms the group later) or fails the job once the restart budget is spent.
+    fn fail_attempt(&self, inner: &mut Inner, job_id: &str, attempt: u32, reason: String) {
+        let Some(job) = inner.jobs.get_mut(job_id) else { return };
+        if job.info.attempt != attempt || job.info.state() != JobState::Running {
+            return;
+        }
+        release_members(job, &mut inner.workers, &reason);
+        let spec = job.info.spec.clone().unwrap_or_default();
+        job.info.restarts += 1;
+        job.info.attempt += 1;
+        if job.info.restarts > spec.max_restarts {
+            let msg = format!("{reason}; restart budget of {} exhausted", spec.max_restarts);
+            self.fail_job(job, msg);
+            return;
+        }
+        job.info.set_state(JobState::Recovering);
+        job.info.message = reason.clone();
+        job.waiting_since = Instant::now();
+        job.not_before = Instant::now() + RECOVERY_GRACE;
+        let resume = if job.info.latest_checkpoint.is_empty() { "the start".to_string() } else { job.info.latest_checkpoint.clone() };
+        job.log(format!(
+            "{reason}; recovering (restart {} of {}) from {resume}",
+            job.info.restarts, spec.max_restarts
+        ));
+        if let Err(e) = self.store.put_job(&job.info) {
+            warn!(error = %e, "could not persist recovery");
+        }
+        job.snapshot();
+    }
+
+    fn fail_job(&self, job: &mut JobEntry, reason: String) {
+        job.info.set_state(JobState::Failed);
+        job.info.message = reason.clone();
+        job.info.finished_unix = now_unix();
+        job.log(format!("failed: {reason}"));
+        if let Err(e) = self.finish_job(job) {
+            warn!(error = %e, "could not persist job failure");
+        }
+    }
+
+    /// Persists a terminal job, writes its summary, and tells watchers.
+    fn finish_job(&self, job: &mut JobEntry) -> Result<(), Status> {
+        self.store.put_job(&job.info).map_err(internal)?;
+        let mut summary = run_dir::Summary::from_history(&job.info.history);
+        summary.job_id = job.info.id.clone();
+        summary.model = job.info.spec.as_ref().map(|s| s.model.clone()).unwrap_or_default();
+        summary.state = state_name(job.info.state()).to_string();
+        summary.message = job.info.message.clone();
+        summary.restarts = job.info.restarts;
+        if job.info.started_unix > 0.0 {
+            summary.wall_seconds = job.info.finished_unix - job.info.started_unix;
+        }
+        let dir = self.store.job_dir(&job.info.id);
+        if let Err(e) = run_dir::write_summary(&dir, &summary).and_then(|_| run_dir::write_metrics(&dir, &job.info.history)) {
+            warn!(error = %e, "could not write the run directory");
+        }
+        job.snapshot();
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        let inner = self.lock();
+        let mut s = Stats::default();
+        for j in inner.jobs.values() {
+            *s.jobs_by_state.entry(state_name(j.info.state())).or_default() += 1;
+            s.restarts += j.info.restarts as u64;
+            if j.info.state() == JobState::Running {
+                if let Some(p) = &j.info.progress {
+                    s.images_per_sec += p.images_per_sec;
+                    s.step_seconds = s.step_seconds.max(p.step_seconds);
+                    s.allreduce_seconds = s.allreduce_seconds.max(p.allreduce_seconds);
+                }
+            }
+        }
+        s.workers = inner.workers.len() as u64;
+        s.busy_workers = inner.workers.values().filter(|w| w.job.is_some()).count() as u64;
+        s
+    }
+
+    /// Worker ids with their capabilities, for `cvdist status` without a job.
+    pub fn workers(&self) -> Vec<(String, WorkerCapabilities, Option<String>)> {
+        self.lock()
+            .workers
+            .iter()
+            .map(|(id, w)| (id.clone(), w.caps.clone(), w.job.as_ref().map(|(j, _)| j.clone())))
+            .collect()
+    }
+}
+
+/// Frees a job's workers; those still in it are told to abort when `reason` is non-empty.
+fn release_members(job: &mut JobEntry, workers: &mut BTreeMap<String, WorkerEntry>, reason: &str) {
+    for id in job.members.drain(..) {
+        if let Some(w) = workers.get_mut(&id) {
+            if w.job.as_ref().is_some_and(|(j, _)| *j == job.info.id) {
+                w.job = None;
+                if !reason.is_empty() {
+                    let abort = Abort { job_id: job.info.id.clone(), attempt: job.info.attempt, reason: reason.to_string() };
+                    let _ = w.tx.send(Ok(CoordinatorMessage { msg: Some(coordinator_message::Msg::Abort(abort)) }));
+                }
+            }
+        }
+    }
+    job.finished.clear();
+}
+
+fn not_found(id: &str) -> Status {
+    Status::not_found(format!("no job with id {id:?}; `cvdist jobs` lists them"))
+}

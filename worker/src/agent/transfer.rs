@@ -1,0 +1,131 @@
+//! Moving bulk data through the coordinator: the dataset for workers that have no local
+//! copy, and checkpoints (rank 0 uploads them; a resuming group downloads the newest).
+//! Every chunk and every file is checked against its SHA-256.
+
+use crate::train::checkpoint::CheckpointState;
+use cvdist_common::client::Client;
+use cvdist_common::proto::{CheckpointChunk, DownloadCheckpointRequest, FetchDatasetRequest};
+use cvdist_common::{cifar, version};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("coordinator refused: {0}")]
+    Rpc(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("corrupt transfer of {what}: {reason}")]
+    Corrupt { what: String, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
+    move |source| TransferError::Io { path: path.to_path_buf(), source }
+}
+
+/// Fetches CIFAR-10 from the coordinator into `cache/cifar10` unless a verified copy is
+/// already there; returns the directory to load from.
+pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf, TransferError> {
+    let root = cache.join("cifar10");
+    let batches = cifar::batches_dir(&root);
+    let marker = batches.join(".complete");
+    if marker.is_file() {
+        return Ok(root);
+    }
+    std::fs::create_dir_all(&batches).map_err(io(&batches))?;
+    let mut stream = client
+        .fetch_dataset(FetchDatasetRequest { dataset: "cifar10".into() })
+        .await
+        .map_err(|s| TransferError::Rpc(s.message().to_string()))?
+        .into_inner();
+    let mut current: Option<(String, std::fs::File, Sha256, PathBuf)> = None;
+    let mut files = 0;
+    while let Some(chunk) = stream.message().await.map_err(|s| TransferError::Rpc(s.message().to_string()))? {
+        if !cvdist_common::spec::valid_name(&chunk.file) {
+            return Err(TransferError::Corrupt { what: "dataset".into(), reason: format!("bad file name {:?}", chunk.file) });
+        }
+        if hex::encode(Sha256::digest(&chunk.data)) != chunk.chunk_sha256 {
+            return Err(TransferError::Corrupt { what: chunk.file.clone(), reason: format!("chunk at offset {} fails its checksum", chunk.offset) });
+        }
+        if current.as_ref().map(|c| c.0 != chunk.file).unwrap_or(true) {
+            let tmp = batches.join(format!(".{}.part", chunk.file));
+            let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            current = Some((chunk.file.clone(), f, Sha256::new(), tmp));
+        }
+        let Some((name, file, hasher, tmp)) = current.as_mut() else { continue };
+        file.write_all(&chunk.data).map_err(io(tmp))?;
+        hasher.update(&chunk.data);
+        if chunk.last_of_file {
+            let got = hex::encode(hasher.clone().finalize());
+            if got != chunk.file_sha256 {
+                return Err(TransferError::Corrupt { what: name.clone(), reason: format!("file checksum {got} != {}", chunk.file_sha256) });
+            }
+            file.sync_all().map_err(io(tmp))?;
+            let dest = batches.join(&*name);
+            std::fs::rename(&*tmp, &dest).map_err(io(&dest))?;
+            files += 1;
+            current = None;
+        }
+    }
+    if files != cifar::TRAIN_FILES.len() + 1 {
+        return Err(TransferError::Corrupt { what: "dataset".into(), reason: format!("stream ended after {files} files") });
+    }
+    std::fs::write(&marker, b"").map_err(io(&marker))?;
+    Ok(root)
+}
+
+/// Uploads a checkpoint written by [`crate::train::checkpoint::save`].
+pub async fn upload_checkpoint(
+    client: &mut Client,
+    job_id: &str,
+    attempt: u32,
+    json_path: &Path,
+    state: &CheckpointState,
+) -> Result<(), TransferError> {
+    let data_path = json_path.with_extension("safetensors");
+    let bytes = tokio::fs::read(&data_path).await.map_err(io(&data_path))?;
+    let state_json = serde_json::to_string(state).map_err(|e| TransferError::Corrupt { what: "state".into(), reason: e.to_string() })?;
+    let name = state.name();
+    let job_id = job_id.to_string();
+    let mut chunks: Vec<CheckpointChunk> = bytes
+        .chunks(version::CHUNK_BYTES)
+        .map(|c| CheckpointChunk { job_id: job_id.clone(), name: name.clone(), state_json: String::new(), data: c.to_vec(), attempt })
+        .collect();
+    if chunks.is_empty() {
+        chunks.push(CheckpointChunk { job_id: job_id.clone(), name: name.clone(), state_json: String::new(), data: Vec::new(), attempt });
+    }
+    chunks[0].state_json = state_json;
+    client
+        .upload_checkpoint(tokio_stream::iter(chunks))
+        .await
+        .map_err(|s| TransferError::Rpc(s.message().to_string()))?;
+    Ok(())
+}
+
+/// Downloads a checkpoint into `dir`; returns the path of its JSON record. The tensor
+/// file's checksum is verified when the trainer loads it.
+pub async fn download_checkpoint(client: &mut Client, job_id: &str, name: &str, dir: &Path) -> Result<PathBuf, TransferError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut stream = client
+        .download_checkpoint(DownloadCheckpointRequest { job_id: job_id.into(), name: name.into() })
+        .await
+        .map_err(|s| TransferError::Rpc(s.message().to_string()))?
+        .into_inner();
+    let data_path = dir.join(format!("{name}.safetensors"));
+    let json_path = dir.join(format!("{name}.json"));
+    let mut file = std::fs::File::create(&data_path).map_err(io(&data_path))?;
+    let mut state_json = String::new();
+    while let Some(chunk) = stream.message().await.map_err(|s| TransferError::Rpc(s.message().to_string()))? {
+        if !chunk.state_json.is_empty() {
+            state_json = chunk.state_json;
+        }
+        file.write_all(&chunk.data).map_err(io(&data_path))?;
+    }
+    file.sync_all().map_err(io(&data_path))?;
+    if state_json.is_empty() {
+        return Err(TransferError::Corrupt { what: name.into(), reason: "no checkpoint state received".into() });
+    }
+    std::fs::write(&json_path, state_json).map_err(io(&json_path))?;
+    Ok(json_path)
+}

@@ -1,0 +1,271 @@
+//! Data-plane collectives: how workers sum gradients and share parameters.
+//!
+//! * [`Ring`]: bandwidth-optimal ring all-reduce over direct TCP links between workers,
+//!   used for host (CPU) buffers.
+//! * [`nccl::NcclComm`]: NCCL loaded at run time, for CUDA device buffers.
+//! * [`Solo`]: world size 1, every op is a no-op.
+//!
+//! Every op either completes on all ranks or fails with a [`CollectiveError`] within the
+//! configured timeout; a failed ring is unusable afterwards (ops return
+//! [`CollectiveError::Broken`]) because its peers can no longer agree on where in the
+//! byte stream they are. Recovery is the caller's job: tear down and rendezvous again.
+
+pub mod nccl;
+pub mod ring;
+pub mod wire;
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::Thread;
+
+pub use ring::Ring;
+
+/// Why a collective operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("{op} timed out after {secs:.1}s waiting on rank {peer}")]
+    Timeout { op: &'static str, peer: usize, secs: f64 },
+    #[error("rank {peer} closed the connection")]
+    PeerClosed { peer: usize },
+    #[error("collective aborted: {0}")]
+    Aborted(String),
+    #[error("rank {peer} failed data-plane authentication (wrong job secret?)")]
+    Auth { peer: usize },
+    #[error("data-plane protocol error: {0}")]
+    Protocol(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid collective arguments: {0}")]
+    Config(String),
+    #[error("communicator unusable after an earlier failure: {0}")]
+    Broken(String),
+    #[error("NCCL unavailable: {0}")]
+    NcclUnavailable(String),
+    #[error("NCCL {call} failed: {message} (ncclResult_t {code})")]
+    Nccl { call: &'static str, code: i32, message: String },
+}
+
+impl CollectiveError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        CollectiveError::Io { context: context.into(), source }
+    }
+}
+
+/// A group of ranks that can sum and share `f32` host buffers.
+///
+/// All ranks must issue the same sequence of ops with the same lengths (and roots);
+/// a mismatch is detected and reported as [`CollectiveError::Protocol`] where possible.
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// In-place sum across ranks of a host f32 buffer.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Overwrites `buf` on every rank with `root`'s contents.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<(), CollectiveError>;
+    /// A handle that can make in-flight and future ops fail fast from another thread.
+    fn abort_handle(&self) -> AbortHandle;
+}
+
+/// All-reduces `buf` in pieces of at most `bucket_elems` floats, the way the trainer
+/// syncs flattened gradients. Pieces go one after another; each already pipelines
+/// internally, so overlapping buckets would only add contention.
+pub fn all_reduce_buckets(
+    comm: &mut dyn Collective,
+    buf: &mut [f32],
+    bucket_elems: usize,
+) -> Result<(), CollectiveError> {
+    if bucket_elems == 0 {
+        return Err(CollectiveError::Config("bucket_elems must be > 0".into()));
+    }
+    for bucket in buf.chunks_mut(bucket_elems) {
+        comm.all_reduce_sum(bucket)?;
+    }
+    Ok(())
+}
+
+/// Clone + Send handle that aborts a communicator from any thread (e.g. when the
+/// coordinator says the job attempt is over): sockets are shut down so that blocked
+/// reads/writes return at once, and every later op fails with
+/// [`CollectiveError::Aborted`].
+#[derive(Clone, Default)]
+pub struct AbortHandle {
+    inner: Arc<AbortInner>,
+}
+
+#[derive(Default)]
+struct AbortInner {
+    aborted: AtomicBool,
+    reason: Mutex<Option<String>>,
+    streams: Mutex<Vec<TcpStream>>,
+    /// Threads that may be parked waiting for progress and must re-check the flag.
+    threads: Mutex<Vec<Thread>>,
+}
+
+impl std::fmt::Debug for AbortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AbortHandle").field("aborted", &self.is_aborted()).finish()
+    }
+}
+
+impl AbortHandle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Aborts with `reason`; idempotent (the first reason wins).
+    pub fn abort(&self, reason: impl Into<String>) {
+        {
+            let mut slot = lock(&self.inner.reason);
+            if slot.is_none() {
+                *slot = Some(reason.into());
+            }
+        }
+        self.inner.aborted.store(true, Ordering::SeqCst);
+        for s in lock(&self.inner.streams).iter() {
+            // Errors only mean the socket is already gone, which is the goal.
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for t in lock(&self.inner.threads).iter() {
+            t.unpark();
+        }
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.inner.aborted.load(Ordering::SeqCst)
+    }
+
+    /// The reason given to the first `abort()`, if any.
+    pub fn reason(&self) -> Option<String> {
+        lock(&self.inner.reason).clone()
+    }
+
+    pub(crate) fn error(&self) -> CollectiveError {
+        CollectiveError::Aborted(self.reason().unwrap_or_else(|| "aborted".into()))
+    }
+
+    /// Fails with `Aborted` if the handle has fired.
+    pub(crate) fn check(&self) -> Result<(), CollectiveError> {
+        if self.is_aborted() {
+            Err(self.error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers a socket to shut down on abort. If the abort already happened the
+    /// socket is shut down immediately, so a late registration cannot escape it.
+    pub(crate) fn register_stream(&self, s: &TcpStream) -> Result<(), CollectiveError> {
+        let clone = s.try_clone().map_err(|e| CollectiveError::io("cloning socket for abort", e))?;
+        lock(&self.inner.streams).push(clone);
+        if self.is_aborted() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn register_thread(&self, t: Thread) {
+        lock(&self.inner.threads).push(t);
+    }
+}
+
+/// Mutex poisoning only means another thread panicked while holding a plain list; the
+/// data is still usable, and aborting must work even then.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// World size 1: every op is a no-op (but still honours abort).
+#[derive(Debug, Default)]
+pub struct Solo {
+    abort: AbortHandle,
+}
+
+impl Solo {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.abort.check()
+    }
+    fn broadcast(&mut self, _buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        if root != 0 {
+            return Err(CollectiveError::Config(format!("broadcast root {root} >= world size 1")));
+        }
+        self.abort.check()
+    }
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        self.abort.check()
+    }
+    fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn solo_is_identity_and_honours_abort() {
+        let mut s = Solo::new();
+        let mut v = vec![1.0, 2.0];
+        s.all_reduce_sum(&mut v).unwrap();
+        s.broadcast(&mut v, 0).unwrap();
+        s.barrier().unwrap();
+        assert_eq!(v, [1.0, 2.0]);
+        assert!(matches!(s.broadcast(&mut v, 1), Err(CollectiveError::Config(_))));
+        s.abort_handle().abort("test over");
+        match s.all_reduce_sum(&mut v) {
+            Err(CollectiveError::Aborted(r)) => assert_eq!(r, "test over"),
+            other => panic!("expected Aborted, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn buckets_cover_the_whole_buffer() {
+        struct Count(usize, Vec<usize>);
+        impl Collective for Count {
+            fn rank(&self) -> usize {
+                0
+            }
+            fn world_size(&self) -> usize {
+                1
+            }
+            fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+                self.0 += 1;
+                self.1.push(buf.len());
+                Ok(())
+            }
+            fn broadcast(&mut self, _: &mut [f32], _: usize) -> Result<(), CollectiveError> {
+                Ok(())
+            }
+            fn barrier(&mut self) -> Result<(), CollectiveError> {
+                Ok(())
+            }
+            fn abort_handle(&self) -> AbortHandle {
+                AbortHandle::new()
+            }
+        }
+        let mut c = Count(0, vec![]);
+        let mut v = vec![0.0; 10];
+        all_reduce_buckets(&mut c, &mut v, 4).unwrap();
+        assert_eq!(c.1, [4, 4, 2]);
+        assert!(all_reduce_buckets(&mut c, &mut v, 0).is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! cvdist worker: trains a CIFAR-10 model through libtorch and exchanges gradients
+//! directly with its peers. The binary in `main.rs` is a thin clap front end.
+
+pub mod agent;
+pub mod collective;
+pub mod data;
+pub mod models;
+pub mod train;

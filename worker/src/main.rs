@@ -1,0 +1,309 @@
+//! `cvdist-worker`: the libtorch side of cvdist. `cvdist worker|models|train` hand over to
+//! this binary, so users normally call it through `cvdist`.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
+use cvdist_common::{auth, run_dir, spec};
+use cvdist_worker::agent::{self, WorkerConfig};
+use cvdist_worker::collective::Solo;
+use cvdist_worker::models;
+use cvdist_worker::train::checkpoint::CheckpointState;
+use cvdist_worker::train::{self, Datasets, Observer, TrainerConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tch::Device;
+
+#[derive(Parser)]
+#[command(name = "cvdist-worker", version, about = "cvdist worker: trains through libtorch and all-reduces with its peers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join a coordinator and train whatever it assigns.
+    #[command(after_help = "Examples:\n  cvdist worker --coordinator http://127.0.0.1:50051 --data data/cifar10\n  cvdist worker --coordinator http://coord:50051 --device cuda:0 --data-listen 0.0.0.0:29500 --advertise-addr $(hostname -f):29500")]
+    Worker(WorkerArgs),
+    /// Print the model zoo: parameters and multiply-adds per 32x32 image.
+    #[command(after_help = "Example:\n  cvdist models")]
+    Models,
+    /// Train in this process, without a coordinator (the bare trainer).
+    #[command(after_help = "Examples:\n  cvdist train --model resnet20 --epochs 5 --data data/cifar10 --out runs/r20\n  cvdist train --model resnet18 --epochs 1 --dataset synthetic --out runs/smoke")]
+    Train(TrainArgs),
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Coordinator URL (http:// or https://).
+    #[arg(long, env = "CVDIST_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// "auto" (first CUDA device if any, else CPU), "cpu" or "cuda:K".
+    #[arg(long, env = "CVDIST_DEVICE", default_value = "auto")]
+    device: String,
+    /// Local CIFAR-10 copy; without it the dataset is fetched from the coordinator.
+    #[arg(long, env = "CVDIST_DATA")]
+    data: Option<PathBuf>,
+    /// Where fetched data and local checkpoints are kept.
+    #[arg(long, env = "CVDIST_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Data-plane listener for gradient exchange with peers.
+    #[arg(long, env = "CVDIST_DATA_LISTEN", default_value = "127.0.0.1:0")]
+    data_listen: SocketAddr,
+    /// Address peers dial (required when --data-listen is a wildcard address).
+    #[arg(long, env = "CVDIST_ADVERTISE_ADDR")]
+    advertise_addr: Option<String>,
+    /// Stable worker identity (e.g. the pod name); random when absent.
+    #[arg(long, env = "CVDIST_WORKER_ID", default_value = "")]
+    worker_id: String,
+    /// Intra-op threads (0 = all cores).
+    #[arg(long, env = "CVDIST_THREADS", default_value_t = 0)]
+    threads: usize,
+    /// File holding the shared token (else $CVDIST_TOKEN).
+    #[arg(long, env = "CVDIST_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate for an https:// coordinator.
+    #[arg(long, env = "CVDIST_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    epochs: u32,
+    #[arg(long, default_value_t = 128)]
+    batch_size: u32,
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    /// "cifar10" or "synthetic".
+    #[arg(long, default_value = "cifar10")]
+    dataset: String,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    train_samples: u64,
+    #[arg(long, default_value_t = 0)]
+    test_samples: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    no_augment: bool,
+    #[arg(long)]
+    amp: bool,
+    #[arg(long)]
+    channels_last: bool,
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: u32,
+    /// Resume from this checkpoint's JSON record.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Run directory (metrics.jsonl, summary.json, checkpoints/).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Intra-op threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_device(text: &str) -> anyhow::Result<Device> {
+    match text {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        other => {
+            let k = other
+                .strip_prefix("cuda:")
+                .and_then(|k| k.parse::<usize>().ok())
+                .with_context(|| format!("device {other:?} must be auto, cpu or cuda:K"))?;
+            if !tch::Cuda::is_available() || k >= tch::Cuda::device_count() as usize {
+                bail!("device {other} requested but {} CUDA device(s) are visible", tch::Cuda::device_count());
+            }
+            Ok(Device::Cuda(k))
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Worker(a) => run_worker(a),
+        Command::Models => print_models(),
+        Command::Train(a) => run_train(a),
+    };
+    if let Err(e) = result {
+        let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        eprintln!("error: {}", causes.join(": "));
+        std::process::exit(2);
+    }
+}
+
+fn default_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("cvdist")
+}
+
+fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
+    let device = parse_device(&a.device)?;
+    if a.threads > 0 {
+        tch::set_num_threads(a.threads as i32);
+    }
+    let cfg = WorkerConfig {
+        coordinator: a.coordinator,
+        token: auth::load_token(a.token_file.as_deref())?,
+        tls_ca: a.tls_ca,
+        worker_id: a.worker_id,
+        device,
+        threads: tch::get_num_threads() as usize,
+        data: a.data,
+        cache_dir: a.cache_dir.unwrap_or_else(default_cache),
+        data_listen: a.data_listen,
+        advertise_addr: a.advertise_addr,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(agent::run(cfg))?;
+    Ok(())
+}
+
+fn print_models() -> anyhow::Result<()> {
+    println!("{:<12} {:>12} {:>16}", "MODEL", "PARAMS", "MACS/IMAGE");
+    for m in models::all() {
+        println!("{:<12} {:>12} {:>16}", m.name, group(m.params), group(m.macs));
+    }
+    Ok(())
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Progress bar and run-directory writer for the bare trainer.
+struct LocalObserver {
+    bar: ProgressBar,
+    out: PathBuf,
+    history: Vec<EpochMetrics>,
+    epochs: u32,
+}
+
+impl Observer for LocalObserver {
+    fn progress(&mut self, p: &Progress) {
+        self.bar.set_length(p.steps_per_epoch);
+        self.bar.set_position(p.step);
+        self.bar.set_message(format!(
+            "epoch {}/{} loss {:.4} acc {:.2}% {:.0} img/s",
+            p.epoch + 1,
+            self.epochs,
+            p.loss,
+            p.acc * 100.0,
+            p.images_per_sec
+        ));
+    }
+
+    fn epoch(&mut self, m: &EpochMetrics) {
+        self.bar.println(format!(
+            "epoch {:>3}/{}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s  {:.0} img/s",
+            m.epoch + 1,
+            self.epochs,
+            m.train_loss,
+            m.train_acc * 100.0,
+            m.test_loss,
+            m.test_acc * 100.0,
+            m.lr,
+            m.seconds,
+            m.images_per_sec
+        ));
+        self.history.retain(|h| h.epoch < m.epoch);
+        self.history.push(m.clone());
+        if let Err(e) = run_dir::write_metrics(&self.out, &self.history) {
+            self.bar.println(format!("warning: {e}"));
+        }
+    }
+
+    fn checkpoint(&mut self, json: &Path, _state: &CheckpointState) {
+        tracing::debug!(checkpoint = %json.display(), "checkpoint written");
+    }
+}
+
+fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    let device = parse_device(&a.device)?;
+    if a.threads > 0 {
+        tch::set_num_threads(a.threads as i32);
+    }
+    let mut s: JobSpec = spec::default_spec(&a.model, a.epochs);
+    s.batch_size = a.batch_size;
+    s.lr = a.lr;
+    s.momentum = a.momentum;
+    s.weight_decay = a.weight_decay;
+    s.dataset = a.dataset;
+    s.train_samples = a.train_samples;
+    s.test_samples = a.test_samples;
+    s.seed = a.seed;
+    s.augment = !a.no_augment;
+    s.amp = a.amp;
+    s.channels_last = a.channels_last;
+    s.checkpoint_every_steps = a.checkpoint_every;
+    spec::validate(&s)?;
+    let data = Datasets::for_spec(&s, a.data.as_deref())?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    run_dir::write_job(&a.out, &s)?;
+    // Resuming into the same directory keeps the epochs already recorded.
+    let history = if a.resume.is_some() { run_dir::read_metrics(&a.out).unwrap_or_default() } else { Vec::new() };
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut observer = LocalObserver { bar, out: a.out.clone(), history, epochs: s.epochs };
+    let cfg = TrainerConfig {
+        spec: s.clone(),
+        device,
+        rank: 0,
+        world_size: 1,
+        checkpoint_dir: Some(a.out.join(run_dir::CHECKPOINT_DIR)),
+        resume: a.resume,
+        progress_interval: Duration::from_millis(500),
+    };
+    let outcome = train::train(&cfg, &data, &mut Solo::new(), &mut observer)?;
+    observer.bar.finish_and_clear();
+    let mut summary = run_dir::Summary::from_history(&observer.history);
+    summary.model = s.model.clone();
+    summary.state = "succeeded".into();
+    summary.wall_seconds = outcome.wall_seconds;
+    run_dir::write_summary(&a.out, &summary)?;
+    println!(
+        "{}: final test accuracy {:.2}%, best {:.2}%, {:.1}s per epoch, run directory {}",
+        s.model,
+        summary.final_test_acc * 100.0,
+        summary.best_test_acc * 100.0,
+        summary.mean_epoch_seconds,
+        a.out.display()
+    );
+    Ok(())
+}

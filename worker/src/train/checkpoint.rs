@@ -1,0 +1,194 @@
+//! Checkpoints: `NAME.safetensors` (weights, BatchNorm buffers, momentum buffers) and
+//! `NAME.json` (position in training, accumulators, SHA-256 of the tensor file).
+//!
+//! The tensor file is written first (temp + fsync + rename), the JSON last: the JSON is the
+//! commit record, so a crash mid-write leaves an incomplete checkpoint that [`latest`]
+//! skips. A checkpoint whose tensor file does not match its recorded checksum is skipped
+//! too, with a warning, and the previous one is used.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+pub const FORMAT_VERSION: u32 = 1;
+const MODEL_PREFIX: &str = "model.";
+const MOMENTUM_PREFIX: &str = "momentum.";
+
+/// Where training resumes and what it had accumulated: enough for a bit-identical resume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointState {
+    pub format_version: u32,
+    pub model: String,
+    /// Epoch to resume in (0-based) and the number of its steps already taken.
+    pub epoch: u32,
+    pub step: u64,
+    pub seed: u64,
+    pub world_size: u32,
+    /// Running sums of the partially trained epoch: loss·samples, correct, samples, seconds.
+    pub partial: [f64; 4],
+    pub loss_scale: f64,
+    pub sha256: String,
+    pub bytes: u64,
+    pub created_unix: f64,
+}
+
+impl CheckpointState {
+    pub fn name(&self) -> String {
+        name_for(self.epoch, self.step)
+    }
+}
+
+pub fn name_for(epoch: u32, step: u64) -> String {
+    format!("ckpt-e{epoch:04}-s{step:06}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot write checkpoint {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot read checkpoint {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("checkpoint {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("checkpoint {path} does not fit this model: {reason}")]
+    Mismatch { path: PathBuf, reason: String },
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub state: CheckpointState,
+    pub model: Vec<(String, Tensor)>,
+    pub momentum: Vec<(String, Tensor)>,
+}
+
+/// Writes a checkpoint into `dir`; returns its JSON path and the completed record.
+pub fn save(
+    dir: &Path,
+    mut state: CheckpointState,
+    model: &[(String, Tensor)],
+    momentum: &[(String, Tensor)],
+) -> Result<(PathBuf, CheckpointState), CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Write { path: dir.to_path_buf(), source })?;
+    let name = state.name();
+    let tensors_path = dir.join(format!("{name}.safetensors"));
+    let tmp = dir.join(format!(".{name}.safetensors.tmp"));
+    let mut named: Vec<(String, Tensor)> = Vec::with_capacity(model.len() + momentum.len());
+    for (n, t) in model {
+        named.push((format!("{MODEL_PREFIX}{n}"), t.detach().to_device(tch::Device::Cpu)));
+    }
+    for (n, t) in momentum {
+        named.push((format!("{MOMENTUM_PREFIX}{n}"), t.detach().to_device(tch::Device::Cpu)));
+    }
+    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, &tmp)?;
+    let bytes = std::fs::read(&tmp).map_err(|source| CheckpointError::Read { path: tmp.clone(), source })?;
+    let sync = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
+    sync.map_err(|source| CheckpointError::Write { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, &tensors_path).map_err(|source| CheckpointError::Write { path: tensors_path.clone(), source })?;
+    state.sha256 = hex::encode(Sha256::digest(&bytes));
+    state.bytes = bytes.len() as u64;
+    let json_path = dir.join(format!("{name}.json"));
+    let text = serde_json::to_vec_pretty(&state).expect("state serialises");
+    cvdist_common::run_dir::write_atomic(&json_path, &text)
+        .map_err(|source| CheckpointError::Write { path: json_path.clone(), source })?;
+    Ok((json_path, state))
+}
+
+/// Reads and verifies the checkpoint whose JSON record is `json_path`.
+pub fn load(json_path: &Path) -> Result<Checkpoint, CheckpointError> {
+    let text = std::fs::read(json_path).map_err(|source| CheckpointError::Read { path: json_path.to_path_buf(), source })?;
+    let state: CheckpointState = serde_json::from_slice(&text)
+        .map_err(|e| CheckpointError::Corrupt { path: json_path.to_path_buf(), reason: e.to_string() })?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(CheckpointError::Corrupt {
+            path: json_path.to_path_buf(),
+            reason: format!("format version {} (expected {FORMAT_VERSION})", state.format_version),
+        });
+    }
+    let tensors_path = json_path.with_extension("safetensors");
+    let bytes = std::fs::read(&tensors_path).map_err(|source| CheckpointError::Read { path: tensors_path.clone(), source })?;
+    let sha = hex::encode(Sha256::digest(&bytes));
+    if sha != state.sha256 || bytes.len() as u64 != state.bytes {
+        return Err(CheckpointError::Corrupt {
+            path: tensors_path,
+            reason: format!("checksum {sha} ({} bytes) does not match recorded {} ({} bytes)", bytes.len(), state.sha256, state.bytes),
+        });
+    }
+    let tensors = Tensor::read_safetensors(&tensors_path)
+        .map_err(|e| CheckpointError::Corrupt { path: tensors_path.clone(), reason: e.to_string() })?;
+    let mut model = Vec::new();
+    let mut momentum = Vec::new();
+    for (name, t) in tensors {
+        if let Some(n) = name.strip_prefix(MODEL_PREFIX) {
+            model.push((n.to_string(), t));
+        } else if let Some(n) = name.strip_prefix(MOMENTUM_PREFIX) {
+            momentum.push((n.to_string(), t));
+        } else {
+            return Err(CheckpointError::Corrupt { path: tensors_path, reason: format!("unexpected tensor {name:?}") });
+        }
+    }
+    Ok(Checkpoint { state, model, momentum })
+}
+
+/// JSON records in `dir`, newest position first.
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "json")
+                && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ckpt-e"))
+        })
+        .collect();
+    // Names sort by (epoch, step) because both fields are zero-padded.
+    found.sort();
+    found.reverse();
+    found
+}
+
+/// The newest checkpoint in `dir` that verifies; corrupt ones are skipped with a warning.
+pub fn latest(dir: &Path) -> Option<Checkpoint> {
+    for path in list(dir) {
+        match load(&path) {
+            Ok(c) => return Some(c),
+            Err(e) => tracing::warn!(checkpoint = %path.display(), error = %e, "skipping unusable checkpoint"),
+        }
+    }
+    None
+}
+
+/// Copies saved tensors into the model's variables, checking names and shapes.
+pub fn restore_into(
+    path: &Path,
+    saved: &[(String, Tensor)],
+    variables: &[(String, Tensor)],
+) -> Result<(), CheckpointError> {
+    let mismatch = |reason: String| CheckpointError::Mismatch { path: path.to_path_buf(), reason };
+    if saved.len() != variables.len() {
+        return Err(mismatch(format!("{} tensors saved, model has {}", saved.len(), variables.len())));
+    }
+    tch::no_grad(|| {
+        for (name, var) in variables {
+            let (_, src) = saved
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| mismatch(format!("missing tensor {name:?}")))?;
+            if src.size() != var.size() {
+                return Err(mismatch(format!("{name:?} has shape {:?}, model expects {:?}", src.size(), var.size())));
+            }
+            let mut dst = var.shallow_clone();
+            dst.copy_(&src.to_device(var.device()).to_kind(var.kind()));
+        }
+        Ok(())
+    })
+}
+
+/// SHA-256 of a file, hex.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+}

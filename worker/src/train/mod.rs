@@ -1,0 +1,9 @@
+//! Training: the per-rank loop, optimizer, schedule, checkpoints and rank synchronisation.
+
+pub mod checkpoint;
+pub mod schedule;
+pub mod sgd;
+pub mod sync;
+pub mod trainer;
+
+pub use trainer::{train, Datasets, Engine, NoObserver, Observer, TrainError, TrainOutcome, TrainerConfig};

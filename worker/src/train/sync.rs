@@ -1,0 +1,141 @@
+//! Keeping ranks consistent: gradient averaging every step, the initial weight broadcast,
+//! and BatchNorm running statistics before evaluation and checkpoints.
+//!
+//! Gradients are packed into one flat host buffer and reduced in ~25 MB buckets. The
+//! buffer is allocated once and reused: the per-step cost is two memcpys plus the wire.
+
+use crate::collective::{Collective, CollectiveError};
+use tch::{Device, Kind, Tensor};
+
+/// Elements per all-reduce bucket (25 MB of f32, as in PyTorch DDP's default).
+pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
+
+pub struct GradSync {
+    flat: Tensor,
+    numel: usize,
+}
+
+impl GradSync {
+    pub fn new(params: &[(String, Tensor)]) -> GradSync {
+        let numel: usize = params.iter().map(|(_, p)| p.numel()).sum();
+        GradSync { flat: Tensor::zeros([numel as i64], (Kind::Float, Device::Cpu)), numel }
+    }
+
+    /// Replaces every gradient by its mean over the ranks; returns seconds spent on the wire.
+    pub fn average(&mut self, params: &[(String, Tensor)], comm: &mut dyn Collective) -> Result<f64, CollectiveError> {
+        let world = comm.world_size();
+        if world == 1 {
+            return Ok(0.0);
+        }
+        tch::no_grad(|| {
+            let mut offset = 0i64;
+            for (_, p) in params {
+                let n = p.numel() as i64;
+                let g = p.grad();
+                let mut dst = self.flat.narrow(0, offset, n);
+                if g.defined() {
+                    dst.copy_(&g.reshape([-1]).to_device(Device::Cpu).to_kind(Kind::Float));
+                } else {
+                    let _ = dst.zero_();
+                }
+                offset += n;
+            }
+        });
+        let start = std::time::Instant::now();
+        {
+            let buf = host_slice(&mut self.flat, self.numel);
+            for chunk in buf.chunks_mut(BUCKET_ELEMS) {
+                comm.all_reduce_sum(chunk)?;
+            }
+        }
+        let wire = start.elapsed().as_secs_f64();
+        tch::no_grad(|| {
+            let _ = self.flat.g_mul_scalar_(1.0 / world as f64);
+            let mut offset = 0i64;
+            for (_, p) in params {
+                let n = p.numel() as i64;
+                let mut g = p.grad();
+                if g.defined() {
+                    let src = self.flat.narrow(0, offset, n).view_as(&g);
+                    g.copy_(&src);
+                }
+                offset += n;
+            }
+        });
+        Ok(wire)
+    }
+}
+
+/// Views a contiguous CPU f32 tensor's storage as a slice.
+fn host_slice(t: &mut Tensor, numel: usize) -> &mut [f32] {
+    assert!(t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous());
+    assert_eq!(t.numel(), numel);
+    // SAFETY: the tensor is a contiguous CPU float tensor of `numel` elements that we own
+    // exclusively for the lifetime of the returned borrow (`&mut Tensor`).
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, numel) }
+}
+
+/// Runs `op` over the named tensors packed into one host buffer, then writes the result back.
+fn through_host(
+    tensors: &[(String, Tensor)],
+    op: impl FnOnce(&mut [f32]) -> Result<(), CollectiveError>,
+) -> Result<(), CollectiveError> {
+    if tensors.is_empty() {
+        return Ok(());
+    }
+    let flats: Vec<Tensor> =
+        tensors.iter().map(|(_, t)| t.detach().reshape([-1]).to_device(Device::Cpu).to_kind(Kind::Float)).collect();
+    let mut flat = Tensor::cat(&flats, 0).contiguous();
+    let numel = flat.numel();
+    op(host_slice(&mut flat, numel))?;
+    tch::no_grad(|| {
+        let mut offset = 0i64;
+        for (_, t) in tensors {
+            let n = t.numel() as i64;
+            let src = flat.narrow(0, offset, n).view_as(t).to_kind(t.kind()).to_device(t.device());
+            let mut dst = t.shallow_clone();
+            dst.copy_(&src);
+            offset += n;
+        }
+    });
+    Ok(())
+}
+
+/// Makes every rank hold rank 0's values (weights and buffers at the start of a job).
+pub fn broadcast_from_root(tensors: &[(String, Tensor)], comm: &mut dyn Collective) -> Result<(), CollectiveError> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    through_host(tensors, |buf| comm.broadcast(buf, 0))
+}
+
+/// Averages BatchNorm running statistics over the ranks. Each rank's statistics only saw
+/// its own shard; the average is what a single worker over all the data would estimate
+/// (exactly so for the means). Called at the same points on every rank — before evaluation
+/// and before every checkpoint — so an interrupted and an uninterrupted run stay identical.
+pub fn average_running_stats(buffers: &[(String, Tensor)], comm: &mut dyn Collective) -> Result<(), CollectiveError> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    through_host(buffers, |buf| {
+        comm.all_reduce_sum(buf)?;
+        let inv = 1.0 / world as f32;
+        buf.iter_mut().for_each(|x| *x *= inv);
+        Ok(())
+    })
+}
+
+/// Sums small metric vectors (loss sum, correct, count) over the ranks.
+pub fn sum_metrics(values: &mut [f64], comm: &mut dyn Collective) -> Result<(), CollectiveError> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    // f32 on the wire is exact for counts up to 2^24 per value; losses tolerate the rounding.
+    let mut buf: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+    comm.all_reduce_sum(&mut buf)?;
+    for (v, b) in values.iter_mut().zip(buf) {
+        *v = b as f64;
+    }
+    Ok(())
+}

@@ -1,0 +1,420 @@
+//! The training loop of one rank. With a world size of 1 it is the bare single-worker
+//! trainer; with more, gradients are averaged through a [`Collective`] every step, so N
+//! ranks with batch b take exactly the steps one rank with batch N·b would.
+
+use super::checkpoint::{self, CheckpointState};
+use super::schedule::learning_rate;
+use super::sgd::Sgd;
+use super::sync::{self, GradSync};
+use crate::collective::{Collective, CollectiveError};
+use crate::data::loader::Loader;
+use crate::models;
+use cvdist_common::cifar::CifarSplit;
+use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
+use cvdist_common::sampler;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::nn::{ModuleT, VarStore};
+use tch::{Device, Kind, Tensor};
+use tracing::{info, info_span, warn};
+
+/// Images per evaluation batch (the reference recipe's test loader uses 100).
+const EVAL_BATCH: usize = 100;
+/// Loss-scale growth interval for CUDA mixed precision (as torch.cuda.amp's default).
+const SCALE_GROWTH_INTERVAL: u64 = 2000;
+
+pub struct TrainerConfig {
+    pub spec: JobSpec,
+    pub device: Device,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Where checkpoints are written; only rank 0 writes. None disables checkpoints.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// A checkpoint JSON record to resume from.
+    pub resume: Option<PathBuf>,
+    pub progress_interval: Duration,
+}
+
+/// Train and test splits, already cut to the job's subset sizes.
+#[derive(Clone)]
+pub struct Datasets {
+    pub train: Arc<CifarSplit>,
+    pub test: Arc<CifarSplit>,
+}
+
+impl Datasets {
+    /// Loads what `spec` asks for: CIFAR-10 from `data_dir`, or generated synthetic data.
+    pub fn for_spec(spec: &JobSpec, data_dir: Option<&Path>) -> Result<Datasets, TrainError> {
+        let (train, test) = match spec.dataset.as_str() {
+            "synthetic" => (
+                cvdist_common::cifar::synthetic(cvdist_common::spec::SYNTHETIC_TRAIN as usize, 1),
+                cvdist_common::cifar::synthetic(cvdist_common::spec::SYNTHETIC_TEST as usize, 2),
+            ),
+            _ => {
+                let dir = data_dir.ok_or_else(|| {
+                    TrainError::Data("the job uses CIFAR-10 but no data directory was given (--data DIR)".into())
+                })?;
+                let train = cvdist_common::cifar::load_train(dir).map_err(|e| TrainError::Data(e.to_string()))?;
+                let test = cvdist_common::cifar::load_test(dir).map_err(|e| TrainError::Data(e.to_string()))?;
+                (train, test)
+            }
+        };
+        let cut = |split: CifarSplit, n: u64| if n == 0 || n as usize >= split.len() { split } else { split.take(n as usize) };
+        Ok(Datasets { train: Arc::new(cut(train, spec.train_samples)), test: Arc::new(cut(test, spec.test_samples)) })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("data: {0}")]
+    Data(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("collective: {0}")]
+    Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("training diverged at epoch {epoch} step {step}: loss is {loss}")]
+    Diverged { epoch: u32, step: u64, loss: f64 },
+    #[error("stopped: {0}")]
+    Stopped(String),
+}
+
+/// Receives what the loop produces. Every method has a no-op default.
+pub trait Observer {
+    fn progress(&mut self, _p: &Progress) {}
+    fn epoch(&mut self, _m: &EpochMetrics) {}
+    /// Called on rank 0 after a checkpoint is durably written.
+    fn checkpoint(&mut self, _json: &Path, _state: &CheckpointState) {}
+    /// Polled every step; `Some(reason)` ends training with [`TrainError::Stopped`].
+    fn should_stop(&mut self) -> Option<String> {
+        None
+    }
+}
+
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+pub struct TrainOutcome {
+    pub history: Vec<EpochMetrics>,
+    pub wall_seconds: f64,
+    /// Final weights and buffers by name (CPU), e.g. for tests and export.
+    pub variables: Vec<(String, Tensor)>,
+}
+
+/// Everything needed to run steps of one model; exposed so benchmarks time the real step.
+pub struct Engine {
+    pub vs: VarStore,
+    pub model: Box<dyn ModuleT + Send>,
+    pub sgd: Sgd,
+    pub buffers: Vec<(String, Tensor)>,
+    device: Device,
+    amp: bool,
+    channels_last: bool,
+    loss_scale: f64,
+    good_steps: u64,
+}
+
+impl Engine {
+    pub fn new(spec: &JobSpec, device: Device) -> Result<Engine, TrainError> {
+        tch::manual_seed(spec.seed as i64);
+        let vs = VarStore::new(device);
+        let model = models::build(&spec.model, &vs.root(), 10).map_err(|e| TrainError::Model(e.to_string()))?;
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        // A fixed order is what lets every rank pack gradients identically.
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let (params, buffers): (Vec<_>, Vec<_>) = vars.into_iter().partition(|(_, t)| t.requires_grad());
+        let sgd = Sgd::new(params, spec.momentum, spec.weight_decay);
+        let cuda = device.is_cuda();
+        Ok(Engine {
+            vs,
+            model,
+            sgd,
+            buffers,
+            device,
+            amp: spec.amp && cuda,
+            channels_last: spec.channels_last && cuda,
+            loss_scale: if spec.amp && cuda { 65536.0 } else { 1.0 },
+            good_steps: 0,
+        })
+    }
+
+    /// Parameters then buffers, sorted by name.
+    pub fn variables(&self) -> Vec<(String, Tensor)> {
+        let mut all: Vec<(String, Tensor)> = self.sgd.params().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        all.extend(self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    fn prepare(&self, images: &Tensor) -> Tensor {
+        let x = images.to_device(self.device);
+        if self.channels_last {
+            // tch has no memory-format API: a permuted contiguous copy has NHWC strides
+            // while keeping NCHW semantics, which is what channels_last means.
+            x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+        } else {
+            x
+        }
+    }
+
+    /// Forward and backward of one batch; returns (mean loss, correct count).
+    pub fn forward_backward(&mut self, images: &Tensor, labels: &Tensor) -> (f64, i64) {
+        self.sgd.zero_grad();
+        let x = self.prepare(images);
+        let y = labels.to_device(self.device);
+        let logits = if self.amp {
+            tch::autocast(true, || self.model.forward_t(&x, true))
+        } else {
+            self.model.forward_t(&x, true)
+        };
+        let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&y);
+        if self.loss_scale != 1.0 {
+            (&loss * self.loss_scale).backward();
+        } else {
+            loss.backward();
+        }
+        let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+        (loss.double_value(&[]), correct)
+    }
+
+    /// Undoes loss scaling and decides whether this step may be applied (mixed precision
+    /// skips steps whose gradients overflowed, as torch.cuda.amp.GradScaler does).
+    fn unscale_and_check(&mut self) -> bool {
+        if self.loss_scale == 1.0 {
+            return true;
+        }
+        let inv = 1.0 / self.loss_scale;
+        let mut finite = true;
+        tch::no_grad(|| {
+            for (_, p) in self.sgd.params() {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(inv);
+                    if finite && !bool::try_from(g.isfinite().all()).unwrap_or(false) {
+                        finite = false;
+                    }
+                }
+            }
+        });
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps % SCALE_GROWTH_INTERVAL == 0 {
+                self.loss_scale *= 2.0;
+            }
+        } else {
+            self.loss_scale = (self.loss_scale / 2.0).max(1.0);
+            self.good_steps = 0;
+        }
+        finite
+    }
+
+    /// Mean loss and correct count over `indices` of `split` (no augmentation).
+    fn evaluate(&self, split: &Arc<CifarSplit>, indices: Vec<usize>) -> (f64, f64, f64) {
+        let mut loss_sum = 0.0;
+        let mut correct = 0.0;
+        let mut seen = 0.0;
+        let loader = Loader::new(split.clone(), indices, EVAL_BATCH, 0, 0, false, 0);
+        tch::no_grad(|| {
+            for batch in loader {
+                let x = self.prepare(&batch.images);
+                let y = batch.labels.to_device(self.device);
+                let logits = if self.amp {
+                    tch::autocast(true, || self.model.forward_t(&x, false))
+                } else {
+                    self.model.forward_t(&x, false)
+                }
+                .to_kind(Kind::Float);
+                let n = y.size()[0] as f64;
+                loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * n;
+                correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]) as f64;
+                seen += n;
+            }
+        });
+        (loss_sum, correct, seen)
+    }
+}
+
+/// Runs the job from its start (or `cfg.resume`) to its last epoch.
+pub fn train(
+    cfg: &TrainerConfig,
+    data: &Datasets,
+    comm: &mut dyn Collective,
+    observer: &mut dyn Observer,
+) -> Result<TrainOutcome, TrainError> {
+    let spec = &cfg.spec;
+    let started = Instant::now();
+    let mut engine = Engine::new(spec, cfg.device)?;
+    let mut grad_sync = GradSync::new(engine.sgd.params());
+
+    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, [0.0f64; 4]);
+    if let Some(path) = &cfg.resume {
+        let ckpt = checkpoint::load(path)?;
+        checkpoint::restore_into(path, &ckpt.model, &engine.variables())?;
+        engine.sgd.load_momentum_buffers(ckpt.momentum).map_err(|reason| checkpoint::CheckpointError::Mismatch {
+            path: path.clone(),
+            reason,
+        })?;
+        engine.loss_scale = ckpt.state.loss_scale;
+        start_epoch = ckpt.state.epoch;
+        start_step = ckpt.state.step;
+        // Accumulators of a partial epoch only carry over at the same world size; at another
+        // size the remaining steps differ anyway.
+        if ckpt.state.world_size as usize == cfg.world_size {
+            partial = ckpt.state.partial;
+        } else {
+            start_step = 0;
+        }
+        info!(checkpoint = %path.display(), epoch = start_epoch, step = start_step, "resumed");
+    } else {
+        sync::broadcast_from_root(&engine.variables(), comm)?;
+    }
+
+    let train_len = data.train.len();
+    let steps_per_epoch = sampler::samples_per_rank(train_len, cfg.world_size).div_ceil(spec.batch_size as usize) as u64;
+    let scale = if spec.scale_lr { cfg.world_size as f64 } else { 1.0 };
+    let mut history = Vec::new();
+
+    for epoch in start_epoch..spec.epochs {
+        let span = info_span!("epoch", epoch, rank = cfg.rank);
+        let _enter = span.enter();
+        let epoch_start = Instant::now();
+        let skip = if epoch == start_epoch { start_step } else { 0 };
+        let [mut loss_sum, mut correct, mut seen, prior_seconds] = if epoch == start_epoch { partial } else { [0.0; 4] };
+        let mut wire_seconds = 0.0;
+        let mut last_report = Instant::now();
+        let indices = sampler::rank_indices(train_len, cfg.world_size, cfg.rank, spec.seed, epoch as u64);
+        let loader = Loader::new(
+            data.train.clone(),
+            indices,
+            spec.batch_size as usize,
+            spec.seed,
+            epoch as u64,
+            spec.augment,
+            skip as usize,
+        );
+        let mut step = skip;
+        let mut lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
+        for batch in loader {
+            if let Some(reason) = observer.should_stop() {
+                return Err(TrainError::Stopped(reason));
+            }
+            let step_start = Instant::now();
+            lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
+            let (loss, ok) = engine.forward_backward(&batch.images, &batch.labels);
+            if !loss.is_finite() && !engine.amp {
+                return Err(TrainError::Diverged { epoch, step, loss });
+            }
+            let wire = grad_sync.average(engine.sgd.params(), comm)?;
+            wire_seconds += wire;
+            if engine.unscale_and_check() {
+                engine.sgd.step(lr);
+            }
+            let n = batch.labels.size()[0] as f64;
+            loss_sum += loss * n;
+            correct += ok as f64;
+            seen += n;
+            step += 1;
+            if cfg.rank == 0 && (last_report.elapsed() >= cfg.progress_interval || step == steps_per_epoch) {
+                last_report = Instant::now();
+                let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
+                observer.progress(&Progress {
+                    epoch,
+                    step,
+                    steps_per_epoch,
+                    loss: loss_sum / seen,
+                    acc: correct / seen,
+                    images_per_sec: seen * cfg.world_size as f64 / elapsed.max(1e-9),
+                    step_seconds: step_start.elapsed().as_secs_f64(),
+                    allreduce_seconds: wire,
+                });
+            }
+            let every = spec.checkpoint_every_steps as u64;
+            if every > 0 && step % every == 0 && step < steps_per_epoch {
+                let acc = [loss_sum, correct, seen, prior_seconds + epoch_start.elapsed().as_secs_f64()];
+                write_checkpoint(cfg, &mut engine, comm, observer, epoch, step, acc)?;
+            }
+        }
+        let train_seconds = prior_seconds + epoch_start.elapsed().as_secs_f64();
+
+        sync::average_running_stats(&engine.buffers, comm)?;
+        let eval_range = sampler::eval_indices(data.test.len(), cfg.world_size, cfg.rank);
+        let (test_loss_sum, test_correct, test_seen) = engine.evaluate(&data.test, eval_range.collect());
+        let mut totals = [loss_sum, correct, seen, test_loss_sum, test_correct, test_seen];
+        sync::sum_metrics(&mut totals, comm)?;
+        let [loss_sum, correct, seen, test_loss_sum, test_correct, test_seen] = totals;
+        let metrics = EpochMetrics {
+            epoch,
+            train_loss: loss_sum / seen.max(1.0),
+            train_acc: correct / seen.max(1.0),
+            test_loss: test_loss_sum / test_seen.max(1.0),
+            test_acc: test_correct / test_seen.max(1.0),
+            lr,
+            seconds: prior_seconds + epoch_start.elapsed().as_secs_f64(),
+            images_per_sec: seen / train_seconds.max(1e-9),
+            world_size: cfg.world_size as u32,
+            allreduce_seconds: wire_seconds,
+            attempt: 0,
+        };
+        info!(
+            train_loss = metrics.train_loss,
+            train_acc = metrics.train_acc,
+            test_acc = metrics.test_acc,
+            seconds = metrics.seconds,
+            "epoch done"
+        );
+        write_checkpoint(cfg, &mut engine, comm, observer, epoch + 1, 0, [0.0; 4])?;
+        observer.epoch(&metrics);
+        history.push(metrics);
+    }
+    let variables = engine.variables().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
+    Ok(TrainOutcome { history, wall_seconds: started.elapsed().as_secs_f64(), variables })
+}
+
+fn write_checkpoint(
+    cfg: &TrainerConfig,
+    engine: &mut Engine,
+    comm: &mut dyn Collective,
+    observer: &mut dyn Observer,
+    epoch: u32,
+    step: u64,
+    partial: [f64; 4],
+) -> Result<(), TrainError> {
+    let Some(dir) = &cfg.checkpoint_dir else { return Ok(()) };
+    // All ranks take part so the saved statistics are the same ones every rank continues with.
+    sync::average_running_stats(&engine.buffers, comm)?;
+    if cfg.rank != 0 {
+        return Ok(());
+    }
+    let state = CheckpointState {
+        format_version: checkpoint::FORMAT_VERSION,
+        model: cfg.spec.model.clone(),
+        epoch,
+        step,
+        seed: cfg.spec.seed,
+        world_size: cfg.world_size as u32,
+        partial,
+        loss_scale: engine.loss_scale,
+        sha256: String::new(),
+        bytes: 0,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+    };
+    match checkpoint::save(dir, state, &engine.variables(), &engine.sgd.momentum_buffers()) {
+        Ok((json, state)) => {
+            observer.checkpoint(&json, &state);
+            Ok(())
+        }
+        // A failed checkpoint (disk full, say) must not kill a healthy run: the previous
+        // checkpoint is still intact because writes are atomic.
+        Err(e) => {
+            warn!(error = %e, "checkpoint failed; training continues with the previous checkpoint kept");
+            Ok(())
+        }
+    }
+}
