@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use cvdist_worker::models;
 use tch::{nn, Device, Kind, Tensor};
@@ -18,8 +19,19 @@ const TOL: f64 = 1e-4;
 const BATCH: i64 = 8;
 /// Architectures covering every block type: VGG, Basic and Bottleneck ResNets, MobileNetV2
 /// (depthwise + projection shortcuts), option-A and plain He et al. nets.
-const TCH_TO_TORCH: &[&str] = &["resnet18", "vgg16", "mobilenetv2", "resnet20", "plain20", "resnet50"];
+const TCH_TO_TORCH: &[&str] = &[
+    "resnet18",
+    "vgg16",
+    "mobilenetv2",
+    "resnet20",
+    "plain20",
+    "resnet50",
+];
 const TORCH_TO_TCH: &[&str] = &["resnet20", "mobilenetv2"];
+
+/// tch's generator is global and the two tests run on parallel threads; holding this while
+/// drawing keeps each run's weights and inputs reproducible.
+static RNG: Mutex<()> = Mutex::new(());
 
 fn python() -> String {
     std::env::var("CVDIST_PYTHON").unwrap_or_else(|_| "python3".to_string())
@@ -66,7 +78,9 @@ fn perturb_bn(vs: &nn::VarStore) {
     let vars = vs.variables();
     tch::no_grad(|| {
         for (key, t) in &vars {
-            let Some((prefix, leaf)) = key.rsplit_once('.') else { continue };
+            let Some((prefix, leaf)) = key.rsplit_once('.') else {
+                continue;
+            };
             if !vars.contains_key(&format!("{prefix}.running_mean")) {
                 continue;
             }
@@ -81,7 +95,11 @@ fn perturb_bn(vs: &nn::VarStore) {
 }
 
 /// Eval logits, then train logits (updating running stats), then the stats, all in tch.
-fn tch_outputs(model: &dyn nn::ModuleT, vs: &nn::VarStore, x: &Tensor) -> (Tensor, Tensor, BTreeMap<String, Tensor>) {
+fn tch_outputs(
+    model: &dyn nn::ModuleT,
+    vs: &nn::VarStore,
+    x: &Tensor,
+) -> (Tensor, Tensor, BTreeMap<String, Tensor>) {
     tch::no_grad(|| {
         let eval = model.forward_t(x, false);
         let train = model.forward_t(x, true);
@@ -120,7 +138,11 @@ fn compare(
         eval: max_abs_diff(ours_eval, eval),
         train: max_abs_diff(ours_train, train),
         stats,
-        logit_scale: eval.abs().max().double_value(&[]).max(train.abs().max().double_value(&[])),
+        logit_scale: eval
+            .abs()
+            .max()
+            .double_value(&[])
+            .max(train.abs().max().double_value(&[])),
     };
     eprintln!(
         "{name:12} max|Δ| eval {:.2e}  train {:.2e}  running stats {:.2e}  (max|logit| {:.3}, {} BN stats)",
@@ -131,10 +153,17 @@ fn compare(
         ours_stats.len()
     );
     assert!(!ours_stats.is_empty(), "{name}: no BN statistics compared");
-    assert!(d.logit_scale > 1e-3, "{name}: logits too small for the comparison to mean anything");
+    assert!(
+        d.logit_scale > 1e-3,
+        "{name}: logits too small for the comparison to mean anything"
+    );
     assert!(d.eval <= TOL, "{name}: eval logits differ by {}", d.eval);
     assert!(d.train <= TOL, "{name}: train logits differ by {}", d.train);
-    assert!(d.stats <= TOL, "{name}: running stats differ by {}", d.stats);
+    assert!(
+        d.stats <= TOL,
+        "{name}: running stats differ by {}",
+        d.stats
+    );
     d
 }
 
@@ -143,6 +172,7 @@ fn tch_weights_reproduce_pytorch_logits() {
     tch::set_num_threads(2);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut built = Vec::new();
+    let rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     for (i, &name) in TCH_TO_TORCH.iter().enumerate() {
         tch::manual_seed(1000 + i as i64);
         let vs = nn::VarStore::new(Device::Cpu);
@@ -150,14 +180,21 @@ fn tch_weights_reproduce_pytorch_logits() {
         perturb_bn(&vs);
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        Tensor::write_safetensors(&named, dir.path().join(format!("{name}.weights.safetensors")))
-            .expect("write weights");
+        Tensor::write_safetensors(
+            &named,
+            dir.path().join(format!("{name}.weights.safetensors")),
+        )
+        .expect("write weights");
         let x = Tensor::randn([BATCH, 3, 32, 32], (Kind::Float, Device::Cpu));
-        Tensor::write_safetensors(&[("input", &x)], dir.path().join(format!("{name}.input.safetensors")))
-            .expect("write input");
+        Tensor::write_safetensors(
+            &[("input", &x)],
+            dir.path().join(format!("{name}.input.safetensors")),
+        )
+        .expect("write input");
         let ours = tch_outputs(model.as_ref(), &vs, &x);
         built.push((name, ours));
     }
+    drop(rng);
 
     let dir_str = dir.path().to_str().expect("utf-8 temp path");
     let mut args = vec!["tch2torch", dir_str];
@@ -166,9 +203,13 @@ fn tch_weights_reproduce_pytorch_logits() {
 
     for (name, ours) in &built {
         let theirs = read(&dir.path().join(format!("{name}.torch_out.safetensors")));
-        compare(name, ours, &theirs["logits_eval"], &theirs["logits_train"], |k| {
-            theirs.get(k).map(|t| t.shallow_clone())
-        });
+        compare(
+            name,
+            ours,
+            &theirs["logits_eval"],
+            &theirs["logits_train"],
+            |k| theirs.get(k).map(|t| t.shallow_clone()),
+        );
     }
 }
 
@@ -185,13 +226,20 @@ fn pytorch_weights_reproduce_tch_logits() {
         let weights_path = dir.path().join(format!("{name}.torch_weights.safetensors"));
         let io = read(&dir.path().join(format!("{name}.torch_io.safetensors")));
         let mut vs = nn::VarStore::new(Device::Cpu);
-        let model = models::build(name, &vs.root(), 10).expect("known model");
+        let model = {
+            let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+            models::build(name, &vs.root(), 10).expect("known model")
+        };
 
         // Same key set both ways, so nothing is silently left at its tch initial value.
         let torch_keys: BTreeSet<String> = read(&weights_path).into_keys().collect();
         let tch_keys: BTreeSet<String> = vs.variables().into_keys().collect();
-        assert_eq!(torch_keys, tch_keys, "{name}: state_dict keys (less num_batches_tracked)");
-        vs.load(&weights_path).expect("load PyTorch weights into the VarStore");
+        assert_eq!(
+            torch_keys, tch_keys,
+            "{name}: state_dict keys (less num_batches_tracked)"
+        );
+        vs.load(&weights_path)
+            .expect("load PyTorch weights into the VarStore");
 
         let ours = tch_outputs(model.as_ref(), &vs, &io["input"]);
         compare(name, &ours, &io["logits_eval"], &io["logits_train"], |k| {

@@ -431,10 +431,6 @@ impl Ring {
         Ok(())
     }
 
-    fn io_ctx(&self, op: &'static str, peer: usize) -> IoCtx<'_> {
-        IoCtx { op, peer, timeout: self.op_timeout, abort: &self.abort }
-    }
-
     fn check_usable(&self) -> Result<(), CollectiveError> {
         self.abort.check()?;
         match &self.broken {

@@ -1,0 +1,9 @@
+//! The CIFAR-10 input pipeline: deterministic augmentation ([`augment`]) and a
+//! prefetching batch loader ([`loader`]). Reading the files lives in
+//! `cvdist_common::cifar`, which does not need libtorch.
+
+pub mod augment;
+pub mod loader;
+
+pub use augment::{fill_batch, Augmentation};
+pub use loader::{Batch, Loader};

@@ -80,7 +80,12 @@ impl CifarResNet {
             }
         }
         let linear = linear(vs / "linear", c_in, num_classes);
-        CifarResNet { conv1, bn1, blocks, linear }
+        CifarResNet {
+            conv1,
+            bn1,
+            blocks,
+            linear,
+        }
     }
 }
 

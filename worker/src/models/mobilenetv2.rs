@@ -35,7 +35,10 @@ impl Block {
         let planes = t * c_in;
         let shortcut = (stride == 1 && c_in != c_out).then(|| {
             let sc = vs / "shortcut";
-            (conv2d(&sc / "0", c_in, c_out, 1, 1, 0, 1, false), batch_norm2d(&sc / "1", c_out))
+            (
+                conv2d(&sc / "0", c_in, c_out, 1, 1, 0, 1, false),
+                batch_norm2d(&sc / "1", c_out),
+            )
         });
         Block {
             // Expand even when t = 1: the reference keeps the 1×1 conv there too.
@@ -92,7 +95,14 @@ impl MobileNetV2 {
         let conv2 = conv2d(vs / "conv2", c_in, 1280, 1, 1, 0, 1, false);
         let bn2 = batch_norm2d(vs / "bn2", 1280);
         let linear = linear(vs / "linear", 1280, num_classes);
-        MobileNetV2 { conv1, bn1, layers, conv2, bn2, linear }
+        MobileNetV2 {
+            conv1,
+            bn1,
+            layers,
+            conv2,
+            bn2,
+            linear,
+        }
     }
 }
 

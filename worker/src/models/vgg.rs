@@ -7,18 +7,22 @@ use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
 /// A number is a conv width, `None` is a 2×2/2 max-pool.
+#[rustfmt::skip]
 const C11: &[Option<i64>] = &[
     Some(64), None, Some(128), None, Some(256), Some(256), None,
     Some(512), Some(512), None, Some(512), Some(512), None,
 ];
+#[rustfmt::skip]
 const C13: &[Option<i64>] = &[
     Some(64), Some(64), None, Some(128), Some(128), None, Some(256), Some(256), None,
     Some(512), Some(512), None, Some(512), Some(512), None,
 ];
+#[rustfmt::skip]
 const C16: &[Option<i64>] = &[
     Some(64), Some(64), None, Some(128), Some(128), None, Some(256), Some(256), Some(256), None,
     Some(512), Some(512), Some(512), None, Some(512), Some(512), Some(512), None,
 ];
+#[rustfmt::skip]
 const C19: &[Option<i64>] = &[
     Some(64), Some(64), None, Some(128), Some(128), None,
     Some(256), Some(256), Some(256), Some(256), None,
@@ -39,7 +43,8 @@ pub(crate) fn config(depth: u32) -> Option<&'static [Option<i64>]> {
 
 #[derive(Debug)]
 enum Stage {
-    ConvBnRelu(Conv2d, nn::BatchNorm),
+    // Boxed so the pool variant does not carry a conv-sized hole.
+    ConvBnRelu(Box<(Conv2d, nn::BatchNorm)>),
     MaxPool,
 }
 
@@ -62,7 +67,7 @@ impl Vgg {
                 Some(c) => {
                     let conv = conv2d(&f / idx, c_in, c, 3, 1, 1, 1, true);
                     let bn = batch_norm2d(&f / (idx + 1), c);
-                    features.push(Stage::ConvBnRelu(conv, bn));
+                    features.push(Stage::ConvBnRelu(Box::new((conv, bn))));
                     idx += 3;
                     c_in = c;
                 }
@@ -73,7 +78,10 @@ impl Vgg {
             }
         }
         let classifier = linear(vs / "classifier", c_in, num_classes);
-        Vgg { features, classifier }
+        Vgg {
+            features,
+            classifier,
+        }
     }
 }
 
@@ -82,7 +90,7 @@ impl ModuleT for Vgg {
         let mut x = xs.shallow_clone();
         for stage in &self.features {
             x = match stage {
-                Stage::ConvBnRelu(conv, bn) => conv.forward(&x).apply_t(bn, train).relu(),
+                Stage::ConvBnRelu(cb) => cb.0.forward(&x).apply_t(&cb.1, train).relu(),
                 Stage::MaxPool => x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
             };
         }

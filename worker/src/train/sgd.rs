@@ -20,7 +20,7 @@ pub struct Sgd {
 impl Sgd {
     pub fn new(params: Vec<(String, Tensor)>, momentum: f64, weight_decay: f64) -> Sgd {
         let n = params.len();
-        Sgd { params, momentum_buffers: vec![None; n], momentum, weight_decay }
+        Sgd { params, momentum_buffers: (0..n).map(|_| None).collect(), momentum, weight_decay }
     }
 
     pub fn params(&self) -> &[(String, Tensor)] {

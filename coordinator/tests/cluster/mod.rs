@@ -1,0 +1,231 @@
+//! Test harness: a real coordinator process and real worker processes on loopback, with
+//! a small CIFAR-10-format dataset written by the test. Processes are killed on drop.
+#![allow(dead_code)]
+
+use cvdist_common::cifar;
+use cvdist_common::client::{connect, Client};
+use cvdist_common::proto::{job_event, JobEvent, JobInfo, JobSpec, JobState, SubmitJobRequest, WatchJobRequest};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+pub fn cvdist_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cvdist"))
+}
+
+pub fn worker_bin() -> PathBuf {
+    let p = cvdist_bin().with_file_name("cvdist-worker");
+    assert!(p.is_file(), "{} missing: build all binaries first (scripts/build.sh)", p.display());
+    p
+}
+
+/// Writes a CIFAR-10-layout dataset of synthetic, learnable images.
+pub fn write_dataset(dir: &Path, per_file: usize, test: usize) {
+    let batches = dir.join(cifar::BATCHES_DIR);
+    std::fs::create_dir_all(&batches).unwrap();
+    for (i, f) in cifar::TRAIN_FILES.iter().enumerate() {
+        cifar::write_split(&batches.join(f), &cifar::synthetic(per_file, 100 + i as u64)).unwrap();
+    }
+    cifar::write_split(&batches.join(cifar::TEST_FILE), &cifar::synthetic(test, 7)).unwrap();
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub coordinator: Option<Child>,
+    pub workers: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    pub fn new(per_file: usize, test: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(&dir.path().join("data"), per_file, test);
+        let mut c = Cluster { dir, port: free_port(), coordinator: None, workers: Vec::new() };
+        c.start_coordinator();
+        c
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).unwrap()
+    }
+
+    pub fn start_coordinator(&mut self) {
+        let log = self.log("coordinator");
+        let child = Command::new(cvdist_bin())
+            .args(["coordinator", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--data")
+            .arg(self.data())
+            .args(["--heartbeat-timeout", "5"])
+            .env("CVDIST_TOKEN", TOKEN)
+            .env("CVDIST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.coordinator = Some(child);
+        wait_port(self.port);
+    }
+
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts worker `k`; `local_data` decides between --data and fetching from the coordinator.
+    pub fn start_worker(&mut self, k: usize, local_data: bool) {
+        let log = self.log(&format!("worker-{k}"));
+        let mut cmd = Command::new(worker_bin());
+        cmd.args(["worker", "--coordinator", &self.url(), "--data-listen", "127.0.0.1:0", "--threads", "1"])
+            .args(["--worker-id", &format!("w{k}")])
+            .arg("--cache-dir")
+            .arg(self.dir.path().join(format!("cache-{k}")))
+            .env("CVDIST_TOKEN", TOKEN)
+            .env("CVDIST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if local_data {
+            cmd.arg("--data").arg(self.data());
+        }
+        let child = cmd.spawn().unwrap();
+        while self.workers.len() <= k {
+            self.workers.push(None);
+        }
+        self.workers[k] = Some(child);
+    }
+
+    /// SIGKILL, as a crashed node or an OOM kill would do.
+    pub fn kill_worker(&mut self, k: usize) {
+        if let Some(mut c) = self.workers.get_mut(k).and_then(|w| w.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url(), Some(TOKEN), None).await.unwrap()
+    }
+
+    pub async fn submit(&self, spec: JobSpec) -> String {
+        let mut c = self.client().await;
+        c.submit_job(SubmitJobRequest { spec: Some(spec) }).await.unwrap().into_inner().job_id
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                out.push_str(&format!("==== {}\n{}\n", p.display(), std::fs::read_to_string(&p).unwrap_or_default()));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for k in 0..self.workers.len() {
+            self.kill_worker(k);
+        }
+        self.kill_coordinator();
+    }
+}
+
+pub fn wait_port(port: u16) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "port {port} did not open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Watches a job until it ends (reconnecting if the coordinator goes away); returns the
+/// final snapshot and every event seen. `on_event` may act on the cluster mid-run.
+pub async fn watch_until_done(
+    url: &str,
+    job: &str,
+    timeout: Duration,
+    mut on_event: impl FnMut(&JobEvent) -> bool,
+) -> (JobInfo, Vec<JobEvent>) {
+    let start = Instant::now();
+    let mut events = Vec::new();
+    loop {
+        assert!(start.elapsed() < timeout, "job {job} did not finish within {timeout:?}; events: {events:#?}");
+        let Ok(mut client) = connect(url, Some(TOKEN), None).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let Ok(resp) = client.watch_job(WatchJobRequest { job_id: job.to_string() }).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = resp.into_inner();
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            match tokio::time::timeout(left, stream.message()).await {
+                Ok(Ok(Some(ev))) => {
+                    let stop = on_event(&ev);
+                    let done = match &ev.event {
+                        Some(job_event::Event::Snapshot(s)) => {
+                            matches!(s.state(), JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+                        }
+                        _ => false,
+                    };
+                    let snapshot = match &ev.event {
+                        Some(job_event::Event::Snapshot(s)) => Some(s.clone()),
+                        _ => None,
+                    };
+                    events.push(ev);
+                    if done || stop {
+                        if let Some(s) = snapshot {
+                            if done {
+                                return (s, events);
+                            }
+                        }
+                        if stop {
+                            break;
+                        }
+                    }
+                }
+                Ok(_) => break,
+                Err(_) => panic!("job {job} did not finish within {timeout:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn small_spec(model: &str, epochs: u32, workers: (u32, u32)) -> JobSpec {
+    let mut s = cvdist_common::spec::default_spec(model, epochs);
+    s.batch_size = 32;
+    s.train_samples = 512;
+    s.test_samples = 200;
+    s.min_workers = workers.0;
+    s.max_workers = workers.1;
+    s.lr = 0.05;
+    s
+}
