@@ -176,7 +176,8 @@ fn parse_records(path: &Path, bytes: &[u8], images: &mut Vec<u8>, labels: &mut V
     if bytes.is_empty() {
         return Err(CifarError::Empty { path: path.to_path_buf() });
     }
-    if bytes.len() % RECORD_BYTES != 0 {
+    let partial = bytes.len() % RECORD_BYTES;
+    if partial > 0 {
         return Err(CifarError::Truncated { path: path.to_path_buf(), size: bytes.len() as u64 });
     }
     let n = bytes.len() / RECORD_BYTES;
@@ -332,7 +333,10 @@ mod tests {
         let err = load_test(tmp.path()).unwrap_err();
         assert!(matches!(err, CifarError::Truncated { size, .. } if size == (2 * RECORD_BYTES + 100) as u64));
         let msg = err.to_string();
-        assert!(msg.contains("test_batch.bin") && msg.contains("2 whole records") && msg.contains("100 bytes"), "{msg}");
+        assert!(
+            msg.contains("test_batch.bin") && msg.contains("2 whole records") && msg.contains("100 bytes"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -105,7 +105,13 @@ fn validate(dir: &Path) -> Result<(), CifarError> {
     Ok(())
 }
 
-fn extract_and_install(url: &str, archive: &Path, scratch: &Path, target: &Path, progress: bool) -> Result<(), DownloadError> {
+fn extract_and_install(
+    url: &str,
+    archive: &Path,
+    scratch: &Path,
+    target: &Path,
+    progress: bool,
+) -> Result<(), DownloadError> {
     if progress {
         eprintln!("extracting {}", archive.display());
     }
@@ -159,9 +165,9 @@ fn fetch(url: &str, part: &Path, progress: bool) -> Result<(), DownloadError> {
     let agent = agent();
     let bar = if progress {
         let bar = indicatif::ProgressBar::new(0);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        ) {
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+        {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message("CIFAR-10");

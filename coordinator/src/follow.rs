@@ -54,7 +54,7 @@ pub fn epoch_line(m: &EpochMetrics, epochs: u32) -> String {
 pub fn print_summary(info: &JobInfo) -> bool {
     let state = info.state();
     println!("job {} {}", info.id, state_label(state));
-    if !info.message.is_empty() {
+    if !info.message.is_empty() && state != JobState::Succeeded {
         println!("  {}", info.message);
     }
     if let Some(best) = info.history.iter().max_by(|a, b| a.test_acc.total_cmp(&b.test_acc)) {
@@ -80,6 +80,15 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
+    // Progress bars only draw on a terminal; lines must reach logs and pipes too.
+    let say = |line: String| {
+        if quiet {
+        } else if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     let mut last: Option<JobInfo> = None;
     let mut backoff = Duration::from_millis(200);
     let mut printed_events = 0usize;
@@ -88,7 +97,7 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
         let mut client = match conn.client().await {
             Ok(c) => c,
             Err(e) if last.is_some() => {
-                bar.println(format!("lost the coordinator ({e}); reconnecting"));
+                say(format!("lost the coordinator ({e}); reconnecting"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -109,7 +118,7 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
                 Ok(Some(ev)) => ev,
                 Ok(None) => break,
                 Err(status) => {
-                    bar.println(format!("watch interrupted ({}); reconnecting", status.message()));
+                    say(format!("watch interrupted ({}); reconnecting", status.message()));
                     break;
                 }
             };
@@ -119,12 +128,12 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
                     bar.set_prefix(format!("{} {}", info.id, state_label(info.state())));
                     // Replay what happened while we were not watching.
                     for line in info.events.iter().skip(printed_events) {
-                        bar.println(format!("  {}", strip_stamp(line)));
+                        say(format!("  {}", strip_stamp(line)));
                     }
                     printed_events = info.events.len();
                     if last.is_none() {
                         for m in &info.history {
-                            bar.println(epoch_line(m, epochs));
+                            say(epoch_line(m, epochs));
                         }
                     }
                     let done = is_terminal(info.state());
@@ -148,14 +157,14 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
                 }
                 Some(job_event::Event::Epoch(m)) => {
                     let epochs = last.as_ref().and_then(|i| i.spec.as_ref()).map(|s| s.epochs).unwrap_or(0);
-                    bar.println(epoch_line(&m, epochs));
+                    say(epoch_line(&m, epochs));
                     if let Some(info) = last.as_mut() {
                         info.history.retain(|h| h.epoch < m.epoch);
                         info.history.push(m);
                     }
                 }
                 Some(job_event::Event::Log(line)) => {
-                    bar.println(format!("  {}", strip_stamp(&line)));
+                    say(format!("  {}", strip_stamp(&line)));
                     printed_events += 1;
                 }
                 None => {}

@@ -60,6 +60,18 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Download CIFAR-10 (binary version) with checksum verification.
+    #[command(after_help = "Example:\n  cvdist download --out data/cifar10")]
+    Download {
+        /// Destination; the files land in OUT/cifar-10-batches-bin/.
+        #[arg(long, default_value = "data/cifar10")]
+        out: PathBuf,
+        #[arg(long, default_value = cvdist_common::download::DEFAULT_URL)]
+        url: String,
+        /// Expected MD5 of the archive.
+        #[arg(long, default_value = cvdist_common::download::DEFAULT_MD5)]
+        md5: String,
+    },
     /// Run a worker (see `cvdist worker --help`).
     #[command(disable_help_flag = true)]
     Worker {
@@ -266,7 +278,7 @@ fn main() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "warn,cvdist_coordinator=info".into());
     let quiet_logs = !matches!(cli.command, Command::Coordinator(_));
     tracing_subscriber::fmt()
-        .with_env_filter(if quiet_logs { tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "warn".into()) } else { filter })
+        .with_env_filter(if quiet_logs { tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "error".into()) } else { filter })
         .with_writer(std::io::stderr)
         .init();
     let code = match run(cli) {
@@ -294,6 +306,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Worker { args } => return exec_worker("worker", &args),
         Command::Models { args } => return exec_worker("models", &args),
         Command::Train { args } => return exec_worker("train", &args),
+        Command::Download { out, url, md5 } => {
+            let spec = cvdist_common::download::DownloadSpec { url, md5 };
+            let dir = cvdist_common::download::download_cifar10(&out, &spec, true)?;
+            println!("CIFAR-10 ready in {}", dir.display());
+            return Ok(0);
+        }
         _ => {}
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -415,7 +433,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             .await?;
             Ok(if ok { 0 } else { 1 })
         }
-        Command::Worker { .. } | Command::Models { .. } | Command::Train { .. } => unreachable!("handled before the runtime starts"),
+        Command::Worker { .. } | Command::Models { .. } | Command::Train { .. } | Command::Download { .. } => unreachable!("handled before the runtime starts"),
     }
 }
 

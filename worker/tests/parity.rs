@@ -75,7 +75,8 @@ fn is_stat(key: &str) -> bool {
 /// Moves BN parameters and statistics off γ=1, β=0, μ=0, σ²=1 so that eval-mode logits depend
 /// on every BN tensor being loaded under the right name.
 fn perturb_bn(vs: &nn::VarStore) {
-    let vars = vs.variables();
+    // Sorted so the draws, and hence the test's numbers, do not depend on HashMap order.
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     tch::no_grad(|| {
         for (key, t) in &vars {
             let Some((prefix, leaf)) = key.rsplit_once('.') else {

@@ -18,7 +18,7 @@
 //! chunking, so ranks may even use different chunk sizes.
 
 use super::wire::{self, status, Ack, Hello, OpHeader, Role};
-use super::{AbortHandle, Collective, CollectiveError};
+use super::{lock, AbortHandle, Collective, CollectiveError};
 use cvdist_common::auth::constant_time_eq;
 use rand::RngCore;
 use std::io::{ErrorKind, IoSlice, Read, Write};
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 /// Default pipelining chunk: large enough that syscall and wake-up overhead is noise,
 /// small enough to stay in L2 while it is summed right after being received.
-pub const DEFAULT_CHUNK_BYTES: usize = 512 * 1024;
+pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Ops at most this large run entirely on the calling thread, alternating send and
 /// receive per step: that skips two thread hand-offs per hop, and a step's message is
@@ -327,7 +327,7 @@ impl Ring {
         let next = (rank + 1) % world_size;
         let prev = (rank + world_size - 1) % world_size;
         let deadline = Instant::now() + timeout;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(SetupStop::default());
 
         let acceptor = {
             let (stop, abort, secret) = (stop.clone(), abort.clone(), secret.as_bytes().to_vec());
@@ -340,8 +340,11 @@ impl Ring {
         let me = LinkSpec { rank, world: world_size, secret: Arc::new(secret.as_bytes().to_vec()) };
         let sent = connect_link(&me, next, &peers[next], deadline, &stop, &abort);
         if sent.is_err() {
-            // Don't keep accepting for a ring that can't form.
-            stop.store(true, Ordering::SeqCst);
+            // The ring can't form; keep accepting only briefly, so that a predecessor
+            // already trying to connect gets a definite answer (e.g. the same auth
+            // failure) rather than "connection refused" until its timeout.
+            *lock(&stop.linger_until) = Some(Instant::now() + SETUP_LINGER);
+            stop.flag.store(true, Ordering::SeqCst);
         }
         let recv = acceptor
             .join()
@@ -350,6 +353,11 @@ impl Ring {
 
         for (s, peer) in [(&send, next), (&recv, prev)] {
             s.set_nodelay(true).map_err(|e| CollectiveError::io(format!("TCP_NODELAY on link to rank {peer}"), e))?;
+            if let Some(b) = std::env::var("CVDIST_RING_SOCKBUF").ok().and_then(|v| v.parse::<usize>().ok()) {
+                let r = socket2::SockRef::from(s);
+                let _ = r.set_send_buffer_size(b);
+                let _ = r.set_recv_buffer_size(b);
+            }
             abort.register_stream(s)?;
         }
         Self::from_links(rank, world_size, send, recv, timeout, abort)
@@ -864,6 +872,16 @@ impl Drop for Ring {
 // ---------------------------------------------------------------------------------
 // Connection setup
 
+/// How long the acceptor keeps answering after our own link failed during setup.
+const SETUP_LINGER: Duration = Duration::from_secs(2);
+
+/// Tells the acceptor thread that setup failed on the connecting side.
+#[derive(Default)]
+struct SetupStop {
+    flag: AtomicBool,
+    linger_until: std::sync::Mutex<Option<Instant>>,
+}
+
 struct LinkSpec {
     rank: usize,
     world: usize,
@@ -882,13 +900,13 @@ fn connect_link(
     next: usize,
     addr: &str,
     deadline: Instant,
-    stop: &AtomicBool,
+    stop: &SetupStop,
     abort: &AbortHandle,
 ) -> Result<TcpStream, CollectiveError> {
     let mut last_err = String::from("no attempt made");
     loop {
         abort.check()?;
-        if stop.load(Ordering::SeqCst) {
+        if stop.flag.load(Ordering::SeqCst) {
             return Err(CollectiveError::Broken("ring setup stopped".into()));
         }
         let now = Instant::now();
@@ -1005,7 +1023,7 @@ fn accept_link(
     me: LinkSpec,
     prev: usize,
     deadline: Instant,
-    stop: &AtomicBool,
+    stop: &SetupStop,
     abort: &AbortHandle,
 ) -> Result<TcpStream, CollectiveError> {
     listener
@@ -1015,9 +1033,11 @@ fn accept_link(
     let (tx, rx) = std::sync::mpsc::channel::<Incoming>();
     let pending = Arc::new(AtomicUsize::new(0));
     let mut last_reject: Option<(String, bool)> = None;
+    let mut handled_any = false;
     loop {
         abort.check()?;
         while let Ok(inc) = rx.try_recv() {
+            handled_any = true;
             match inc {
                 Incoming::Accepted(s) => return Ok(s),
                 Incoming::Rejected { reason, auth } => {
@@ -1028,8 +1048,11 @@ fn accept_link(
                 }
             }
         }
-        if stop.load(Ordering::SeqCst) {
-            return Err(CollectiveError::Broken("ring setup stopped".into()));
+        if stop.flag.load(Ordering::SeqCst) {
+            let linger_over = lock(&stop.linger_until).is_none_or(|t| Instant::now() >= t);
+            if linger_over || handled_any {
+                return Err(CollectiveError::Broken("ring setup stopped".into()));
+            }
         }
         if Instant::now() >= deadline {
             return Err(match last_reject {
@@ -1069,6 +1092,7 @@ fn accept_link(
                 match rx.recv_timeout(Duration::from_millis(5)) {
                     Ok(Incoming::Accepted(s)) => return Ok(s),
                     Ok(Incoming::Rejected { reason, auth }) => {
+                        handled_any = true;
                         tracing::warn!(rank = me.rank, "rejected data-plane connection: {reason}");
                         if auth || last_reject.as_ref().is_none_or(|(_, a)| !a) {
                             last_reject = Some((reason, auth));

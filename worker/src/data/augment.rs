@@ -108,11 +108,8 @@ pub fn augment_into(image: &[u8], aug: Augmentation, out: &mut [f32]) {
     let run = src_hi - src_lo;
     // Where that run lands in the output row. Mirrored, output x reads source
     // SIDE - 1 - x + shift, so the run's last source column lands first, at SIDE - src_hi + shift.
-    let dst_lo = if aug.flip {
-        (SIDE as isize - src_hi as isize + shift) as usize
-    } else {
-        (src_lo as isize - shift) as usize
-    };
+    let dst_lo =
+        if aug.flip { (SIDE as isize - src_hi as isize + shift) as usize } else { (src_lo as isize - shift) as usize };
     for c in 0..CHANNELS {
         let table = &lut[c];
         let pad = table[0];

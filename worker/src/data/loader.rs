@@ -153,7 +153,7 @@ impl Drop for Loader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::augment::{augmentation_for, augment_into};
+    use crate::data::augment::{augment_into, augmentation_for};
     use cvdist_common::cifar::synthetic;
     use cvdist_common::sampler::rank_indices;
 
