@@ -8,6 +8,7 @@ use cvdist_common::proto::{CancelJobRequest, GetJobRequest, JobState, ListJobsRe
 use cvdist_common::{auth, spec};
 use cvdist_coordinator::follow::{self, Connection};
 use cvdist_coordinator::local::{self, LocalRun};
+use cvdist_coordinator::report;
 use cvdist_coordinator::server::{self, CoordinatorConfig, TlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,6 +72,49 @@ enum Command {
         /// Expected MD5 of the archive.
         #[arg(long, default_value = cvdist_common::download::DEFAULT_MD5)]
         md5: String,
+    },
+    /// Chart one or more runs (run directories or job ids) and print a summary table.
+    #[command(after_help = "Examples:\n  cvdist report runs/plain20 runs/resnet20 --out charts/\n  cvdist report j0001-resnet50 --out charts/ --coordinator http://coord:50051")]
+    Report {
+        /// Run directories, or job ids to fetch from the coordinator.
+        #[arg(required = true)]
+        runs: Vec<String>,
+        /// Where the PNG charts are written.
+        #[arg(long, default_value = "report")]
+        out: PathBuf,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Test accuracy, per-class accuracy and confusion matrix (PNG) of a checkpoint.
+    #[command(after_help = "Example:\n  cvdist eval --checkpoint runs/r20/checkpoints/ckpt-e0005-s000000.json --data data/cifar10 --out eval/")]
+    Eval {
+        /// Checkpoint JSON record (or its .safetensors file).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// "cifar10" or "synthetic".
+        #[arg(long, default_value = "cifar10")]
+        dataset: String,
+        #[arg(long, default_value_t = 0)]
+        test_samples: u64,
+        /// Directory for confusion.png and eval.json.
+        #[arg(long, default_value = "eval")]
+        out: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Export a checkpoint's weights as PyTorch-compatible safetensors (see `cvdist export --help`).
+    #[command(disable_help_flag = true)]
+    Export {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Import PyTorch safetensors weights as a checkpoint to warm-start from (see `cvdist import --help`).
+    #[command(disable_help_flag = true)]
+    Import {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Run a worker (see `cvdist worker --help`).
     #[command(disable_help_flag = true)]
@@ -306,6 +350,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Worker { args } => return exec_worker("worker", &args),
         Command::Models { args } => return exec_worker("models", &args),
         Command::Train { args } => return exec_worker("train", &args),
+        Command::Export { args } => return exec_worker("export", &args),
+        Command::Import { args } => return exec_worker("import", &args),
+        Command::Eval { checkpoint, data, dataset, test_samples, out, device } => {
+            return run_eval(checkpoint, data, dataset, test_samples, out, device)
+        }
         Command::Download { out, url, md5 } => {
             let spec = cvdist_common::download::DownloadSpec { url, md5 };
             let dir = cvdist_common::download::download_cifar10(&out, &spec, true)?;
@@ -433,8 +482,104 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             .await?;
             Ok(if ok { 0 } else { 1 })
         }
-        Command::Worker { .. } | Command::Models { .. } | Command::Train { .. } | Command::Download { .. } => unreachable!("handled before the runtime starts"),
+        Command::Report { runs, out, conn } => {
+            let mut loaded = Vec::new();
+            for r in &runs {
+                let path = PathBuf::from(r);
+                if path.is_dir() {
+                    loaded.push(report::load_run(&path)?);
+                } else {
+                    let mut client = conn.connection()?.client().await?;
+                    let info = client
+                        .get_job(GetJobRequest { job_id: r.clone() })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{r} is neither a run directory nor a job: {}", s.message()))?
+                        .into_inner();
+                    loaded.push(report::Run {
+                        label: info.spec.as_ref().map(|s| s.name.clone()).filter(|n| !n.is_empty()).unwrap_or_else(|| info.id.clone()),
+                        dir: PathBuf::from(&info.id),
+                        metrics: info.history.clone(),
+                        summary: None,
+                        job: info.spec.clone(),
+                    });
+                }
+            }
+            let rendered = report::write_charts(&loaded, &out)?;
+            for w in &rendered.warnings {
+                eprintln!("warning: {w}");
+            }
+            print!("{}", report::summary_table(&loaded));
+            for f in &rendered.files {
+                println!("wrote {}", f.display());
+            }
+            Ok(0)
+        }
+        Command::Worker { .. }
+        | Command::Models { .. }
+        | Command::Train { .. }
+        | Command::Download { .. }
+        | Command::Eval { .. }
+        | Command::Export { .. }
+        | Command::Import { .. } => unreachable!("handled before the runtime starts"),
     }
+}
+
+/// Evaluation runs in the worker binary (libtorch); the chart is drawn here.
+fn run_eval(
+    checkpoint: PathBuf,
+    data: Option<PathBuf>,
+    dataset: String,
+    test_samples: u64,
+    out: PathBuf,
+    device: String,
+) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let json_path = out.join("eval.json");
+    let mut args = vec![
+        "--checkpoint".to_string(),
+        checkpoint.display().to_string(),
+        "--dataset".into(),
+        dataset,
+        "--test-samples".into(),
+        test_samples.to_string(),
+        "--json-out".into(),
+        json_path.display().to_string(),
+        "--device".into(),
+        device,
+    ];
+    if let Some(d) = data {
+        args.push("--data".into());
+        args.push(d.display().to_string());
+    }
+    let code = exec_worker("eval", &args)?;
+    if code != 0 {
+        return Ok(code);
+    }
+    let text = std::fs::read_to_string(&json_path).with_context(|| format!("reading {}", json_path.display()))?;
+    let result: EvalResult = serde_json::from_str(&text).with_context(|| format!("parsing {}", json_path.display()))?;
+    let names: Vec<&str> = result.classes.iter().map(String::as_str).collect();
+    let png = out.join("confusion.png");
+    let rendered = report::write_confusion_matrix(&result.confusion, &names, &png)?;
+    for w in &rendered.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("{}: test accuracy {:.2}% on {} images", result.model, result.accuracy * 100.0, result.samples);
+    for (name, acc) in result.classes.iter().zip(&result.per_class) {
+        println!("  {name:<12} {:6.2}%", acc * 100.0);
+    }
+    println!("wrote {} and {}", json_path.display(), png.display());
+    Ok(0)
+}
+
+/// What `cvdist-worker eval --json-out` writes.
+#[derive(serde::Deserialize)]
+struct EvalResult {
+    model: String,
+    samples: u64,
+    accuracy: f64,
+    per_class: Vec<f64>,
+    confusion: Vec<Vec<u64>>,
+    classes: Vec<String>,
 }
 
 async fn shutdown_signal() {

@@ -103,7 +103,10 @@ pub struct AbortHandle {
 struct AbortInner {
     aborted: AtomicBool,
     reason: Mutex<Option<String>>,
-    streams: Mutex<Vec<TcpStream>>,
+    /// Sockets to shut down on abort, keyed by a registration id so that a dropped
+    /// ring can take its (duplicated) descriptors back out.
+    streams: Mutex<Vec<(u64, TcpStream)>>,
+    next_id: std::sync::atomic::AtomicU64,
     /// Threads that may be parked waiting for progress and must re-check the flag.
     threads: Mutex<Vec<Thread>>,
 }
@@ -128,7 +131,7 @@ impl AbortHandle {
             }
         }
         self.inner.aborted.store(true, Ordering::SeqCst);
-        for s in lock(&self.inner.streams).iter() {
+        for (_, s) in lock(&self.inner.streams).iter() {
             // Errors only mean the socket is already gone, which is the goal.
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -161,13 +164,19 @@ impl AbortHandle {
 
     /// Registers a socket to shut down on abort. If the abort already happened the
     /// socket is shut down immediately, so a late registration cannot escape it.
-    pub(crate) fn register_stream(&self, s: &TcpStream) -> Result<(), CollectiveError> {
+    pub(crate) fn register_stream(&self, s: &TcpStream) -> Result<u64, CollectiveError> {
         let clone = s.try_clone().map_err(|e| CollectiveError::io("cloning socket for abort", e))?;
-        lock(&self.inner.streams).push(clone);
+        let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
+        lock(&self.inner.streams).push((id, clone));
         if self.is_aborted() {
             let _ = s.shutdown(Shutdown::Both);
         }
-        Ok(())
+        Ok(id)
+    }
+
+    /// Closes our duplicates of a dropped communicator's sockets.
+    pub(crate) fn unregister_streams(&self, ids: &[u64]) {
+        lock(&self.inner.streams).retain(|(id, _)| !ids.contains(id));
     }
 
     pub(crate) fn register_thread(&self, t: Thread) {

@@ -70,6 +70,8 @@ pub struct Ring {
     sender: Option<JoinHandle<()>>,
     sender_thread: Thread,
     broken: Option<String>,
+    /// Our sockets' registrations in `abort`, removed on drop.
+    abort_ids: [u64; 2],
 }
 
 /// State shared between the calling thread and the sender thread for one op.
@@ -351,16 +353,16 @@ impl Ring {
             .map_err(|_| CollectiveError::Protocol("ring acceptor thread panicked".into()))?;
         let (send, recv) = (sent?, recv?);
 
-        for (s, peer) in [(&send, next), (&recv, prev)] {
+        let mut abort_ids = [0u64; 2];
+        for (i, (s, peer)) in [(&send, next), (&recv, prev)].into_iter().enumerate() {
             s.set_nodelay(true).map_err(|e| CollectiveError::io(format!("TCP_NODELAY on link to rank {peer}"), e))?;
-            if let Some(b) = std::env::var("CVDIST_RING_SOCKBUF").ok().and_then(|v| v.parse::<usize>().ok()) {
-                let r = socket2::SockRef::from(s);
-                let _ = r.set_send_buffer_size(b);
-                let _ = r.set_recv_buffer_size(b);
-            }
-            abort.register_stream(s)?;
+            abort_ids[i] = abort.register_stream(s)?;
         }
-        Self::from_links(rank, world_size, send, recv, timeout, abort)
+        let ring = Self::from_links(rank, world_size, send, recv, timeout, abort.clone(), abort_ids);
+        if ring.is_err() {
+            abort.unregister_streams(&abort_ids);
+        }
+        ring
     }
 
     fn from_links(
@@ -370,6 +372,7 @@ impl Ring {
         recv: TcpStream,
         op_timeout: Duration,
         abort: AbortHandle,
+        abort_ids: [u64; 2],
     ) -> Result<Ring, CollectiveError> {
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
@@ -410,6 +413,7 @@ impl Ring {
             sender: Some(sender),
             sender_thread,
             broken: None,
+            abort_ids,
         };
         ring.set_chunk_bytes(DEFAULT_CHUNK_BYTES);
         ring.set_op_timeout(op_timeout)?;
@@ -866,6 +870,7 @@ impl Drop for Ring {
         if let Some(h) = self.sender.take() {
             let _ = h.join();
         }
+        self.abort.unregister_streams(&self.abort_ids);
     }
 }
 
