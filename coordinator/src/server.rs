@@ -61,7 +61,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     check_exposure(addr, &cfg)?;
-    let store = Store::open(&cfg.state_dir).with_context(|| format!("opening state dir {}", cfg.state_dir.display()))?;
+    // StoreError already names the path and the cause; more context would repeat it.
+    let store = Store::open(&cfg.state_dir)?;
     let state = Coordinator::new(store, StateConfig { heartbeat_timeout: cfg.heartbeat_timeout })?;
     let recovered = state.list().len();
     info!(%addr, state_dir = %cfg.state_dir.display(), jobs = recovered, "coordinator listening");

@@ -12,7 +12,7 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("state dir {path}: {source}")]
+    #[error("state dir {path} is not usable: {source}")]
     Dir { path: PathBuf, source: std::io::Error },
     #[error("state database {path}: {message}")]
     Db { path: PathBuf, message: String },

@@ -4,5 +4,7 @@
 pub mod agent;
 pub mod collective;
 pub mod data;
+pub mod eval;
+pub mod interop;
 pub mod models;
 pub mod train;

@@ -9,6 +9,8 @@ use cvdist_worker::agent::{self, WorkerConfig};
 use cvdist_worker::collective::Solo;
 use cvdist_worker::models;
 use cvdist_worker::train::checkpoint::CheckpointState;
+use cvdist_worker::train::tensorboard;
+use cvdist_worker::{eval, interop};
 use cvdist_worker::train::{self, Datasets, Observer, TrainerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::net::SocketAddr;
@@ -34,6 +36,64 @@ enum Command {
     /// Train in this process, without a coordinator (the bare trainer).
     #[command(after_help = "Examples:\n  cvdist train --model resnet20 --epochs 5 --data data/cifar10 --out runs/r20\n  cvdist train --model resnet18 --epochs 1 --dataset synthetic --out runs/smoke")]
     Train(TrainArgs),
+    /// Test accuracy, per-class accuracy and confusion matrix of a checkpoint.
+    #[command(after_help = "Examples:\n  cvdist-worker eval --checkpoint runs/r20/checkpoints/ckpt-e0005-s000000.json --data data/cifar10\n  cvdist-worker eval --checkpoint runs/smoke/checkpoints/ckpt-e0001-s000000.json --dataset synthetic --json-out eval.json")]
+    Eval(EvalArgs),
+    /// Write a checkpoint's weights as a PyTorch state_dict (safetensors, strict-loadable).
+    #[command(after_help = "Example:\n  cvdist-worker export --checkpoint runs/r20/checkpoints/ckpt-e0005-s000000.json --out resnet20.safetensors\n\nIn PyTorch: model.load_state_dict(safetensors.torch.load_file(\"resnet20.safetensors\"), strict=True)")]
+    Export(ExportArgs),
+    /// Turn a PyTorch state_dict (safetensors) into a checkpoint that `train --resume` warm-starts from.
+    #[command(after_help = "Example:\n  cvdist-worker import --model resnet20 --weights resnet20.safetensors --out warm/\n  cvdist-worker train --model resnet20 --epochs 5 --data data/cifar10 --out runs/ft --resume warm/ckpt-e0000-s000000.json")]
+    Import(ImportArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Checkpoint JSON record (or its .safetensors file).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// CIFAR-10 directory (for --dataset cifar10).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// "cifar10" or "synthetic".
+    #[arg(long, default_value = "cifar10")]
+    dataset: String,
+    /// Evaluate on the first N test images only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    test_samples: u64,
+    /// "auto", "cpu" or "cuda:K".
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Also write the result as JSON (model, accuracy, per_class, confusion, classes).
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Checkpoint JSON record (or its .safetensors file).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The safetensors file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Value of every BatchNorm's num_batches_tracked (default: the steps taken, when the
+    /// run's job.json is next to checkpoints/, else 0).
+    #[arg(long)]
+    num_batches_tracked: Option<i64>,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// Model name (`cvdist models` lists them); the weights must match it exactly.
+    #[arg(long)]
+    model: String,
+    /// A state_dict saved with safetensors.torch.save_file.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Directory for the checkpoint ckpt-e0000-s000000.{safetensors,json}.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -116,6 +176,9 @@ struct TrainArgs {
     threads: usize,
     #[arg(long)]
     quiet: bool,
+    /// Also write per-epoch scalars as TensorBoard event files into this directory.
+    #[arg(long)]
+    tensorboard: Option<PathBuf>,
 }
 
 fn parse_device(text: &str) -> anyhow::Result<Device> {
@@ -145,6 +208,9 @@ fn main() {
         Command::Worker(a) => run_worker(a),
         Command::Models => print_models(),
         Command::Train(a) => run_train(a),
+        Command::Eval(a) => run_eval(a),
+        Command::Export(a) => run_export(a),
+        Command::Import(a) => run_import(a),
     };
     if let Err(e) = result {
         let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
@@ -209,6 +275,7 @@ struct LocalObserver {
     out: PathBuf,
     history: Vec<EpochMetrics>,
     epochs: u32,
+    tensorboard: Option<tensorboard::EventWriter>,
 }
 
 impl Observer for LocalObserver {
@@ -242,6 +309,11 @@ impl Observer for LocalObserver {
         self.history.push(m.clone());
         if let Err(e) = run_dir::write_metrics(&self.out, &self.history) {
             self.bar.println(format!("warning: {e}"));
+        }
+        if let Some(tb) = &mut self.tensorboard {
+            if let Err(e) = tb.epoch(m) {
+                self.bar.println(format!("warning: TensorBoard {}: {e}", tb.path().display()));
+            }
         }
     }
 
@@ -280,7 +352,13 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let mut observer = LocalObserver { bar, out: a.out.clone(), history, epochs: s.epochs };
+    let tensorboard = match &a.tensorboard {
+        Some(dir) => Some(
+            tensorboard::EventWriter::create(dir).with_context(|| format!("creating TensorBoard events in {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let mut observer = LocalObserver { bar, out: a.out.clone(), history, epochs: s.epochs, tensorboard };
     let cfg = TrainerConfig {
         spec: s.clone(),
         device,
@@ -289,6 +367,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         checkpoint_dir: Some(a.out.join(run_dir::CHECKPOINT_DIR)),
         resume: a.resume,
         progress_interval: Duration::from_millis(500),
+        freeze_bn: false,
     };
     let outcome = train::train(&cfg, &data, &mut Solo::new(), &mut observer)?;
     observer.bar.finish_and_clear();
@@ -304,6 +383,49 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         summary.best_test_acc * 100.0,
         summary.mean_epoch_seconds,
         a.out.display()
+    );
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let device = parse_device(&a.device)?;
+    let r = eval::evaluate_checkpoint(&a.checkpoint, &a.dataset, a.data.as_deref(), a.test_samples, device)?;
+    println!("{} ({}): test accuracy {:.2}% on {} images", r.model, r.checkpoint, r.accuracy * 100.0, r.samples);
+    for (name, acc) in r.classes.iter().zip(&r.per_class) {
+        println!("  {name:<12} {:6.2}%", acc * 100.0);
+    }
+    if let Some(path) = &a.json_out {
+        let text = serde_json::to_vec_pretty(&r).expect("report serialises");
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        run_dir::write_atomic(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn run_export(a: ExportArgs) -> anyhow::Result<()> {
+    let s = interop::export_checkpoint(&a.checkpoint, &a.out, a.num_batches_tracked)?;
+    println!(
+        "{}: wrote {} tensors ({} parameters, num_batches_tracked {}) to {}",
+        s.model,
+        s.tensors,
+        group(s.parameters),
+        s.num_batches_tracked,
+        s.out.display()
+    );
+    Ok(())
+}
+
+fn run_import(a: ImportArgs) -> anyhow::Result<()> {
+    let s = interop::import_weights(&a.model, &a.weights, &a.out)?;
+    println!(
+        "{}: imported {} tensors ({} num_batches_tracked ignored) into {}; warm-start with train --resume {}",
+        s.model,
+        s.tensors,
+        s.ignored_counters,
+        s.checkpoint.display(),
+        s.checkpoint.display()
     );
     Ok(())
 }

@@ -186,6 +186,7 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         checkpoint_dir: Some(job_dir.join(format!("attempt-{}", a.attempt))),
         resume,
         progress_interval: Duration::from_secs(2),
+        freeze_bn: false,
     };
     let mut observer = ReportingObserver { assignment: a, env, control: control.clone() };
     let outcome = train::train(&cfg, &data, comm.as_mut(), &mut observer).map_err(|e| e.to_string())?;

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod schedule;
 pub mod sgd;
 pub mod sync;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use trainer::{train, Datasets, Engine, NoObserver, Observer, TrainError, TrainOutcome, TrainerConfig};

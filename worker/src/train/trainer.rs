@@ -34,6 +34,10 @@ pub struct TrainerConfig {
     /// A checkpoint JSON record to resume from.
     pub resume: Option<PathBuf>,
     pub progress_interval: Duration,
+    /// Run BatchNorm on its running statistics (as in eval mode) and leave them unchanged,
+    /// so a step no longer depends on how the batch is composed: used for fine-tuning
+    /// with small per-worker batches and for exact data-parallel equivalence checks.
+    pub freeze_bn: bool,
 }
 
 /// Train and test splits, already cut to the job's subset sizes.
@@ -93,6 +97,8 @@ pub trait Observer {
     fn should_stop(&mut self) -> Option<String> {
         None
     }
+    /// The dataset indices of every batch this rank trains on, for sample-level audits.
+    fn batch_indices(&mut self, _epoch: u32, _step: u64, _indices: &[usize]) {}
 }
 
 pub struct NoObserver;
@@ -114,15 +120,21 @@ pub struct Engine {
     device: Device,
     amp: bool,
     channels_last: bool,
+    pub freeze_bn: bool,
     loss_scale: f64,
     good_steps: u64,
 }
 
 impl Engine {
     pub fn new(spec: &JobSpec, device: Device) -> Result<Engine, TrainError> {
+        // libtorch's generator is process-wide: ranks sharing a process (tests, benchmarks)
+        // must not interleave their seeded initialisations.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(spec.seed as i64);
         let vs = VarStore::new(device);
         let model = models::build(&spec.model, &vs.root(), 10).map_err(|e| TrainError::Model(e.to_string()))?;
+        drop(guard);
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         // A fixed order is what lets every rank pack gradients identically.
         vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -137,6 +149,7 @@ impl Engine {
             device,
             amp: spec.amp && cuda,
             channels_last: spec.channels_last && cuda,
+            freeze_bn: false,
             loss_scale: if spec.amp && cuda { 65536.0 } else { 1.0 },
             good_steps: 0,
         })
@@ -166,10 +179,11 @@ impl Engine {
         self.sgd.zero_grad();
         let x = self.prepare(images);
         let y = labels.to_device(self.device);
+        let train = !self.freeze_bn;
         let logits = if self.amp {
-            tch::autocast(true, || self.model.forward_t(&x, true))
+            tch::autocast(true, || self.model.forward_t(&x, train))
         } else {
-            self.model.forward_t(&x, true)
+            self.model.forward_t(&x, train)
         };
         let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&y);
         if self.loss_scale != 1.0 {
@@ -248,6 +262,7 @@ pub fn train(
     let spec = &cfg.spec;
     let started = Instant::now();
     let mut engine = Engine::new(spec, cfg.device)?;
+    engine.freeze_bn = cfg.freeze_bn;
     let mut grad_sync = GradSync::new(engine.sgd.params());
 
     let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, [0.0f64; 4]);
@@ -302,6 +317,7 @@ pub fn train(
             if let Some(reason) = observer.should_stop() {
                 return Err(TrainError::Stopped(reason));
             }
+            observer.batch_indices(epoch, step, &batch.indices);
             let step_start = Instant::now();
             lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
             let (loss, ok) = engine.forward_backward(&batch.images, &batch.labels);

@@ -1,0 +1,203 @@
+//! Evaluation of a checkpoint on the test set: accuracy, per-class accuracy and the confusion
+//! matrix, as `cvdist-worker eval` prints and writes (`--json-out`, read by `cvdist eval`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cvdist_common::cifar::{CifarSplit, NUM_CLASSES};
+use serde::{Deserialize, Serialize};
+use tch::nn::{ModuleT, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::loader::Loader;
+use crate::models::{self, Model};
+use crate::train::checkpoint::{self, CheckpointState};
+
+/// CIFAR-10 class names, in label order (as in the dataset's batches.meta.txt).
+pub const CLASSES: [&str; NUM_CLASSES] =
+    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+
+/// Images per evaluation batch (as the trainer's and the reference recipe's test loader).
+pub const EVAL_BATCH: usize = 100;
+
+/// Every error is one self-contained line.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("{0}")]
+    Model(String),
+    #[error("{0}")]
+    Data(String),
+}
+
+/// The checkpoint's JSON record for either of its two files (`NAME.json` or
+/// `NAME.safetensors`); other paths are returned unchanged.
+pub fn checkpoint_json(path: &Path) -> PathBuf {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        path.with_extension("json")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// A zoo model with a checkpoint's weights and buffers.
+pub struct LoadedModel {
+    pub state: CheckpointState,
+    /// The JSON record that was loaded.
+    pub json: PathBuf,
+    pub vs: VarStore,
+    pub model: Model,
+}
+
+/// Verifies and loads a checkpoint (JSON or .safetensors path) into a freshly built model
+/// on `device`.
+pub fn load_model(checkpoint: &Path, device: Device) -> Result<LoadedModel, EvalError> {
+    let json = checkpoint_json(checkpoint);
+    let ckpt = checkpoint::load(&json).map_err(|e| EvalError::Checkpoint(e.to_string()))?;
+    let vs = VarStore::new(device);
+    let model = models::build(&ckpt.state.model, &vs.root(), 10)
+        .map_err(|e| EvalError::Model(format!("checkpoint {}: {e}", json.display())))?;
+    let vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    checkpoint::restore_into(&json, &ckpt.model, &vars).map_err(|e| EvalError::Checkpoint(e.to_string()))?;
+    Ok(LoadedModel { state: ckpt.state, json, vs, model })
+}
+
+/// The test split to evaluate on, cut to the first `test_samples` images (0 = all), the same
+/// images training evaluates on for this dataset.
+pub fn test_split(dataset: &str, data: Option<&Path>, test_samples: u64) -> Result<Arc<CifarSplit>, EvalError> {
+    let split = match dataset {
+        "synthetic" => {
+            // Through the trainer's own loader so the synthetic test set is the same one.
+            let mut spec = cvdist_common::spec::default_spec("resnet20", 1);
+            spec.dataset = "synthetic".into();
+            spec.test_samples = test_samples;
+            let d = crate::train::Datasets::for_spec(&spec, None).map_err(|e| EvalError::Data(e.to_string()))?;
+            return Ok(d.test);
+        }
+        "cifar10" => {
+            let dir = data.ok_or_else(|| {
+                EvalError::Data("evaluating on CIFAR-10 needs its directory (--data DIR), or use --dataset synthetic".into())
+            })?;
+            cvdist_common::cifar::load_test(dir).map_err(|e| EvalError::Data(e.to_string()))?
+        }
+        other => return Err(EvalError::Data(format!("unknown dataset {other:?}; expected cifar10 or synthetic"))),
+    };
+    let split = if test_samples == 0 || test_samples as usize >= split.len() { split } else { split.take(test_samples as usize) };
+    if split.is_empty() {
+        return Err(EvalError::Data("the test set is empty".into()));
+    }
+    Ok(Arc::new(split))
+}
+
+/// Eval-mode logits (f32, CPU) of already normalised `images` (`[B, 3, 32, 32]`).
+pub fn logits(model: &dyn ModuleT, images: &Tensor, device: Device) -> Tensor {
+    tch::no_grad(|| model.forward_t(&images.to_device(device), false).to_kind(Kind::Float).to_device(Device::Cpu))
+}
+
+/// The normalised test images `indices` of `split`, exactly as evaluation feeds them.
+pub fn images(split: &Arc<CifarSplit>, indices: Vec<usize>) -> (Tensor, Tensor) {
+    let n = indices.len().max(1);
+    let mut loader = Loader::new(split.clone(), indices, n, 0, 0, false, 0);
+    match loader.next() {
+        Some(b) => (b.images, b.labels),
+        None => (Tensor::zeros([0, 3, 32, 32], (Kind::Float, Device::Cpu)), Tensor::zeros([0], (Kind::Int64, Device::Cpu))),
+    }
+}
+
+/// `confusion[true][predicted]` counts over the whole split, in batches of [`EVAL_BATCH`].
+pub fn confusion(model: &dyn ModuleT, split: &Arc<CifarSplit>, device: Device) -> Vec<Vec<u64>> {
+    let mut m = vec![vec![0u64; NUM_CLASSES]; NUM_CLASSES];
+    let loader = Loader::new(split.clone(), (0..split.len()).collect(), EVAL_BATCH, 0, 0, false, 0);
+    for batch in loader {
+        let pred = logits(model, &batch.images, device).argmax(-1, false);
+        let pred = Vec::<i64>::try_from(&pred).expect("int64 predictions");
+        let truth = Vec::<i64>::try_from(&batch.labels).expect("int64 labels");
+        for (t, p) in truth.iter().zip(&pred) {
+            m[*t as usize][*p as usize] += 1;
+        }
+    }
+    m
+}
+
+/// What `cvdist-worker eval --json-out` writes (`cvdist eval` parses it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalReport {
+    pub model: String,
+    pub checkpoint: String,
+    pub samples: u64,
+    pub accuracy: f64,
+    /// Accuracy per true class (0 for a class with no test images).
+    pub per_class: Vec<f64>,
+    /// Row = true class, column = predicted class.
+    pub confusion: Vec<Vec<u64>>,
+    pub classes: Vec<String>,
+}
+
+impl EvalReport {
+    pub fn from_confusion(model: &str, checkpoint: &Path, confusion: Vec<Vec<u64>>) -> EvalReport {
+        let samples: u64 = confusion.iter().flatten().sum();
+        let correct: u64 = (0..confusion.len()).map(|i| confusion[i][i]).sum();
+        let per_class = confusion
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let n: u64 = row.iter().sum();
+                if n == 0 {
+                    0.0
+                } else {
+                    row[i] as f64 / n as f64
+                }
+            })
+            .collect();
+        EvalReport {
+            model: model.to_string(),
+            checkpoint: checkpoint.display().to_string(),
+            samples,
+            accuracy: if samples == 0 { 0.0 } else { correct as f64 / samples as f64 },
+            per_class,
+            confusion,
+            classes: CLASSES.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+}
+
+/// Loads `checkpoint` and evaluates it on the test split.
+pub fn evaluate_checkpoint(
+    checkpoint: &Path,
+    dataset: &str,
+    data: Option<&Path>,
+    test_samples: u64,
+    device: Device,
+) -> Result<EvalReport, EvalError> {
+    let loaded = load_model(checkpoint, device)?;
+    let split = test_split(dataset, data, test_samples)?;
+    let m = confusion(loaded.model.as_ref(), &split, device);
+    Ok(EvalReport::from_confusion(&loaded.state.model, &loaded.json, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_from_confusion() {
+        let mut m = vec![vec![0u64; 10]; 10];
+        m[0][0] = 3;
+        m[0][1] = 1;
+        m[2][2] = 4;
+        let r = EvalReport::from_confusion("resnet20", Path::new("c.json"), m);
+        assert_eq!(r.samples, 8);
+        assert!((r.accuracy - 7.0 / 8.0).abs() < 1e-12);
+        assert_eq!(r.per_class[0], 0.75);
+        assert_eq!(r.per_class[1], 0.0);
+        assert_eq!(r.per_class[2], 1.0);
+        assert_eq!(r.classes[9], "truck");
+    }
+
+    #[test]
+    fn checkpoint_paths() {
+        assert_eq!(checkpoint_json(Path::new("d/ckpt-e0001-s000000.safetensors")), Path::new("d/ckpt-e0001-s000000.json"));
+        assert_eq!(checkpoint_json(Path::new("d/ckpt-e0001-s000000.json")), Path::new("d/ckpt-e0001-s000000.json"));
+    }
+}
