@@ -198,7 +198,6 @@ impl Coordinator {
         };
         let dir = self.store.job_dir(&id);
         run_dir::write_job(&dir, &spec).map_err(|e| Status::internal(e.to_string()))?;
-        self.store.put_job(&info).map_err(internal)?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let mut entry = JobEntry {
             info,
@@ -212,6 +211,8 @@ impl Coordinator {
             "submitted: {} for {} epochs on {}..{} workers, batch {} per worker",
             spec.model, spec.epochs, spec.min_workers, spec.max_workers, spec.batch_size
         ));
+        // Stored after the first event, so a restarted coordinator still shows it.
+        self.store.put_job(&entry.info).map_err(internal)?;
         inner.jobs.insert(id.clone(), entry);
         drop(inner);
         self.wake.notify_one();

@@ -77,13 +77,19 @@ pub fn test_split(dataset: &str, data: Option<&Path>, test_samples: u64) -> Resu
         }
         "cifar10" => {
             let dir = data.ok_or_else(|| {
-                EvalError::Data("evaluating on CIFAR-10 needs its directory (--data DIR), or use --dataset synthetic".into())
+                EvalError::Data(
+                    "evaluating on CIFAR-10 needs its directory (--data DIR), or use --dataset synthetic".into(),
+                )
             })?;
             cvdist_common::cifar::load_test(dir).map_err(|e| EvalError::Data(e.to_string()))?
         }
         other => return Err(EvalError::Data(format!("unknown dataset {other:?}; expected cifar10 or synthetic"))),
     };
-    let split = if test_samples == 0 || test_samples as usize >= split.len() { split } else { split.take(test_samples as usize) };
+    let split = if test_samples == 0 || test_samples as usize >= split.len() {
+        split
+    } else {
+        split.take(test_samples as usize)
+    };
     if split.is_empty() {
         return Err(EvalError::Data("the test set is empty".into()));
     }
@@ -101,7 +107,9 @@ pub fn images(split: &Arc<CifarSplit>, indices: Vec<usize>) -> (Tensor, Tensor) 
     let mut loader = Loader::new(split.clone(), indices, n, 0, 0, false, 0);
     match loader.next() {
         Some(b) => (b.images, b.labels),
-        None => (Tensor::zeros([0, 3, 32, 32], (Kind::Float, Device::Cpu)), Tensor::zeros([0], (Kind::Int64, Device::Cpu))),
+        None => {
+            (Tensor::zeros([0, 3, 32, 32], (Kind::Float, Device::Cpu)), Tensor::zeros([0], (Kind::Int64, Device::Cpu)))
+        }
     }
 }
 
@@ -197,7 +205,10 @@ mod tests {
 
     #[test]
     fn checkpoint_paths() {
-        assert_eq!(checkpoint_json(Path::new("d/ckpt-e0001-s000000.safetensors")), Path::new("d/ckpt-e0001-s000000.json"));
+        assert_eq!(
+            checkpoint_json(Path::new("d/ckpt-e0001-s000000.safetensors")),
+            Path::new("d/ckpt-e0001-s000000.json")
+        );
         assert_eq!(checkpoint_json(Path::new("d/ckpt-e0001-s000000.json")), Path::new("d/ckpt-e0001-s000000.json"));
     }
 }

@@ -78,7 +78,8 @@ pub fn write_safetensors(
     let mut data: Vec<u8> = Vec::new();
     for (name, t) in sorted {
         let t = t.detach().to_device(Device::Cpu).contiguous();
-        let dtype = dtype_name(t.kind()).ok_or_else(|| file_err(path, format!("tensor {name:?} has unsupported kind {:?}", t.kind())))?;
+        let dtype = dtype_name(t.kind())
+            .ok_or_else(|| file_err(path, format!("tensor {name:?} has unsupported kind {:?}", t.kind())))?;
         let numel = t.numel();
         let start = data.len();
         data.resize(start + numel * t.kind().elt_size_in_bytes(), 0);
@@ -225,7 +226,8 @@ pub fn match_state_dict(
     models::build(model, &vs.root(), 10).map_err(|e| InteropError::Model(e.to_string()))?;
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let mismatch = |reason: String| InteropError::Mismatch { path: path.to_path_buf(), model: model.to_string(), reason };
+    let mismatch =
+        |reason: String| InteropError::Mismatch { path: path.to_path_buf(), model: model.to_string(), reason };
 
     let strip_module = !state_dict.is_empty() && state_dict.iter().all(|(n, _)| n.starts_with("module."));
     let mut given: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -291,7 +293,8 @@ pub fn import_weights(model: &str, weights: &Path, out_dir: &Path) -> Result<Imp
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0),
     };
-    let (json, _) = checkpoint::save(out_dir, state, &tensors, &[]).map_err(|e| InteropError::Checkpoint(e.to_string()))?;
+    let (json, _) =
+        checkpoint::save(out_dir, state, &tensors, &[]).map_err(|e| InteropError::Checkpoint(e.to_string()))?;
     Ok(ImportSummary { model: model.to_string(), checkpoint: json, tensors: tensors.len(), ignored_counters })
 }
 

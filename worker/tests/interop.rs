@@ -97,10 +97,11 @@ fn read_one(path: &Path, name: &str) -> Tensor {
 }
 
 fn train_args(out: &Path, train_samples: u32) -> Vec<String> {
-    let mut a: Vec<String> = ["train", "--model", MODEL, "--epochs", "1", "--dataset", "synthetic", "--batch-size", "32"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut a: Vec<String> =
+        ["train", "--model", MODEL, "--epochs", "1", "--dataset", "synthetic", "--batch-size", "32"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     a.extend(["--lr", "0.02", "--device", "cpu", "--threads", "2", "--quiet"].map(String::from));
     a.extend(["--train-samples".into(), train_samples.to_string(), "--test-samples".into(), TEST_SAMPLES.to_string()]);
     a.extend(["--out".into(), out.display().to_string()]);
@@ -153,7 +154,12 @@ fn export_to_pytorch_and_import_back() {
     assert_eq!(report.classes.len(), 10);
     assert_eq!(report.per_class.len(), 10);
     assert_eq!(report.confusion.iter().flatten().sum::<u64>(), TEST_SAMPLES as u64);
-    assert!((report.accuracy - m.test_acc).abs() < 1e-9, "eval {} vs training's test accuracy {}", report.accuracy, m.test_acc);
+    assert!(
+        (report.accuracy - m.test_acc).abs() < 1e-9,
+        "eval {} vs training's test accuracy {}",
+        report.accuracy,
+        m.test_acc
+    );
 
     // 3. `export`; num_batches_tracked = steps taken (1 epoch of 512/32).
     let exported = dir.join("exported.safetensors");
@@ -172,7 +178,10 @@ fn export_to_pytorch_and_import_back() {
     let rust_pred = argmax(&rust_logits);
     assert_eq!(confusion_of(&labels, &rust_pred), report.confusion, "eval's confusion matrix vs the model's logits");
     let distinct: std::collections::BTreeSet<i64> = rust_pred.iter().copied().collect();
-    assert!(distinct.len() >= 2, "the briefly trained model predicts a single class; the argmax check would be vacuous");
+    assert!(
+        distinct.len() >= 2,
+        "the briefly trained model predicts a single class; the argmax check would be vacuous"
+    );
 
     // 5. PyTorch: strict load of the export, logits on the same images.
     Tensor::write_safetensors(&[("input", &images)], dir.join("input.safetensors")).unwrap();
@@ -219,16 +228,27 @@ fn export_to_pytorch_and_import_back() {
     run_err(worker().args(["eval", "--dataset", "synthetic", "--checkpoint"]).arg(dir.join("nope.json")), "nope.json");
     run_err(worker().args(["eval", "--checkpoint"]).arg(&ckpt), "--data");
     run_err(
-        worker().args(["import", "--model", "resnet32", "--out"]).arg(dir.join("x")).arg("--weights").arg(dir.join("torch_state.safetensors")),
+        worker()
+            .args(["import", "--model", "resnet32", "--out"])
+            .arg(dir.join("x"))
+            .arg("--weights")
+            .arg(dir.join("torch_state.safetensors")),
         "missing tensor \"layer1.3.bn1.bias\"",
     );
     run_err(
-        worker().args(["import", "--model", "resnet99", "--out"]).arg(dir.join("x")).arg("--weights").arg(dir.join("torch_state.safetensors")),
+        worker()
+            .args(["import", "--model", "resnet99", "--out"])
+            .arg(dir.join("x"))
+            .arg("--weights")
+            .arg(dir.join("torch_state.safetensors")),
         "unknown model",
     );
     let mut bytes = std::fs::read(ckpt.with_extension("safetensors")).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x55;
     std::fs::write(ckpt.with_extension("safetensors"), &bytes).unwrap();
-    run_err(worker().args(["export", "--out"]).arg(dir.join("y.safetensors")).arg("--checkpoint").arg(&ckpt), "corrupt");
+    run_err(
+        worker().args(["export", "--out"]).arg(dir.join("y.safetensors")).arg("--checkpoint").arg(&ckpt),
+        "corrupt",
+    );
 }
