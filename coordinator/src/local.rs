@@ -78,11 +78,31 @@ pub async fn run_local(run: LocalRun) -> anyhow::Result<bool> {
     for k in 0..run.workers {
         children.push(spawn_worker(&run, &url, &token, k)?);
     }
+    let children = std::sync::Arc::new(tokio::sync::Mutex::new(children));
+    let supervisor = tokio::spawn(supervise(children.clone(), run.spec.max_restarts, {
+        let (out, url, token) = (run.out.clone(), url.clone(), token.clone());
+        let (bin, data, device, threads) = (run.worker_bin.clone(), run.data.clone(), run.device.clone(), run.threads_per_worker);
+        move |k| {
+            let r = LocalRun {
+                spec: JobSpec::default(),
+                workers: 0,
+                data: data.clone(),
+                out: out.clone(),
+                threads_per_worker: threads,
+                device: device.clone(),
+                worker_bin: bin.clone(),
+                quiet: true,
+            };
+            spawn_worker(&r, &url, &token, k)
+        }
+    }));
     let outcome = drive(&run, &conn).await;
-    for child in &mut children {
+    supervisor.abort();
+    let mut children = children.lock().await;
+    for child in children.iter_mut() {
         let _ = child.start_kill();
     }
-    for child in &mut children {
+    for child in children.iter_mut() {
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     }
     let _ = stop_tx.send(());
@@ -93,6 +113,39 @@ pub async fn run_local(run: LocalRun) -> anyhow::Result<bool> {
         eprintln!("run directory: {}", run.out.display());
     }
     Ok(ok)
+}
+
+/// Restarts local workers that die (a crash, the OOM killer), as a cluster scheduler would
+/// reschedule a pod; the coordinator then re-forms the group from the newest checkpoint.
+async fn supervise(
+    children: std::sync::Arc<tokio::sync::Mutex<Vec<Child>>>,
+    budget: u32,
+    respawn: impl Fn(u32) -> anyhow::Result<Child>,
+) {
+    let mut used = 0;
+    let mut given_up = std::collections::BTreeSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut children = children.lock().await;
+        for (k, child) in children.iter_mut().enumerate() {
+            if given_up.contains(&k) {
+                continue;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                if used >= budget {
+                    eprintln!("local worker {k} exited ({status}); restart budget spent");
+                    given_up.insert(k);
+                    continue;
+                }
+                used += 1;
+                eprintln!("local worker {k} exited ({status}); starting a replacement");
+                match respawn(k as u32) {
+                    Ok(c) => *child = c,
+                    Err(e) => eprintln!("cannot restart local worker {k}: {e:#}"),
+                }
+            }
+        }
+    }
 }
 
 fn spawn_worker(run: &LocalRun, url: &str, token: &str, k: u32) -> anyhow::Result<Child> {

@@ -91,9 +91,8 @@ pub fn write_safetensors(
     }
     let mut header = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header serialises");
     // Pad the header with spaces so the data starts 8-byte aligned, as the reference writer does.
-    while header.len() % 8 != 0 {
-        header.push(b' ');
-    }
+    let padded = header.len().div_ceil(8) * 8;
+    header.resize(padded, b' ');
     let mut bytes = Vec::with_capacity(8 + header.len() + data.len());
     bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&header);
