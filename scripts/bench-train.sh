@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
 # A real training run side by side: `cvdist train` and the same recipe in PyTorch eager
-# (benches/python/torch_train.py), same model, data, epochs and threads, one after the other.
+# (benches/python/torch_train.py), same model, data, epochs and threads. By default both run
+# at the same time with one thread each on this 2-core box, so machine noise hits them alike;
+# SEQUENTIAL=1 runs them one after the other with THREADS each instead.
 #
-#   scripts/bench-train.sh [MODEL] [EPOCHS] [THREADS]      (default: resnet20 5 2)
+#   scripts/bench-train.sh [MODEL] [EPOCHS] [THREADS] [TRAIN_SAMPLES]   (default: resnet20 5 1 0=all)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
-model="${1:-resnet20}"; epochs="${2:-5}"; threads="${3:-2}"
+model="${1:-resnet20}"; epochs="${2:-5}"; threads="${3:-1}"; samples="${4:-0}"
 data="${CVDIST_DATA:-data/cifar10}"
 [ -f "$data/cifar-10-batches-bin/test_batch.bin" ] || ../shared/data/prepare-cifar10 "$data"
 scripts/build.sh >/dev/null
 out="runs/bench-train-$model-$epochs"
 rm -rf "$out"
-target/release/cvdist-worker train --model "$model" --epochs "$epochs" --data "$data" --threads "$threads" \
-  --device cpu --out "$out/cvdist" --quiet
 mkdir -p "$out/pytorch"
-"$CVDIST_PYTHON" benches/python/torch_train.py --model "$model" --epochs "$epochs" --data "$data" \
-  --threads "$threads" > "$out/pytorch/metrics.jsonl"
+run_cvdist() {
+  target/release/cvdist-worker train --model "$model" --epochs "$epochs" --data "$data" --threads "$threads" \
+    --train-samples "$samples" --device cpu --out "$out/cvdist" --quiet 2>"$out/cvdist.log"
+}
+run_torch() {
+  "$CVDIST_PYTHON" benches/python/torch_train.py --model "$model" --epochs "$epochs" --data "$data" \
+    --threads "$threads" --train-samples "$samples" > "$out/pytorch/metrics.jsonl"
+}
+if [ "${SEQUENTIAL:-0}" = 1 ]; then
+  run_cvdist; run_torch
+else
+  run_cvdist & c=$!; run_torch & p=$!
+  wait "$c"; wait "$p"
+fi
 "$CVDIST_PYTHON" - "$out" <<'PY'
 import json, statistics, sys
 out = sys.argv[1]

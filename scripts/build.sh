@@ -6,4 +6,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
-cargo build --release --workspace --bins "$@"
+cargo build --release --workspace --bins --locked "$@"

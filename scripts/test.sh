@@ -16,6 +16,6 @@ source scripts/env.sh
 
 # Test binaries run one at a time: the end-to-end tests start several processes that
 # each train, and this machine class has two cores.
-cargo test --release --workspace -- --test-threads=1
+cargo test --release --workspace --locked -- --test-threads=1
 "$CVDIST_PYTHON" -m pytest -q tests/python
 scripts/check-deploy.sh -q

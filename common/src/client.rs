@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 #[derive(Clone)]
@@ -33,6 +33,10 @@ pub enum ConnectError {
     Url { url: String, reason: String },
     #[error("cannot read TLS CA {path}: {source}")]
     Ca { path: String, source: std::io::Error },
+    #[error("cannot read the client certificate or key {path} (from ${var}): {source}")]
+    ClientIdentity { path: String, var: &'static str, source: std::io::Error },
+    #[error("set both CVDIST_TLS_CLIENT_CERT and CVDIST_TLS_CLIENT_KEY for a client certificate, or neither")]
+    ClientIdentityHalf,
     #[error("token contains characters not allowed in a header")]
     Token,
     #[error("cannot reach the coordinator at {url}: {reason}")]
@@ -57,6 +61,9 @@ pub async fn connect(url: &str, token: Option<&str>, tls_ca: Option<&Path>) -> R
             let pem = std::fs::read(ca).map_err(|source| ConnectError::Ca { path: ca.display().to_string(), source })?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
+        if let Some((cert, key)) = client_identity()? {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
         endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
     }
     let channel = endpoint
@@ -70,6 +77,29 @@ pub async fn connect(url: &str, token: Option<&str>, tls_ca: Option<&Path>) -> R
     Ok(CoordinatorClient::with_interceptor(channel, TokenInterceptor { value })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Environment variables naming a PEM client certificate and key, presented to an
+/// `https://` coordinator started with `--tls-client-ca` (mutual TLS). Both or neither.
+pub const CLIENT_CERT_ENV: &str = "CVDIST_TLS_CLIENT_CERT";
+pub const CLIENT_KEY_ENV: &str = "CVDIST_TLS_CLIENT_KEY";
+
+fn client_identity() -> Result<Option<(Vec<u8>, Vec<u8>)>, ConnectError> {
+    let read = |var: &'static str| -> Result<Option<Vec<u8>>, ConnectError> {
+        match std::env::var_os(var).filter(|v| !v.is_empty()) {
+            None => Ok(None),
+            Some(path) => std::fs::read(&path).map(Some).map_err(|source| ConnectError::ClientIdentity {
+                path: Path::new(&path).display().to_string(),
+                var,
+                source,
+            }),
+        }
+    };
+    match (read(CLIENT_CERT_ENV)?, read(CLIENT_KEY_ENV)?) {
+        (Some(cert), Some(key)) => Ok(Some((cert, key))),
+        (None, None) => Ok(None),
+        _ => Err(ConnectError::ClientIdentityHalf),
+    }
 }
 
 /// "outer: inner: innermost", because transport errors hide the useful part in sources.

@@ -273,7 +273,11 @@ pub fn train(
             path: path.clone(),
             reason,
         })?;
-        engine.loss_scale = ckpt.state.loss_scale;
+        // Only a mixed-precision run carries a loss scale over; a checkpoint from a full-
+        // precision run (or an imported one) stores 1.0, which would disable scaling.
+        if engine.amp && ckpt.state.loss_scale > 1.0 {
+            engine.loss_scale = ckpt.state.loss_scale;
+        }
         start_epoch = ckpt.state.epoch;
         start_step = ckpt.state.step;
         // Accumulators of a partial epoch only carry over at the same world size; at another
