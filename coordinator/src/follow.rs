@@ -110,7 +110,7 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
                 tokio::time::sleep(backoff).await;
                 continue;
             }
-            Err(status) => anyhow::bail!("{}", status.message()),
+            Err(status) => anyhow::bail!("{}", status_text(&status)),
         };
         backoff = Duration::from_millis(200);
         loop {
@@ -249,6 +249,22 @@ pub fn describe(info: &JobInfo) -> String {
 }
 
 /// Formats a connection failure with its cause, for the one-line errors the CLI prints.
+/// A failed RPC as one line: the status message, then what the transport says caused it
+/// (a TLS alert, a closed connection), which `Status::message` alone leaves out.
+pub fn status_text(s: &tonic::Status) -> String {
+    let mut text = s.message().to_string();
+    let mut src = std::error::Error::source(s);
+    while let Some(e) = src {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        src = e.source();
+    }
+    text
+}
+
 pub fn explain(e: &anyhow::Error) -> String {
     let mut text = e.to_string();
     for cause in e.chain().skip(1) {

@@ -392,7 +392,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             let id = client
                 .submit_job(SubmitJobRequest { spec: Some(spec) })
                 .await
-                .map_err(|s| anyhow::anyhow!("submit refused: {}", s.message()))?
+                .map_err(|s| anyhow::anyhow!("submit refused: {}", follow::status_text(&s)))?
                 .into_inner()
                 .job_id;
             println!("{id}");
@@ -406,11 +406,11 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             let mut client = conn.connection()?.client().await?;
             match job {
                 Some(id) => {
-                    let info = client.get_job(GetJobRequest { job_id: id }).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    let info = client.get_job(GetJobRequest { job_id: id }).await.map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
                     print!("{}", follow::describe(info.get_ref()));
                 }
                 None => {
-                    let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                    let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
                     let jobs = jobs.into_inner().jobs;
                     let active = jobs.iter().filter(|j| !cvdist_coordinator::state::is_terminal(j.state())).count();
                     println!("{} jobs ({} active)", jobs.len(), active);
@@ -423,7 +423,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
         }
         Command::Jobs { conn } => {
             let mut client = conn.connection()?.client().await?;
-            let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
             println!("{:<24} {:<11} {:<12} {:>11} {:>3} {:>8}  MESSAGE", "JOB", "STATE", "MODEL", "EPOCHS", "N", "TEST ACC");
             for j in &jobs.get_ref().jobs {
                 println!("{}", follow::job_row(j));
@@ -436,7 +436,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             let info = client
                 .get_job(GetJobRequest { job_id: job.clone() })
                 .await
-                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?
                 .into_inner();
             if watch {
                 let info = follow::follow(&conn, &job, false).await?;
@@ -452,7 +452,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             let info = client
                 .cancel_job(CancelJobRequest { job_id: job })
                 .await
-                .map_err(|s| anyhow::anyhow!("cancel refused: {}", s.message()))?
+                .map_err(|s| anyhow::anyhow!("cancel refused: {}", follow::status_text(&s)))?
                 .into_inner();
             println!("{} {}", info.id, follow::state_label(JobState::try_from(info.state).unwrap_or(JobState::Unspecified)));
             Ok(0)
@@ -493,7 +493,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                     let info = client
                         .get_job(GetJobRequest { job_id: r.clone() })
                         .await
-                        .map_err(|s| anyhow::anyhow!("{r} is neither a run directory nor a job: {}", s.message()))?
+                        .map_err(|s| anyhow::anyhow!("{r} is neither a run directory nor a job: {}", follow::status_text(&s)))?
                         .into_inner();
                     loaded.push(report::Run {
                         label: info.spec.as_ref().map(|s| s.name.clone()).filter(|n| !n.is_empty()).unwrap_or_else(|| info.id.clone()),

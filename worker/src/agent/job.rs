@@ -2,7 +2,7 @@
 //! reports. Runs on its own OS thread because libtorch calls block.
 
 use super::transfer;
-use crate::collective::{ring::Ring, AbortHandle, Collective, Solo};
+use crate::collective::{nccl, ring::Ring, AbortHandle, Collective, Solo};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::{self, Datasets, Observer, TrainerConfig};
 use cvdist_common::client::Client;
@@ -123,6 +123,37 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
     control.done.store(true, Ordering::SeqCst);
 }
 
+/// Agrees on the gradient backend over the freshly formed ring: NCCL only when every rank
+/// can use it (all on CUDA with libnccl loadable), otherwise the ring itself. Rank 0 then
+/// creates the NCCL id and the ring carries it to the others.
+fn choose_backend(mut ring: Ring, wanted: &str, device: Device) -> Result<Box<dyn Collective>, String> {
+    let world = ring.world_size();
+    let local_ok = device.is_cuda() && nccl::available().is_ok();
+    let mut votes = [if local_ok { 1.0f32 } else { 0.0 }];
+    ring.all_reduce_sum(&mut votes).map_err(|e| format!("agreeing on a backend: {e}"))?;
+    let all_ok = votes[0] as usize == world;
+    match (wanted, all_ok) {
+        ("ring", _) | ("auto", false) => return Ok(Box::new(ring)),
+        ("nccl", false) => {
+            let why = nccl::available().err().map(|e| e.to_string()).unwrap_or_else(|| "not every rank is on CUDA".into());
+            return Err(format!("--collective nccl requested but unusable on some rank: {why}"));
+        }
+        _ => {}
+    }
+    let mut id = [0f32; nccl::UNIQUE_ID_BYTES];
+    if ring.rank() == 0 {
+        let raw = nccl::unique_id().map_err(|e| e.to_string())?;
+        for (dst, b) in id.iter_mut().zip(raw) {
+            *dst = b as f32;
+        }
+    }
+    ring.broadcast(&mut id, 0).map_err(|e| format!("sharing the NCCL id: {e}"))?;
+    let bytes: [u8; nccl::UNIQUE_ID_BYTES] = std::array::from_fn(|i| id[i] as u8);
+    let comm = nccl::NcclComm::new(ring.rank(), world, bytes).map_err(|e| format!("NCCL init: {e}"))?;
+    info!(world, "gradients via NCCL");
+    Ok(Box::new(comm))
+}
+
 fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finished, String> {
     let spec = a.spec.clone().ok_or("assignment without a job spec")?;
     let world = a.world_size as usize;
@@ -171,7 +202,11 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         if let Ok(mut slot) = control.abort.lock() {
             *slot = Some(ring.abort_handle());
         }
-        Box::new(ring)
+        let comm = choose_backend(ring, &spec.collective, env.device)?;
+        if let Ok(mut slot) = control.abort.lock() {
+            *slot = Some(comm.abort_handle());
+        }
+        comm
     };
     // An abort that arrived while we were connecting must still take effect.
     if let Some(reason) = control.stop.lock().ok().and_then(|s| s.clone()) {

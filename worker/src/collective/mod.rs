@@ -71,6 +71,27 @@ pub trait Collective: Send {
     fn barrier(&mut self) -> Result<(), CollectiveError>;
     /// A handle that can make in-flight and future ops fail fast from another thread.
     fn abort_handle(&self) -> AbortHandle;
+
+    /// In-place sum of a contiguous f32 tensor across ranks. The default works on host
+    /// memory (CPU tensors in place, others staged through a host copy); NCCL overrides it
+    /// to reduce device memory directly.
+    fn reduce_tensor_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        if t.kind() != tch::Kind::Float || !t.is_contiguous() {
+            return Err(CollectiveError::Config("reduce_tensor_sum needs a contiguous f32 tensor".into()));
+        }
+        let n = t.numel();
+        if t.device() == tch::Device::Cpu {
+            // SAFETY: contiguous CPU f32 tensor of n elements, exclusively borrowed.
+            let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) };
+            return self.all_reduce_sum(buf);
+        }
+        let mut host = vec![0f32; n];
+        t.f_copy_data(&mut host, n).map_err(|e| CollectiveError::Protocol(format!("staging tensor: {e}")))?;
+        self.all_reduce_sum(&mut host)?;
+        let back = tch::Tensor::from_slice(&host).to_device(t.device());
+        t.copy_(&back);
+        Ok(())
+    }
 }
 
 /// All-reduces `buf` in pieces of at most `bucket_elems` floats, the way the trainer

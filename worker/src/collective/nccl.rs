@@ -449,6 +449,11 @@ impl Collective for NcclComm {
     fn abort_handle(&self) -> AbortHandle {
         self.abort.clone()
     }
+    /// Reduces device memory in place, enqueued on the default stream after the kernels
+    /// that produced it; later kernels on that stream see the result without a sync.
+    fn reduce_tensor_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        NcclComm::all_reduce_sum_tensor(self, t)
+    }
 }
 
 impl Drop for NcclComm {

@@ -11,22 +11,25 @@ use tch::{Device, Kind, Tensor};
 pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
 
 pub struct GradSync {
+    /// Packed gradients on the parameters' device: host memory for the ring, device
+    /// memory for NCCL, so neither path copies more than it must.
     flat: Tensor,
-    numel: usize,
 }
 
 impl GradSync {
     pub fn new(params: &[(String, Tensor)]) -> GradSync {
         let numel: usize = params.iter().map(|(_, p)| p.numel()).sum();
-        GradSync { flat: Tensor::zeros([numel as i64], (Kind::Float, Device::Cpu)), numel }
+        let device = params.first().map(|(_, p)| p.device()).unwrap_or(Device::Cpu);
+        GradSync { flat: Tensor::zeros([numel as i64], (Kind::Float, device)) }
     }
 
-    /// Replaces every gradient by its mean over the ranks; returns seconds spent on the wire.
+    /// Replaces every gradient by its mean over the ranks; returns seconds spent reducing.
     pub fn average(&mut self, params: &[(String, Tensor)], comm: &mut dyn Collective) -> Result<f64, CollectiveError> {
         let world = comm.world_size();
         if world == 1 {
             return Ok(0.0);
         }
+        let device = self.flat.device();
         tch::no_grad(|| {
             let mut offset = 0i64;
             for (_, p) in params {
@@ -34,7 +37,7 @@ impl GradSync {
                 let g = p.grad();
                 let mut dst = self.flat.narrow(0, offset, n);
                 if g.defined() {
-                    dst.copy_(&g.reshape([-1]).to_device(Device::Cpu).to_kind(Kind::Float));
+                    dst.copy_(&g.reshape([-1]).to_kind(Kind::Float));
                 } else {
                     let _ = dst.zero_();
                 }
@@ -42,11 +45,17 @@ impl GradSync {
             }
         });
         let start = std::time::Instant::now();
-        {
-            let buf = host_slice(&mut self.flat, self.numel);
-            for chunk in buf.chunks_mut(BUCKET_ELEMS) {
-                comm.all_reduce_sum(chunk)?;
-            }
+        let total = self.flat.numel() as i64;
+        let mut offset = 0i64;
+        while offset < total {
+            let len = (BUCKET_ELEMS as i64).min(total - offset);
+            let mut bucket = self.flat.narrow(0, offset, len);
+            comm.reduce_tensor_sum(&mut bucket)?;
+            offset += len;
+        }
+        if let Device::Cuda(k) = device {
+            // Only to measure the reduction; the stream already orders what follows.
+            tch::Cuda::synchronize(k as i64);
         }
         let wire = start.elapsed().as_secs_f64();
         tch::no_grad(|| {
@@ -56,7 +65,7 @@ impl GradSync {
                 let n = p.numel() as i64;
                 let mut g = p.grad();
                 if g.defined() {
-                    let src = self.flat.narrow(0, offset, n).view_as(&g);
+                    let src = self.flat.narrow(0, offset, n).view_as(&g).to_kind(g.kind());
                     g.copy_(&src);
                 }
                 offset += n;
