@@ -52,6 +52,12 @@ async fn two_workers_train_a_job_to_success() {
     // The worker without --data received the dataset from the coordinator, verified.
     assert!(c.dir.path().join("cache-1/cifar10/cifar-10-batches-bin/.complete").is_file());
 
+    // Prometheus sees the finished job and both workers.
+    let prom = c.metrics();
+    assert!(prom.contains("cvdist_jobs{state=\"succeeded\"} 1"), "{prom}");
+    assert!(prom.contains("cvdist_workers 2"), "{prom}");
+    assert!(prom.contains("cvdist_restarts_total 0"), "{prom}");
+
     // The CLI sees the same job.
     let out = std::process::Command::new(cluster::cvdist_bin())
         .args(["status", &job, "--coordinator", &c.url()])

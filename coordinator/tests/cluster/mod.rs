@@ -38,6 +38,7 @@ pub fn free_port() -> u16 {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    pub metrics_port: u16,
     pub coordinator: Option<Child>,
     pub workers: Vec<Option<Child>>,
 }
@@ -46,7 +47,7 @@ impl Cluster {
     pub fn new(per_file: usize, test: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         write_dataset(&dir.path().join("data"), per_file, test);
-        let mut c = Cluster { dir, port: free_port(), coordinator: None, workers: Vec::new() };
+        let mut c = Cluster { dir, port: free_port(), metrics_port: free_port(), coordinator: None, workers: Vec::new() };
         c.start_coordinator();
         c
     }
@@ -76,6 +77,7 @@ impl Cluster {
             .arg("--data")
             .arg(self.data())
             .args(["--heartbeat-timeout", "5"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
             .env("CVDIST_TOKEN", TOKEN)
             .env("CVDIST_LOG", "info")
             .stdin(Stdio::null())
@@ -132,6 +134,16 @@ impl Cluster {
     pub async fn submit(&self, spec: JobSpec) -> String {
         let mut c = self.client().await;
         c.submit_job(SubmitJobRequest { spec: Some(spec) }).await.unwrap().into_inner().job_id
+    }
+
+    /// The coordinator's Prometheus text, fetched over plain HTTP.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
     }
 
     pub fn logs(&self) -> String {
