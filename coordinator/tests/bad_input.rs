@@ -838,18 +838,19 @@ async fn disk_full_while_storing_a_checkpoint() {
     let mut c = Coord::start();
     let (job, _) = c.baseline().await;
     // The job's checkpoint directory is a 1 MiB tmpfs. Without root (no mount), the
-    // coordinator is restarted with a 1 MiB file-size limit instead (EFBIG, not ENOSPC).
+    // coordinator is restarted with a 4 MiB file-size limit instead (EFBIG, not ENOSPC;
+    // state.redb starts at ~1.5 MiB, so the limit cannot be smaller).
     let ckpt_dir = c.state_dir().join("jobs").join(&job).join("checkpoints");
     let disk = TinyDisk::mount(&ckpt_dir, "1M");
     if disk.is_none() {
-        eprintln!("cannot mount a tmpfs here: simulating a full disk with a 1 MiB file-size limit (ulimit -f)");
+        eprintln!("cannot mount a tmpfs here: simulating a full disk with a 4 MiB file-size limit (ulimit -f)");
         if let Some(mut ch) = c.child.take() {
             let _ = ch.kill();
             let _ = ch.wait();
         }
         let log = c.log_file("coordinator");
         let script = format!(
-            "trap '' XFSZ; ulimit -f 1024; exec {} coordinator --listen 127.0.0.1:{} --state-dir {} --metrics-listen 127.0.0.1:{}",
+            "trap '' XFSZ; ulimit -f 4096; exec {} coordinator --listen 127.0.0.1:{} --state-dir {} --metrics-listen 127.0.0.1:{}",
             cvdist_bin().display(),
             c.port,
             c.state_dir().display(),
@@ -871,7 +872,7 @@ async fn disk_full_while_storing_a_checkpoint() {
     upload(&c, checkpoint_chunks(&job, "ckpt-e0000-s000004", &small, &small_sha)).await.unwrap();
     let before = digest(&c.state_dir());
 
-    let big = vec![6u8; 3_000_000];
+    let big = vec![6u8; if disk.is_some() { 3_000_000 } else { 6_000_000 }];
     let big_sha = hex::encode(Sha256::digest(&big));
     let err = upload(&c, checkpoint_chunks(&job, "ckpt-e0001-s000000", &big, &big_sha)).await.unwrap_err();
     let tmp = ckpt_dir.join(".ckpt-e0001-s000000.upload");

@@ -83,11 +83,22 @@ pub fn save(
         named.push((format!("{MOMENTUM_PREFIX}{n}"), t.detach().to_device(tch::Device::Cpu)));
     }
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&refs, &tmp)?;
-    let bytes = std::fs::read(&tmp).map_err(|source| CheckpointError::Read { path: tmp.clone(), source })?;
-    let sync = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
-    sync.map_err(|source| CheckpointError::Write { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, &tensors_path).map_err(|source| CheckpointError::Write { path: tensors_path.clone(), source })?;
+    let written = (|| {
+        Tensor::write_safetensors(&refs, &tmp).map_err(|e| CheckpointError::Write {
+            path: tmp.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let bytes = std::fs::read(&tmp).map_err(|source| CheckpointError::Read { path: tmp.clone(), source })?;
+        let sync = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
+        sync.map_err(|source| CheckpointError::Write { path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, &tensors_path)
+            .map_err(|source| CheckpointError::Write { path: tensors_path.clone(), source })?;
+        Ok(bytes)
+    })();
+    // A partial temp file (disk full, say) would keep the disk full for the next attempt.
+    let bytes = written.inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
     state.sha256 = hex::encode(Sha256::digest(&bytes));
     state.bytes = bytes.len() as u64;
     let json_path = dir.join(format!("{name}.json"));
