@@ -83,7 +83,7 @@ pub fn save(
         named.push((format!("{MOMENTUM_PREFIX}{n}"), t.detach().to_device(tch::Device::Cpu)));
     }
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let written = (|| {
+    let written = (|| -> Result<Vec<u8>, CheckpointError> {
         Tensor::write_safetensors(&refs, &tmp).map_err(|e| CheckpointError::Write {
             path: tmp.clone(),
             source: std::io::Error::other(e.to_string()),
