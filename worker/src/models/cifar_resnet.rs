@@ -40,10 +40,10 @@ impl Block {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let out = self.conv1.forward(xs).apply_t(&self.bn1, train).relu();
-        let out = self.conv2.forward(&out).apply_t(&self.bn2, train);
+        let out = self.conv1.forward(xs).apply_t(&self.bn1, train).relu_();
+        let mut out = self.conv2.forward(&out).apply_t(&self.bn2, train);
         if !self.residual {
-            return out.relu();
+            return out.relu_();
         }
         let shortcut = match self.pad {
             None => xs.shallow_clone(),
@@ -52,7 +52,7 @@ impl Block {
                 .slice(3, 0, None, 2)
                 .constant_pad_nd([0, 0, 0, 0, p, p]),
         };
-        (out + shortcut).relu()
+        (out + shortcut).relu_()
     }
 }
 
@@ -91,7 +91,7 @@ impl CifarResNet {
 
 impl ModuleT for CifarResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut x = self.conv1.forward(xs).apply_t(&self.bn1, train).relu();
+        let mut x = self.conv1.forward(xs).apply_t(&self.bn1, train).relu_();
         for block in &self.blocks {
             x = block.forward_t(&x, train);
         }

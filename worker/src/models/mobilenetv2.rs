@@ -54,8 +54,8 @@ impl Block {
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let out = self.conv1.forward(xs).apply_t(&self.bn1, train).relu();
-        let out = self.conv2.forward(&out).apply_t(&self.bn2, train).relu();
+        let out = self.conv1.forward(xs).apply_t(&self.bn1, train).relu_();
+        let out = self.conv2.forward(&out).apply_t(&self.bn2, train).relu_();
         // Linear bottleneck: no activation after the projection.
         let out = self.conv3.forward(&out).apply_t(&self.bn3, train);
         if self.stride != 1 {
@@ -108,11 +108,11 @@ impl MobileNetV2 {
 
 impl ModuleT for MobileNetV2 {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut x = self.conv1.forward(xs).apply_t(&self.bn1, train).relu();
+        let mut x = self.conv1.forward(xs).apply_t(&self.bn1, train).relu_();
         for block in &self.layers {
             x = block.forward_t(&x, train);
         }
-        let x = self.conv2.forward(&x).apply_t(&self.bn2, train).relu();
+        let x = self.conv2.forward(&x).apply_t(&self.bn2, train).relu_();
         let x = x.avg_pool2d([4, 4], [4, 4], [0, 0], false, true, None::<i64>);
         self.linear.forward(&x.flatten(1, -1))
     }

@@ -95,14 +95,18 @@ impl Block {
         for (i, cb) in self.convs.iter().enumerate() {
             out = cb.forward_t(&out, train);
             if i != last {
-                out = out.relu();
+                // In place: BatchNorm's backward needs its input, not its output, so the
+                // activation can overwrite it and save a full pass over memory.
+                let _ = out.relu_();
             }
         }
         let identity = match &self.shortcut {
             Some(sc) => sc.forward_t(xs, train),
             None => xs.shallow_clone(),
         };
-        (out + identity).relu()
+        let _ = out.g_add_(&identity);
+        let _ = out.relu_();
+        out
     }
 }
 
@@ -142,7 +146,8 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut x = self.stem.forward_t(xs, train).relu();
+        let mut x = self.stem.forward_t(xs, train);
+        let _ = x.relu_();
         for block in &self.layers {
             x = block.forward_t(&x, train);
         }

@@ -90,7 +90,7 @@ impl ModuleT for Vgg {
         let mut x = xs.shallow_clone();
         for stage in &self.features {
             x = match stage {
-                Stage::ConvBnRelu(cb) => cb.0.forward(&x).apply_t(&cb.1, train).relu(),
+                Stage::ConvBnRelu(cb) => cb.0.forward(&x).apply_t(&cb.1, train).relu_(),
                 Stage::MaxPool => x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
             };
         }
