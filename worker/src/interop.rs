@@ -276,22 +276,7 @@ pub fn import_weights(model: &str, weights: &Path, out_dir: &Path) -> Result<Imp
     let state_dict = Tensor::read_safetensors(weights).map_err(|e| file_err(weights, e))?;
     let ignored_counters = state_dict.iter().filter(|(n, _)| n.ends_with(BN_COUNTER)).count();
     let tensors = match_state_dict(weights, model, state_dict)?;
-    let state = CheckpointState {
-        format_version: checkpoint::FORMAT_VERSION,
-        model: model.to_string(),
-        epoch: 0,
-        step: 0,
-        seed: 0,
-        world_size: 1,
-        partial: [0.0; 4],
-        loss_scale: 1.0,
-        sha256: String::new(),
-        bytes: 0,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
-    };
+    let state = CheckpointState::new(model, 0, 0, 0, 1);
     let (json, _) =
         checkpoint::save(out_dir, state, &tensors, &[]).map_err(|e| InteropError::Checkpoint(e.to_string()))?;
     Ok(ImportSummary { model: model.to_string(), checkpoint: json, tensors: tensors.len(), ignored_counters })

@@ -34,6 +34,26 @@ pub struct CheckpointState {
 }
 
 impl CheckpointState {
+    /// A record for a checkpoint about to be written; `save` fills in the checksum.
+    pub fn new(model: &str, epoch: u32, step: u64, seed: u64, world_size: u32) -> CheckpointState {
+        CheckpointState {
+            format_version: FORMAT_VERSION,
+            model: model.to_string(),
+            epoch,
+            step,
+            seed,
+            world_size,
+            partial: [0.0; 4],
+            loss_scale: 1.0,
+            sha256: String::new(),
+            bytes: 0,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        }
+    }
+
     pub fn name(&self) -> String {
         name_for(self.epoch, self.step)
     }

@@ -409,22 +409,9 @@ fn write_checkpoint(
     if cfg.rank != 0 {
         return Ok(());
     }
-    let state = CheckpointState {
-        format_version: checkpoint::FORMAT_VERSION,
-        model: cfg.spec.model.clone(),
-        epoch,
-        step,
-        seed: cfg.spec.seed,
-        world_size: cfg.world_size as u32,
-        partial,
-        loss_scale: engine.loss_scale,
-        sha256: String::new(),
-        bytes: 0,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
-    };
+    let mut state = CheckpointState::new(&cfg.spec.model, epoch, step, cfg.spec.seed, cfg.world_size as u32);
+    state.partial = partial;
+    state.loss_scale = engine.loss_scale;
     match checkpoint::save(dir, state, &engine.variables(), &engine.sgd.momentum_buffers()) {
         Ok((json, state)) => {
             observer.checkpoint(&json, &state);
