@@ -18,4 +18,4 @@ source scripts/env.sh
 # each train, and this machine class has two cores.
 cargo test --release --workspace --locked -- --test-threads=1
 "$CVDIST_PYTHON" -m pytest -q tests/python
-scripts/check-deploy.sh -q
+scripts/check-deploy.sh
