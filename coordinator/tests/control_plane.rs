@@ -59,13 +59,8 @@ async fn two_workers_train_a_job_to_success() {
     assert!(prom.contains("cvdist_restarts_total 0"), "{prom}");
 
     // The CLI sees the same job.
-    let out = std::process::Command::new(cluster::cvdist_bin())
-        .args(["status", &job, "--coordinator", &c.url()])
-        .env("CVDIST_TOKEN", cluster::TOKEN)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("SUCCEEDED") && text.contains("epoch   3/3"), "{text}");
+    let (ok, text) = c.cli(&["status", &job]);
+    assert!(ok && text.contains("SUCCEEDED") && text.contains("epoch   3/3"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

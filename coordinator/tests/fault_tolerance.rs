@@ -33,12 +33,18 @@ fn final_weights_sha(c: &Cluster, job: &str) -> String {
     v["sha256"].as_str().unwrap().to_string()
 }
 
-/// An uninterrupted 2-worker run: the reference for the bit-identity checks.
-async fn reference_run() -> String {
+/// A cluster with two workers and the standard job submitted to it.
+async fn two_worker_job() -> (Cluster, String) {
     let mut c = Cluster::new(256, 100);
     c.start_worker(0, true);
     c.start_worker(1, true);
     let job = c.submit(spec((2, 2))).await;
+    (c, job)
+}
+
+/// An uninterrupted 2-worker run: the reference for the bit-identity checks.
+async fn reference_run() -> String {
+    let (c, job) = two_worker_job().await;
     let (info, _) = watch_until_done(&c.url(), &job, TIMEOUT, |_| false).await;
     assert_eq!(info.state(), JobState::Succeeded, "{}", c.logs());
     assert_eq!(info.restarts, 0);
@@ -49,10 +55,7 @@ async fn reference_run() -> String {
 async fn killed_worker_is_replaced_and_the_result_is_bit_identical() {
     let reference = reference_run().await;
 
-    let mut c = Cluster::new(256, 100);
-    c.start_worker(0, true);
-    c.start_worker(1, true);
-    let job = c.submit(spec((2, 2))).await;
+    let (mut c, job) = two_worker_job().await;
     let url = c.url();
     let mut killed = false;
     let (info, _) = watch_until_done(&url, &job, TIMEOUT, |ev| {
@@ -112,10 +115,7 @@ async fn elastic_job_finishes_on_survivors() {
 async fn coordinator_restart_resumes_the_job_bit_identically() {
     let reference = reference_run().await;
 
-    let mut c = Cluster::new(256, 100);
-    c.start_worker(0, true);
-    c.start_worker(1, true);
-    let job = c.submit(spec((2, 2))).await;
+    let (mut c, job) = two_worker_job().await;
     let url = c.url();
     let mut killed = false;
     let (info, _) = watch_until_done(&url, &job, TIMEOUT, |ev| {
@@ -133,12 +133,7 @@ async fn coordinator_restart_resumes_the_job_bit_identically() {
     assert!(info.events.iter().any(|e| e.contains("coordinator restarted")), "{:?}", info.events);
     // No completed epoch was lost: the full history is there, and `cvdist status` shows it.
     assert_eq!(info.history.len() as u32, EPOCHS);
-    let out = std::process::Command::new(cluster::cvdist_bin())
-        .args(["status", &job, "--coordinator", &c.url()])
-        .env("CVDIST_TOKEN", cluster::TOKEN)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (_, text) = c.cli(&["status", &job]);
     for e in 1..=EPOCHS {
         assert!(text.contains(&format!("epoch {e:>3}/{EPOCHS}")), "{text}");
     }

@@ -136,6 +136,17 @@ impl Cluster {
         c.submit_job(SubmitJobRequest { spec: Some(spec) }).await.unwrap().into_inner().job_id
     }
 
+    /// Runs the `cvdist` CLI against this coordinator; returns (success, stdout).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(cvdist_bin())
+            .args(args)
+            .args(["--coordinator", &self.url()])
+            .env("CVDIST_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The coordinator's Prometheus text, fetched over plain HTTP.
     pub fn metrics(&self) -> String {
         use std::io::{Read, Write};
