@@ -1046,7 +1046,6 @@ fn accept_link(
             match inc {
                 Incoming::Accepted(s) => return Ok(s),
                 Incoming::Rejected { reason, auth } => {
-                    tracing::warn!(rank = me.rank, "rejected data-plane connection: {reason}");
                     if auth || last_reject.as_ref().is_none_or(|(_, a)| !a) {
                         last_reject = Some((reason, auth));
                     }
@@ -1083,7 +1082,13 @@ fn accept_link(
                 let spawned = thread::Builder::new().name("ring-handshake".into()).spawn(move || {
                     let r = match handshake_acceptor(&me, prev, s, deadline) {
                         Ok(s) => Incoming::Accepted(s),
-                        Err((reason, auth)) => Incoming::Rejected { reason: format!("{from}: {reason}"), auth },
+                        Err((reason, auth)) => {
+                            // Logged here, not by the acceptor loop: once the real peer is
+                            // in, that loop is gone and would drop rejections still in flight.
+                            let reason = format!("{from}: {reason}");
+                            tracing::warn!(rank = me.rank, "rejected data-plane connection: {reason}");
+                            Incoming::Rejected { reason, auth }
+                        }
                     };
                     in_thread.fetch_sub(1, Ordering::SeqCst);
                     let _ = tx.send(r);
@@ -1098,7 +1103,6 @@ fn accept_link(
                     Ok(Incoming::Accepted(s)) => return Ok(s),
                     Ok(Incoming::Rejected { reason, auth }) => {
                         handled_any = true;
-                        tracing::warn!(rank = me.rank, "rejected data-plane connection: {reason}");
                         if auth || last_reject.as_ref().is_none_or(|(_, a)| !a) {
                             last_reject = Some((reason, auth));
                         }
