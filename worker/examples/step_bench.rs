@@ -20,6 +20,8 @@ fn main() {
     let steps: usize = arg(&args, "--steps", "10").parse().expect("--steps N");
     let warmup: usize = arg(&args, "--warmup", "2").parse().expect("--warmup N");
     let threads: i32 = arg(&args, "--threads", "2").parse().expect("--threads N");
+    // The same process settings as the worker binary, so the step timed is the one it runs.
+    cvdist_worker::allocator::keep_freed_memory();
     tch::set_num_threads(threads);
     let spec = cvdist_common::spec::default_spec(&model, 1);
     let mut engine = Engine::new(&spec, Device::Cpu).expect("model builds");

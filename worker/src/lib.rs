@@ -2,6 +2,7 @@
 //! directly with its peers. The binary in `main.rs` is a thin clap front end.
 
 pub mod agent;
+pub mod allocator;
 pub mod collective;
 pub mod data;
 pub mod eval;

@@ -159,7 +159,8 @@ struct TrainArgs {
     no_augment: bool,
     #[arg(long)]
     amp: bool,
-    #[arg(long)]
+    /// channels_last (NHWC) memory layout; `--channels-last false` for NCHW.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     channels_last: bool,
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u32,
@@ -199,6 +200,7 @@ fn parse_device(text: &str) -> anyhow::Result<Device> {
 }
 
 fn main() {
+    cvdist_worker::allocator::keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "info".into()))
