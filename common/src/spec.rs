@@ -65,7 +65,7 @@ pub fn default_spec(model: &str, epochs: u32) -> JobSpec {
         threads_per_worker: 0,
         augment: true,
         amp: false,
-        channels_last: false,
+        channels_last: true,
         rendezvous_timeout_s: 0,
         collective: "auto".into(),
     }

@@ -206,8 +206,9 @@ struct JobArgs {
     /// CUDA mixed precision (fp16 autocast with loss scaling).
     #[arg(long)]
     amp: bool,
-    /// channels_last memory layout on CUDA.
-    #[arg(long)]
+    /// channels_last (NHWC) memory layout for activations and conv weights, on CPU and
+    /// CUDA; faster for most models (`--channels-last false` for NCHW).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     channels_last: bool,
     /// "auto" (NCCL when every rank is on CUDA, else ring), "ring" or "nccl".
     #[arg(long, default_value = "auto")]

@@ -125,6 +125,12 @@ pub struct Engine {
     good_steps: u64,
 }
 
+/// tch has no memory-format API: a permuted contiguous copy has NHWC strides while keeping
+/// NCHW semantics, which is exactly what channels_last means to libtorch.
+fn to_channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
 impl Engine {
     pub fn new(spec: &JobSpec, device: Device) -> Result<Engine, TrainError> {
         // libtorch's generator is process-wide: ranks sharing a process (tests, benchmarks)
@@ -138,7 +144,19 @@ impl Engine {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         // A fixed order is what lets every rank pack gradients identically.
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let (params, buffers): (Vec<_>, Vec<_>) = vars.into_iter().partition(|(_, t)| t.requires_grad());
+        let (mut params, mut buffers): (Vec<_>, Vec<_>) = vars.into_iter().partition(|(_, t)| t.requires_grad());
+        // On CPU as well as CUDA: oneDNN convolves NHWC tensors without reordering
+        // activations and weights on every call (docs/BENCHMARKS.md, step time).
+        if spec.channels_last {
+            tch::no_grad(|| {
+                for (_, t) in params.iter_mut().chain(buffers.iter_mut()) {
+                    if t.dim() == 4 {
+                        let nhwc = to_channels_last(t);
+                        t.set_data(&nhwc);
+                    }
+                }
+            });
+        }
         let sgd = Sgd::new(params, spec.momentum, spec.weight_decay);
         let cuda = device.is_cuda();
         Ok(Engine {
@@ -148,7 +166,7 @@ impl Engine {
             buffers,
             device,
             amp: spec.amp && cuda,
-            channels_last: spec.channels_last && cuda,
+            channels_last: spec.channels_last,
             freeze_bn: false,
             loss_scale: if spec.amp && cuda { 65536.0 } else { 1.0 },
             good_steps: 0,
@@ -166,9 +184,7 @@ impl Engine {
     fn prepare(&self, images: &Tensor) -> Tensor {
         let x = images.to_device(self.device);
         if self.channels_last {
-            // tch has no memory-format API: a permuted contiguous copy has NHWC strides
-            // while keeping NCHW semantics, which is what channels_last means.
-            x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+            to_channels_last(&x)
         } else {
             x
         }
