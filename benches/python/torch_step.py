@@ -19,6 +19,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC model and input (the layout cvdist trains in by default)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -26,6 +28,9 @@ def main():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(a.batch, 3, 32, 32)
     y = torch.randint(0, 10, (a.batch,))
+    if a.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     times = []
     for i in range(a.warmup + a.steps):
         start = time.perf_counter()
@@ -36,7 +41,7 @@ def main():
         loss.item()
         if i >= a.warmup:
             times.append(time.perf_counter() - start)
-    print(json.dumps({"impl": "pytorch", "model": a.model, "batch": a.batch, "threads": a.threads,
+    print(json.dumps({"impl": "pytorch-channels-last" if a.channels_last else "pytorch", "model": a.model, "batch": a.batch, "threads": a.threads,
                       "step_seconds": [round(t, 5) for t in times]}))
 
 
