@@ -96,11 +96,14 @@ pub fn save(
     let tensors_path = dir.join(format!("{name}.safetensors"));
     let tmp = dir.join(format!(".{name}.safetensors.tmp"));
     let mut named: Vec<(String, Tensor)> = Vec::with_capacity(model.len() + momentum.len());
+    // Contiguous: safetensors stores row-major bytes, while conv weights and their
+    // momentum train in channels_last strides.
+    let host = |t: &Tensor| t.detach().to_device(tch::Device::Cpu).contiguous();
     for (n, t) in model {
-        named.push((format!("{MODEL_PREFIX}{n}"), t.detach().to_device(tch::Device::Cpu)));
+        named.push((format!("{MODEL_PREFIX}{n}"), host(t)));
     }
     for (n, t) in momentum {
-        named.push((format!("{MOMENTUM_PREFIX}{n}"), t.detach().to_device(tch::Device::Cpu)));
+        named.push((format!("{MOMENTUM_PREFIX}{n}"), host(t)));
     }
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let written = (|| -> Result<Vec<u8>, CheckpointError> {
