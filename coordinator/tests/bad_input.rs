@@ -8,7 +8,7 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, wait_port, worker_bin, write_dataset, TOKEN};
+use cluster::{cvdist_bin, free_port, spawn_coordinator, wait_port, worker_bin, write_dataset, TOKEN};
 use cvdist_common::client::{connect, Client};
 use cvdist_common::proto::coordinator_client::CoordinatorClient;
 use cvdist_common::proto::{
@@ -49,23 +49,7 @@ impl Coord {
     }
 
     fn spawn(&mut self) {
-        let log = self.log_file("coordinator");
-        let child = Command::new(cvdist_bin())
-            .args(["coordinator", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--data")
-            .arg(self.data())
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics)])
-            .args(["--heartbeat-timeout", "5"])
-            .env("CVDIST_TOKEN", TOKEN)
-            .env("CVDIST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = spawn_coordinator(self.port, self.metrics, &self.state_dir(), &self.data(), self.log_file("coordinator"));
         self.child = Some(child);
         wait_port(self.port);
         wait_port(self.metrics);
@@ -291,6 +275,19 @@ async fn upload(c: &Coord, chunks: Vec<CheckpointChunk>) -> Result<u64, Status> 
 
 async fn get_job(c: &Coord, id: &str) -> JobInfo {
     c.client().await.get_job(GetJobRequest { job_id: id.into() }).await.unwrap().into_inner()
+}
+
+/// Polls the job until it ends; fails with every process's log after `within`.
+async fn wait_terminal(c: &Coord, id: &str, within: Duration) -> JobInfo {
+    let start = Instant::now();
+    loop {
+        let info = get_job(c, id).await;
+        if cvdist_coordinator::state::is_terminal(info.state()) {
+            return info;
+        }
+        assert!(start.elapsed() < within, "job {id} did not finish\n{}", c.all_logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 // ------------------------------------------------------------------ job specs
@@ -702,15 +699,7 @@ async fn random_bytes_on_a_worker_data_port_do_not_break_the_ring() {
     s.max_workers = 2;
     s.max_restarts = 0;
     let id = submit(&c, s).await.unwrap();
-    let start = Instant::now();
-    let info = loop {
-        let info = get_job(&c, &id).await;
-        if cvdist_coordinator::state::is_terminal(info.state()) {
-            break info;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "job did not finish\n{}", c.all_logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let info = wait_terminal(&c, &id, Duration::from_secs(120)).await;
     assert_eq!(info.state(), JobState::Succeeded, "{}\n{}", info.message, c.all_logs());
     assert_eq!(info.restarts, 0);
     let logs = c.log_text("w0") + &c.log_text("w1");
@@ -934,15 +923,7 @@ async fn truncated_dataset_on_a_worker_fails_the_job_with_the_file_named() {
     s.train_samples = 64;
     s.max_restarts = 0;
     let id = submit(&c, s).await.unwrap();
-    let start = Instant::now();
-    let info = loop {
-        let info = get_job(&c, &id).await;
-        if cvdist_coordinator::state::is_terminal(info.state()) {
-            break info;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "{}", c.all_logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let info = wait_terminal(&c, &id, Duration::from_secs(60)).await;
     let size = bytes.len() - 100;
     let expected = format!(
         "rank 0 on w0 failed: data: CIFAR-10 file {} is truncated: {size} bytes is 63 whole records of 3073 bytes plus 2973 bytes of a partial record (official files are 30730000 bytes); restart budget of 0 exhausted",

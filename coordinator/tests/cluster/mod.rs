@@ -35,6 +35,27 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `cvdist coordinator` on loopback with the test token, a 5 s heartbeat timeout and a
+/// metrics endpoint, logging to `log`.
+pub fn spawn_coordinator(port: u16, metrics_port: u16, state_dir: &Path, data: &Path, log: std::fs::File) -> Child {
+    Command::new(cvdist_bin())
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--data")
+        .arg(data)
+        .args(["--heartbeat-timeout", "5"])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .env("CVDIST_TOKEN", TOKEN)
+        .env("CVDIST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -69,22 +90,7 @@ impl Cluster {
     }
 
     pub fn start_coordinator(&mut self) {
-        let log = self.log("coordinator");
-        let child = Command::new(cvdist_bin())
-            .args(["coordinator", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--data")
-            .arg(self.data())
-            .args(["--heartbeat-timeout", "5"])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
-            .env("CVDIST_TOKEN", TOKEN)
-            .env("CVDIST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = spawn_coordinator(self.port, self.metrics_port, &self.state_dir(), &self.data(), self.log("coordinator"));
         self.coordinator = Some(child);
         wait_port(self.port);
     }
