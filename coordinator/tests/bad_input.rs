@@ -8,7 +8,7 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, spawn_coordinator, wait_port, worker_bin, write_dataset, TOKEN};
+use cluster::{cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_port, worker_bin, write_dataset, TOKEN};
 use cvdist_common::client::{connect, Client};
 use cvdist_common::proto::coordinator_client::CoordinatorClient;
 use cvdist_common::proto::{
@@ -132,22 +132,14 @@ impl Coord {
     }
 
     fn start_worker(&mut self, id: &str, data: &Path, data_listen: &str) {
-        let log = self.log_file(id);
-        let child = Command::new(worker_bin())
-            .args(["worker", "--coordinator", &self.url(), "--data-listen", data_listen, "--threads", "1"])
+        let mut cmd = Command::new(worker_bin());
+        cmd.args(["worker", "--coordinator", &self.url(), "--data-listen", data_listen, "--threads", "1"])
             .args(["--worker-id", id, "--device", "cpu"])
             .arg("--cache-dir")
             .arg(self.dir.path().join(format!("cache-{id}")))
             .arg("--data")
-            .arg(data)
-            .env("CVDIST_TOKEN", TOKEN)
-            .env("CVDIST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .arg(data);
+        let child = spawn_logged(&mut cmd, self.log_file(id));
         self.workers.push(child);
     }
 

@@ -4,7 +4,8 @@
 //! buffers every time, many of them above glibc's largest mmap threshold (32 MiB; one
 //! resnet18 activation at batch 128 is 33.5 MB). By default each such buffer is a fresh
 //! `mmap` whose pages the kernel faults in and zeroes on first touch, then `munmap`s on
-//! free — a third of a step's CPU time went to the kernel on the 2-core test machine.
+//! free: 2–3 s of kernel time in a 2-step resnet18 run on the 2-core test machine, about
+//! half of it gone with the settings below (docs/BENCHMARKS.md).
 //! Serving every block from the heap and never trimming it lets the next step reuse the
 //! same pages, as PyTorch's CUDA caching allocator does on the GPU. The cost is that the
 //! process keeps its peak footprint, which is what a dedicated training worker wants.

@@ -38,15 +38,20 @@ pub fn free_port() -> u16 {
 /// `cvdist coordinator` on loopback with the test token, a 5 s heartbeat timeout and a
 /// metrics endpoint, logging to `log`.
 pub fn spawn_coordinator(port: u16, metrics_port: u16, state_dir: &Path, data: &Path, log: std::fs::File) -> Child {
-    Command::new(cvdist_bin())
-        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
+    let mut cmd = Command::new(cvdist_bin());
+    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--state-dir")
         .arg(state_dir)
         .arg("--data")
         .arg(data)
         .args(["--heartbeat-timeout", "5"])
-        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-        .env("CVDIST_TOKEN", TOKEN)
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
+    spawn_logged(&mut cmd, log)
+}
+
+/// Starts a cvdist process with the test token and plain-text info logs into `log`.
+pub fn spawn_logged(cmd: &mut Command, log: std::fs::File) -> Child {
+    cmd.env("CVDIST_TOKEN", TOKEN)
         .env("CVDIST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -109,16 +114,11 @@ impl Cluster {
         cmd.args(["worker", "--coordinator", &self.url(), "--data-listen", "127.0.0.1:0", "--threads", "1"])
             .args(["--worker-id", &format!("w{k}")])
             .arg("--cache-dir")
-            .arg(self.dir.path().join(format!("cache-{k}")))
-            .env("CVDIST_TOKEN", TOKEN)
-            .env("CVDIST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .arg(self.dir.path().join(format!("cache-{k}")));
         if local_data {
             cmd.arg("--data").arg(self.data());
         }
-        let child = cmd.spawn().unwrap();
+        let child = spawn_logged(&mut cmd, log);
         while self.workers.len() <= k {
             self.workers.push(None);
         }
