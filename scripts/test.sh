@@ -16,6 +16,13 @@ source scripts/env.sh
 
 # Test binaries run one at a time: the end-to-end tests start several processes that
 # each train, and this machine class has two cores.
-cargo test --release --workspace --locked -- --test-threads=1
-"$CVDIST_PYTHON" -m pytest -q tests/python
-scripts/check-deploy.sh
+# --no-fail-fast, and every stage runs even after one fails: a failure must never hide another.
+failed=()
+cargo test --release --workspace --locked --no-fail-fast -- --test-threads=1 || failed+=("cargo test")
+"$CVDIST_PYTHON" -m pytest -q tests/python || failed+=("pytest tests/python")
+scripts/check-deploy.sh || failed+=("scripts/check-deploy.sh")
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "test.sh: FAILED: ${failed[*]}" >&2
+  exit 1
+fi
+echo "test.sh: all stages passed"

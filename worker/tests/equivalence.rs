@@ -2,6 +2,8 @@
 //! (1) N workers × batch b take the same steps as 1 worker × batch N·b;
 //! (2) each rank trains on exactly the samples DistributedSampler semantics define.
 
+mod tolerance;
+
 use cvdist_common::cifar;
 use cvdist_common::proto::JobSpec;
 use cvdist_common::sampler;
@@ -10,7 +12,7 @@ use cvdist_worker::train::{self, Datasets, Observer, TrainerConfig};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
-use tch::{Device, Tensor};
+use tch::Device;
 
 fn datasets(train_len: usize) -> Datasets {
     Datasets { train: Arc::new(cifar::synthetic(train_len, 3)), test: Arc::new(cifar::synthetic(50, 4)) }
@@ -76,14 +78,16 @@ fn run_group(world: usize, make: impl Fn(usize) -> TrainerConfig + Sync, data: &
     })
 }
 
-fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let num = (a - b).norm().double_value(&[]);
-    let den = a.norm().double_value(&[]).max(1e-12);
-    num / den
-}
-
-/// Trains 1 × batch 32 and 2 × batch 16 for k steps; returns (worst relative difference
-/// of any one tensor, relative difference of all parameters taken as one vector).
+/// Trains 1 × batch 32 and 2 × batch 16 for k steps; returns (worst relative difference of
+/// any one tensor, relative difference of all parameters taken as one vector).
+///
+/// A tensor's difference is taken relative to its norm, floored at the norm a tensor of its
+/// size has at the model's typical (RMS) parameter magnitude: the two runs differ only in
+/// the order in which float32 gradient sums are accumulated (two half-batches then an
+/// average, against one batch), and that rounding scales with the summed activations, not
+/// with the result. A BatchNorm bias that started at 0 and moved to ~1e-3 would otherwise
+/// be judged against its own tiny norm, and its rounding (which depends on the CPU's SIMD
+/// width) would decide the test — see `tolerance`.
 fn single_vs_pair(channels_last: bool) -> (f64, f64) {
     tch::set_num_threads(1);
     let steps: usize = std::env::var("EQ_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
@@ -106,13 +110,19 @@ fn single_vs_pair(channels_last: bool) -> (f64, f64) {
     for ((_, a), (_, b)) in group[0].0.variables.iter().zip(&group[1].0.variables) {
         assert!(a.equal(b), "ranks diverged");
     }
+    let typical = tolerance::rms(&single.variables.iter().map(|(_, t)| t).collect::<Vec<_>>());
     let mut worst: f64 = 0.0;
     let (mut diff_sq, mut norm_sq) = (0.0, 0.0);
     for ((name, a), (name_b, b)) in single.variables.iter().zip(&group[0].0.variables) {
         assert_eq!(name, name_b);
-        let d = relative_diff(a, b);
-        if d > 1e-5 {
-            eprintln!("{name}: rel {d:e} norm {}", a.norm().double_value(&[]));
+        let floor = typical * (a.numel() as f64).sqrt();
+        let d = tolerance::relative_l2(a, b, floor);
+        if d > 1e-6 {
+            eprintln!(
+                "{name}: rel {d:e} (norm {:e}, floor {floor:e}, unfloored {:e})",
+                a.norm().double_value(&[]),
+                tolerance::relative_l2(a, b, 1e-30)
+            );
         }
         worst = worst.max(d);
         diff_sq += (a - b).norm().double_value(&[]).powi(2);
@@ -128,28 +138,40 @@ fn single_vs_pair(channels_last: bool) -> (f64, f64) {
     let moved = single.variables.iter().filter(|(n, t)| init.get(n).is_some_and(|i| !i.equal(t))).count();
     assert!(moved > 10, "only {moved} tensors changed");
     let global = diff_sq.sqrt() / norm_sq.sqrt().max(1e-12);
-    eprintln!("equivalence (channels_last={channels_last}): worst tensor {worst:e}, all parameters {global:e}");
+    eprintln!(
+        "equivalence (channels_last={channels_last}): worst tensor {worst:e}, all parameters {global:e}, \
+         typical |w| {typical:e}"
+    );
     (worst, global)
 }
 
+/// Bounds on the floored relative difference (see `single_vs_pair`). The runs take 6 SGD
+/// steps through a 20-layer net whose BatchNorm is frozen (unnormalised, so rounding grows
+/// layer by layer); each step's gradient sums differ by a few float32 roundings (unit
+/// roundoff 6e-8). Measured on an AMD EPYC with AVX-512 (the CPU on which the old bound of
+/// 1e-4 on the *unfloored* error failed at 2.09e-4): worst tensor 3.0e-6 in channels_last,
+/// 7.4e-8 in NCHW; the model as one vector 2.0e-7 / 7.6e-9. The bounds leave a factor of 10
+/// (worst tensor, ~500 unit roundoffs) and 50 (whole model) for other CPUs' kernels, while a
+/// real error — a missing average, a wrong shard, a stale gradient — moves weights by 1e-2
+/// or more.
+const WORST_TENSOR_BOUND: f64 = 3e-5;
+const MODEL_BOUND: f64 = 1e-5;
+
 #[test]
 fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
-    // NCHW: libtorch reduces BatchNorm sums in double here, so rounding stays tiny and
-    // every tensor, even the near-zero BN biases, matches to 1e-5.
     let (worst, global) = single_vs_pair(false);
-    assert!(worst <= 1e-5, "2x16 vs 1x32: worst relative difference {worst:e}");
-    assert!(global <= 1e-5, "2x16 vs 1x32: all parameters differ by {global:e}");
+    assert!(worst <= WORST_TENSOR_BOUND, "2x16 vs 1x32 (NCHW): worst tensor differs by {worst:e}");
+    assert!(global <= MODEL_BOUND, "2x16 vs 1x32 (NCHW): all parameters differ by {global:e}");
 }
 
 #[test]
 fn two_workers_match_one_worker_in_the_default_channels_last_layout() {
-    // libtorch's channels_last BatchNorm kernel accumulates per-channel sums in float
-    // (the NCHW one in double), so the near-zero BN biases carry ~2e-5 relative rounding
-    // after 6 steps (measured); every other tensor, and the model as one vector, stay
-    // within 1e-5.
+    // libtorch's channels_last BatchNorm kernel accumulates per-channel sums in float (the
+    // NCHW one in double), so rounding is larger here than in NCHW, and how much larger
+    // depends on the CPU's vector width; the floored relative error absorbs that.
     let (worst, global) = single_vs_pair(true);
-    assert!(global <= 1e-5, "2x16 vs 1x32: all parameters differ by {global:e}");
-    assert!(worst <= 1e-4, "2x16 vs 1x32: worst relative difference {worst:e}");
+    assert!(worst <= WORST_TENSOR_BOUND, "2x16 vs 1x32 (channels_last): worst tensor differs by {worst:e}");
+    assert!(global <= MODEL_BOUND, "2x16 vs 1x32 (channels_last): all parameters differ by {global:e}");
 }
 
 #[test]

@@ -2,12 +2,15 @@
 //!
 //! train a tiny resnet20 briefly (with `--tensorboard`) → `eval --json-out` → `export` →
 //! load the export into the PyTorch reference architecture (tests/python/reference_models.py)
-//! with `strict=True` → identical predictions and logits within 1e-4 on the same test images
+//! with `strict=True` → identical predictions and logits within 1e-4 of their scale on the same test
+//! images
 //! → `import` PyTorch's own state_dict back → identical weights and logits → warm-start
 //! `train --resume` from the imported checkpoint.
 //!
 //! Needs a Python with torch and safetensors: $CVDIST_PYTHON (set by scripts/env.sh), else
 //! `python3`. A missing interpreter or module is a failure, not a skip.
+
+mod tolerance;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -17,6 +20,10 @@ use cvdist_worker::interop;
 use cvdist_worker::train::tensorboard;
 use tch::{Device, Kind, Tensor};
 
+/// Largest allowed `max|Δ| / max(max|logit|, 1)` between cvdist's and PyTorch's logits on
+/// identical weights: both sides run the same float32 math through different kernels, so they
+/// differ by accumulation order only, which scales with the logits (floored at 1, a logit's
+/// order) and not with a number tuned on one CPU — see `tolerance`.
 const TOL: f64 = 1e-4;
 const MODEL: &str = "resnet20";
 const TEST_SAMPLES: usize = 100;
@@ -187,7 +194,7 @@ fn export_to_pytorch_and_import_back() {
     Tensor::write_safetensors(&[("input", &images)], dir.join("input.safetensors")).unwrap();
     run_python(dir);
     let torch_logits = read_one(&dir.join("torch_logits.safetensors"), "logits");
-    let diff = max_abs_diff(&rust_logits, &torch_logits);
+    let diff = tolerance::relative_max(&torch_logits, &rust_logits, 1.0);
     assert!(diff < TOL, "PyTorch logits differ from cvdist's by {diff:e}");
     assert_eq!(argmax(&torch_logits), rust_pred, "PyTorch predictions differ");
     assert_eq!(confusion_of(&labels, &argmax(&torch_logits)), report.confusion);
@@ -213,7 +220,7 @@ fn export_to_pytorch_and_import_back() {
     }
     let reloaded = eval::load_model(&warm_ckpt, Device::Cpu).unwrap();
     let back_logits = eval::logits(reloaded.model.as_ref(), &images, Device::Cpu);
-    let diff = max_abs_diff(&back_logits, &torch_logits);
+    let diff = tolerance::relative_max(&torch_logits, &back_logits, 1.0);
     assert!(diff < TOL, "imported model's logits differ from PyTorch's by {diff:e}");
     assert_eq!(max_abs_diff(&back_logits, &rust_logits), 0.0, "identical weights, different logits");
 
