@@ -518,7 +518,7 @@ async fn report_for_a_finished_job_is_ignored() {
 
     let (tx, _rx) = raw_session(&c, register("ghost", PROTOCOL_VERSION)).await.unwrap();
     let report = |kind| WorkerMessage {
-        msg: Some(worker_message::Msg::Report(JobReport { job_id: done.clone(), attempt: 0, rank: 0, kind: Some(kind) })),
+        msg: Some(worker_message::Msg::Report(JobReport { job_id: done.clone(), attempt: 0, rank: 0, kind: Some(kind), failure_kind: 0 })),
     };
     tx.send(report(job_report::Kind::Epoch(EpochMetrics { epoch: 0, test_acc: 0.99, ..Default::default() }))).unwrap();
     tx.send(report(job_report::Kind::Finished(Finished { final_test_acc: 0.99, wall_seconds: 1.0 }))).unwrap();
@@ -528,6 +528,7 @@ async fn report_for_a_finished_job_is_ignored() {
             attempt: 0,
             rank: 0,
             kind: Some(job_report::Kind::Failed("boom".into())),
+            failure_kind: 0,
         })),
     })
     .unwrap();
