@@ -34,6 +34,8 @@ done
 queued=$(rss)
 for id in "${ids[@]}"; do "$bin" cancel "$id" --coordinator "$url" >/dev/null; done
 cancelled=$(rss)
+t0=$(date +%s%N); "$bin" jobs --coordinator "$url" >/dev/null; t1=$(date +%s%N)
+list_ms=$(( (t1 - t0) / 1000000 ))
 kill "$pid"; wait "$pid" 2>/dev/null || true
 start
 "$bin" jobs --coordinator "$url" >/dev/null
@@ -44,3 +46,4 @@ echo "  $n queued         $queued  ($(per_job "$queued" "$idle") kB/job)"
 echo "  $n cancelled      $cancelled  ($(per_job "$cancelled" "$idle") kB/job)"
 echo "  after a restart      $restarted  ($(per_job "$restarted" "$idle") kB/job)"
 echo "  state dir on disk    $(du -sk "$work/state" | cut -f1)"
+echo "  \`cvdist jobs\` with $n ended jobs: $list_ms ms (whole CLI process)"
