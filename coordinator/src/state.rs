@@ -766,3 +766,45 @@ fn release_members(job: &mut JobEntry, workers: &mut BTreeMap<String, WorkerEntr
 fn not_found(id: &str) -> Status {
     Status::not_found(format!("no job with id {id:?}; `cvdist jobs` lists them"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> JobEntry {
+        JobEntry::new(JobInfo { id: "j0001-resnet20".into(), state: JobState::Queued as i32, ..Default::default() })
+    }
+
+    #[test]
+    fn the_event_channel_exists_only_while_someone_watches() {
+        let mut job = entry();
+        job.log("no one watches".into());
+        assert!(job.events.is_none(), "no channel without a watcher");
+        let mut rx = job.subscribe();
+        job.log("watched".into());
+        match rx.try_recv().map(|e| e.event) {
+            Ok(Some(job_event::Event::Log(line))) => assert!(line.ends_with(" watched"), "{line}"),
+            other => panic!("expected the log line, got {other:?}"),
+        }
+        drop(rx);
+        job.log("the watcher left".into());
+        assert!(job.events.is_none(), "the channel goes with its last watcher");
+        assert_eq!(job.info.events.len(), 3, "the event log itself is kept");
+    }
+
+    #[test]
+    fn a_retired_job_keeps_only_what_listing_and_scheduling_need() {
+        let mut job = entry();
+        job.info.spec = Some(spec::default_spec("resnet20", 2));
+        job.info.history.push(Default::default());
+        job.info.restarts = 2;
+        job.info.message = "cancelled by user".into();
+        job.log("cancelled by user".into());
+        let _rx = job.subscribe();
+        job.retire();
+        assert!(job.retired && job.events.is_none());
+        assert!(job.info.history.is_empty() && job.info.events.is_empty());
+        assert_eq!((job.info.restarts, job.info.message.as_str()), (2, "cancelled by user"));
+        assert!(job.info.spec.is_some(), "the name check on submit needs the spec");
+    }
+}
