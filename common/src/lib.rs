@@ -6,6 +6,7 @@ pub mod cifar;
 pub mod client;
 pub mod download;
 pub mod models;
+pub mod nonfinite;
 pub mod run_dir;
 pub mod sampler;
 pub mod spec;

@@ -19,20 +19,61 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const CHECKPOINT_DIR: &str = "checkpoints";
 
+/// `summary.json`. Non-finite numbers follow [`crate::nonfinite`]; fields added later
+/// default when absent, so older summaries stay readable.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
 pub struct Summary {
     pub job_id: String,
     pub model: String,
+    /// "succeeded", "failed" or "cancelled".
     pub state: String,
+    /// Why the run ended as it did, in one word a script can test (see [`outcome`]): for a
+    /// failed run, e.g. "diverged"; the same as `state` otherwise. Empty in summaries written
+    /// before this field existed.
+    pub outcome: String,
+    /// The reason in words (for a failure, the error that ended it).
     pub message: String,
     pub epochs_completed: u32,
     pub world_size: u32,
     pub restarts: u32,
+    #[serde(with = "crate::nonfinite")]
     pub final_test_acc: f64,
+    #[serde(with = "crate::nonfinite")]
     pub best_test_acc: f64,
     pub best_epoch: u32,
+    #[serde(with = "crate::nonfinite")]
     pub wall_seconds: f64,
+    #[serde(with = "crate::nonfinite")]
     pub mean_epoch_seconds: f64,
+}
+
+/// Values of [`Summary::outcome`] (and `JobInfo.outcome`) beyond the state names.
+pub mod outcome {
+    /// The loss became NaN or infinite; rerunning from the same state would repeat it.
+    pub const DIVERGED: &str = "diverged";
+    /// The job asks for something the workers cannot do (e.g. NCCL without CUDA).
+    pub const CONFIGURATION: &str = "configuration";
+    /// The training or test data cannot be read or is invalid.
+    pub const DATA: &str = "data";
+    /// Any other failure (lost workers beyond the restart budget, rendezvous timeout, ...).
+    pub const FAILED: &str = "failed";
+
+    /// The outcome of a run that ended with a failure of `kind`.
+    pub fn of_failure(kind: crate::proto::FailureKind) -> &'static str {
+        use crate::proto::FailureKind;
+        match kind {
+            FailureKind::Diverged => DIVERGED,
+            FailureKind::Configuration => CONFIGURATION,
+            FailureKind::Data => DATA,
+            FailureKind::Retryable | FailureKind::Unspecified => FAILED,
+        }
+    }
+
+    /// Whether a failure of `kind` would repeat identically if the group were restarted.
+    pub fn is_permanent(kind: crate::proto::FailureKind) -> bool {
+        of_failure(kind) != FAILED
+    }
 }
 
 impl Summary {

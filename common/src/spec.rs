@@ -38,6 +38,8 @@ pub enum SpecError {
     Collective(String),
     #[error("warmup epochs ({warmup}) must be smaller than epochs ({epochs})")]
     Warmup { warmup: u32, epochs: u32 },
+    #[error("--warmup-epochs {0} needs --scale-lr: warmup ramps from --lr up to lr × workers (Goyal et al. 2017), and without scaling there is no higher rate to ramp to")]
+    WarmupWithoutScaling(u32),
     #[error("threads per worker must be at most 1024, got {0}")]
     Threads(u32),
 }
@@ -154,6 +156,9 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if spec.warmup_epochs >= spec.epochs && spec.warmup_epochs > 0 {
         return Err(SpecError::Warmup { warmup: spec.warmup_epochs, epochs: spec.epochs });
     }
+    if spec.warmup_epochs > 0 && !spec.scale_lr {
+        return Err(SpecError::WarmupWithoutScaling(spec.warmup_epochs));
+    }
     if spec.threads_per_worker > 1024 {
         return Err(SpecError::Threads(spec.threads_per_worker));
     }
@@ -195,6 +200,7 @@ mod tests {
             (JobSpec { min_workers: 3, max_workers: 2, ..base.clone() }, "workers"),
             (JobSpec { train_samples: 100, batch_size: 128, ..base.clone() }, "larger than each worker's shard"),
             (JobSpec { collective: "mpi".into(), ..base.clone() }, "collective"),
+            (JobSpec { warmup_epochs: 1, scale_lr: false, ..base.clone() }, "--warmup-epochs 1 needs --scale-lr"),
         ];
         for (spec, needle) in cases {
             let err = validate(&spec).unwrap_err().to_string();

@@ -189,6 +189,8 @@ struct JobArgs {
     /// Scale the learning rate linearly with the number of workers (with --warmup-epochs).
     #[arg(long)]
     scale_lr: bool,
+    /// With --scale-lr: ramp the rate linearly, per step, from --lr to lr × workers over
+    /// this many epochs, then cosine from there (Goyal et al. 2017; needs --scale-lr).
     #[arg(long, default_value_t = 0)]
     warmup_epochs: u32,
     /// Also checkpoint every K steps (checkpoints are always written at epoch ends).

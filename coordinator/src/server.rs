@@ -64,7 +64,7 @@ pub async fn serve(
     // StoreError already names the path and the cause; more context would repeat it.
     let store = Store::open(&cfg.state_dir)?;
     let state = Coordinator::new(store, StateConfig { heartbeat_timeout: cfg.heartbeat_timeout })?;
-    let recovered = state.list().len();
+    let recovered = state.job_count();
     info!(%addr, state_dir = %cfg.state_dir.display(), jobs = recovered, "coordinator listening");
 
     let ticker = state.clone();

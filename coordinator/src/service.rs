@@ -46,7 +46,7 @@ impl CoordinatorApi for Service {
     }
 
     async fn list_jobs(&self, _req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
-        Ok(Response::new(ListJobsResponse { jobs: self.state.list() }))
+        Ok(Response::new(ListJobsResponse { jobs: self.state.list()? }))
     }
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
@@ -60,13 +60,15 @@ impl CoordinatorApi for Service {
     type WatchJobStream = BoxStream<JobEvent>;
 
     async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        let (snapshot, mut rx) = self.state.watch(&req.into_inner().job_id)?;
+        let (snapshot, rx) = self.state.watch(&req.into_inner().job_id)?;
         let (tx, out) = mpsc::channel::<Result<JobEvent, Status>>(256);
         tokio::spawn(async move {
             let done = is_terminal(snapshot.state());
             if tx.send(Ok(JobEvent { event: Some(job_event::Event::Snapshot(snapshot)) })).await.is_err() || done {
                 return;
             }
+            // Only an ended job comes without a subscription, and that returned above.
+            let Some(mut rx) = rx else { return };
             loop {
                 match rx.recv().await {
                     Ok(ev) => {

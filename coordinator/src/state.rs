@@ -14,9 +14,10 @@
 
 use crate::store::{Store, StoreError};
 use cvdist_common::proto::{
-    coordinator_message, job_event, Abort, Assignment, CoordinatorMessage, JobEvent, JobInfo, JobReport, JobSpec,
-    JobState, Peer, RegisterRequest, WorkerCapabilities,
+    coordinator_message, job_event, Abort, Assignment, CoordinatorMessage, FailureKind, JobEvent, JobInfo, JobReport,
+    JobSpec, JobState, Peer, RegisterRequest, WorkerCapabilities,
 };
+use cvdist_common::run_dir::outcome;
 use cvdist_common::{run_dir, spec, version};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,8 +29,12 @@ use tracing::{info, warn};
 /// After a failed attempt, wait this long before re-forming the group, so that the
 /// session of a worker that died (and caused the failure) is noticed first.
 const RECOVERY_GRACE: Duration = Duration::from_secs(2);
+/// Events buffered per watched job for a slow watcher (~0.5 MB: a slot holds a whole
+/// `JobInfo` snapshot), so the channel exists only while someone watches.
 const EVENT_BUFFER: usize = 1024;
 const MAX_EVENTS_KEPT: usize = 500;
+/// Appended to the reason of a failure that a restart would only repeat.
+const NOT_RESTARTED: &str = "not restarted: the same failure would repeat";
 
 pub type WorkerTx = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
 
@@ -39,11 +44,21 @@ pub struct StateConfig {
 }
 
 struct JobEntry {
+    /// The whole record while the job is active; once it has ended and is stored, only what
+    /// listing and scheduling need (see [`JobEntry::retire`]).
     info: JobInfo,
     /// Worker ids by rank for the current attempt.
     members: Vec<String>,
     finished: BTreeSet<u32>,
-    events: broadcast::Sender<JobEvent>,
+    /// Live events for `WatchJob`: created by the first watcher, dropped once no one
+    /// watches or the job has ended.
+    events: Option<broadcast::Sender<JobEvent>>,
+    /// While recovering: the attempt that failed and its members by rank, so that a rank
+    /// reporting after its peers (whose rings broke) that the failure would repeat can
+    /// still stop the restart.
+    failed_attempt: Option<(u32, Vec<String>)>,
+    /// The job has ended and its full record is in the store; `info` is trimmed.
+    retired: bool,
     waiting_since: Instant,
     not_before: Instant,
 }
@@ -115,6 +130,19 @@ pub fn checkpoint_position(name: &str) -> Option<(u32, u64)> {
 }
 
 impl JobEntry {
+    fn new(info: JobInfo) -> JobEntry {
+        JobEntry {
+            info,
+            members: Vec::new(),
+            finished: BTreeSet::new(),
+            events: None,
+            failed_attempt: None,
+            retired: false,
+            waiting_since: Instant::now(),
+            not_before: Instant::now(),
+        }
+    }
+
     fn log(&mut self, line: String) {
         info!(job = %self.info.id, "{line}");
         let stamped = format!("{:.3} {line}", now_unix());
@@ -123,11 +151,48 @@ impl JobEntry {
             let excess = self.info.events.len() - MAX_EVENTS_KEPT;
             self.info.events.drain(..excess);
         }
-        let _ = self.events.send(JobEvent { event: Some(job_event::Event::Log(stamped)) });
+        self.emit(job_event::Event::Log(stamped));
     }
 
-    fn snapshot(&self) {
-        let _ = self.events.send(JobEvent { event: Some(job_event::Event::Snapshot(self.info.clone())) });
+    fn snapshot(&mut self) {
+        if self.events.is_some() {
+            self.emit(job_event::Event::Snapshot(self.info.clone()));
+        }
+    }
+
+    /// Sends to the watchers, if any; the channel goes when the last watcher has.
+    fn emit(&mut self, event: job_event::Event) {
+        let Some(tx) = &self.events else { return };
+        if tx.receiver_count() == 0 || tx.send(JobEvent { event: Some(event) }).is_err() {
+            self.events = None;
+        }
+    }
+
+    /// A subscription to this job's events, creating the channel for the first watcher.
+    fn subscribe(&mut self) -> broadcast::Receiver<JobEvent> {
+        match &self.events {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = broadcast::channel(EVENT_BUFFER);
+                self.events = Some(tx);
+                rx
+            }
+        }
+    }
+
+    /// Called once an ended job's full record is stored: keeps the spec, state, message and
+    /// counters in memory (kilobytes), and lets `get`/`watch`/`list` read the history and
+    /// event log from the store. Watchers have had the final snapshot; dropping the sender
+    /// ends their streams.
+    fn retire(&mut self) {
+        self.events = None;
+        self.failed_attempt = None;
+        self.members = Vec::new();
+        self.finished = BTreeSet::new();
+        self.info.history = Vec::new();
+        self.info.events = Vec::new();
+        self.info.progress = None;
+        self.retired = true;
     }
 }
 
@@ -137,30 +202,33 @@ impl Coordinator {
     pub fn new(store: Store, cfg: StateConfig) -> Result<Arc<Coordinator>, StoreError> {
         let mut jobs = BTreeMap::new();
         let mut next_job = 1;
-        for mut info in store.load_jobs()? {
+        let mut resumed = Vec::new();
+        // One record at a time: ended jobs are trimmed as they are read, so loading many
+        // stored jobs never needs all their histories in memory at once.
+        store.for_each_job(|mut info| {
             if let Some(n) = info.id.strip_prefix('j').and_then(|r| r.split('-').next()).and_then(|n| n.parse::<u64>().ok()) {
                 next_job = next_job.max(n + 1);
             }
-            let (events, _) = broadcast::channel(EVENT_BUFFER);
-            let mut entry = JobEntry {
-                members: Vec::new(),
-                finished: BTreeSet::new(),
-                events,
-                waiting_since: Instant::now(),
-                not_before: Instant::now(),
-                info: JobInfo::default(),
-            };
             if matches!(info.state(), JobState::Running | JobState::Recovering) {
                 info.set_state(JobState::Recovering);
                 info.attempt += 1;
                 info.worker_ids.clear();
-                entry.info = info;
+                let mut entry = JobEntry::new(info);
                 entry.log("coordinator restarted; waiting for workers to resume from the newest checkpoint".into());
-                store.put_job(&entry.info)?;
+                resumed.push(entry.info.id.clone());
+                jobs.insert(entry.info.id.clone(), entry);
             } else {
-                entry.info = info;
+                let mut entry = JobEntry::new(info);
+                if is_terminal(entry.info.state()) {
+                    entry.retire();
+                }
+                jobs.insert(entry.info.id.clone(), entry);
             }
-            jobs.insert(entry.info.id.clone(), entry);
+        })?;
+        for id in resumed {
+            if let Some(entry) = jobs.get(&id) {
+                store.put_job(&entry.info)?;
+            }
         }
         Ok(Arc::new(Coordinator {
             inner: Mutex::new(Inner { jobs, workers: BTreeMap::new(), next_job, next_session: 1 }),
@@ -198,15 +266,7 @@ impl Coordinator {
         };
         let dir = self.store.job_dir(&id);
         run_dir::write_job(&dir, &spec).map_err(|e| Status::internal(e.to_string()))?;
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let mut entry = JobEntry {
-            info,
-            members: Vec::new(),
-            finished: BTreeSet::new(),
-            events,
-            waiting_since: Instant::now(),
-            not_before: Instant::now(),
-        };
+        let mut entry = JobEntry::new(info);
         entry.log(format!(
             "submitted: {} for {} epochs on {}..{} workers, batch {} per worker",
             spec.model, spec.epochs, spec.min_workers, spec.max_workers, spec.batch_size
@@ -219,18 +279,57 @@ impl Coordinator {
         Ok(id)
     }
 
-    pub fn list(&self) -> Vec<JobInfo> {
-        self.lock().jobs.values().map(|j| j.info.clone()).collect()
+    /// Number of jobs known (active and ended).
+    pub fn job_count(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    /// Every job, in id order; ended jobs as stored (with history and event log).
+    pub fn list(&self) -> Result<Vec<JobInfo>, Status> {
+        let (mut jobs, retired): (Vec<JobInfo>, Vec<usize>) = {
+            let inner = self.lock();
+            let jobs: Vec<JobInfo> = inner.jobs.values().map(|j| j.info.clone()).collect();
+            let retired = inner.jobs.values().enumerate().filter(|(_, j)| j.retired).map(|(i, _)| i).collect();
+            (jobs, retired)
+        };
+        // An ended job's record no longer changes, so reading it outside the lock is safe.
+        let ids: Vec<&str> = retired.iter().map(|&i| jobs[i].id.as_str()).collect();
+        let stored = self.store.get_jobs(&ids).map_err(internal)?;
+        for (i, full) in retired.into_iter().zip(stored) {
+            if let Some(full) = full {
+                jobs[i] = full;
+            }
+        }
+        Ok(jobs)
     }
 
     pub fn get(&self, id: &str) -> Result<JobInfo, Status> {
-        self.lock().jobs.get(id).map(|j| j.info.clone()).ok_or_else(|| not_found(id))
-    }
-
-    pub fn watch(&self, id: &str) -> Result<(JobInfo, broadcast::Receiver<JobEvent>), Status> {
         let inner = self.lock();
         let job = inner.jobs.get(id).ok_or_else(|| not_found(id))?;
-        Ok((job.info.clone(), job.events.subscribe()))
+        if !job.retired {
+            return Ok(job.info.clone());
+        }
+        let trimmed = job.info.clone();
+        drop(inner);
+        self.stored(trimmed)
+    }
+
+    /// The full record of an ended job, read from the store (the trimmed one if it is gone).
+    fn stored(&self, trimmed: JobInfo) -> Result<JobInfo, Status> {
+        let full = self.store.get_jobs(&[trimmed.id.as_str()]).map_err(internal)?.pop().flatten();
+        Ok(full.unwrap_or(trimmed))
+    }
+
+    /// The job as it is now, and a subscription to its events unless it has ended.
+    pub fn watch(&self, id: &str) -> Result<(JobInfo, Option<broadcast::Receiver<JobEvent>>), Status> {
+        let mut inner = self.lock();
+        let job = inner.jobs.get_mut(id).ok_or_else(|| not_found(id))?;
+        if job.retired {
+            let trimmed = job.info.clone();
+            drop(inner);
+            return Ok((self.stored(trimmed)?, None));
+        }
+        Ok((job.info.clone(), Some(job.subscribe())))
     }
 
     pub fn cancel(&self, id: &str) -> Result<JobInfo, Status> {
@@ -247,9 +346,9 @@ impl Coordinator {
         job.info.set_state(JobState::Cancelled);
         job.info.finished_unix = now_unix();
         job.info.message = "cancelled by user".into();
+        job.info.outcome = "cancelled".into();
         job.log("cancelled by user".into());
-        self.finish_job(job)?;
-        Ok(job.info.clone())
+        self.finish_job(job)
     }
 
     // ------------------------------------------------------------------ workers
@@ -333,6 +432,25 @@ impl Coordinator {
         if is_terminal(job.info.state()) {
             return Err(Status::failed_precondition(format!("job {} already ended", report.job_id)));
         }
+        let failure_kind = FailureKind::try_from(report.failure_kind).unwrap_or(FailureKind::Unspecified);
+        // A rank whose failure would repeat (it diverged, say) can report after its peers,
+        // whose rings broke because it stopped, already ended the attempt as retryable: while
+        // the group is still waiting to be re-formed, its reason replaces theirs.
+        if let Some(Kind::Failed(text)) = &report.kind {
+            let same_attempt = job.failed_attempt.as_ref().is_some_and(|(attempt, members)| {
+                *attempt == report.attempt && members.get(report.rank as usize).map(String::as_str) == Some(worker)
+            });
+            if outcome::is_permanent(failure_kind) && job.info.state() == JobState::Recovering && same_attempt {
+                // The restart being prepared does not happen.
+                job.info.restarts = job.info.restarts.saturating_sub(1);
+                job.info.attempt = report.attempt;
+                let reason = format!("rank {} on {worker} failed: {text}; {NOT_RESTARTED}", report.rank);
+                self.fail_job(job, reason, outcome::of_failure(failure_kind));
+                drop(guard);
+                self.wake.notify_one();
+                return Ok(());
+            }
+        }
         // Reports from an aborted attempt arrive late; they must not touch the new one.
         if report.attempt != job.info.attempt || job.members.get(report.rank as usize).map(String::as_str) != Some(worker) {
             return Ok(());
@@ -340,7 +458,7 @@ impl Coordinator {
         match report.kind {
             Some(Kind::Progress(p)) => {
                 job.info.progress = Some(p.clone());
-                let _ = job.events.send(JobEvent { event: Some(job_event::Event::Progress(p)) });
+                job.emit(job_event::Event::Progress(p));
             }
             Some(Kind::Epoch(mut m)) => {
                 m.attempt = job.info.attempt;
@@ -352,7 +470,7 @@ impl Coordinator {
                     warn!(error = %e, "could not write metrics.jsonl");
                 }
                 self.store.put_job(&job.info).map_err(internal)?;
-                let _ = job.events.send(JobEvent { event: Some(job_event::Event::Epoch(m)) });
+                job.emit(job_event::Event::Epoch(m));
             }
             Some(Kind::Finished(f)) => {
                 job.finished.insert(report.rank);
@@ -361,6 +479,7 @@ impl Coordinator {
                     job.info.set_state(JobState::Succeeded);
                     job.info.finished_unix = now_unix();
                     job.info.message = format!("final test accuracy {:.2}%", f.final_test_acc * 100.0);
+                    job.info.outcome = "succeeded".into();
                     job.log(format!("succeeded: {}", job.info.message));
                     self.finish_job(job)?;
                     drop(guard);
@@ -368,9 +487,18 @@ impl Coordinator {
                 }
             }
             Some(Kind::Failed(text)) => {
-                let id = job.info.id.clone();
-                let attempt = job.info.attempt;
-                self.fail_attempt(inner, &id, attempt, format!("rank {} on {worker} failed: {text}", report.rank));
+                let reason = format!("rank {} on {worker} failed: {text}", report.rank);
+                if outcome::is_permanent(failure_kind) {
+                    // Divergence from a deterministic state, a configuration the workers
+                    // cannot run, bad data: a restart would fail the same way, so the job
+                    // fails now, with this reason, and its restart budget stays unused.
+                    release_members(job, &mut inner.workers, &reason);
+                    self.fail_job(job, format!("{reason}; {NOT_RESTARTED}"), outcome::of_failure(failure_kind));
+                } else {
+                    let id = job.info.id.clone();
+                    let attempt = job.info.attempt;
+                    self.fail_attempt(inner, &id, attempt, reason);
+                }
                 drop(guard);
                 self.wake.notify_one();
             }
@@ -454,14 +582,14 @@ impl Coordinator {
                         idle.len(),
                         spec.min_workers
                     );
-                    self.fail_job(job, msg);
+                    self.fail_job(job, msg, outcome::FAILED);
                 }
                 // First come, first served: later jobs wait behind this one.
                 break;
             }
             let n = idle.len().min(spec.max_workers as usize);
             if let Err(e) = spec::check_shard(&spec, n as u32) {
-                self.fail_job(job, e.to_string());
+                self.fail_job(job, e.to_string(), outcome::CONFIGURATION);
                 continue;
             }
             let members: Vec<String> = idle.into_iter().take(n).collect();
@@ -503,6 +631,7 @@ impl Coordinator {
         }
         job.members = members.clone();
         job.finished.clear();
+        job.failed_attempt = None;
         job.info.set_state(JobState::Running);
         job.info.world_size = members.len() as u32;
         job.info.worker_ids = members.clone();
@@ -528,13 +657,14 @@ impl Coordinator {
         if job.info.attempt != attempt || job.info.state() != JobState::Running {
             return;
         }
+        job.failed_attempt = Some((attempt, job.members.clone()));
         release_members(job, &mut inner.workers, &reason);
         let spec = job.info.spec.clone().unwrap_or_default();
         job.info.restarts += 1;
         job.info.attempt += 1;
         if job.info.restarts > spec.max_restarts {
             let msg = format!("{reason}; restart budget of {} exhausted", spec.max_restarts);
-            self.fail_job(job, msg);
+            self.fail_job(job, msg, outcome::FAILED);
             return;
         }
         job.info.set_state(JobState::Recovering);
@@ -552,9 +682,11 @@ impl Coordinator {
         job.snapshot();
     }
 
-    fn fail_job(&self, job: &mut JobEntry, reason: String) {
+    /// Ends the job as FAILED; `why` is its one-word outcome (`run_dir::outcome`).
+    fn fail_job(&self, job: &mut JobEntry, reason: String, why: &str) {
         job.info.set_state(JobState::Failed);
         job.info.message = reason.clone();
+        job.info.outcome = why.to_string();
         job.info.finished_unix = now_unix();
         job.log(format!("failed: {reason}"));
         if let Err(e) = self.finish_job(job) {
@@ -562,13 +694,15 @@ impl Coordinator {
         }
     }
 
-    /// Persists a terminal job, writes its summary, and tells watchers.
-    fn finish_job(&self, job: &mut JobEntry) -> Result<(), Status> {
+    /// Persists a terminal job, writes its summary, tells watchers, and trims what is kept
+    /// in memory; returns the full record.
+    fn finish_job(&self, job: &mut JobEntry) -> Result<JobInfo, Status> {
         self.store.put_job(&job.info).map_err(internal)?;
         let mut summary = run_dir::Summary::from_history(&job.info.history);
         summary.job_id = job.info.id.clone();
         summary.model = job.info.spec.as_ref().map(|s| s.model.clone()).unwrap_or_default();
         summary.state = state_name(job.info.state()).to_string();
+        summary.outcome = job.info.outcome.clone();
         summary.message = job.info.message.clone();
         summary.restarts = job.info.restarts;
         if job.info.started_unix > 0.0 {
@@ -579,7 +713,9 @@ impl Coordinator {
             warn!(error = %e, "could not write the run directory");
         }
         job.snapshot();
-        Ok(())
+        let full = job.info.clone();
+        job.retire();
+        Ok(full)
     }
 
     pub fn stats(&self) -> Stats {
@@ -629,4 +765,46 @@ fn release_members(job: &mut JobEntry, workers: &mut BTreeMap<String, WorkerEntr
 
 fn not_found(id: &str) -> Status {
     Status::not_found(format!("no job with id {id:?}; `cvdist jobs` lists them"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> JobEntry {
+        JobEntry::new(JobInfo { id: "j0001-resnet20".into(), state: JobState::Queued as i32, ..Default::default() })
+    }
+
+    #[test]
+    fn the_event_channel_exists_only_while_someone_watches() {
+        let mut job = entry();
+        job.log("no one watches".into());
+        assert!(job.events.is_none(), "no channel without a watcher");
+        let mut rx = job.subscribe();
+        job.log("watched".into());
+        match rx.try_recv().map(|e| e.event) {
+            Ok(Some(job_event::Event::Log(line))) => assert!(line.ends_with(" watched"), "{line}"),
+            other => panic!("expected the log line, got {other:?}"),
+        }
+        drop(rx);
+        job.log("the watcher left".into());
+        assert!(job.events.is_none(), "the channel goes with its last watcher");
+        assert_eq!(job.info.events.len(), 3, "the event log itself is kept");
+    }
+
+    #[test]
+    fn a_retired_job_keeps_only_what_listing_and_scheduling_need() {
+        let mut job = entry();
+        job.info.spec = Some(spec::default_spec("resnet20", 2));
+        job.info.history.push(Default::default());
+        job.info.restarts = 2;
+        job.info.message = "cancelled by user".into();
+        job.log("cancelled by user".into());
+        let _rx = job.subscribe();
+        job.retire();
+        assert!(job.retired && job.events.is_none());
+        assert!(job.info.history.is_empty() && job.info.events.is_empty());
+        assert_eq!((job.info.restarts, job.info.message.as_str()), (2, "cancelled by user"));
+        assert!(job.info.spec.is_some(), "the name check on submit needs the spec");
+    }
 }

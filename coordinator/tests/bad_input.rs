@@ -518,7 +518,7 @@ async fn report_for_a_finished_job_is_ignored() {
 
     let (tx, _rx) = raw_session(&c, register("ghost", PROTOCOL_VERSION)).await.unwrap();
     let report = |kind| WorkerMessage {
-        msg: Some(worker_message::Msg::Report(JobReport { job_id: done.clone(), attempt: 0, rank: 0, kind: Some(kind) })),
+        msg: Some(worker_message::Msg::Report(JobReport { job_id: done.clone(), attempt: 0, rank: 0, kind: Some(kind), failure_kind: 0 })),
     };
     tx.send(report(job_report::Kind::Epoch(EpochMetrics { epoch: 0, test_acc: 0.99, ..Default::default() }))).unwrap();
     tx.send(report(job_report::Kind::Finished(Finished { final_test_acc: 0.99, wall_seconds: 1.0 }))).unwrap();
@@ -528,6 +528,7 @@ async fn report_for_a_finished_job_is_ignored() {
             attempt: 0,
             rank: 0,
             kind: Some(job_report::Kind::Failed("boom".into())),
+            failure_kind: 0,
         })),
     })
     .unwrap();
@@ -913,15 +914,17 @@ async fn truncated_dataset_on_a_worker_fails_the_job_with_the_file_named() {
     let mut s = spec::default_spec("resnet20", 1);
     s.batch_size = 16;
     s.train_samples = 64;
-    s.max_restarts = 0;
+    // Bad data fails the same way on every attempt: the job fails at once, budget unused.
+    s.max_restarts = 3;
     let id = submit(&c, s).await.unwrap();
     let info = wait_terminal(&c, &id, Duration::from_secs(60)).await;
     let size = bytes.len() - 100;
     let expected = format!(
-        "rank 0 on w0 failed: data: CIFAR-10 file {} is truncated: {size} bytes is 63 whole records of 3073 bytes plus 2973 bytes of a partial record (official files are 30730000 bytes); restart budget of 0 exhausted",
+        "rank 0 on w0 failed: data: CIFAR-10 file {} is truncated: {size} bytes is 63 whole records of 3073 bytes plus 2973 bytes of a partial record (official files are 30730000 bytes); not restarted: the same failure would repeat",
         file.display()
     );
     assert_eq!((info.state(), info.message.as_str()), (JobState::Failed, expected.as_str()));
+    assert_eq!((info.restarts, info.attempt, info.outcome.as_str()), (0, 0, "data"));
     // The worker survives its bad data and stays available; the failure is stored.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(c.metric("cvdist_workers"), 1.0);

@@ -371,13 +371,29 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         progress_interval: Duration::from_millis(500),
         freeze_bn: false,
     };
-    let outcome = train::train(&cfg, &data, &mut Solo::new(), &mut observer)?;
+    let started = std::time::Instant::now();
+    let result = train::train(&cfg, &data, &mut Solo::new(), &mut observer);
     observer.bar.finish_and_clear();
     let mut summary = run_dir::Summary::from_history(&observer.history);
     summary.model = s.model.clone();
-    summary.state = "succeeded".into();
-    summary.wall_seconds = outcome.wall_seconds;
+    // A failed run (a diverged one above all) says so in its summary, so that nothing that
+    // reads the run directory mistakes it for a result; the error also ends the process
+    // with a non-zero status.
+    match &result {
+        Ok(outcome) => {
+            summary.state = "succeeded".into();
+            summary.outcome = "succeeded".into();
+            summary.wall_seconds = outcome.wall_seconds;
+        }
+        Err(e) => {
+            summary.state = "failed".into();
+            summary.outcome = run_dir::outcome::of_failure(e.failure_kind()).into();
+            summary.message = e.to_string();
+            summary.wall_seconds = started.elapsed().as_secs_f64();
+        }
+    }
     run_dir::write_summary(&a.out, &summary)?;
+    result?;
     println!(
         "{}: final test accuracy {:.2}%, best {:.2}%, {:.1}s per epoch, run directory {}",
         s.model,

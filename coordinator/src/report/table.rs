@@ -11,7 +11,7 @@ const RIGHT_ALIGNED: [bool; 8] = [false, false, true, true, true, true, true, tr
 /// a run is going); restarts from summary.json when present. "-" marks what is not known.
 pub fn summary_table(runs: &[Run]) -> String {
     let labels = display_labels(runs);
-    let rows: Vec<[String; 8]> = runs.iter().zip(labels).map(|(run, label)| row(run, label)).collect();
+    let rows: Vec<[String; 8]> = runs.iter().zip(labels.clone()).map(|(run, label)| row(run, label)).collect();
 
     let mut widths = HEADER.map(|h| h.chars().count());
     for r in &rows {
@@ -44,6 +44,14 @@ pub fn summary_table(runs: &[Run]) -> String {
     for r in &rows {
         out.push_str(&line(r));
         out.push('\n');
+    }
+    // A failed run's figures are not results (a diverged one's loss is NaN): say so below
+    // the table, with the outcome and reason from summary.json.
+    for (run, label) in runs.iter().zip(labels) {
+        if let Some(s) = run.summary.as_ref().filter(|s| s.state == "failed") {
+            let why = if s.outcome.is_empty() || s.outcome == s.state { String::new() } else { format!(" ({})", s.outcome) };
+            out.push_str(&format!("{label}: FAILED{why}: {}\n", s.message));
+        }
     }
     out
 }

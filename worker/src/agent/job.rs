@@ -6,7 +6,9 @@ use crate::collective::{nccl, ring::Ring, AbortHandle, Collective, Solo};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::{self, Datasets, Observer, TrainerConfig};
 use cvdist_common::client::Client;
-use cvdist_common::proto::{job_report, worker_message, Assignment, EpochMetrics, Finished, JobReport, Progress, WorkerMessage};
+use cvdist_common::proto::{
+    job_report, worker_message, Assignment, EpochMetrics, FailureKind, Finished, JobReport, Progress, WorkerMessage,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,13 +59,42 @@ struct ReportingObserver<'a> {
     control: JobControl,
 }
 
+/// Why an attempt ended on this rank, and whether a restart could help.
+struct Failure {
+    text: String,
+    kind: FailureKind,
+}
+
+impl Failure {
+    /// Lost peers, network, aborts: the coordinator may restart the group.
+    fn retry(text: impl Into<String>) -> Failure {
+        Failure { text: text.into(), kind: FailureKind::Retryable }
+    }
+
+    /// The same assignment would fail again in the same way.
+    fn config(text: impl Into<String>) -> Failure {
+        Failure { text: text.into(), kind: FailureKind::Configuration }
+    }
+}
+
+impl From<train::TrainError> for Failure {
+    fn from(e: train::TrainError) -> Failure {
+        Failure { kind: e.failure_kind(), text: e.to_string() }
+    }
+}
+
 impl ReportingObserver<'_> {
     fn send(&self, kind: job_report::Kind) {
+        self.send_with(kind, FailureKind::Unspecified);
+    }
+
+    fn send_with(&self, kind: job_report::Kind, failure_kind: FailureKind) {
         let report = JobReport {
             job_id: self.assignment.job_id.clone(),
             attempt: self.assignment.attempt,
             rank: self.assignment.rank,
             kind: Some(kind),
+            failure_kind: failure_kind as i32,
         };
         let _ = self.env.outbox.send(WorkerMessage { msg: Some(worker_message::Msg::Report(report)) });
     }
@@ -115,9 +146,9 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
             info!(test_acc = fin.final_test_acc, "job finished");
             observer.send(job_report::Kind::Finished(fin));
         }
-        Err(e) => {
-            warn!(error = %e, "job attempt ended with an error");
-            observer.send(job_report::Kind::Failed(e));
+        Err(f) => {
+            warn!(error = %f.text, kind = f.kind.as_str_name(), "job attempt ended with an error");
+            observer.send_with(job_report::Kind::Failed(f.text), f.kind);
         }
     }
     control.done.store(true, Ordering::SeqCst);
@@ -126,40 +157,42 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
 /// Agrees on the gradient backend over the freshly formed ring: NCCL only when every rank
 /// can use it (all on CUDA with libnccl loadable), otherwise the ring itself. Rank 0 then
 /// creates the NCCL id and the ring carries it to the others.
-fn choose_backend(mut ring: Ring, wanted: &str, device: Device) -> Result<Box<dyn Collective>, String> {
+fn choose_backend(mut ring: Ring, wanted: &str, device: Device) -> Result<Box<dyn Collective>, Failure> {
     let world = ring.world_size();
     let local_ok = device.is_cuda() && nccl::available().is_ok();
     let mut votes = [if local_ok { 1.0f32 } else { 0.0 }];
-    ring.all_reduce_sum(&mut votes).map_err(|e| format!("agreeing on a backend: {e}"))?;
+    ring.all_reduce_sum(&mut votes).map_err(|e| Failure::retry(format!("agreeing on a backend: {e}")))?;
     let all_ok = votes[0] as usize == world;
     match (wanted, all_ok) {
         ("ring", _) | ("auto", false) => return Ok(Box::new(ring)),
         ("nccl", false) => {
             let why = nccl::available().err().map(|e| e.to_string()).unwrap_or_else(|| "not every rank is on CUDA".into());
-            return Err(format!("--collective nccl requested but unusable on some rank: {why}"));
+            // Every rank reaches this verdict from the same vote, and a restart on the same
+            // workers would vote the same way: a configuration error, not retried.
+            return Err(Failure::config(format!("--collective nccl requested but unusable on some rank: {why}")));
         }
         _ => {}
     }
     let mut id = [0f32; nccl::UNIQUE_ID_BYTES];
     if ring.rank() == 0 {
-        let raw = nccl::unique_id().map_err(|e| e.to_string())?;
+        let raw = nccl::unique_id().map_err(|e| Failure::retry(e.to_string()))?;
         for (dst, b) in id.iter_mut().zip(raw) {
             *dst = b as f32;
         }
     }
-    ring.broadcast(&mut id, 0).map_err(|e| format!("sharing the NCCL id: {e}"))?;
+    ring.broadcast(&mut id, 0).map_err(|e| Failure::retry(format!("sharing the NCCL id: {e}")))?;
     let bytes: [u8; nccl::UNIQUE_ID_BYTES] = std::array::from_fn(|i| id[i] as u8);
-    let comm = nccl::NcclComm::new(ring.rank(), world, bytes).map_err(|e| format!("NCCL init: {e}"))?;
+    let comm = nccl::NcclComm::new(ring.rank(), world, bytes).map_err(|e| Failure::retry(format!("NCCL init: {e}")))?;
     info!(world, "gradients via NCCL");
     Ok(Box::new(comm))
 }
 
-fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finished, String> {
-    let spec = a.spec.clone().ok_or("assignment without a job spec")?;
+fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finished, Failure> {
+    let spec = a.spec.clone().ok_or_else(|| Failure::config("assignment without a job spec"))?;
     let world = a.world_size as usize;
     let rank = a.rank as usize;
     if rank >= world || a.peers.len() != world {
-        return Err(format!("malformed assignment: rank {rank} of {world} with {} peers", a.peers.len()));
+        return Err(Failure::config(format!("malformed assignment: rank {rank} of {world} with {} peers", a.peers.len())));
     }
     if spec.threads_per_worker > 0 {
         tch::set_num_threads(spec.threads_per_worker as i32);
@@ -174,11 +207,11 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
             let dir = env
                 .runtime
                 .block_on(transfer::fetch_dataset(&mut client, &env.cache_dir))
-                .map_err(|e| format!("fetching the dataset from the coordinator: {e}"))?;
+                .map_err(|e| dataset_fetch_failure(&e))?;
             Some(dir)
         }
     };
-    let data = Datasets::for_spec(&spec, data_dir.as_deref()).map_err(|e| e.to_string())?;
+    let data = Datasets::for_spec(&spec, data_dir.as_deref())?;
 
     let resume = if a.checkpoint.is_empty() {
         None
@@ -188,7 +221,7 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         let path = env
             .runtime
             .block_on(transfer::download_checkpoint(&mut client, &a.job_id, &a.checkpoint, &dir))
-            .map_err(|e| format!("downloading checkpoint {}: {e}", a.checkpoint))?;
+            .map_err(|e| Failure::retry(format!("downloading checkpoint {}: {e}", a.checkpoint)))?;
         Some(path)
     };
 
@@ -196,9 +229,9 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         Box::new(Solo::new())
     } else {
         let peers: Vec<String> = a.peers.iter().map(|p| p.data_addr.clone()).collect();
-        let listener = env.listener.try_clone().map_err(|e| format!("data-plane listener: {e}"))?;
+        let listener = env.listener.try_clone().map_err(|e| Failure::retry(format!("data-plane listener: {e}")))?;
         let ring = Ring::connect(rank, world, &peers, listener, &a.session_secret, RENDEZVOUS_TIMEOUT)
-            .map_err(|e| format!("forming the data-plane ring: {e}"))?;
+            .map_err(|e| Failure::retry(format!("forming the data-plane ring: {e}")))?;
         if let Ok(mut slot) = control.abort.lock() {
             *slot = Some(ring.abort_handle());
         }
@@ -210,7 +243,7 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     };
     // An abort that arrived while we were connecting must still take effect.
     if let Some(reason) = control.stop.lock().ok().and_then(|s| s.clone()) {
-        return Err(format!("stopped: {reason}"));
+        return Err(Failure::retry(format!("stopped: {reason}")));
     }
 
     let cfg = TrainerConfig {
@@ -224,7 +257,7 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         freeze_bn: false,
     };
     let mut observer = ReportingObserver { assignment: a, env, control: control.clone() };
-    let outcome = train::train(&cfg, &data, comm.as_mut(), &mut observer).map_err(|e| e.to_string())?;
+    let outcome = train::train(&cfg, &data, comm.as_mut(), &mut observer)?;
     if let Ok(mut slot) = control.abort.lock() {
         *slot = None;
     }
@@ -232,4 +265,16 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     // Local copies are no longer needed once the coordinator holds the checkpoints.
     let _ = std::fs::remove_dir_all(&job_dir);
     Ok(Finished { final_test_acc, wall_seconds: outcome.wall_seconds })
+}
+
+/// A coordinator that has no dataset to serve (or serves a broken one) will answer the same
+/// way on every retry; a network failure may not recur.
+fn dataset_fetch_failure(e: &transfer::TransferError) -> Failure {
+    let text = format!("fetching the dataset from the coordinator: {e}");
+    match e {
+        transfer::TransferError::Rpc { code: tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument, .. } => {
+            Failure { text, kind: FailureKind::Data }
+        }
+        _ => Failure::retry(text),
+    }
 }

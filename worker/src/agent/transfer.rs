@@ -12,12 +12,18 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("coordinator refused: {0}")]
-    Rpc(String),
+    #[error("coordinator refused: {message}")]
+    Rpc { code: tonic::Code, message: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("corrupt transfer of {what}: {reason}")]
     Corrupt { what: String, reason: String },
+}
+
+impl TransferError {
+    fn rpc(s: &tonic::Status) -> TransferError {
+        TransferError::Rpc { code: s.code(), message: s.message().to_string() }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
@@ -37,11 +43,11 @@ pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf,
     let mut stream = client
         .fetch_dataset(FetchDatasetRequest { dataset: "cifar10".into() })
         .await
-        .map_err(|s| TransferError::Rpc(s.message().to_string()))?
+        .map_err(|s| TransferError::rpc(&s))?
         .into_inner();
     let mut current: Option<(String, std::fs::File, Sha256, PathBuf)> = None;
     let mut files = 0;
-    while let Some(chunk) = stream.message().await.map_err(|s| TransferError::Rpc(s.message().to_string()))? {
+    while let Some(chunk) = stream.message().await.map_err(|s| TransferError::rpc(&s))? {
         if !cvdist_common::spec::valid_name(&chunk.file) {
             return Err(TransferError::Corrupt { what: "dataset".into(), reason: format!("bad file name {:?}", chunk.file) });
         }
@@ -99,7 +105,7 @@ pub async fn upload_checkpoint(
     client
         .upload_checkpoint(tokio_stream::iter(chunks))
         .await
-        .map_err(|s| TransferError::Rpc(s.message().to_string()))?;
+        .map_err(|s| TransferError::rpc(&s))?;
     Ok(())
 }
 
@@ -110,13 +116,13 @@ pub async fn download_checkpoint(client: &mut Client, job_id: &str, name: &str, 
     let mut stream = client
         .download_checkpoint(DownloadCheckpointRequest { job_id: job_id.into(), name: name.into() })
         .await
-        .map_err(|s| TransferError::Rpc(s.message().to_string()))?
+        .map_err(|s| TransferError::rpc(&s))?
         .into_inner();
     let data_path = dir.join(format!("{name}.safetensors"));
     let json_path = dir.join(format!("{name}.json"));
     let mut file = std::fs::File::create(&data_path).map_err(io(&data_path))?;
     let mut state_json = String::new();
-    while let Some(chunk) = stream.message().await.map_err(|s| TransferError::Rpc(s.message().to_string()))? {
+    while let Some(chunk) = stream.message().await.map_err(|s| TransferError::rpc(&s))? {
         if !chunk.state_json.is_empty() {
             state_json = chunk.state_json;
         }

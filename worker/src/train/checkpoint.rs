@@ -26,7 +26,11 @@ pub struct CheckpointState {
     pub seed: u64,
     pub world_size: u32,
     /// Running sums of the partially trained epoch: loss·samples, correct, samples, seconds.
+    /// (With mixed precision an overflowed step's loss can make the first one non-finite;
+    /// such values are written as `cvdist_common::nonfinite` describes.)
+    #[serde(with = "cvdist_common::nonfinite::array")]
     pub partial: [f64; 4],
+    #[serde(with = "cvdist_common::nonfinite")]
     pub loss_scale: f64,
     pub sha256: String,
     pub bytes: u64,

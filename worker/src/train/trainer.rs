@@ -10,7 +10,7 @@ use crate::collective::{Collective, CollectiveError};
 use crate::data::loader::Loader;
 use crate::models;
 use cvdist_common::cifar::CifarSplit;
-use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
+use cvdist_common::proto::{EpochMetrics, FailureKind, JobSpec, Progress};
 use cvdist_common::sampler;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,10 +81,35 @@ pub enum TrainError {
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-    #[error("training diverged at epoch {epoch} step {step}: loss is {loss}")]
-    Diverged { epoch: u32, step: u64, loss: f64 },
+    #[error("training diverged at epoch {epoch} step {step}: {what} is {loss}")]
+    Diverged { epoch: u32, step: u64, what: &'static str, loss: f64 },
     #[error("stopped: {0}")]
     Stopped(String),
+}
+
+impl TrainError {
+    /// Whether running the same attempt again could end differently; the coordinator only
+    /// restarts a group for [`FailureKind::Retryable`] failures.
+    pub fn failure_kind(&self) -> FailureKind {
+        match self {
+            // Every step is a deterministic function of the checkpoint it started from
+            // (docs/ARCHITECTURE.md, Determinism): a rerun diverges at the same step.
+            TrainError::Diverged { .. } => FailureKind::Diverged,
+            TrainError::Data(_) => FailureKind::Data,
+            // The model named by the spec cannot be built by this worker.
+            TrainError::Model(_) => FailureKind::Configuration,
+            TrainError::Collective(CollectiveError::NcclUnavailable(_) | CollectiveError::Config(_)) => {
+                FailureKind::Configuration
+            }
+            // A checkpoint written for another model or shape stays wrong on every retry.
+            TrainError::Checkpoint(checkpoint::CheckpointError::Mismatch { .. }) => FailureKind::Configuration,
+            // Lost peers, timeouts, aborts, I/O and libtorch errors (e.g. out of memory
+            // because of another process) may not recur.
+            TrainError::Collective(_) | TrainError::Checkpoint(_) | TrainError::Torch(_) | TrainError::Stopped(_) => {
+                FailureKind::Retryable
+            }
+        }
+    }
 }
 
 /// Receives what the loop produces. Every method has a no-op default.
@@ -342,7 +367,7 @@ pub fn train(
             lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
             let (loss, ok) = engine.forward_backward(&batch.images, &batch.labels);
             if !loss.is_finite() && !engine.amp {
-                return Err(TrainError::Diverged { epoch, step, loss });
+                return Err(TrainError::Diverged { epoch, step, what: "loss", loss });
             }
             let wire = grad_sync.average(engine.sgd.params(), comm)?;
             wire_seconds += wire;
@@ -402,6 +427,22 @@ pub fn train(
             seconds = metrics.seconds,
             "epoch done"
         );
+        // The last update of an epoch can turn the weights into NaN without any training
+        // loss showing it (with one step per epoch, never): the test loss does. Mixed
+        // precision tolerates single overflowed steps, so only its test loss counts. The
+        // epoch is still recorded (non-finite values are stored as described in
+        // cvdist_common::nonfinite), but no checkpoint of the diverged weights is kept.
+        let diverged = if !metrics.test_loss.is_finite() {
+            Some(("test loss", metrics.test_loss))
+        } else if !metrics.train_loss.is_finite() && !engine.amp {
+            Some(("training loss", metrics.train_loss))
+        } else {
+            None
+        };
+        if let Some((what, loss)) = diverged {
+            observer.epoch(&metrics);
+            return Err(TrainError::Diverged { epoch, step: steps_per_epoch, what, loss });
+        }
         write_checkpoint(cfg, &mut engine, comm, observer, epoch + 1, 0, [0.0; 4])?;
         observer.epoch(&metrics);
         history.push(metrics);
