@@ -53,6 +53,7 @@ pub async fn run_local(run: LocalRun) -> anyhow::Result<bool> {
     if run.out.join(run_dir::SUMMARY_FILE).exists() {
         bail!("{} already holds a finished run; choose another --out", run.out.display());
     }
+    check_device(&run.worker_bin, &run.device)?;
     std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
     let state_dir = run.out.join(".coordinator");
     let token = hex::encode(rand::random::<[u8; 16]>());
@@ -115,6 +116,26 @@ pub async fn run_local(run: LocalRun) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// Refuses a CUDA device this machine does not have before anything starts (otherwise
+/// every worker would exit at once, be restarted and exit again). `cpu` and `auto` cannot
+/// fail, so they skip the check and its libtorch start-up.
+fn check_device(worker_bin: &Path, device: &str) -> anyhow::Result<()> {
+    if device == "cpu" || device == "auto" {
+        return Ok(());
+    }
+    let out = std::process::Command::new(worker_bin)
+        .args(["check-device", "--device", device])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {}", worker_bin.display()))?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("device check failed");
+        bail!("{}", line.trim().trim_start_matches("error: "));
+    }
+    Ok(())
+}
+
 /// Restarts local workers that die (a crash, the OOM killer), as a cluster scheduler would
 /// reschedule a pod; the coordinator then re-forms the group from the newest checkpoint.
 async fn supervise(
@@ -166,6 +187,8 @@ fn spawn_worker(run: &LocalRun, url: &str, token: &str, k: u32) -> anyhow::Resul
         .arg("--cache-dir")
         .arg(run.out.join(".cache"))
         .env("CVDIST_TOKEN", token)
+        // `--device cuda` then means cuda:(k mod device count) (worker/src/device.rs).
+        .env("LOCAL_RANK", k.to_string())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

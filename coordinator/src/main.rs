@@ -280,7 +280,8 @@ struct LocalArgs {
     /// Run directory for metrics, checkpoints and the summary.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// "cpu", "cuda:K" or "auto".
+    /// "cpu", "cuda" (worker k on cuda:(k mod GPU count)), "cuda:K" (all on one GPU) or
+    /// "auto" (as cuda when CUDA is available, else cpu).
     #[arg(long, default_value = "auto")]
     device: String,
     /// Suppress progress bars.

@@ -1,7 +1,7 @@
 //! `cvdist-worker`: the libtorch side of cvdist. `cvdist worker|models|train` hand over to
 //! this binary, so users normally call it through `cvdist`.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
 use cvdist_common::{auth, run_dir, spec};
@@ -45,6 +45,13 @@ enum Command {
     /// Turn a PyTorch state_dict (safetensors) into a checkpoint that `train --resume` warm-starts from.
     #[command(after_help = "Example:\n  cvdist-worker import --model resnet20 --weights resnet20.safetensors --out warm/\n  cvdist-worker train --model resnet20 --epochs 5 --data data/cifar10 --out runs/ft --resume warm/ckpt-e0000-s000000.json")]
     Import(ImportArgs),
+    /// Print what `--device` resolves to here, or refuse it (exit 2) as `worker` would;
+    /// `cvdist local` asks this before starting its workers.
+    #[command(hide = true)]
+    CheckDevice {
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 #[derive(Args)]
@@ -61,7 +68,7 @@ struct EvalArgs {
     /// Evaluate on the first N test images only (0 = all).
     #[arg(long, default_value_t = 0)]
     test_samples: u64,
-    /// "auto", "cpu" or "cuda:K".
+    /// "auto", "cpu", "cuda" (the local rank's GPU) or "cuda:K".
     #[arg(long, default_value = "auto")]
     device: String,
     /// Also write the result as JSON (model, accuracy, per_class, confusion, classes).
@@ -101,9 +108,16 @@ struct WorkerArgs {
     /// Coordinator URL (http:// or https://).
     #[arg(long, env = "CVDIST_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     coordinator: String,
-    /// "auto" (first CUDA device if any, else CPU), "cpu" or "cuda:K".
+    /// "auto" (the local rank's GPU if CUDA is available, else CPU), "cpu", "cuda" (the
+    /// local rank's GPU: cuda:(rank mod count), the rank from LOCAL_RANK or SLURM_LOCALID,
+    /// else 0) or "cuda:K".
     #[arg(long, env = "CVDIST_DEVICE", default_value = "auto")]
     device: String,
+    /// Start and supervise one worker per GPU ("all" or a count): worker K gets cuda:K,
+    /// data-plane port PORT+K, id ID-gK and LOCAL_RANK=K; a dead worker is restarted and
+    /// SIGTERM stops all. With --device cpu, N CPU workers (for tests).
+    #[arg(long, env = "CVDIST_GPUS")]
+    gpus: Option<String>,
     /// Local CIFAR-10 copy; without it the dataset is fetched from the coordinator.
     #[arg(long, env = "CVDIST_DATA")]
     data: Option<PathBuf>,
@@ -183,19 +197,13 @@ struct TrainArgs {
 }
 
 fn parse_device(text: &str) -> anyhow::Result<Device> {
-    match text {
-        "auto" => Ok(Device::cuda_if_available()),
-        "cpu" => Ok(Device::Cpu),
-        other => {
-            let k = other
-                .strip_prefix("cuda:")
-                .and_then(|k| k.parse::<usize>().ok())
-                .with_context(|| format!("device {other:?} must be auto, cpu or cuda:K"))?;
-            if !tch::Cuda::is_available() || k >= tch::Cuda::device_count() as usize {
-                bail!("device {other} requested but {} CUDA device(s) are visible", tch::Cuda::device_count());
-            }
-            Ok(Device::Cuda(k))
-        }
+    Ok(cvdist_worker::device::from_cli(text)?)
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(k) => format!("cuda:{k}"),
+        _ => "cpu".into(),
     }
 }
 
@@ -213,6 +221,7 @@ fn main() {
         Command::Eval(a) => run_eval(a),
         Command::Export(a) => run_export(a),
         Command::Import(a) => run_import(a),
+        Command::CheckDevice { device } => parse_device(&device).map(|d| println!("{}", device_name(d))),
     };
     if let Err(e) = result {
         let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
@@ -230,6 +239,9 @@ fn default_cache() -> PathBuf {
 }
 
 fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
+    if let Some(gpus) = &a.gpus {
+        return run_supervisor(&a, gpus);
+    }
     let device = parse_device(&a.device)?;
     if a.threads > 0 {
         tch::set_num_threads(a.threads as i32);
@@ -249,6 +261,33 @@ fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(agent::run(cfg))?;
     Ok(())
+}
+
+/// `worker --gpus`: one child `cvdist-worker worker` per GPU (see `supervisor.rs`).
+fn run_supervisor(a: &WorkerArgs, gpus: &str) -> anyhow::Result<()> {
+    use cvdist_worker::supervisor;
+    let count = supervisor::parse_gpus(gpus)?;
+    // Only count GPUs when they matter: CPU stand-ins need no CUDA driver.
+    let cuda = if cvdist_worker::device::parse(&a.device) == Ok(cvdist_worker::device::DeviceRequest::Cpu) {
+        0
+    } else {
+        cvdist_worker::device::visible_cuda_devices()
+    };
+    let worker_id = if a.worker_id.is_empty() { format!("worker-{:06x}", rand::random::<u32>() & 0xff_ffff) } else { a.worker_id.clone() };
+    let req = supervisor::Request {
+        gpus: count,
+        device: a.device.clone(),
+        data_listen: a.data_listen,
+        advertise_addr: a.advertise_addr.clone(),
+        worker_id,
+        threads: a.threads,
+        cache_dir: a.cache_dir.clone().unwrap_or_else(default_cache),
+    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let plans = supervisor::plan(&req, cuda, cores)?;
+    let program = std::env::current_exe().context("locating the cvdist-worker executable")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    supervisor::run(&program, &args, plans, supervisor::DEFAULT_GRACE)
 }
 
 fn print_models() -> anyhow::Result<()> {
