@@ -19,11 +19,22 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const CHECKPOINT_DIR: &str = "checkpoints";
 
+/// Summary outcome of a run that trained to its end but whose checkpoint after the last
+/// epoch was not stored (disk full, upload refused): its final model is missing, so the
+/// run is not a success.
+pub const OUTCOME_FINAL_CHECKPOINT_MISSING: &str = "final_checkpoint_missing";
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Summary {
     pub job_id: String,
     pub model: String,
+    /// "succeeded", "failed" or "cancelled".
     pub state: String,
+    /// Why the run ended, for programs: the state itself ("succeeded", "failed",
+    /// "cancelled") or a more specific reason such as [`OUTCOME_FINAL_CHECKPOINT_MISSING`]
+    /// (state "failed"). `message` says the same for people.
+    #[serde(default)]
+    pub outcome: String,
     pub message: String,
     pub epochs_completed: u32,
     pub world_size: u32,

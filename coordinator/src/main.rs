@@ -284,6 +284,10 @@ struct LocalArgs {
     /// Suppress progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Checkpoints kept in OUT/checkpoints: the K newest (the final one is the newest);
+    /// 0 keeps all.
+    #[arg(long, default_value_t = server::DEFAULT_KEEP_CHECKPOINTS)]
+    keep_checkpoints: usize,
 }
 
 #[derive(Args)]
@@ -316,6 +320,10 @@ struct CoordinatorArgs {
     /// Address for Prometheus metrics over HTTP (GET /metrics).
     #[arg(long, env = "CVDIST_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Checkpoints kept per job: the K newest (the final one is the newest), older ones
+    /// deleted once a newer one is stored; 0 keeps all.
+    #[arg(long, env = "CVDIST_KEEP_CHECKPOINTS", default_value_t = server::DEFAULT_KEEP_CHECKPOINTS)]
+    keep_checkpoints: usize,
 }
 
 fn main() {
@@ -380,6 +388,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 data_dir: a.data,
                 heartbeat_timeout: Duration::from_secs(a.heartbeat_timeout.max(1)),
                 metrics_listen: a.metrics_listen,
+                keep_checkpoints: a.keep_checkpoints,
             };
             server::check_exposure(a.listen, &cfg)?;
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
@@ -479,6 +488,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 device: a.device,
                 worker_bin: local::worker_binary()?,
                 quiet: a.quiet,
+                keep_checkpoints: a.keep_checkpoints,
             })
             .await?;
             Ok(if ok { 0 } else { 1 })
