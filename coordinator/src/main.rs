@@ -166,7 +166,10 @@ struct JobArgs {
     model: String,
     #[arg(long)]
     epochs: u32,
-    /// Batch size per worker; the global batch is this times the number of workers.
+    /// Batch size per worker; the global batch is this times the number of workers. N workers
+    /// x batch b average their gradients over the same N·b samples one worker with batch N·b
+    /// sees, but BatchNorm normalises over each worker's own b samples, so with BatchNorm (every
+    /// zoo model) the two do not train identically (docs/ARCHITECTURE.md, "N workers × batch b").
     #[arg(long, default_value_t = 128)]
     batch_size: u32,
     #[arg(long, default_value_t = 0.1)]

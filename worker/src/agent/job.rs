@@ -262,13 +262,18 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     } else {
         "rank 0 did not upload it".to_string()
     };
-    if final_checkpoint_error.is_empty() {
+    if rank == 0 && final_checkpoint_error.is_empty() {
         // Local copies are no longer needed once the coordinator holds the final checkpoint.
         let _ = std::fs::remove_dir_all(&job_dir);
     } else {
+        // Another rank cannot know whether the final checkpoint arrives, so it keeps any
+        // checkpoint it wrote as rank 0 of an earlier attempt; the downloaded copy goes.
         let _ = std::fs::remove_dir_all(job_dir.join("resume"));
-        warn!(checkpoint = %final_name, error = %final_checkpoint_error, kept = %job_dir.display(),
-            "the final checkpoint is not stored by the coordinator; local checkpoints are kept");
+        let _ = std::fs::remove_dir(&job_dir);
+        if rank == 0 {
+            warn!(checkpoint = %final_name, error = %final_checkpoint_error, kept = %job_dir.display(),
+                "the final checkpoint is not stored by the coordinator; local checkpoints are kept");
+        }
     }
     Ok(Finished { final_test_acc, wall_seconds: outcome.wall_seconds, final_checkpoint_error })
 }

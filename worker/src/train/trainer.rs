@@ -1,6 +1,8 @@
 //! The training loop of one rank. With a world size of 1 it is the bare single-worker
 //! trainer; with more, gradients are averaged through a [`Collective`] every step, so N
-//! ranks with batch b take exactly the steps one rank with batch N·b would.
+//! ranks with batch b see the samples and average the gradients one rank with batch N·b
+//! would. BatchNorm in training mode still normalises over each rank's own batch, so the
+//! steps are only the same with `freeze_bn` (docs/ARCHITECTURE.md, "N workers × batch b").
 
 use super::checkpoint::{self, CheckpointState};
 use super::schedule::learning_rate;
