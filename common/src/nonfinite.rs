@@ -106,6 +106,22 @@ pub mod array {
     }
 }
 
+/// The same rule for a list of fixed-size arrays (e.g. a checkpoint's per-rank partial sums).
+pub mod vec_of_arrays {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Row<const N: usize>(#[serde(with = "super::array")] [f64; N]);
+
+    pub fn serialize<S: Serializer, const N: usize>(v: &[[f64; N]], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|r| Row(*r)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<Vec<[f64; N]>, D::Error> {
+        Ok(Vec::<Row<N>>::deserialize(d)?.into_iter().map(|r| r.0).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde::{Deserialize, Serialize};

@@ -29,10 +29,10 @@ pub struct Summary {
     /// "succeeded", "failed" or "cancelled".
     pub state: String,
     /// Why the run ended as it did, in one word a script can test (see [`outcome`]): for a
-    /// failed run, e.g. "diverged"; the same as `state` otherwise. Empty in summaries written
-    /// before this field existed.
+    /// failed run, e.g. "diverged" or "final_checkpoint_missing"; the same as `state`
+    /// otherwise. Empty in summaries written before this field existed. `message` says the
+    /// same for people.
     pub outcome: String,
-    /// The reason in words (for a failure, the error that ended it).
     pub message: String,
     pub epochs_completed: u32,
     pub world_size: u32,
@@ -58,6 +58,9 @@ pub mod outcome {
     pub const DATA: &str = "data";
     /// Any other failure (lost workers beyond the restart budget, rendezvous timeout, ...).
     pub const FAILED: &str = "failed";
+    /// The run trained to its end but the checkpoint after the last epoch was not stored
+    /// (disk full, upload refused): its final model is missing, so it is not a success.
+    pub const FINAL_CHECKPOINT_MISSING: &str = "final_checkpoint_missing";
 
     /// The outcome of a run that ended with a failure of `kind`.
     pub fn of_failure(kind: crate::proto::FailureKind) -> &'static str {

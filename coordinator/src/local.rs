@@ -24,6 +24,8 @@ pub struct LocalRun {
     pub device: String,
     pub worker_bin: PathBuf,
     pub quiet: bool,
+    /// See [`CoordinatorConfig::keep_checkpoints`].
+    pub keep_checkpoints: usize,
 }
 
 /// Finds `cvdist-worker` next to the running executable (how both are installed), or
@@ -67,6 +69,7 @@ pub async fn run_local(run: LocalRun) -> anyhow::Result<bool> {
         data_dir: run.data.clone(),
         heartbeat_timeout: Duration::from_secs(10),
         metrics_listen: None,
+        keep_checkpoints: run.keep_checkpoints,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(listener, cfg, async {
@@ -93,6 +96,7 @@ pub async fn run_local(run: LocalRun) -> anyhow::Result<bool> {
                 device: device.clone(),
                 worker_bin: bin.clone(),
                 quiet: true,
+                keep_checkpoints: 0,
             };
             spawn_worker(&r, &url, &token, k)
         }

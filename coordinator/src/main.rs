@@ -166,7 +166,10 @@ struct JobArgs {
     model: String,
     #[arg(long)]
     epochs: u32,
-    /// Batch size per worker; the global batch is this times the number of workers.
+    /// Batch size per worker; the global batch is this times the number of workers. N workers
+    /// x batch b average their gradients over the same N·b samples one worker with batch N·b
+    /// sees, but BatchNorm normalises over each worker's own b samples, so with BatchNorm (every
+    /// zoo model) the two do not train identically (docs/ARCHITECTURE.md, "N workers × batch b").
     #[arg(long, default_value_t = 128)]
     batch_size: u32,
     #[arg(long, default_value_t = 0.1)]
@@ -287,6 +290,10 @@ struct LocalArgs {
     /// Suppress progress bars.
     #[arg(long)]
     quiet: bool,
+    /// Checkpoints kept in OUT/checkpoints: the K newest (the final one is the newest);
+    /// 0 keeps all.
+    #[arg(long, default_value_t = server::DEFAULT_KEEP_CHECKPOINTS)]
+    keep_checkpoints: usize,
 }
 
 #[derive(Args)]
@@ -319,6 +326,10 @@ struct CoordinatorArgs {
     /// Address for Prometheus metrics over HTTP (GET /metrics).
     #[arg(long, env = "CVDIST_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Checkpoints kept per job: the K newest (the final one is the newest), older ones
+    /// deleted once a newer one is stored; 0 keeps all.
+    #[arg(long, env = "CVDIST_KEEP_CHECKPOINTS", default_value_t = server::DEFAULT_KEEP_CHECKPOINTS)]
+    keep_checkpoints: usize,
 }
 
 fn main() {
@@ -383,6 +394,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 data_dir: a.data,
                 heartbeat_timeout: Duration::from_secs(a.heartbeat_timeout.max(1)),
                 metrics_listen: a.metrics_listen,
+                keep_checkpoints: a.keep_checkpoints,
             };
             server::check_exposure(a.listen, &cfg)?;
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
@@ -482,6 +494,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 device: a.device,
                 worker_bin: local::worker_binary()?,
                 quiet: a.quiet,
+                keep_checkpoints: a.keep_checkpoints,
             })
             .await?;
             Ok(if ok { 0 } else { 1 })

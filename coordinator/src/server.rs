@@ -37,7 +37,14 @@ pub struct CoordinatorConfig {
     pub data_dir: Option<PathBuf>,
     pub heartbeat_timeout: Duration,
     pub metrics_listen: Option<SocketAddr>,
+    /// Checkpoints kept per job: the K newest (the final one is the newest) plus the one a
+    /// recovery resumes from; 0 keeps all. Older ones are deleted once a newer is stored.
+    pub keep_checkpoints: usize,
 }
+
+/// Default of `--keep-checkpoints`: enough to resume from the newest and still have two
+/// older ones should the newest turn out unusable, at ~3x one checkpoint's disk space.
+pub const DEFAULT_KEEP_CHECKPOINTS: usize = 3;
 
 /// Refuses a configuration that would expose an unauthenticated coordinator.
 pub fn check_exposure(listen: SocketAddr, cfg: &CoordinatorConfig) -> anyhow::Result<()> {
@@ -82,7 +89,7 @@ pub async fn serve(
         None => None,
     };
 
-    let service = Service { state: state.clone(), data_dir: cfg.data_dir.clone() };
+    let service = Service { state: state.clone(), data_dir: cfg.data_dir.clone(), keep_checkpoints: cfg.keep_checkpoints };
     let token = cfg.token.clone();
     let check = move |req: Request<()>| -> Result<Request<()>, Status> {
         let Some(token) = &token else { return Ok(req) };

@@ -31,6 +31,17 @@ pub struct Service {
     pub state: Arc<Coordinator>,
     /// CIFAR-10 copy served to workers that have none.
     pub data_dir: Option<PathBuf>,
+    /// Checkpoints kept per job (`--keep-checkpoints`; 0 keeps all): see
+    /// [`crate::store::Store::prune_checkpoints`].
+    pub keep_checkpoints: usize,
+}
+
+/// What a checkpoint upload said about itself, for the log line of a refusal.
+#[derive(Default)]
+struct UploadLabel {
+    job_id: String,
+    name: String,
+    attempt: u32,
 }
 
 fn checkpoint_name_ok(name: &str) -> bool {
@@ -130,56 +141,33 @@ impl CoordinatorApi for Service {
         &self,
         req: Request<Streaming<CheckpointChunk>>,
     ) -> Result<Response<UploadCheckpointResponse>, Status> {
-        let mut chunks = req.into_inner();
-        let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
-        if !checkpoint_name_ok(&first.name) {
-            return Err(Status::invalid_argument(format!("invalid checkpoint name {:?}", first.name)));
-        }
-        self.state.accepts_checkpoint(&first.job_id, first.attempt)?;
-        let state_json: serde_json::Value = serde_json::from_str(&first.state_json)
-            .map_err(|e| Status::invalid_argument(format!("checkpoint state is not JSON: {e}")))?;
-        let want_sha = state_json.get("sha256").and_then(|v| v.as_str()).unwrap_or_default().to_string();
-        let dir = self.state.store().checkpoint_dir(&first.job_id);
-        tokio::fs::create_dir_all(&dir).await.map_err(|e| io_status(&dir, e))?;
-        let tmp = dir.join(format!(".{}.upload", first.name));
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| io_status(&tmp, e))?;
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let mut chunk = Some(first.clone());
-        let result: Result<(), Status> = async {
-            while let Some(c) = chunk {
-                total += c.data.len() as u64;
-                if total > MAX_CHECKPOINT_BYTES {
-                    return Err(Status::resource_exhausted("checkpoint exceeds 4 GiB"));
+        let mut label = UploadLabel::default();
+        let result = self.store_checkpoint(req.into_inner(), &mut label).await;
+        match &result {
+            Ok(stored) => {
+                // Older checkpoints go only now, with the newer one durably stored.
+                let latest = self.state.get(&label.job_id).map(|j| j.latest_checkpoint).unwrap_or_default();
+                for (name, e) in self.state.store().prune_checkpoints(&label.job_id, self.keep_checkpoints, &latest) {
+                    match e {
+                        None => info!(job = %label.job_id, checkpoint = %name, keep = self.keep_checkpoints, "older checkpoint deleted"),
+                        Some(e) => warn!(job = %label.job_id, checkpoint = %name, error = %e, "could not delete an older checkpoint"),
+                    }
                 }
-                hasher.update(&c.data);
-                file.write_all(&c.data).await.map_err(|e| io_status(&tmp, e))?;
-                chunk = chunks.message().await?;
+                info!(job = %label.job_id, name = %stored.name, bytes = stored.bytes, "checkpoint stored");
             }
-            file.sync_all().await.map_err(|e| io_status(&tmp, e))?;
-            let got = hex::encode(hasher.finalize_reset());
-            if got != want_sha {
-                return Err(Status::data_loss(format!("checkpoint {} checksum {got} != declared {want_sha}", first.name)));
+            // Every refusal is logged here, whatever refused it: a worker only logs its
+            // side, and an operator must see on the coordinator why checkpoints are missing.
+            Err(status) => {
+                // Debug formatting: the names come from the uploader and may hold anything.
+                warn!(job = ?label.job_id, checkpoint = ?label.name, attempt = label.attempt, code = ?status.code(),
+                    reason = %status.message(), "checkpoint upload refused");
+                if !label.job_id.is_empty() {
+                    let reason = format!("{:?}: {}", status.code(), status.message());
+                    self.state.checkpoint_refused(&label.job_id, label.attempt, &label.name, &reason);
+                }
             }
-            Ok(())
         }
-        .await;
-        if let Err(e) = result {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
-        }
-        let final_path = dir.join(format!("{}.safetensors", first.name));
-        tokio::fs::rename(&tmp, &final_path).await.map_err(|e| io_status(&final_path, e))?;
-        let json_path = dir.join(format!("{}.json", first.name));
-        let json_bytes = first.state_json.clone().into_bytes();
-        let jp = json_path.clone();
-        tokio::task::spawn_blocking(move || cvdist_common::run_dir::write_atomic(&jp, &json_bytes))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| io_status(&json_path, e))?;
-        self.state.checkpoint_stored(&first.job_id, first.attempt, &first.name)?;
-        info!(job = %first.job_id, name = %first.name, bytes = total, "checkpoint stored");
-        Ok(Response::new(UploadCheckpointResponse { name: first.name, bytes: total }))
+        result.map(Response::new)
     }
 
     type DownloadCheckpointStream = BoxStream<CheckpointChunk>;
@@ -293,6 +281,71 @@ impl CoordinatorApi for Service {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+impl Service {
+    /// Receives, verifies and stores one uploaded checkpoint; `label` is filled in as soon
+    /// as the upload names its job, checkpoint and attempt.
+    async fn store_checkpoint(
+        &self,
+        mut chunks: Streaming<CheckpointChunk>,
+        label: &mut UploadLabel,
+    ) -> Result<UploadCheckpointResponse, Status> {
+        let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
+        *label = UploadLabel { job_id: first.job_id.clone(), name: first.name.clone(), attempt: first.attempt };
+        if !checkpoint_name_ok(&first.name) {
+            return Err(Status::invalid_argument(format!("invalid checkpoint name {:?}", first.name)));
+        }
+        self.state.accepts_checkpoint(&first.job_id, first.attempt)?;
+        let state_json: serde_json::Value = serde_json::from_str(&first.state_json)
+            .map_err(|e| Status::invalid_argument(format!("checkpoint state is not JSON: {e}")))?;
+        let want_sha = state_json.get("sha256").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let dir = self.state.store().checkpoint_dir(&first.job_id);
+        tokio::fs::create_dir_all(&dir).await.map_err(|e| io_status(&dir, e))?;
+        let tmp = dir.join(format!(".{}.upload", first.name));
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| io_status(&tmp, e))?;
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut chunk = Some(first.clone());
+        let result: Result<(), Status> = async {
+            while let Some(c) = chunk {
+                total += c.data.len() as u64;
+                if total > MAX_CHECKPOINT_BYTES {
+                    return Err(Status::resource_exhausted("checkpoint exceeds 4 GiB"));
+                }
+                hasher.update(&c.data);
+                file.write_all(&c.data).await.map_err(|e| io_status(&tmp, e))?;
+                chunk = chunks.message().await?;
+            }
+            file.sync_all().await.map_err(|e| io_status(&tmp, e))?;
+            let got = hex::encode(hasher.finalize_reset());
+            if got != want_sha {
+                return Err(Status::data_loss(format!("checkpoint {} checksum {got} != declared {want_sha}", first.name)));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        let final_path = dir.join(format!("{}.safetensors", first.name));
+        tokio::fs::rename(&tmp, &final_path).await.map_err(|e| io_status(&final_path, e))?;
+        let json_path = dir.join(format!("{}.json", first.name));
+        let json_bytes = first.state_json.clone().into_bytes();
+        let jp = json_path.clone();
+        let written = tokio::task::spawn_blocking(move || cvdist_common::run_dir::write_atomic(&jp, &json_bytes))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))
+            .and_then(|r| r.map_err(|e| io_status(&json_path, e)));
+        if let Err(e) = written {
+            // Without its JSON commit record the tensor file is an orphan nothing reads.
+            let _ = tokio::fs::remove_file(&final_path).await;
+            return Err(e);
+        }
+        self.state.checkpoint_stored(&first.job_id, first.attempt, &first.name)?;
+        Ok(UploadCheckpointResponse { name: first.name, bytes: total })
     }
 }
 

@@ -61,6 +61,10 @@ struct JobEntry {
     retired: bool,
     waiting_since: Instant,
     not_before: Instant,
+    /// The newest refused checkpoint upload of the current attempt: (name, reason).
+    refused_upload: Option<(String, String)>,
+    /// What rank 0 said about the final checkpoint in its `Finished` report, if not stored.
+    final_checkpoint_error: String,
 }
 
 struct WorkerEntry {
@@ -122,6 +126,11 @@ fn internal(e: StoreError) -> Status {
     Status::internal(format!("coordinator storage error: {e}"))
 }
 
+/// The checkpoint name for a position: `ckpt-eEEEE-sSSSSSS` (as the worker writes it).
+pub fn checkpoint_name(epoch: u32, step: u64) -> String {
+    format!("ckpt-e{epoch:04}-s{step:06}")
+}
+
 /// Epoch and step encoded in a checkpoint name `ckpt-eEEEE-sSSSSSS`.
 pub fn checkpoint_position(name: &str) -> Option<(u32, u64)> {
     let rest = name.strip_prefix("ckpt-e")?;
@@ -140,6 +149,8 @@ impl JobEntry {
             retired: false,
             waiting_since: Instant::now(),
             not_before: Instant::now(),
+            refused_upload: None,
+            final_checkpoint_error: String::new(),
         }
     }
 
@@ -474,14 +485,25 @@ impl Coordinator {
             }
             Some(Kind::Finished(f)) => {
                 job.finished.insert(report.rank);
+                if report.rank == 0 {
+                    job.final_checkpoint_error = f.final_checkpoint_error.clone();
+                }
                 if job.finished.len() == job.members.len() {
                     release_members(job, &mut inner.workers, "");
-                    job.info.set_state(JobState::Succeeded);
-                    job.info.finished_unix = now_unix();
-                    job.info.message = format!("final test accuracy {:.2}%", f.final_test_acc * 100.0);
-                    job.info.outcome = "succeeded".into();
-                    job.log(format!("succeeded: {}", job.info.message));
-                    self.finish_job(job)?;
+                    // Trained to the end is not success until the final model is stored.
+                    if let Some(why) = self.final_checkpoint_missing(job) {
+                        self.fail_job(job, why, outcome::FINAL_CHECKPOINT_MISSING);
+                    } else {
+                        job.info.set_state(JobState::Succeeded);
+                        job.info.finished_unix = now_unix();
+                        // From the recorded history: a group that resumed from the final
+                        // checkpoint trains nothing and reports no accuracy of its own.
+                        let acc = job.info.history.last().map(|m| m.test_acc).unwrap_or(f.final_test_acc);
+                        job.info.message = format!("final test accuracy {:.2}%", acc * 100.0);
+                        job.info.outcome = "succeeded".into();
+                        job.log(format!("succeeded: {}", job.info.message));
+                        self.finish_job(job)?;
+                    }
                     drop(guard);
                     self.wake.notify_one();
                 }
@@ -520,6 +542,37 @@ impl Coordinator {
         job.info.latest_checkpoint = name.to_string();
         self.store.put_job(&job.info).map_err(internal)?;
         Ok(())
+    }
+
+    /// Records a refused checkpoint upload of the current attempt, so the job's log shows
+    /// it and a job whose final checkpoint never arrives can say why.
+    pub fn checkpoint_refused(&self, job_id: &str, attempt: u32, name: &str, reason: &str) {
+        let mut inner = self.lock();
+        let Some(job) = inner.jobs.get_mut(job_id) else { return };
+        if attempt != job.info.attempt || is_terminal(job.info.state()) {
+            return;
+        }
+        job.log(format!("checkpoint {name} refused: {reason}"));
+        job.refused_upload = Some((name.to_string(), reason.to_string()));
+    }
+
+    /// Why the job's final checkpoint (the one after its last epoch) is not stored, if not.
+    fn final_checkpoint_missing(&self, job: &JobEntry) -> Option<String> {
+        let epochs = job.info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
+        let name = checkpoint_name(epochs, 0);
+        let dir = self.store.checkpoint_dir(&job.info.id);
+        let on_disk = dir.join(format!("{name}.json")).is_file() && dir.join(format!("{name}.safetensors")).is_file();
+        if job.info.latest_checkpoint == name && on_disk {
+            return None;
+        }
+        let why = match (&job.refused_upload, job.final_checkpoint_error.as_str()) {
+            (Some((refused, reason)), _) if *refused == name => format!("the coordinator refused it: {reason}"),
+            (_, e) if !e.is_empty() => e.to_string(),
+            (Some((refused, reason)), _) => format!("rank 0 did not upload it; the last refused upload was {refused}: {reason}"),
+            (None, _) => "rank 0 did not upload it".to_string(),
+        };
+        let newest = if job.info.latest_checkpoint.is_empty() { "none".to_string() } else { job.info.latest_checkpoint.clone() };
+        Some(format!("training finished but the final checkpoint {name} was not stored: {why}; newest stored checkpoint: {newest}"))
     }
 
     /// Whether an upload for this job and attempt may be stored at all.
@@ -632,6 +685,8 @@ impl Coordinator {
         job.members = members.clone();
         job.finished.clear();
         job.failed_attempt = None;
+        job.refused_upload = None;
+        job.final_checkpoint_error.clear();
         job.info.set_state(JobState::Running);
         job.info.world_size = members.len() as u32;
         job.info.worker_ids = members.clone();

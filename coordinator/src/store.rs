@@ -106,6 +106,45 @@ impl Store {
         self.job_dir(id).join(run_dir::CHECKPOINT_DIR)
     }
 
+    /// Deletes a job's older checkpoints: keeps the `keep` newest by position (epoch,
+    /// step) and `latest` (the one a recovery resumes from, which after a change of world
+    /// size can be older by position than one kept from before). `keep` 0 keeps all.
+    ///
+    /// Call only after the newest checkpoint and the job record naming it are durably
+    /// stored. Each checkpoint's JSON commit record goes first, so a crash midway leaves an
+    /// orphan tensor file rather than a record without its tensors. Returns each deleted
+    /// name with the error that stopped its deletion, if any.
+    pub fn prune_checkpoints(&self, job_id: &str, keep: usize, latest: &str) -> Vec<(String, Option<String>)> {
+        if keep == 0 {
+            return Vec::new();
+        }
+        let dir = self.checkpoint_dir(job_id);
+        let mut stored: Vec<((u32, u64), String)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().strip_suffix(".json")?.to_string();
+                Some((crate::state::checkpoint_position(&name)?, name))
+            })
+            .collect();
+        stored.sort();
+        stored.reverse();
+        let mut deleted = Vec::new();
+        for (_, name) in stored.into_iter().skip(keep).filter(|(_, n)| n != latest) {
+            let result = std::fs::remove_file(dir.join(format!("{name}.json")))
+                .and_then(|_| match std::fs::remove_file(dir.join(format!("{name}.safetensors"))) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                });
+            deleted.push((name, result.err().map(|e| e.to_string())));
+        }
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        deleted
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

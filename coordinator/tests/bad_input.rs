@@ -521,7 +521,7 @@ async fn report_for_a_finished_job_is_ignored() {
         msg: Some(worker_message::Msg::Report(JobReport { job_id: done.clone(), attempt: 0, rank: 0, kind: Some(kind), failure_kind: 0 })),
     };
     tx.send(report(job_report::Kind::Epoch(EpochMetrics { epoch: 0, test_acc: 0.99, ..Default::default() }))).unwrap();
-    tx.send(report(job_report::Kind::Finished(Finished { final_test_acc: 0.99, wall_seconds: 1.0 }))).unwrap();
+    tx.send(report(job_report::Kind::Finished(Finished { final_test_acc: 0.99, wall_seconds: 1.0, ..Default::default() }))).unwrap();
     tx.send(WorkerMessage {
         msg: Some(worker_message::Msg::Report(JobReport {
             job_id: "j9999-nope".into(),

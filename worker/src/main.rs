@@ -8,7 +8,7 @@ use cvdist_common::{auth, run_dir, spec};
 use cvdist_worker::agent::{self, WorkerConfig};
 use cvdist_worker::collective::Solo;
 use cvdist_worker::models;
-use cvdist_worker::train::checkpoint::CheckpointState;
+use cvdist_worker::train::checkpoint::{self, CheckpointState};
 use cvdist_worker::train::tensorboard;
 use cvdist_worker::{eval, interop};
 use cvdist_worker::train::{self, Datasets, Observer, TrainerConfig};
@@ -226,9 +226,17 @@ fn main() {
     if let Err(e) = result {
         let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
         eprintln!("error: {}", causes.join(": "));
-        std::process::exit(2);
+        // 1: the run itself failed (as `cvdist local` for a failed job); 2: bad input or
+        // an error before or around the run.
+        std::process::exit(if e.downcast_ref::<RunFailed>().is_some() { 1 } else { 2 });
     }
 }
+
+/// A run that went to its end but did not produce what a success needs (its summary.json
+/// says why); the process exits 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RunFailed(String);
 
 fn default_cache() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
@@ -420,9 +428,25 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     // with a non-zero status.
     match &result {
         Ok(outcome) => {
+            summary.wall_seconds = outcome.wall_seconds;
+            let final_name = checkpoint::name_for(s.epochs, 0);
+            let final_json = cfg.checkpoint_dir.as_ref().map(|d| d.join(format!("{final_name}.json")));
+            // Trained to the end is not enough: without its final checkpoint the run has no model.
+            let missing = match (&outcome.final_checkpoint_error, &final_json) {
+                (Some(e), _) => Some(e.clone()),
+                (None, Some(p)) if !p.is_file() => Some(format!("{} does not exist", p.display())),
+                _ => None,
+            };
+            if let Some(why) = missing {
+                summary.state = "failed".into();
+                summary.outcome = run_dir::outcome::FINAL_CHECKPOINT_MISSING.into();
+                summary.message =
+                    format!("training finished but the final checkpoint {final_name} was not written: {why}");
+                run_dir::write_summary(&a.out, &summary)?;
+                return Err(RunFailed(format!("{}; run directory {}", summary.message, a.out.display())).into());
+            }
             summary.state = "succeeded".into();
             summary.outcome = "succeeded".into();
-            summary.wall_seconds = outcome.wall_seconds;
         }
         Err(e) => {
             summary.state = "failed".into();

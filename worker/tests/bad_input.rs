@@ -142,6 +142,7 @@ fn state(epoch: u32, step: u64) -> CheckpointState {
         seed: 0,
         world_size: 1,
         partial: [0.0; 4],
+        rank_partials: Vec::new(),
         loss_scale: 1.0,
         sha256: String::new(),
         bytes: 0,

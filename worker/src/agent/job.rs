@@ -19,8 +19,6 @@ use tracing::{info, info_span, warn};
 
 /// How long ranks wait for each other when forming the data-plane ring.
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(60);
-/// Local checkpoints kept by rank 0 after upload (older ones are deleted).
-const KEEP_LOCAL_CHECKPOINTS: usize = 2;
 
 /// What a running job shares with the session loop, so an abort can reach it.
 #[derive(Clone, Default)]
@@ -47,6 +45,8 @@ pub struct JobEnv {
     pub device: Device,
     pub data: Option<PathBuf>,
     pub cache_dir: PathBuf,
+    /// The id the coordinator registered this worker under: names its own scratch folder.
+    pub worker_id: String,
     pub listener: std::net::TcpListener,
     pub client: Client,
     pub runtime: tokio::runtime::Handle,
@@ -57,6 +57,10 @@ struct ReportingObserver<'a> {
     assignment: &'a Assignment,
     env: &'a JobEnv,
     control: JobControl,
+    /// The newest checkpoint the coordinator confirmed it stored, and why the newest
+    /// upload failed (cleared by a later success).
+    confirmed: Option<String>,
+    upload_error: Option<(String, String)>,
 }
 
 /// Why an attempt ended on this rank, and whether a restart could help.
@@ -115,18 +119,30 @@ impl Observer for ReportingObserver<'_> {
         let mut client = self.env.client.clone();
         let a = self.assignment;
         let result = self.env.runtime.block_on(transfer::upload_checkpoint(&mut client, &a.job_id, a.attempt, json, state));
+        let name = state.name();
         match result {
             Ok(()) => {
-                info!(checkpoint = %state.name(), "checkpoint uploaded");
+                info!(checkpoint = %name, "checkpoint uploaded");
+                // Only what the coordinator holds (this one) or has superseded (anything
+                // older) may go; a local copy is the only copy until then.
                 if let Some(dir) = json.parent() {
-                    for old in checkpoint::list(dir).into_iter().skip(KEEP_LOCAL_CHECKPOINTS) {
-                        let _ = std::fs::remove_file(old.with_extension("safetensors"));
-                        let _ = std::fs::remove_file(&old);
+                    for old in checkpoint::list(dir) {
+                        let older = old.file_stem().is_some_and(|s| s.to_string_lossy().as_ref() < name.as_str());
+                        if older {
+                            let _ = std::fs::remove_file(old.with_extension("safetensors"));
+                            let _ = std::fs::remove_file(&old);
+                        }
                     }
                 }
+                self.confirmed = Some(name);
+                self.upload_error = None;
             }
-            // The job can go on; a restart would resume from an older checkpoint.
-            Err(e) => warn!(checkpoint = %state.name(), error = %e, "checkpoint upload failed"),
+            // The job can go on; a restart would resume from an older checkpoint. The local
+            // copy stays.
+            Err(e) => {
+                warn!(checkpoint = %name, error = %e, "checkpoint upload failed");
+                self.upload_error = Some((name, e.to_string()));
+            }
         }
     }
 
@@ -139,7 +155,8 @@ impl Observer for ReportingObserver<'_> {
 pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
     let span = info_span!("job", job = %assignment.job_id, attempt = assignment.attempt, rank = assignment.rank);
     let _enter = span.enter();
-    let observer = ReportingObserver { assignment: &assignment, env: &env, control: control.clone() };
+    let observer =
+        ReportingObserver { assignment: &assignment, env: &env, control: control.clone(), confirmed: None, upload_error: None };
     let outcome = execute(&assignment, &env, &control);
     match outcome {
         Ok(fin) => {
@@ -197,7 +214,10 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     if spec.threads_per_worker > 0 {
         tch::set_num_threads(spec.threads_per_worker as i32);
     }
-    let job_dir = env.cache_dir.join("jobs").join(&a.job_id);
+    // Per worker: several workers may be given one cache dir (`cvdist local`, or two
+    // workers on one host sharing ~/.cache/cvdist), and each deletes its job folder when
+    // done; a shared folder would lose another rank's checkpoint being written.
+    let job_dir = scratch_dir(&env.cache_dir, &env.worker_id).join("jobs").join(&a.job_id);
 
     let data_dir = match (&env.data, spec.dataset.as_str()) {
         (_, "synthetic") => None,
@@ -256,15 +276,45 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         progress_interval: Duration::from_secs(2),
         freeze_bn: false,
     };
-    let mut observer = ReportingObserver { assignment: a, env, control: control.clone() };
+    let mut observer =
+        ReportingObserver { assignment: a, env, control: control.clone(), confirmed: None, upload_error: None };
     let outcome = train::train(&cfg, &data, comm.as_mut(), &mut observer)?;
     if let Ok(mut slot) = control.abort.lock() {
         *slot = None;
     }
     let final_test_acc = outcome.history.last().map(|m| m.test_acc).unwrap_or(0.0);
-    // Local copies are no longer needed once the coordinator holds the checkpoints.
-    let _ = std::fs::remove_dir_all(&job_dir);
-    Ok(Finished { final_test_acc, wall_seconds: outcome.wall_seconds })
+    let final_name = checkpoint::name_for(cfg.spec.epochs, 0);
+    // Rank 0 says why the final model is not on the coordinator, if it is not; the
+    // coordinator then does not report the job as succeeded.
+    let final_checkpoint_error = if rank != 0 || a.checkpoint == final_name || observer.confirmed.as_deref() == Some(&final_name) {
+        String::new()
+    } else if let Some(e) = outcome.final_checkpoint_error {
+        format!("rank 0 could not write it: {e}")
+    } else if let Some((name, e)) = observer.upload_error.filter(|(n, _)| *n == final_name) {
+        format!("uploading {name} failed: {e}")
+    } else {
+        "rank 0 did not upload it".to_string()
+    };
+    if rank == 0 && final_checkpoint_error.is_empty() {
+        // Local copies are no longer needed once the coordinator holds the final checkpoint.
+        let _ = std::fs::remove_dir_all(&job_dir);
+    } else {
+        // Another rank cannot know whether the final checkpoint arrives, so it keeps any
+        // checkpoint it wrote as rank 0 of an earlier attempt; the downloaded copy goes.
+        let _ = std::fs::remove_dir_all(job_dir.join("resume"));
+        let _ = std::fs::remove_dir(&job_dir);
+        if rank == 0 {
+            warn!(checkpoint = %final_name, error = %final_checkpoint_error, kept = %job_dir.display(),
+                "the final checkpoint is not stored by the coordinator; local checkpoints are kept");
+        }
+    }
+    Ok(Finished { final_test_acc, wall_seconds: outcome.wall_seconds, final_checkpoint_error })
+}
+
+/// This worker's own scratch folder under `cache_dir` (checkpoints, resume downloads):
+/// `cache_dir/workers/<worker id>`.
+pub fn scratch_dir(cache_dir: &Path, worker_id: &str) -> PathBuf {
+    cache_dir.join("workers").join(worker_id)
 }
 
 /// A coordinator that has no dataset to serve (or serves a broken one) will answer the same

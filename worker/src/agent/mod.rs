@@ -126,6 +126,12 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
     });
 
     let mut running: Option<(String, u32, JobControl, std::thread::JoinHandle<()>)> = None;
+    // Names this worker's own scratch folder; replaced by the id the coordinator confirms.
+    let mut worker_id = if cvdist_common::spec::valid_name(&cfg.worker_id) {
+        cfg.worker_id.clone()
+    } else {
+        format!("pid-{}", std::process::id())
+    };
     let result = loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -133,7 +139,13 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
             Err(s) => break Err(AgentError::Retry(format!("session lost: {}", error_chain(&s)))),
         };
         match msg.msg {
-            Some(coordinator_message::Msg::Registered(r)) => info!(worker = %r.worker_id, "registered"),
+            Some(coordinator_message::Msg::Registered(r)) => {
+                info!(worker = %r.worker_id, "registered");
+                // A path component: only a valid name is used.
+                if cvdist_common::spec::valid_name(&r.worker_id) {
+                    worker_id = r.worker_id;
+                }
+            }
             Some(coordinator_message::Msg::Assignment(a)) => {
                 // One job at a time: an aborted predecessor must have let go of the
                 // device and the data-plane port before the next starts.
@@ -146,6 +158,7 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
                     device: cfg.device,
                     data: cfg.data.clone(),
                     cache_dir: cfg.cache_dir.clone(),
+                    worker_id: worker_id.clone(),
                     listener: listener.try_clone().map_err(|e| AgentError::Fatal(e.to_string()))?,
                     client: client.clone(),
                     runtime: tokio::runtime::Handle::current(),

@@ -55,7 +55,9 @@ pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf,
             return Err(TransferError::Corrupt { what: chunk.file.clone(), reason: format!("chunk at offset {} fails its checksum", chunk.offset) });
         }
         if current.as_ref().map(|c| c.0 != chunk.file).unwrap_or(true) {
-            let tmp = batches.join(format!(".{}.part", chunk.file));
+            // Per process: workers sharing a cache dir may fetch at the same time, and one
+            // temp name would interleave their writes into one file.
+            let tmp = batches.join(format!(".{}.part-{}", chunk.file, std::process::id()));
             let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
             current = Some((chunk.file.clone(), f, Sha256::new(), tmp));
         }

@@ -25,11 +25,18 @@ pub struct CheckpointState {
     pub step: u64,
     pub seed: u64,
     pub world_size: u32,
-    /// Running sums of the partially trained epoch: loss·samples, correct, samples, seconds.
+    /// Running sums of the partially trained epoch over all ranks: loss·samples, correct,
+    /// samples, seconds (rank 0's clock). For readers; resuming uses `rank_partials`.
     /// (With mixed precision an overflowed step's loss can make the first one non-finite;
     /// such values are written as `cvdist_common::nonfinite` describes.)
     #[serde(with = "cvdist_common::nonfinite::array")]
     pub partial: [f64; 4],
+    /// Each rank's own running sums of the partially trained epoch, by rank: loss·samples,
+    /// correct, samples, seconds, all-reduce seconds. A resumed rank continues from its own
+    /// entry, so the epoch's totals equal the uninterrupted run's bit for bit. Empty in
+    /// checkpoints written before this field existed (and at epoch boundaries).
+    #[serde(default, with = "cvdist_common::nonfinite::vec_of_arrays")]
+    pub rank_partials: Vec<[f64; 5]>,
     #[serde(with = "cvdist_common::nonfinite")]
     pub loss_scale: f64,
     pub sha256: String,
@@ -48,6 +55,7 @@ impl CheckpointState {
             seed,
             world_size,
             partial: [0.0; 4],
+            rank_partials: Vec::new(),
             loss_scale: 1.0,
             sha256: String::new(),
             bytes: 0,

@@ -148,3 +148,72 @@ pub fn sum_metrics(values: &mut [f64], comm: &mut dyn Collective) -> Result<(), 
     }
     Ok(())
 }
+
+/// Every rank's `values`, by rank, exactly (bit for bit) on every rank. Every rank must
+/// pass the same number of values.
+///
+/// The collectives only sum f32. Each f64 is cut into four 16-bit pieces, each held
+/// exactly by an f32; every rank fills only its own slots and leaves the others 0.0, so
+/// the sum is exact (x + 0 = x) whatever the reduction order. Used for the per-rank
+/// partial-epoch sums a checkpoint carries: rounding them would make a resumed epoch's
+/// totals differ from the uninterrupted run's.
+pub fn gather_f64(values: &[f64], comm: &mut dyn Collective) -> Result<Vec<Vec<f64>>, CollectiveError> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok(vec![values.to_vec()]);
+    }
+    let mut buf = pack_f64(values, comm.rank(), world);
+    comm.all_reduce_sum(&mut buf)?;
+    Ok(unpack_f64(&buf, world))
+}
+
+const PIECES: usize = 4;
+
+/// `values` in rank `rank`'s slots of a buffer for `world` ranks, 16 bits per f32.
+fn pack_f64(values: &[f64], rank: usize, world: usize) -> Vec<f32> {
+    let per_rank = values.len() * PIECES;
+    let mut buf = vec![0f32; world * per_rank];
+    for (v, slot) in values.iter().zip(buf[rank * per_rank..].chunks_mut(PIECES)) {
+        let bits = v.to_bits();
+        for (k, piece) in slot.iter_mut().enumerate() {
+            *piece = ((bits >> (16 * k)) & 0xffff) as f32;
+        }
+    }
+    buf
+}
+
+fn unpack_f64(buf: &[f32], world: usize) -> Vec<Vec<f64>> {
+    let per_rank = buf.len() / world.max(1);
+    buf.chunks(per_rank.max(1))
+        .map(|rank| {
+            rank.chunks(PIECES)
+                .map(|slot| {
+                    let bits = slot.iter().enumerate().fold(0u64, |acc, (k, &p)| acc | ((p as u64 & 0xffff) << (16 * k)));
+                    f64::from_bits(bits)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ranks' packed buffers summed as the ring sums them (f32 adds) unpack to each
+    /// rank's exact values, including ones f32 cannot hold.
+    #[test]
+    fn gathered_f64_values_are_bit_exact() {
+        let a = [1.742447123456789e3, -0.0, f64::MIN_POSITIVE, 1.0 / 3.0, 123456789.125];
+        let b = [2.0f64.powi(60) + 1.0, 1e-300, -7.25, f64::MAX, 0.1];
+        let mut sum = pack_f64(&a, 0, 2);
+        for (s, x) in sum.iter_mut().zip(pack_f64(&b, 1, 2)) {
+            *s += x;
+        }
+        let got = unpack_f64(&sum, 2);
+        assert_eq!(got.len(), 2);
+        for (want, have) in [a, b].iter().zip(&got) {
+            assert_eq!(want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), have.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+    }
+}

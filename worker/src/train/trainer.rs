@@ -1,6 +1,8 @@
 //! The training loop of one rank. With a world size of 1 it is the bare single-worker
 //! trainer; with more, gradients are averaged through a [`Collective`] every step, so N
-//! ranks with batch b take exactly the steps one rank with batch N·b would.
+//! ranks with batch b see the samples and average the gradients one rank with batch N·b
+//! would. BatchNorm in training mode still normalises over each rank's own batch, so the
+//! steps are only the same with `freeze_bn` (docs/ARCHITECTURE.md, "N workers × batch b").
 
 use super::checkpoint::{self, CheckpointState};
 use super::schedule::learning_rate;
@@ -132,6 +134,10 @@ impl Observer for NoObserver {}
 pub struct TrainOutcome {
     pub history: Vec<EpochMetrics>,
     pub wall_seconds: f64,
+    /// Why the checkpoint after the last epoch could not be written (rank 0 with a
+    /// checkpoint directory only): the run trained to the end but its final model is not
+    /// on disk, so it must not be reported as a plain success.
+    pub final_checkpoint_error: Option<String>,
     /// Final weights and buffers by name (CPU), e.g. for tests and export.
     pub variables: Vec<(String, Tensor)>,
 }
@@ -306,7 +312,9 @@ pub fn train(
     engine.freeze_bn = cfg.freeze_bn;
     let mut grad_sync = GradSync::new(engine.sgd.params());
 
-    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, [0.0f64; 4]);
+    // This rank's sums of the partially trained epoch: loss·samples, correct, samples,
+    // seconds, all-reduce seconds.
+    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, [0.0f64; 5]);
     if let Some(path) = &cfg.resume {
         let ckpt = checkpoint::load(path)?;
         checkpoint::restore_into(path, &ckpt.model, &engine.variables())?;
@@ -324,7 +332,20 @@ pub fn train(
         // Accumulators of a partial epoch only carry over at the same world size; at another
         // size the remaining steps differ anyway.
         if ckpt.state.world_size as usize == cfg.world_size {
-            partial = ckpt.state.partial;
+            // Each rank continues its own sums; the epoch's totals are summed over the
+            // ranks at its end, exactly as in an uninterrupted run.
+            partial = match ckpt.state.rank_partials.get(cfg.rank) {
+                Some(own) if ckpt.state.rank_partials.len() == cfg.world_size => *own,
+                _ => {
+                    let [l, c, n, t] = ckpt.state.partial;
+                    if cfg.world_size > 1 && ckpt.state.step > 0 {
+                        warn!("checkpoint predates per-rank sums: the resumed epoch's train loss and accuracy are estimates");
+                        // Older checkpoints hold rank 0's sums only: use them as this
+                        // rank's estimate (every shard has the same number of samples).
+                    }
+                    [l, c, n, t, 0.0]
+                }
+            };
         } else {
             start_step = 0;
         }
@@ -337,14 +358,15 @@ pub fn train(
     let steps_per_epoch = sampler::samples_per_rank(train_len, cfg.world_size).div_ceil(spec.batch_size as usize) as u64;
     let scale = if spec.scale_lr { cfg.world_size as f64 } else { 1.0 };
     let mut history = Vec::new();
+    let mut final_checkpoint_error = None;
 
     for epoch in start_epoch..spec.epochs {
         let span = info_span!("epoch", epoch, rank = cfg.rank);
         let _enter = span.enter();
         let epoch_start = Instant::now();
         let skip = if epoch == start_epoch { start_step } else { 0 };
-        let [mut loss_sum, mut correct, mut seen, prior_seconds] = if epoch == start_epoch { partial } else { [0.0; 4] };
-        let mut wire_seconds = 0.0;
+        let [mut loss_sum, mut correct, mut seen, prior_seconds, mut wire_seconds] =
+            if epoch == start_epoch { partial } else { [0.0; 5] };
         let mut last_report = Instant::now();
         let indices = sampler::rank_indices(train_len, cfg.world_size, cfg.rank, spec.seed, epoch as u64);
         let loader = Loader::new(
@@ -395,7 +417,7 @@ pub fn train(
             }
             let every = spec.checkpoint_every_steps as u64;
             if every > 0 && step % every == 0 && step < steps_per_epoch {
-                let acc = [loss_sum, correct, seen, prior_seconds + epoch_start.elapsed().as_secs_f64()];
+                let acc = [loss_sum, correct, seen, prior_seconds + epoch_start.elapsed().as_secs_f64(), wire_seconds];
                 write_checkpoint(cfg, &mut engine, comm, observer, epoch, step, acc)?;
             }
         }
@@ -443,14 +465,17 @@ pub fn train(
             observer.epoch(&metrics);
             return Err(TrainError::Diverged { epoch, step: steps_per_epoch, what, loss });
         }
-        write_checkpoint(cfg, &mut engine, comm, observer, epoch + 1, 0, [0.0; 4])?;
+        final_checkpoint_error = write_checkpoint(cfg, &mut engine, comm, observer, epoch + 1, 0, [0.0; 5])?;
         observer.epoch(&metrics);
         history.push(metrics);
     }
     let variables = engine.variables().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
-    Ok(TrainOutcome { history, wall_seconds: started.elapsed().as_secs_f64(), variables })
+    Ok(TrainOutcome { history, wall_seconds: started.elapsed().as_secs_f64(), final_checkpoint_error, variables })
 }
 
+/// Writes a checkpoint at (`epoch`, `step`) with this rank's partial-epoch sums `partial`
+/// (loss·samples, correct, samples, seconds, all-reduce seconds); every rank calls it at
+/// the same points. Returns why rank 0 could not write it, if it could not.
 fn write_checkpoint(
     cfg: &TrainerConfig,
     engine: &mut Engine,
@@ -458,27 +483,39 @@ fn write_checkpoint(
     observer: &mut dyn Observer,
     epoch: u32,
     step: u64,
-    partial: [f64; 4],
-) -> Result<(), TrainError> {
-    let Some(dir) = &cfg.checkpoint_dir else { return Ok(()) };
+    partial: [f64; 5],
+) -> Result<Option<String>, TrainError> {
+    let Some(dir) = &cfg.checkpoint_dir else { return Ok(None) };
     // All ranks take part so the saved statistics are the same ones every rank continues with.
     sync::average_running_stats(&engine.buffers, comm)?;
+    // Mid-epoch, every rank's own sums go into the checkpoint: rank 0's alone, used by every
+    // rank after a restart, would misreport the resumed epoch's loss and accuracy.
+    let rank_partials: Vec<[f64; 5]> = if step == 0 {
+        Vec::new()
+    } else {
+        sync::gather_f64(&partial, comm)?
+            .into_iter()
+            .map(|v| std::array::from_fn(|k| v.get(k).copied().unwrap_or(0.0)))
+            .collect()
+    };
     if cfg.rank != 0 {
-        return Ok(());
+        return Ok(None);
     }
     let mut state = CheckpointState::new(&cfg.spec.model, epoch, step, cfg.spec.seed, cfg.world_size as u32);
-    state.partial = partial;
+    let total = |k: usize| rank_partials.iter().map(|r| r[k]).sum::<f64>();
+    state.partial = [total(0), total(1), total(2), partial[3]];
+    state.rank_partials = rank_partials;
     state.loss_scale = engine.loss_scale;
     match checkpoint::save(dir, state, &engine.variables(), &engine.sgd.momentum_buffers()) {
         Ok((json, state)) => {
             observer.checkpoint(&json, &state);
-            Ok(())
+            Ok(None)
         }
         // A failed checkpoint (disk full, say) must not kill a healthy run: the previous
         // checkpoint is still intact because writes are atomic.
         Err(e) => {
             warn!(error = %e, "checkpoint failed; training continues with the previous checkpoint kept");
-            Ok(())
+            Ok(Some(e.to_string()))
         }
     }
 }
