@@ -205,6 +205,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(cvdist_common::term::stderr_color())
         .init();
     let result = match cli.command {
         Command::Worker(a) => run_worker(a),
@@ -247,8 +248,38 @@ fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
         advertise_addr: a.advertise_addr,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(agent::run(cfg))?;
+    rt.block_on(agent::run(cfg, stop_signal()))?;
     Ok(())
+}
+
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C), after which the agent stops its job
+/// and leaves; a second one ends the process at once.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            // Without handlers the default action (terminate) still applies.
+            return std::future::pending().await;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received: stopping the job and leaving the coordinator");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("second signal: exiting at once");
+            std::process::exit(130);
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn print_models() -> anyhow::Result<()> {
