@@ -10,6 +10,7 @@ pub mod nonfinite;
 pub mod run_dir;
 pub mod sampler;
 pub mod spec;
+pub mod term;
 pub mod version;
 
 /// Generated gRPC/protobuf code for package `cvdist.v1` (see `proto/cvdist.proto`).

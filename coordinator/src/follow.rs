@@ -4,7 +4,7 @@
 
 use crate::state::is_terminal;
 use cvdist_common::client::{connect, error_chain};
-use cvdist_common::proto::{job_event, EpochMetrics, JobInfo, JobState, WatchJobRequest};
+use cvdist_common::proto::{job_event, EpochMetrics, JobInfo, JobState, WatchJobRequest, WorkerInfo, WorkerState};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -181,6 +181,86 @@ fn strip_stamp(line: &str) -> &str {
     line.split_once(' ').map(|(_, rest)| rest).unwrap_or(line)
 }
 
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// A Unix time in seconds as RFC 3339 UTC with milliseconds, e.g.
+/// `2026-11-30T14:43:02.590Z`; `None` when it is not a representable time.
+pub fn utc_time(unix: f64) -> Option<String> {
+    use time::macros::format_description;
+    if !unix.is_finite() {
+        return None;
+    }
+    // Whole milliseconds first: at today's magnitudes an f64 of nanoseconds is off by up
+    // to 256 ns, which would turn .590 into .589 when truncated to three digits.
+    let nanos = (unix * 1e3).round() as i128 * 1_000_000;
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()?;
+    t.format(format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z")).ok()
+}
+
+/// How long before `now` the Unix time `then` was, to the second and in at most two
+/// units: `0s ago`, `3m 12s ago`, `2h 5m ago`, `3d 4h ago`. Times slightly in the future
+/// (clock skew between hosts) read `0s ago`.
+pub fn ago(then: f64, now: f64) -> String {
+    let secs = (now - then).floor();
+    let secs = if secs.is_finite() && secs > 0.0 { secs as u64 } else { 0 };
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    let text = if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {s}s")
+    } else {
+        format!("{s}s")
+    };
+    format!("{text} ago")
+}
+
+/// An event as stored by the coordinator (`UNIX_SECONDS text`) with a readable UTC time
+/// in place of the number, and how long ago it was when `now` is given. Lines without a
+/// leading number are returned as they are.
+pub fn event_line(line: &str, now: Option<f64>) -> String {
+    let Some((stamp, text)) = line.split_once(' ') else { return line.to_string() };
+    let Some((unix, when)) = stamp.parse::<f64>().ok().and_then(|u| Some((u, utc_time(u)?))) else {
+        return line.to_string();
+    };
+    match now {
+        Some(now) => format!("{when} ({}) {text}", ago(unix, now)),
+        None => format!("{when} {text}"),
+    }
+}
+
+/// The workers overview of `cvdist status`: one line per registered worker.
+pub fn workers_table(workers: &[WorkerInfo], now: f64) -> String {
+    let busy = workers.iter().filter(|w| w.state() == WorkerState::Busy).count();
+    let mut out = format!("{} workers ({busy} busy)\n", workers.len());
+    if workers.is_empty() {
+        return out;
+    }
+    out.push_str(&format!("{:<20} {:<8} {:<5} {:<24} {:>6}  LAST HEARTBEAT\n", "WORKER", "DEVICE", "STATE", "JOB", "RANK"));
+    for w in workers {
+        let device = w.capabilities.as_ref().map(|c| c.device.as_str()).unwrap_or("?");
+        let (state, job, rank) = match w.state() {
+            WorkerState::Busy => ("busy", w.job_id.as_str(), format!("{}/{}", w.rank, w.world_size)),
+            WorkerState::Idle => ("idle", "-", "-".to_string()),
+            WorkerState::Unspecified => ("?", "-", "-".to_string()),
+        };
+        out.push_str(&format!(
+            "{:<20} {:<8} {:<5} {:<24} {:>6}  {}\n",
+            w.worker_id,
+            device,
+            state,
+            job,
+            rank,
+            ago(w.last_heartbeat_unix, now)
+        ));
+    }
+    out
+}
+
 /// One line per job for `cvdist jobs`.
 pub fn job_row(info: &JobInfo) -> String {
     let spec = info.spec.clone().unwrap_or_default();
@@ -198,8 +278,9 @@ pub fn job_row(info: &JobInfo) -> String {
     )
 }
 
-/// Human-readable detail for `cvdist status JOB`.
-pub fn describe(info: &JobInfo) -> String {
+/// Human-readable detail for `cvdist status JOB`; event times are shown relative to `now`
+/// (Unix seconds) as well.
+pub fn describe(info: &JobInfo, now: f64) -> String {
     let spec = info.spec.clone().unwrap_or_default();
     let mut out = format!(
         "job:        {}\nstate:      {}\nmodel:      {} ({} epochs, batch {} per worker, lr {}, workers {}..{})\nattempt:    {} ({} restarts of {} allowed)\nworkers:    {}\ncheckpoint: {}\n",
@@ -242,7 +323,7 @@ pub fn describe(info: &JobInfo) -> String {
     if !info.events.is_empty() {
         out.push_str("events:\n");
         for e in &info.events {
-            out.push_str(&format!("  {e}\n"));
+            out.push_str(&format!("  {}\n", event_line(e, Some(now))));
         }
     }
     out
@@ -275,4 +356,33 @@ pub fn explain(e: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_times_are_readable_utc() {
+        // 1796045238.590 is the stamp quoted in issue 11.
+        assert_eq!(utc_time(1796045238.590).as_deref(), Some("2026-11-30T13:27:18.590Z"));
+        assert_eq!(event_line("1796045238.590 submitted: resnet20", None), "2026-11-30T13:27:18.590Z submitted: resnet20");
+        assert_eq!(
+            event_line("1796045238.590 submitted: resnet20", Some(1796045238.590 + 192.4)),
+            "2026-11-30T13:27:18.590Z (3m 12s ago) submitted: resnet20"
+        );
+        // Lines that do not start with a time are left alone.
+        assert_eq!(event_line("no stamp here", None), "no stamp here");
+        assert_eq!(utc_time(f64::NAN), None);
+    }
+
+    #[test]
+    fn ago_uses_two_units_at_most() {
+        assert_eq!(ago(100.0, 100.4), "0s ago");
+        assert_eq!(ago(100.0, 90.0), "0s ago");
+        assert_eq!(ago(0.0, 4.9), "4s ago");
+        assert_eq!(ago(0.0, 192.0), "3m 12s ago");
+        assert_eq!(ago(0.0, 2.0 * 3600.0 + 300.0), "2h 5m ago");
+        assert_eq!(ago(0.0, 3.0 * 86400.0 + 4.0 * 3600.0), "3d 4h ago");
+    }
 }

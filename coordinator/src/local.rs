@@ -50,8 +50,83 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
     bail!("cannot find cvdist-worker next to {} (set CVDIST_WORKER_BIN)", exe.display())
 }
 
-/// Runs the job to its end; returns whether it succeeded.
-pub async fn run_local(run: LocalRun) -> anyhow::Result<bool> {
+/// How a local run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job ended; `true` when it succeeded.
+    Finished(bool),
+    /// Stopped by this signal number (SIGINT, SIGTERM) before the job ended.
+    Interrupted(i32),
+}
+
+/// Makes a child process get SIGKILL when the thread that started it dies (Linux
+/// `PR_SET_PDEATHSIG`), so a `cvdist` killed with SIGKILL leaves no worker behind that
+/// would retry a coordinator that is gone. Call it from a long-lived thread (the main
+/// thread or a runtime worker): the signal fires when that *thread* exits. No-op
+/// elsewhere.
+pub fn die_with_parent<C: PreExec>(cmd: &mut C) {
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id();
+        let hook = move || {
+            // SAFETY: prctl and getppid are async-signal-safe; no allocation happens here.
+            unsafe {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died between fork and prctl: then nobody would
+                // ever send the signal.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("parent exited while starting the worker"));
+                }
+            }
+            Ok(())
+        };
+        cmd.set_pre_exec(hook);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
+/// The `pre_exec` hook of std's and tokio's `Command`.
+pub trait PreExec {
+    fn set_pre_exec(&mut self, f: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static);
+}
+
+#[cfg(unix)]
+impl PreExec for std::process::Command {
+    fn set_pre_exec(&mut self, f: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static) {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the hook only makes async-signal-safe calls (see die_with_parent).
+        unsafe {
+            self.pre_exec(f);
+        }
+    }
+}
+
+#[cfg(unix)]
+impl PreExec for Command {
+    fn set_pre_exec(&mut self, f: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static) {
+        // SAFETY: the hook only makes async-signal-safe calls (see die_with_parent).
+        unsafe {
+            self.pre_exec(f);
+        }
+    }
+}
+
+#[cfg(not(unix))]
+impl PreExec for std::process::Command {
+    fn set_pre_exec(&mut self, _f: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static) {}
+}
+
+#[cfg(not(unix))]
+impl PreExec for Command {
+    fn set_pre_exec(&mut self, _f: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static) {}
+}
+
+/// Runs the job to its end, or until `interrupted` resolves (with a signal number): then
+/// the workers are killed and the embedded coordinator stopped, within a few seconds.
+pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Output = i32>) -> anyhow::Result<Outcome> {
     if run.out.join(run_dir::SUMMARY_FILE).exists() {
         bail!("{} already holds a finished run; choose another --out", run.out.display());
     }
@@ -101,7 +176,13 @@ pub async fn run_local(run: LocalRun) -> anyhow::Result<bool> {
             spawn_worker(&r, &url, &token, k)
         }
     }));
-    let outcome = drive(&run, &conn).await;
+    let outcome = tokio::select! {
+        o = drive(&run, &conn) => Ok(o),
+        signal = interrupted => {
+            eprintln!("interrupted: stopping the local workers and the coordinator");
+            Err(signal)
+        }
+    };
     supervisor.abort();
     let mut children = children.lock().await;
     for child in children.iter_mut() {
@@ -111,13 +192,23 @@ pub async fn run_local(run: LocalRun) -> anyhow::Result<bool> {
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     }
     let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    // serve() stops within SHUTDOWN_GRACE by itself; the margin only guards against a bug.
+    let _ = tokio::time::timeout(crate::server::SHUTDOWN_GRACE + Duration::from_secs(2), server).await;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(signal) => {
+            if !run.quiet {
+                eprintln!("run stopped before its end; the job's state is in {}", state_dir.display());
+            }
+            return Ok(Outcome::Interrupted(signal));
+        }
+    };
     let (job_id, ok) = outcome?;
     collect(&state_dir.join("jobs").join(&job_id), &run.out)?;
     if !run.quiet {
         eprintln!("run directory: {}", run.out.display());
     }
-    Ok(ok)
+    Ok(Outcome::Finished(ok))
 }
 
 /// Refuses a CUDA device this machine does not have before anything starts (otherwise
@@ -197,6 +288,7 @@ fn spawn_worker(run: &LocalRun, url: &str, token: &str, k: u32) -> anyhow::Resul
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true);
+    die_with_parent(&mut cmd);
     if let Some(d) = &run.data {
         cmd.arg("--data").arg(d);
     }

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use cvdist_common::proto::{CancelJobRequest, GetJobRequest, JobState, ListJobsRequest, SubmitJobRequest};
+use cvdist_common::proto::{CancelJobRequest, GetJobRequest, JobState, ListJobsRequest, ListWorkersRequest, SubmitJobRequest};
 use cvdist_common::{auth, spec};
 use cvdist_coordinator::follow::{self, Connection};
 use cvdist_coordinator::local::{self, LocalRun};
@@ -339,6 +339,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(if quiet_logs { tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "error".into()) } else { filter })
         .with_writer(std::io::stderr)
+        .with_ansi(cvdist_common::term::stderr_color())
         .init();
     let code = match run(cli) {
         Ok(code) => code,
@@ -350,23 +351,45 @@ fn main() {
     std::process::exit(code);
 }
 
-fn exec_worker(sub: &str, args: &[String]) -> anyhow::Result<i32> {
+/// Hands the whole command over to `cvdist-worker`. On Unix this process *becomes* it
+/// (exec), so signals, the exit status and process supervisors (systemd, Kubernetes,
+/// Slurm) all see the real worker; a parent that waited would leave the worker running
+/// with parent 1 when it is killed. Returns only on failure to start it.
+fn hand_over(sub: &str, args: &[String]) -> anyhow::Result<i32> {
     let bin = local::worker_binary()?;
-    let status = std::process::Command::new(&bin)
-        .arg(sub)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {}", bin.display()))?;
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg(sub).args(args);
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let err = cmd.exec();
+        Err(anyhow::Error::new(err).context(format!("running {}", bin.display())))
+    }
+    #[cfg(not(unix))]
+    {
+        let status = cmd.status().with_context(|| format!("running {}", bin.display()))?;
+        Ok(status.code().unwrap_or(1))
+    }
+}
+
+/// Runs `cvdist-worker SUB` as a child and waits, for commands that post-process its
+/// output (`eval`); the child is killed if this process dies first.
+fn run_worker_child(sub: &str, args: &[String]) -> anyhow::Result<i32> {
+    let bin = local::worker_binary()?;
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg(sub).args(args);
+    local::die_with_parent(&mut cmd);
+    let status = cmd.status().with_context(|| format!("running {}", bin.display()))?;
     Ok(status.code().unwrap_or(1))
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Worker { args } => return exec_worker("worker", &args),
-        Command::Models { args } => return exec_worker("models", &args),
-        Command::Train { args } => return exec_worker("train", &args),
-        Command::Export { args } => return exec_worker("export", &args),
-        Command::Import { args } => return exec_worker("import", &args),
+        Command::Worker { args } => return hand_over("worker", &args),
+        Command::Models { args } => return hand_over("models", &args),
+        Command::Train { args } => return hand_over("train", &args),
+        Command::Export { args } => return hand_over("export", &args),
+        Command::Import { args } => return hand_over("import", &args),
         Command::Eval { checkpoint, data, dataset, test_samples, out, device } => {
             return run_eval(checkpoint, data, dataset, test_samples, out, device)
         }
@@ -398,7 +421,10 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             };
             server::check_exposure(a.listen, &cfg)?;
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
-            server::serve(listener, cfg, shutdown_signal()).await?;
+            server::serve(listener, cfg, async {
+                let _ = shutdown_signal().await;
+            })
+            .await?;
             Ok(0)
         }
         Command::Submit(a) => {
@@ -423,9 +449,17 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             match job {
                 Some(id) => {
                     let info = client.get_job(GetJobRequest { job_id: id }).await.map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
-                    print!("{}", follow::describe(info.get_ref()));
+                    print!("{}", follow::describe(info.get_ref(), follow::now_unix()));
                 }
                 None => {
+                    match client.list_workers(ListWorkersRequest {}).await {
+                        Ok(w) => print!("{}", follow::workers_table(&w.into_inner().workers, follow::now_unix())),
+                        // A coordinator from before ListWorkers: show what it can tell.
+                        Err(s) if s.code() == tonic::Code::Unimplemented => {
+                            println!("workers: this coordinator predates the workers overview (upgrade it to see them)")
+                        }
+                        Err(s) => anyhow::bail!("{}", follow::status_text(&s)),
+                    }
                     let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
                     let jobs = jobs.into_inner().jobs;
                     let active = jobs.iter().filter(|j| !cvdist_coordinator::state::is_terminal(j.state())).count();
@@ -459,7 +493,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 return Ok(if follow::print_summary(&info) { 0 } else { 1 });
             }
             for e in &info.events {
-                println!("{e}");
+                println!("{}", follow::event_line(e, None));
             }
             Ok(0)
         }
@@ -485,7 +519,12 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             if spec.dataset == "cifar10" && a.data.is_none() {
                 anyhow::bail!("--data DIR is required for CIFAR-10 (or pass --dataset synthetic)");
             }
-            let ok = local::run_local(LocalRun {
+            let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<i32>();
+            tokio::spawn(async move {
+                let _ = signal_tx.send(shutdown_signal().await);
+            });
+            let interrupted = async move { signal_rx.await.unwrap_or(0) };
+            let outcome = local::run_local(LocalRun {
                 spec,
                 workers,
                 data: a.data,
@@ -495,9 +534,13 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 worker_bin: local::worker_binary()?,
                 quiet: a.quiet,
                 keep_checkpoints: a.keep_checkpoints,
-            })
+            }, interrupted)
             .await?;
-            Ok(if ok { 0 } else { 1 })
+            Ok(match outcome {
+                local::Outcome::Finished(ok) => if ok { 0 } else { 1 },
+                // The shell's convention for "killed by signal N".
+                local::Outcome::Interrupted(signal) => 128 + signal,
+            })
         }
         Command::Report { runs, out, conn } => {
             let mut loaded = Vec::new();
@@ -568,7 +611,7 @@ fn run_eval(
         args.push("--data".into());
         args.push(d.display().to_string());
     }
-    let code = exec_worker("eval", &args)?;
+    let code = run_worker_child("eval", &args)?;
     if code != 0 {
         return Ok(code);
     }
@@ -599,22 +642,28 @@ struct EvalResult {
     classes: Vec<String>,
 }
 
-async fn shutdown_signal() {
+/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM with that signal's number (2 or 15).
+async fn shutdown_signal() -> i32 {
+    const SIGINT: i32 = 2;
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
+        const SIGTERM: i32 = 15;
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
             Err(_) => {
                 let _ = ctrl_c.await;
-                return;
+                return SIGINT;
             }
         };
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = ctrl_c => SIGINT,
+            _ = term.recv() => SIGTERM,
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = ctrl_c.await;
+        SIGINT
+    }
 }

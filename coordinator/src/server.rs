@@ -19,6 +19,11 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 use tracing::{info, warn};
 
+/// How long a shutdown waits for open RPCs (an upload, a dataset stream) to finish after
+/// the worker sessions and watch streams were closed; then the rest are cut off, so a
+/// coordinator always stops within a few seconds of SIGTERM or Ctrl-C.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert: PathBuf,
@@ -60,7 +65,14 @@ pub fn check_exposure(listen: SocketAddr, cfg: &CoordinatorConfig) -> anyhow::Re
     Ok(())
 }
 
-/// Serves on `listener` until `shutdown` resolves.
+/// Binds the metrics address a user asked for; failing to is fatal, like `--listen`.
+pub async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen for metrics on {addr}"))
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops within [`SHUTDOWN_GRACE`]
+/// (plus the time to close the store). Fails before serving if the metrics address
+/// cannot be bound.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     cfg: CoordinatorConfig,
@@ -68,6 +80,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     check_exposure(addr, &cfg)?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(bind_metrics(a).await?),
+        None => None,
+    };
     // StoreError already names the path and the cause; more context would repeat it.
     let store = Store::open(&cfg.state_dir)?;
     let state = Coordinator::new(store, StateConfig { heartbeat_timeout: cfg.heartbeat_timeout })?;
@@ -84,10 +100,7 @@ pub async fn serve(
             ticker.tick();
         }
     });
-    let metrics_task = match cfg.metrics_listen {
-        Some(addr) => Some(tokio::spawn(serve_metrics(addr, state.clone()))),
-        None => None,
-    };
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(l, state.clone())));
 
     let service = Service { state: state.clone(), data_dir: cfg.data_dir.clone(), keep_checkpoints: cfg.keep_checkpoints };
     let token = cfg.token.clone();
@@ -131,29 +144,50 @@ pub async fn serve(
         }
         s
     });
-    let result = builder
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let closer = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        info!("shutting down: closing worker sessions and watch streams");
+        closer.shut_down();
+        let _ = signalled_tx.send(());
+    };
+    let server = builder
         .add_service(health_service)
         .add_service(api)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let result = tokio::select! {
+        r = server => r,
+        // Graceful shutdown waits for every open RPC; bound that wait.
+        _ = async {
+            if signalled_rx.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            warn!("RPCs still open {}s after shutdown began; closing them", SHUTDOWN_GRACE.as_secs());
+            Ok(())
+        }
+    };
     tick_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
     }
+    // Connections cut off above may still hold the state; the store (and its file lock)
+    // is released when they are dropped with the runtime. Every state change was already
+    // committed, so nothing is lost either way.
+    drop(state);
     result.context("gRPC server")?;
+    info!("coordinator stopped");
     Ok(())
 }
 
 /// Minimal Prometheus text exposition over HTTP/1.1 (one request per connection).
-async fn serve_metrics(addr: SocketAddr, state: Arc<Coordinator>) {
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            warn!(%addr, error = %e, "metrics endpoint disabled");
-            return;
-        }
-    };
-    info!(%addr, "metrics on /metrics");
+async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<Coordinator>) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics on /metrics");
+    }
     loop {
         let Ok((mut sock, _)) = listener.accept().await else { continue };
         let state = state.clone();

@@ -6,7 +6,7 @@ use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
 use cvdist_common::proto::{
     coordinator_message, job_event, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage, DatasetChunk,
     DownloadCheckpointRequest, FetchDatasetRequest, GetJobRequest, JobEvent, JobInfo, ListJobsRequest, ListJobsResponse,
-    Registered, SubmitJobRequest, SubmitJobResponse, UploadCheckpointResponse, WatchJobRequest, WorkerMessage,
+    ListWorkersRequest, ListWorkersResponse, Registered, SubmitJobRequest, SubmitJobResponse, UploadCheckpointResponse, WatchJobRequest, WorkerMessage,
 };
 use cvdist_common::{cifar, spec, version};
 use sha2::{Digest, Sha256};
@@ -60,6 +60,10 @@ impl CoordinatorApi for Service {
         Ok(Response::new(ListJobsResponse { jobs: self.state.list()? }))
     }
 
+    async fn list_workers(&self, _req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        Ok(Response::new(ListWorkersResponse { workers: self.state.workers() }))
+    }
+
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
         Ok(Response::new(self.state.get(&req.into_inner().job_id)?))
     }
@@ -73,7 +77,9 @@ impl CoordinatorApi for Service {
     async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         let (snapshot, rx) = self.state.watch(&req.into_inner().job_id)?;
         let (tx, out) = mpsc::channel::<Result<JobEvent, Status>>(256);
+        let closing = self.state.closing();
         tokio::spawn(async move {
+            tokio::pin!(closing);
             let done = is_terminal(snapshot.state());
             if tx.send(Ok(JobEvent { event: Some(job_event::Event::Snapshot(snapshot)) })).await.is_err() || done {
                 return;
@@ -81,7 +87,15 @@ impl CoordinatorApi for Service {
             // Only an ended job comes without a subscription, and that returned above.
             let Some(mut rx) = rx else { return };
             loop {
-                match rx.recv().await {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    // Watchers reconnect to the restarted coordinator (`cvdist --follow` does).
+                    _ = &mut closing => {
+                        let _ = tx.send(Err(Status::unavailable("coordinator is shutting down"))).await;
+                        return;
+                    }
+                };
+                match next {
                     Ok(ev) => {
                         let end = matches!(&ev.event, Some(job_event::Event::Snapshot(s)) if is_terminal(s.state()));
                         if tx.send(Ok(ev)).await.is_err() || end {
@@ -117,9 +131,17 @@ impl CoordinatorApi for Service {
             msg: Some(coordinator_message::Msg::Registered(Registered { worker_id: id.clone() })),
         }));
         let state = self.state.clone();
+        let closing = self.state.closing();
         tokio::spawn(async move {
+            tokio::pin!(closing);
             let why = loop {
-                match inbound.message().await {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    // Dropping `inbound` ends our half of the stream, so the server's
+                    // graceful shutdown need not wait for the worker to hang up.
+                    _ = &mut closing => break "coordinator shutting down".to_string(),
+                };
+                match next {
                     Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(_)) })) => state.heartbeat(&id, session),
                     Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Report(r)) })) => {
                         state.heartbeat(&id, session);

@@ -15,14 +15,14 @@
 use crate::store::{Store, StoreError};
 use cvdist_common::proto::{
     coordinator_message, job_event, Abort, Assignment, CoordinatorMessage, FailureKind, JobEvent, JobInfo, JobReport,
-    JobSpec, JobState, Peer, RegisterRequest, WorkerCapabilities,
+    JobSpec, JobState, Peer, RegisterRequest, WorkerCapabilities, WorkerInfo, WorkerState,
 };
 use cvdist_common::run_dir::outcome;
 use cvdist_common::{run_dir, spec, version};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tonic::Status;
 use tracing::{info, warn};
 
@@ -74,6 +74,7 @@ struct WorkerEntry {
     session: u64,
     job: Option<(String, u32)>,
     last_seen: Instant,
+    registered_unix: f64,
 }
 
 struct Inner {
@@ -88,6 +89,8 @@ pub struct Coordinator {
     store: Store,
     cfg: StateConfig,
     pub wake: Notify,
+    /// Set once by [`Coordinator::shut_down`]; long-lived streams watch it and end.
+    closing: watch::Sender<bool>,
 }
 
 /// Counts for the metrics endpoint.
@@ -246,6 +249,7 @@ impl Coordinator {
             store,
             cfg,
             wake: Notify::new(),
+            closing: watch::Sender::new(false),
         }))
     }
 
@@ -256,6 +260,27 @@ impl Coordinator {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Begins a shutdown: every worker session is ended with UNAVAILABLE (the workers
+    /// stop their jobs and reconnect with backoff), new registrations are refused, and
+    /// [`Coordinator::closing`] fires so that watch streams end too. Without this the
+    /// gRPC server's graceful shutdown waits for these never-ending streams forever.
+    /// Running jobs stay RUNNING in the store: a restarted coordinator recovers them.
+    pub fn shut_down(&self) {
+        let mut inner = self.lock();
+        for (_, w) in std::mem::take(&mut inner.workers) {
+            let _ = w.tx.send(Err(Status::unavailable("coordinator is shutting down")));
+        }
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Coordinator::shut_down`] ran (at once if it already did).
+    pub fn closing(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|closing| *closing).await;
+        }
     }
 
     // ------------------------------------------------------------------ clients
@@ -383,6 +408,9 @@ impl Coordinator {
             return Err(Status::invalid_argument(format!("data address {:?} is not host:port", req.data_addr)));
         }
         let mut inner = self.lock();
+        if *self.closing.borrow() {
+            return Err(Status::unavailable("coordinator is shutting down"));
+        }
         let id = if req.worker_id.is_empty() {
             format!("worker-{:06x}", rand::random::<u32>() & 0xff_ffff)
         } else {
@@ -404,6 +432,7 @@ impl Coordinator {
                 session,
                 job: None,
                 last_seen: Instant::now(),
+                registered_unix: now_unix(),
             },
         );
         info!(worker = %id, workers = inner.workers.len(), "worker registered");
@@ -792,12 +821,34 @@ impl Coordinator {
         s
     }
 
-    /// Worker ids with their capabilities, for `cvdist status` without a job.
-    pub fn workers(&self) -> Vec<(String, WorkerCapabilities, Option<String>)> {
-        self.lock()
+    /// Registered workers by id, for `cvdist status` without a job (RPC ListWorkers).
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        let inner = self.lock();
+        let now = now_unix();
+        inner
             .workers
             .iter()
-            .map(|(id, w)| (id.clone(), w.caps.clone(), w.job.as_ref().map(|(j, _)| j.clone())))
+            .map(|(id, w)| {
+                let mut info = WorkerInfo {
+                    worker_id: id.clone(),
+                    capabilities: Some(w.caps.clone()),
+                    data_addr: w.data_addr.clone(),
+                    state: WorkerState::Idle as i32,
+                    registered_unix: w.registered_unix,
+                    last_heartbeat_unix: now - w.last_seen.elapsed().as_secs_f64(),
+                    ..Default::default()
+                };
+                if let Some((job_id, attempt)) = &w.job {
+                    info.set_state(WorkerState::Busy);
+                    info.job_id = job_id.clone();
+                    info.attempt = *attempt;
+                    if let Some(job) = inner.jobs.get(job_id) {
+                        info.rank = job.members.iter().position(|m| m == id).unwrap_or(0) as u32;
+                        info.world_size = job.members.len() as u32;
+                    }
+                }
+                info
+            })
             .collect()
     }
 }

@@ -213,6 +213,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(cvdist_common::term::stderr_color())
         .init();
     let result = match cli.command {
         Command::Worker(a) => run_worker(a),
@@ -267,7 +268,7 @@ fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
         advertise_addr: a.advertise_addr,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(agent::run(cfg))?;
+    rt.block_on(agent::run(cfg, stop_signal()))?;
     Ok(())
 }
 
@@ -296,6 +297,36 @@ fn run_supervisor(a: &WorkerArgs, gpus: &str) -> anyhow::Result<()> {
     let program = std::env::current_exe().context("locating the cvdist-worker executable")?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     supervisor::run(&program, &args, plans, supervisor::DEFAULT_GRACE)
+}
+
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C), after which the agent stops its job
+/// and leaves; a second one ends the process at once.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            // Without handlers the default action (terminate) still applies.
+            return std::future::pending().await;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received: stopping the job and leaving the coordinator");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("second signal: exiting at once");
+            std::process::exit(130);
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn print_models() -> anyhow::Result<()> {

@@ -20,12 +20,15 @@ use tracing::{info, info_span, warn};
 /// How long ranks wait for each other when forming the data-plane ring.
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What a running job shares with the session loop, so an abort can reach it.
+/// What a running job shares with the session loop, so an abort can reach it: the
+/// training loop polls `stop`, the communicator (and a ring still connecting) is cut by
+/// `abort`, and transfers through the coordinator wait on `wake`.
 #[derive(Clone, Default)]
 pub struct JobControl {
     pub stop: Arc<Mutex<Option<String>>>,
     pub abort: Arc<Mutex<Option<AbortHandle>>>,
     pub done: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl JobControl {
@@ -38,6 +41,45 @@ impl JobControl {
                 h.abort(reason);
             }
         }
+        self.wake.notify_waiters();
+    }
+
+    /// The reason given to the first [`JobControl::request_stop`], if any.
+    pub fn stop_reason(&self) -> Option<String> {
+        self.stop.lock().ok().and_then(|s| s.clone())
+    }
+
+    /// Makes `handle` the one an abort fires; fires it at once if the stop came first,
+    /// so an abort that arrives while the handle is being set up is not lost.
+    pub fn install_abort(&self, handle: AbortHandle) {
+        if let Ok(mut slot) = self.abort.lock() {
+            *slot = Some(handle.clone());
+        }
+        if let Some(reason) = self.stop_reason() {
+            handle.abort(reason);
+        }
+    }
+
+    /// Runs `fut` (a transfer through the coordinator) on `runtime`, giving up with
+    /// `stopped: REASON` as soon as a stop is requested, instead of when it finishes.
+    pub fn block_on_unless_stopped<F: std::future::Future>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        fut: F,
+    ) -> Result<F::Output, String> {
+        runtime.block_on(async {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a stop between the two still wakes us.
+            notified.as_mut().enable();
+            if let Some(reason) = self.stop_reason() {
+                return Err(format!("stopped: {reason}"));
+            }
+            tokio::select! {
+                out = fut => Ok(out),
+                _ = notified => Err(format!("stopped: {}", self.stop_reason().unwrap_or_default())),
+            }
+        })
     }
 }
 
@@ -174,7 +216,7 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
 /// Agrees on the gradient backend over the freshly formed ring: NCCL only when every rank
 /// can use it (all on CUDA with libnccl loadable), otherwise the ring itself. Rank 0 then
 /// creates the NCCL id and the ring carries it to the others.
-fn choose_backend(mut ring: Ring, wanted: &str, device: Device) -> Result<Box<dyn Collective>, Failure> {
+fn choose_backend(mut ring: Ring, wanted: &str, device: Device, control: &JobControl) -> Result<Box<dyn Collective>, Failure> {
     let world = ring.world_size();
     let local_ok = device.is_cuda() && nccl::available().is_ok();
     let mut votes = [if local_ok { 1.0f32 } else { 0.0 }];
@@ -199,6 +241,11 @@ fn choose_backend(mut ring: Ring, wanted: &str, device: Device) -> Result<Box<dy
     }
     ring.broadcast(&mut id, 0).map_err(|e| Failure::retry(format!("sharing the NCCL id: {e}")))?;
     let bytes: [u8; nccl::UNIQUE_ID_BYTES] = std::array::from_fn(|i| id[i] as u8);
+    // ncclCommInitRank is one blocking C call that nothing here can interrupt; at least
+    // do not enter it once the attempt is over.
+    if let Some(reason) = control.stop_reason() {
+        return Err(Failure::retry(format!("stopped: {reason}")));
+    }
     let comm = nccl::NcclComm::new(ring.rank(), world, bytes).map_err(|e| Failure::retry(format!("NCCL init: {e}")))?;
     info!(world, "gradients via NCCL");
     Ok(Box::new(comm))
@@ -224,9 +271,9 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         (Some(d), _) => Some(d.clone()),
         (None, _) => {
             let mut client = env.client.clone();
-            let dir = env
-                .runtime
-                .block_on(transfer::fetch_dataset(&mut client, &env.cache_dir))
+            let dir = control
+                .block_on_unless_stopped(&env.runtime, transfer::fetch_dataset(&mut client, &env.cache_dir))
+                .map_err(Failure::retry)?
                 .map_err(|e| dataset_fetch_failure(&e))?;
             Some(dir)
         }
@@ -238,9 +285,9 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     } else {
         let mut client = env.client.clone();
         let dir = job_dir.join("resume");
-        let path = env
-            .runtime
-            .block_on(transfer::download_checkpoint(&mut client, &a.job_id, &a.checkpoint, &dir))
+        let path = control
+            .block_on_unless_stopped(&env.runtime, transfer::download_checkpoint(&mut client, &a.job_id, &a.checkpoint, &dir))
+            .map_err(Failure::retry)?
             .map_err(|e| Failure::retry(format!("downloading checkpoint {}: {e}", a.checkpoint)))?;
         Some(path)
     };
@@ -250,15 +297,14 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     } else {
         let peers: Vec<String> = a.peers.iter().map(|p| p.data_addr.clone()).collect();
         let listener = env.listener.try_clone().map_err(|e| Failure::retry(format!("data-plane listener: {e}")))?;
-        let ring = Ring::connect(rank, world, &peers, listener, &a.session_secret, RENDEZVOUS_TIMEOUT)
+        // Installed before connecting: waiting for a peer that will never come (it failed
+        // to load its data, say) must end at the coordinator's abort, not the timeout.
+        let abort = AbortHandle::new();
+        control.install_abort(abort.clone());
+        let ring = Ring::connect_with_abort(rank, world, &peers, listener, &a.session_secret, RENDEZVOUS_TIMEOUT, abort)
             .map_err(|e| Failure::retry(format!("forming the data-plane ring: {e}")))?;
-        if let Ok(mut slot) = control.abort.lock() {
-            *slot = Some(ring.abort_handle());
-        }
-        let comm = choose_backend(ring, &spec.collective, env.device)?;
-        if let Ok(mut slot) = control.abort.lock() {
-            *slot = Some(comm.abort_handle());
-        }
+        let comm = choose_backend(ring, &spec.collective, env.device, control)?;
+        control.install_abort(comm.abort_handle());
         comm
     };
     // An abort that arrived while we were connecting must still take effect.

@@ -13,11 +13,15 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tch::Device;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// On SIGTERM/Ctrl-C, how long the running job gets to stop before the process leaves
+/// anyway. An abort reaches every wait within a second; only a single long libtorch call
+/// (a big convolution) can take longer, and the process must still exit within 10 s.
+const STOP_JOB_WAIT: Duration = Duration::from_secs(5);
 
 /// Everything `cvdist-worker worker` is configured with.
 #[derive(Debug, Clone)]
@@ -58,8 +62,17 @@ pub fn capabilities(cfg: &WorkerConfig) -> WorkerCapabilities {
     }
 }
 
-/// Serves the coordinator until a fatal error; reconnects after every other failure.
-pub async fn run(cfg: WorkerConfig) -> Result<(), AgentError> {
+/// Resolves once `stop` has fired.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Serves the coordinator until a fatal error or until `stop` resolves (SIGTERM, Ctrl-C):
+/// then the running job is stopped, the session closed, and `Ok` returned. Reconnects
+/// after every other failure.
+pub async fn run(cfg: WorkerConfig, stop: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
     let listener = std::net::TcpListener::bind(cfg.data_listen)
         .map_err(|e| AgentError::Fatal(format!("cannot listen for peers on {}: {e}", cfg.data_listen)))?;
     let bound = listener.local_addr().map_err(|e| AgentError::Fatal(e.to_string()))?;
@@ -73,9 +86,21 @@ pub async fn run(cfg: WorkerConfig) -> Result<(), AgentError> {
         None => bound.to_string(),
     };
     info!(data_plane = %bound, advertise = %advertise, "worker starting");
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        stop.await;
+        stop_tx.send_replace(true);
+        // Keep the sender: a closed channel would read as "never stops".
+        std::future::pending::<()>().await;
+    });
     let mut backoff = Duration::from_millis(250);
     loop {
-        match session(&cfg, &listener, &advertise).await {
+        let outcome = session(&cfg, &listener, &advertise, stop_rx.clone()).await;
+        if *stop_rx.borrow() {
+            info!("worker stopped");
+            return Ok(());
+        }
+        match outcome {
             Err(AgentError::Fatal(e)) => return Err(AgentError::Fatal(e)),
             Err(AgentError::Retry(e)) => {
                 warn!("{e}; retrying in {:.1}s", backoff.as_secs_f64());
@@ -85,15 +110,27 @@ pub async fn run(cfg: WorkerConfig) -> Result<(), AgentError> {
                 backoff = Duration::from_millis(250);
             }
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped(&mut stop_rx) => {
+                info!("worker stopped");
+                return Ok(());
+            }
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise: &str) -> Result<(), AgentError> {
-    let mut client = connect(&cfg.coordinator, cfg.token.as_deref(), cfg.tls_ca.as_deref())
-        .await
-        .map_err(|e| AgentError::Retry(e.to_string()))?;
+async fn session(
+    cfg: &WorkerConfig,
+    listener: &std::net::TcpListener,
+    advertise: &str,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let mut client = tokio::select! {
+        c = connect(&cfg.coordinator, cfg.token.as_deref(), cfg.tls_ca.as_deref()) => c.map_err(|e| AgentError::Retry(e.to_string()))?,
+        _ = stopped(&mut stop) => return Ok(()),
+    };
     let (tx, rx) = mpsc::unbounded_channel::<WorkerMessage>();
     let register = RegisterRequest {
         protocol_version: PROTOCOL_VERSION,
@@ -102,7 +139,11 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
         capabilities: Some(capabilities(cfg)),
     };
     let _ = tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) });
-    let mut inbound = match client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await {
+    let opened = tokio::select! {
+        r = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)) => r,
+        _ = stopped(&mut stop) => return Ok(()),
+    };
+    let mut inbound = match opened {
         Ok(r) => r.into_inner(),
         Err(s) => {
             let text = format!("registration refused: {}", s.message());
@@ -133,7 +174,11 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
         format!("pid-{}", std::process::id())
     };
     let result = loop {
-        let msg = match inbound.message().await {
+        let next = tokio::select! {
+            next = inbound.message() => next,
+            _ = stopped(&mut stop) => break Ok(()),
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => break Ok(()),
             Err(s) => break Err(AgentError::Retry(format!("session lost: {}", error_chain(&s)))),
@@ -190,11 +235,19 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
         }
     };
     heartbeat.abort();
+    let shutting_down = *stop.borrow();
     // Without a coordinator the group cannot recover from failures or store checkpoints:
     // stop, and let the (re)started coordinator re-form the group from its checkpoint.
-    if let Some((_, _, control, handle)) = running.take() {
-        control.request_stop("lost the coordinator");
-        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+    if let Some((id, _, control, handle)) = running.take() {
+        control.request_stop(if shutting_down { "worker shutting down" } else { "lost the coordinator" });
+        let join = tokio::task::spawn_blocking(move || handle.join());
+        if shutting_down {
+            if tokio::time::timeout(STOP_JOB_WAIT, join).await.is_err() {
+                warn!(job = %id, "the job did not stop within {}s; leaving anyway", STOP_JOB_WAIT.as_secs());
+            }
+        } else {
+            let _ = join.await;
+        }
     }
     result
 }

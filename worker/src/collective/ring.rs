@@ -933,16 +933,58 @@ fn connect_link(
             if budget.is_zero() {
                 break;
             }
-            match TcpStream::connect_timeout(&sa, budget) {
-                Ok(s) => match handshake_connector(me, next, s, deadline) {
-                    Ok(s) => return Ok(s),
-                    Err(HandshakeFail::Fatal(e)) => return Err(e),
-                    Err(HandshakeFail::Retry(e)) => last_err = e,
-                },
+            match connect_unless_aborted(sa, budget, abort)? {
+                Ok(s) => {
+                    // Registered for the handshake, so an abort cuts a silent peer's read
+                    // short instead of waiting out HANDSHAKE_IO_TIMEOUT.
+                    let id = abort.register_stream(&s)?;
+                    let shaken = handshake_connector(me, next, s, deadline);
+                    abort.unregister_streams(&[id]);
+                    abort.check()?;
+                    match shaken {
+                        Ok(s) => return Ok(s),
+                        Err(HandshakeFail::Fatal(e)) => return Err(e),
+                        Err(HandshakeFail::Retry(e)) => last_err = e,
+                    }
+                }
                 Err(e) => last_err = format!("{sa}: {e}"),
             }
         }
-        thread::sleep(Duration::from_millis(50));
+        // Retry pause, cut short by an abort.
+        let resume = Instant::now() + Duration::from_millis(50);
+        while Instant::now() < resume {
+            abort.check()?;
+            thread::sleep(SETUP_POLL);
+        }
+    }
+}
+
+/// How often a wait during ring setup re-checks the abort flag.
+const SETUP_POLL: Duration = Duration::from_millis(20);
+
+/// `TcpStream::connect_timeout` that returns `Err(Aborted)` within [`SETUP_POLL`] of an
+/// abort: std cannot interrupt a blocking connect (to an unreachable host it lasts the
+/// whole budget), so it runs on a short-lived helper thread that is left to finish alone.
+fn connect_unless_aborted(
+    sa: SocketAddr,
+    budget: Duration,
+    abort: &AbortHandle,
+) -> Result<std::io::Result<TcpStream>, CollectiveError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::Builder::new()
+        .name("ring-dial".into())
+        .spawn(move || {
+            let _ = tx.send(TcpStream::connect_timeout(&sa, budget));
+        })
+        .map_err(|e| CollectiveError::io("spawning ring dial thread", e))?;
+    loop {
+        match rx.recv_timeout(SETUP_POLL) {
+            Ok(r) => return Ok(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => abort.check()?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Ok(Err(std::io::Error::other("ring dial thread ended without a result")))
+            }
+        }
     }
 }
 
