@@ -149,3 +149,53 @@ impl Store {
         &self.root
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_checkpoint(dir: &Path, name: &str) {
+        std::fs::write(dir.join(format!("{name}.safetensors")), b"t").unwrap();
+        std::fs::write(dir.join(format!("{name}.json")), b"{}").unwrap();
+    }
+
+    fn stored(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    /// Keeps the K newest by position and the checkpoint a recovery resumes from (after a
+    /// change of world size a newer checkpoint can sit at an older position); deletes both
+    /// files of every other one; `keep` 0 deletes nothing.
+    #[test]
+    fn prune_keeps_the_newest_and_the_resume_point() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let dir = store.checkpoint_dir("j0001-resnet20");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["ckpt-e0000-s000004", "ckpt-e0001-s000000", "ckpt-e0001-s000004", "ckpt-e0001-s000008", "ckpt-e0002-s000000"] {
+            write_checkpoint(&dir, name);
+        }
+        assert!(store.prune_checkpoints("j0001-resnet20", 0, "ckpt-e0002-s000000").is_empty());
+        assert_eq!(stored(&dir).len(), 10);
+
+        let deleted = store.prune_checkpoints("j0001-resnet20", 2, "ckpt-e0001-s000000");
+        let names: Vec<&str> = deleted.iter().map(|(n, e)| {
+            assert!(e.is_none(), "{n}: {e:?}");
+            n.as_str()
+        }).collect();
+        assert_eq!(names, ["ckpt-e0001-s000004", "ckpt-e0000-s000004"]);
+        assert_eq!(
+            stored(&dir),
+            [
+                "ckpt-e0001-s000000.json",
+                "ckpt-e0001-s000000.safetensors",
+                "ckpt-e0001-s000008.json",
+                "ckpt-e0001-s000008.safetensors",
+                "ckpt-e0002-s000000.json",
+                "ckpt-e0002-s000000.safetensors",
+            ]
+        );
+    }
+}

@@ -121,7 +121,8 @@ struct WorkerArgs {
     /// Local CIFAR-10 copy; without it the dataset is fetched from the coordinator.
     #[arg(long, env = "CVDIST_DATA")]
     data: Option<PathBuf>,
-    /// Where fetched data and local checkpoints are kept.
+    /// Where fetched data and local checkpoints are kept. Checkpoints go into this worker's
+    /// own CACHE_DIR/workers/<worker id>/, so several workers may share one cache dir.
     #[arg(long, env = "CVDIST_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
     /// Data-plane listener for gradient exchange with peers.
