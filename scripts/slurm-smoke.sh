@@ -13,7 +13,9 @@
 #    resnet20 on synthetic data for 2 epochs. It must end COMPLETED with exit code 0, the
 #    cvdist job SUCCEEDED with 2 epochs on 2 workers, and metrics equal to `cvdist local`
 #    running the same job (2 workers x 1 thread, same seed).
-# 4. Job 2: a long run, cancelled with `scancel` once its first epoch is stored. Every
+# 4. Job 2: a long run, requeued with `scontrol requeue` once its first epoch is stored
+#    (as preemption does): the restarted batch script must resume the same cvdist job from
+#    its checkpoint. Then it is cancelled with `scancel`. Every
 #    process of the job must be gone well before Slurm's KillWait (so they stopped on
 #    SIGTERM, not by SIGKILL), its ports closed, and a new coordinator must open the same
 #    state directory at once (the database lock was released).
@@ -246,7 +248,7 @@ PY
 [ -z "$(job_processes)" ] || fail "processes of job 1 still running: $(job_processes | xargs -r ps -o pid=,args= -p)"
 
 # ---- 4. Job 2: cancelled mid-run ------------------------------------------------------------
-say "job 2: a 200-epoch run, scancel once its first epoch is stored"
+say "job 2: a 200-epoch run, requeued after its first epoch, then cancelled"
 id2="$("${sb[@]}" --output="$T/job2.out" "$sbatch_script" "${job_args[@]}" --epochs 200)"
 id2="${id2%%;*}"
 submitted+=("$id2")
@@ -258,12 +260,39 @@ for i in $(seq 1 300); do
   [ "$i" = 300 ] && fail "job 2 stored no epoch within 300 s"
   sleep 1
 done
+# Preemption or a node failure: Slurm requeues the batch job under the same id, and the
+# restarted script must resume the same cvdist job from its checkpoint, not start another.
+epochs_before="$(wc -l < "$run2/coordinator/jobs/$job2/metrics.jsonl")"
+say "job 2 ($id2, cvdist job $job2) stored $epochs_before epoch(s); scontrol requeue"
+scontrol requeue "$id2"
+# A requeued job waits for its begin time (Slurm delays it); start it now.
+for i in $(seq 1 120); do
+  scontrol update jobid="$id2" StartTime=now 2>/dev/null || true
+  grep -q "resuming job $job2" "$T/job2.out" 2>/dev/null && break
+  [ "$i" = 120 ] && fail "job 2 did not restart within 120 s of the requeue: $(scontrol show job -o "$id2")"
+  sleep 1
+done
+for i in $(seq 1 300); do
+  [ "$(wc -l < "$run2/coordinator/jobs/$job2/metrics.jsonl")" -gt "$epochs_before" ] && break
+  [ "$i" = 300 ] && fail "job 2 stored no new epoch within 300 s of its restart"
+  sleep 1
+done
+jobs_stored="$(ls "$run2/coordinator/jobs")"
+[ "$jobs_stored" = "$job2" ] || fail "the requeued run holds jobs '$jobs_stored', not only $job2"
+grep -q "from ckpt-e" "$run2/logs/coordinator.log" || fail "job 2 did not resume from a checkpoint after the requeue"
+python3 - "$run2/coordinator/jobs/$job2/metrics.jsonl" <<'PY' || fail "job 2's epochs are not one continuous run"
+import json, sys
+epochs = [json.loads(l)["epoch"] for l in open(sys.argv[1]) if l.strip()]
+sys.exit(0 if epochs == list(range(len(epochs))) else f"epochs {epochs}")
+PY
+say "job 2 restarted (SLURM_RESTART_COUNT 1) and resumed $job2 from its checkpoint: $(wc -l < "$run2/coordinator/jobs/$job2/metrics.jsonl") epochs stored"
+
 port2="$(grep -oE 'coordinator http://[^ ]+:[0-9]+' "$T/job2.out" | head -n1 | sed -E 's/.*:([0-9]+)$/\1/')"
 [ -n "$port2" ] || fail "job 2's output does not name its coordinator"
 before="$(job_processes | wc -l)"
 # The batch script, srun, the coordinator, `cvdist logs --follow` and two workers at least.
 [ "$before" -ge 5 ] || fail "job 2 has only $before processes running: $(job_processes | xargs -r ps -o pid=,args= -p)"
-say "job 2 ($id2, cvdist job $job2) is training with $before processes; scancel"
+say "job 2 is training with $before processes; scancel"
 t0=$(date +%s)
 scancel "$id2"
 while :; do
