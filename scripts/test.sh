@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole cvdist test suite on a fresh machine: sets up the libtorch venv (cached),
 # installs the font the charts need, builds every binary, then runs the Rust tests, the
-# Python gRPC client test and the deployment checks.
+# Python gRPC client test, the deployment checks and the Slurm smoke test (a real one-node
+# Slurm cluster; installs slurm-wlm and munge when absent).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -19,3 +20,4 @@ source scripts/env.sh
 cargo test --release --workspace --locked -- --test-threads=1
 "$CVDIST_PYTHON" -m pytest -q tests/python
 scripts/check-deploy.sh
+scripts/slurm-smoke.sh
