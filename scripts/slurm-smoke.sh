@@ -268,7 +268,7 @@ scontrol requeue "$id2"
 # A requeued job waits for its begin time (Slurm delays it); start it now.
 for i in $(seq 1 120); do
   scontrol update jobid="$id2" StartTime=now 2>/dev/null || true
-  grep -q "resuming job $job2" "$T/job2.out" 2>/dev/null && break
+  grep -q "(restart 1)" "$T/job2.out" 2>/dev/null && grep -q "resuming job $job2" "$T/job2.out" && break
   [ "$i" = 120 ] && fail "job 2 did not restart within 120 s of the requeue: $(scontrol show job -o "$id2")"
   sleep 1
 done
