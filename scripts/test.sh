@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole cvdist test suite on a fresh machine: sets up the libtorch venv (cached),
 # installs the font the charts need, builds every binary, then runs the Rust tests, the
-# Python gRPC client test and the deployment checks.
+# Python gRPC client test, the deployment checks and the Slurm smoke test (a real one-node
+# Slurm cluster; installs slurm-wlm and munge when absent).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -21,6 +22,7 @@ failed=()
 cargo test --release --workspace --locked --no-fail-fast -- --test-threads=1 || failed+=("cargo test")
 "$CVDIST_PYTHON" -m pytest -q tests/python || failed+=("pytest tests/python")
 scripts/check-deploy.sh || failed+=("scripts/check-deploy.sh")
+scripts/slurm-smoke.sh || failed+=("scripts/slurm-smoke.sh")
 if [ ${#failed[@]} -gt 0 ]; then
   echo "test.sh: FAILED: ${failed[*]}" >&2
   exit 1

@@ -25,6 +25,7 @@ CONTRACT = {
         "--threads": "CVDIST_THREADS",
         "--token-file": "CVDIST_TOKEN_FILE",
         "--tls-ca": "CVDIST_TLS_CA",
+        "--gpus": "CVDIST_GPUS",
     },
     ("cvdist", "submit"): {
         "--coordinator": "CVDIST_COORDINATOR",
@@ -33,6 +34,8 @@ CONTRACT = {
         "--workers": None,
         "--batch-size": None,
         "--lr": None,
+        "--scale-lr": None,
+        "--warmup-epochs": None,
         "--follow": None,
         "--token-file": "CVDIST_TOKEN_FILE",
     },

@@ -31,7 +31,7 @@ def test_site_overlay_examples_render(tmp_path):
     images = {c["image"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")
               for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])}
     assert images == {"registry.example.com/ml/cvdist-coordinator:abc123", "registry.example.com/ml/cvdist-worker:abc123"}
-    assert one(docs, "StatefulSet", "cvdist-worker")["spec"]["replicas"] == 8
+    assert one(docs, "StatefulSet", "cvdist-worker")["spec"]["replicas"] == 1  # one 8-GPU node
     lj = tree / "overlays" / "local-job"
     lj.mkdir()
     (lj / "kustomization.yaml").write_text(job)

@@ -122,15 +122,22 @@ def test_worker_data_plane_ports_and_dns_agree(stack):
 
 
 def test_worker_statefulset_shape(stack):
-    _, docs = stack
+    name, docs = stack
     sts = one(docs, "StatefulSet", WORKER)
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
     assert selects(sts["spec"]["selector"], template_labels(sts))
     anti = pod_spec(sts)["affinity"]["podAntiAffinity"]
-    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
-    terms = anti["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert any(t["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
-               and selects(t["podAffinityTerm"]["labelSelector"], template_labels(sts)) for t in terms)
+    if gpus(worker_container(docs)):
+        # A pod takes all of its node's GPUs: never two on one node.
+        terms = anti["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert any(t["topologyKey"] == "kubernetes.io/hostname"
+                   and selects(t["labelSelector"], template_labels(sts)) for t in terms), name
+    else:
+        # CPU workers spread when there is room, but scheduling never blocks on it.
+        assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti, name
+        terms = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert any(t["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+                   and selects(t["podAffinityTerm"]["labelSelector"], template_labels(sts)) for t in terms)
     c = worker_container(docs)
     vol, _ = mount_for(pod_spec(sts), c, setting(docs, c, "--cache-dir", "CVDIST_CACHE_DIR"))
     assert "emptyDir" in vol
@@ -257,22 +264,35 @@ def test_everything_is_in_the_namespace(stack):
 
 
 # ---- network policy -----------------------------------------------------------------------------
-def admitted(docs, dst_labels: dict, src_labels: dict, port: int) -> bool:
-    """Ingress to a pod in the namespace from another pod in it, per the NetworkPolicies."""
+def admitted(docs, dst_labels: dict, src_labels: dict, port: int, protocol: str = "TCP") -> bool:
+    """Ingress to a pod in the namespace from another pod in it, per the NetworkPolicies. A
+    rule's port entry without `port` admits every port of its protocol (TCP if unset)."""
     policies = [p for p in find(docs, "NetworkPolicy")
                 if "Ingress" in p["spec"].get("policyTypes", ["Ingress"]) and selects(p["spec"]["podSelector"], dst_labels)]
     if not policies:
         return True
     for p in policies:
         for rule in p["spec"].get("ingress", []):
-            ports = [q["port"] for q in rule.get("ports", [])]
-            if ports and port not in ports:
+            entries = rule.get("ports")
+            if entries and not any(q.get("protocol", "TCP") == protocol and q.get("port") in (None, port)
+                                   for q in entries):
                 continue
             peers = rule.get("from")
             if peers is None or any("podSelector" in peer and "namespaceSelector" not in peer
                                     and selects(peer["podSelector"], src_labels) for peer in peers):
                 return True
     return False
+
+
+def test_admitted_reads_port_less_rules():
+    pol = {"kind": "NetworkPolicy", "metadata": {"name": "p"}, "spec": {
+        "podSelector": {"matchLabels": {"a": "1"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"a": "1"}}}], "ports": [{"protocol": "TCP"}]}]}}
+    assert admitted([pol], {"a": "1"}, {"a": "1"}, 40000)
+    assert not admitted([pol], {"a": "1"}, {"a": "1"}, 40000, "UDP")
+    assert not admitted([pol], {"a": "1"}, {"a": "2"}, 40000)
+    pol["spec"]["ingress"][0]["ports"] = [{"protocol": "TCP", "port": 29500}]
+    assert admitted([pol], {"a": "1"}, {"a": "1"}, 29500) and not admitted([pol], {"a": "1"}, {"a": "1"}, 29501)
 
 
 def test_network_policies(stack):
@@ -286,15 +306,25 @@ def test_network_policies(stack):
         client = template_labels(job)
         assert admitted(docs, coord, client, cp), "the submit Job reaches the coordinator"
     stranger = {"app": "something-else"}
-    assert admitted(docs, worker, worker, dp)
-    assert not admitted(docs, worker, coord, dp)
-    assert not admitted(docs, worker, client, dp)
-    assert not admitted(docs, worker, stranger, dp)
-    assert not admitted(docs, worker, worker, dp + 1), "nothing but the data-plane port"
+    # Worker to worker: every TCP port. The ring's port, each --gpus rank's port, and the
+    # ephemeral ports NCCL's bootstrap and socket transport listen on.
+    for port in (dp, dp + 7, 1024, 32768, 45678, 60999, 65535):
+        assert admitted(docs, worker, worker, port), f"worker -> worker TCP {port}"
+    assert not admitted(docs, worker, worker, dp, "UDP"), "UDP stays closed"
+    for port in (dp, dp + 1, 45678):
+        assert not admitted(docs, worker, coord, port)
+        assert not admitted(docs, worker, client, port)
+        assert not admitted(docs, worker, stranger, port)
+        assert not admitted(docs, worker, {"app.kubernetes.io/name": "cvdist"}, port), "a worker label is needed"
     assert admitted(docs, coord, worker, cp)
     assert admitted(docs, coord, client, cp)
     assert not admitted(docs, coord, stranger, cp)
     assert not admitted(docs, coord, {"app.kubernetes.io/name": "cvdist"}, cp)
+    assert not admitted(docs, coord, worker, cp + 1), "nothing but the gRPC port on the coordinator"
+    # The worker rule names no namespaceSelector: only pods of this namespace (this release).
+    for p in find(docs, "NetworkPolicy"):
+        for rule in p["spec"]["ingress"]:
+            assert all("namespaceSelector" not in peer and "ipBlock" not in peer for peer in rule["from"])
 
 
 # ---- what each overlay promises --------------------------------------------------------------------
@@ -302,19 +332,49 @@ def gpus(container) -> int:
     return int(container["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
 
 
+def quantity(text: str) -> float:
+    """Kubernetes memory quantity in bytes ('16Gi', '512Mi', '1G', plain bytes)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?)?", str(text))
+    assert m, f"unparsed quantity {text!r}"
+    return float(m.group(1)) * units.get(m.group(2) or "", 1)
+
+
+GPUS_PER_NODE = 8
+
+
 def test_gpu_overlay(stacks):
     docs = stacks["gpu"]
     sts, c = one(docs, "StatefulSet", WORKER), worker_container(docs)
-    assert gpus(c) == 1 and int(c["resources"]["requests"]["nvidia.com/gpu"]) == 1
-    assert setting(docs, c, "--device", "CVDIST_DEVICE") == "cuda:0"
-    assert sts["spec"]["replicas"] == 8
-    assert any(t["key"] == "nvidia.com/gpu" for t in pod_spec(sts)["tolerations"])
+    pod = pod_spec(sts)
+    # One pod per node with all of its GPUs, one worker process per GPU.
+    assert gpus(c) == GPUS_PER_NODE and int(c["resources"]["requests"]["nvidia.com/gpu"]) == GPUS_PER_NODE
+    assert c["args"][0] == "worker" and flag_value(c["args"], "--gpus") == "all"
+    assert setting(docs, c, "--device", "CVDIST_DEVICE") == "cuda"
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # The data-plane ports of all ranks fit: 29500 .. 29500+7.
+    dp = port_of(setting(docs, c, "--data-listen", "CVDIST_DATA_LISTEN"))
+    assert dp + GPUS_PER_NODE - 1 <= 65535
+    # Memory-backed /dev/shm sized for 8 ranks' NCCL buffers (at least NVIDIA's 1 GiB per
+    # container, per rank), inside the memory limit it counts against.
+    vol, _ = mount_for(pod, c, "/dev/shm")
+    assert vol["emptyDir"]["medium"] == "Memory"
+    shm = quantity(vol["emptyDir"]["sizeLimit"])
+    assert shm >= GPUS_PER_NODE * 2**30, f"/dev/shm {vol['emptyDir']['sizeLimit']} for {GPUS_PER_NODE} ranks"
+    limit, request = quantity(c["resources"]["limits"]["memory"]), quantity(c["resources"]["requests"]["memory"])
+    assert limit >= request + shm
+    # Each rank keeps its own data set copy (~180 MB) in the cache.
+    vol, _ = mount_for(pod, c, setting(docs, c, "--cache-dir", "CVDIST_CACHE_DIR"))
+    assert quantity(vol["emptyDir"]["sizeLimit"]) >= GPUS_PER_NODE * 512 * 2**20
+    # The example job: 8 x 128 on one node's 8 GPUs, linearly scaled LR with warmup.
     job = one(docs, "Job")
     args = pod_spec(job)["containers"][0]["args"]
     assert args[0] == "submit"
     assert (flag_value(args, "--model"), flag_value(args, "--epochs"), flag_value(args, "--workers"),
-            flag_value(args, "--follow")) == ("resnet50", "200", "8", True)
-    assert int(flag_value(args, "--workers")) <= sts["spec"]["replicas"]
+            flag_value(args, "--batch-size"), flag_value(args, "--follow")) == ("resnet50", "200", "8", "128", True)
+    assert (flag_value(args, "--lr"), flag_value(args, "--scale-lr"), flag_value(args, "--warmup-epochs")) == \
+        ("0.1", True, "5")
+    assert int(flag_value(args, "--workers")) <= sts["spec"]["replicas"] * GPUS_PER_NODE
 
 
 def test_cpu_smoke_overlay(stacks):

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Join a coordinator and train whatever it assigns.
-    #[command(after_help = "Examples:\n  cvdist worker --coordinator http://127.0.0.1:50051 --data data/cifar10\n  cvdist worker --coordinator http://coord:50051 --device cuda:0 --data-listen 0.0.0.0:29500 --advertise-addr $(hostname -f):29500")]
+    #[command(after_help = "Examples:\n  cvdist worker --coordinator http://127.0.0.1:50051 --data data/cifar10\n  cvdist worker --coordinator http://coord:50051 --device cuda:0 --data-listen 0.0.0.0:29500 --advertise-addr $(hostname -f):29500\n  cvdist worker --coordinator http://coord:50051 --gpus all --data-listen 0.0.0.0:29500 --advertise-addr $(hostname -f):29500")]
     Worker(WorkerArgs),
     /// Print the model zoo: parameters and multiply-adds per 32x32 image.
     #[command(after_help = "Example:\n  cvdist models")]

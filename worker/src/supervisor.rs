@@ -408,13 +408,16 @@ fn spawn(program: &Path, args: &[OsString], plan: &ChildPlan) -> anyhow::Result<
 /// Copies a child's output line by line with a `[gpu K] ` prefix, so one container log
 /// tells the ranks apart.
 async fn forward(stream: impl AsyncRead + Unpin, prefix: String, to_stderr: bool) {
+    use std::io::Write;
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if to_stderr {
-            eprintln!("{prefix}{line}");
+        // A closed stdout/stderr (a log collector gone) must not take the supervisor down:
+        // write errors are dropped rather than panicking as println! would.
+        let _ = if to_stderr {
+            writeln!(std::io::stderr().lock(), "{prefix}{line}")
         } else {
-            println!("{prefix}{line}");
-        }
+            writeln!(std::io::stdout().lock(), "{prefix}{line}")
+        };
     }
 }
 
