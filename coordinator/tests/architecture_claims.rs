@@ -66,7 +66,7 @@ impl RawWorker {
 
     fn epoch_report(&self, job: &str, attempt: u32, rank: u32, test_acc: f64) {
         let m = EpochMetrics { epoch: 0, train_loss: 1.0, test_acc, ..Default::default() };
-        let report = JobReport { job_id: job.into(), attempt, rank, kind: Some(job_report::Kind::Epoch(m)) };
+        let report = JobReport { job_id: job.into(), attempt, rank, kind: Some(job_report::Kind::Epoch(m)), ..Default::default() };
         self.tx.send(WorkerMessage { msg: Some(worker_message::Msg::Report(report)) }).unwrap();
     }
 }
