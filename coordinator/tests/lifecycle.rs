@@ -23,6 +23,16 @@ const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------ helpers
 
+/// A child process killed and reaped when the test ends, also when an assertion fails.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on a pid we started and have not reaped yet.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
@@ -312,13 +322,14 @@ async fn stopping_cvdist_worker_stops_the_real_worker() {
             .args(["--worker-id", marker])
             .arg("--cache-dir")
             .arg(c.dir.path().join(marker));
-        let mut child = spawn_logged(&mut cmd, c.log(marker));
+        let mut guard = Reaped(spawn_logged(&mut cmd, c.log(marker)));
+        let child = &mut guard.0;
         wait_gauge(&c, "cvdist_workers", 1.0, Duration::from_secs(60));
         // The pid we started is the worker itself: no parent left behind to outlive.
         let exe = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
         assert!(exe.ends_with("cvdist-worker"), "pid {} runs {}", child.id(), exe.display());
-        signal(&child, sig);
-        let (status, took) = wait_exit(&mut child, STOP_WITHIN, &|| c.logs());
+        signal(child, sig);
+        let (status, took) = wait_exit(child, STOP_WITHIN, &|| c.logs());
         if sig == libc::SIGTERM {
             assert!(status.success(), "{status:?} after {took:?}\n{}", c.logs());
         }
@@ -400,7 +411,8 @@ fn cvdist_local_stops_on_signals_and_leaves_no_worker() {
             .arg("--out")
             .arg(&out);
         let log = std::fs::File::create(dir.path().join(format!("local-{sig}.log"))).unwrap();
-        let mut child = spawn_logged(&mut cmd, log);
+        let mut guard = Reaped(spawn_logged(&mut cmd, log));
+        let child = &mut guard.0;
         let context = || {
             let mut s = std::fs::read_to_string(dir.path().join(format!("local-{sig}.log"))).unwrap_or_default();
             for k in 0..2 {
@@ -414,8 +426,8 @@ fn cvdist_local_stops_on_signals_and_leaves_no_worker() {
         // In the workers' command lines (--cache-dir OUT/.cache), not in cvdist local's.
         let marker = out.join(".cache").to_string_lossy().into_owned();
         assert_eq!(processes_with(&marker).len(), 2, "expected the two workers\n{}", context());
-        signal(&child, sig);
-        let (status, took) = wait_exit(&mut child, STOP_WITHIN, &context);
+        signal(child, sig);
+        let (status, took) = wait_exit(child, STOP_WITHIN, &context);
         assert_eq!(status.code(), code, "signal {sig}: {status:?} after {took:?}\n{}", context());
         wait_no_process(&marker, Duration::from_secs(5), &context);
     }
