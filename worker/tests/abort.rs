@@ -85,3 +85,60 @@ fn a_stop_ends_a_transfer_wait_and_reaches_a_handle_installed_late() {
     assert!(late.is_aborted());
     assert_eq!(late.reason().as_deref(), Some("job cancelled by user"));
 }
+
+/// Stops as soon as the last step of the first epoch was reported, i.e. during the test
+/// pass; counts what the trainer did after that.
+#[derive(Default)]
+struct StopDuringEval {
+    stop_requested: bool,
+    epochs_reported: usize,
+    checkpoints: usize,
+}
+
+impl cvdist_worker::train::Observer for StopDuringEval {
+    fn progress(&mut self, p: &cvdist_common::proto::Progress) {
+        if p.step == p.steps_per_epoch {
+            self.stop_requested = true;
+        }
+    }
+    fn epoch(&mut self, _m: &cvdist_common::proto::EpochMetrics) {
+        self.epochs_reported += 1;
+    }
+    fn checkpoint(&mut self, _json: &std::path::Path, _state: &cvdist_worker::train::checkpoint::CheckpointState) {
+        self.checkpoints += 1;
+    }
+    fn should_stop(&mut self) -> Option<String> {
+        self.stop_requested.then(|| "job cancelled by user".to_string())
+    }
+}
+
+#[test]
+fn a_stop_during_the_test_pass_ends_training_without_finishing_the_epoch() {
+    use cvdist_worker::train::{self, Datasets, TrainError, TrainerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = cvdist_common::spec::default_spec("resnet20", 2);
+    spec.dataset = "synthetic".into();
+    spec.train_samples = 64;
+    // The whole synthetic test set: ten evaluation batches, each a stop point.
+    spec.test_samples = 1000;
+    spec.batch_size = 32;
+    let data = Datasets::for_spec(&spec, None).unwrap();
+    let cfg = TrainerConfig {
+        spec,
+        device: tch::Device::Cpu,
+        rank: 0,
+        world_size: 1,
+        checkpoint_dir: Some(dir.path().join("checkpoints")),
+        resume: None,
+        progress_interval: Duration::from_secs(3600),
+        freeze_bn: false,
+    };
+    let mut observer = StopDuringEval::default();
+    let r = train::train(&cfg, &data, &mut cvdist_worker::collective::Solo::new(), &mut observer);
+    assert!(observer.stop_requested);
+    assert!(matches!(r, Err(TrainError::Stopped(ref reason)) if reason.contains("cancelled")), "{:?}", r.err());
+    // Before, the whole test pass ran, the epoch's checkpoint was written and its metrics
+    // reported, and only the next epoch's first step saw the stop.
+    assert_eq!(observer.checkpoints, 0);
+    assert_eq!(observer.epochs_reported, 0);
+}

@@ -274,13 +274,18 @@ impl Engine {
     }
 
     /// Mean loss and correct count over `indices` of `split` (no augmentation).
-    fn evaluate(&self, split: &Arc<CifarSplit>, indices: Vec<usize>) -> (f64, f64, f64) {
+    /// Sums (loss, correct, seen) over `indices`; stops early (partial sums) once
+    /// `observer.should_stop()` says so, because a whole test pass can take seconds.
+    fn evaluate(&self, split: &Arc<CifarSplit>, indices: Vec<usize>, observer: &mut dyn Observer) -> (f64, f64, f64) {
         let mut loss_sum = 0.0;
         let mut correct = 0.0;
         let mut seen = 0.0;
         let loader = Loader::new(split.clone(), indices, EVAL_BATCH, 0, 0, false, 0);
         tch::no_grad(|| {
             for batch in loader {
+                if observer.should_stop().is_some() {
+                    break;
+                }
                 let x = self.prepare(&batch.images);
                 let y = batch.labels.to_device(self.device);
                 let logits = if self.amp {
@@ -425,7 +430,10 @@ pub fn train(
 
         sync::average_running_stats(&engine.buffers, comm)?;
         let eval_range = sampler::eval_indices(data.test.len(), cfg.world_size, cfg.rank);
-        let (test_loss_sum, test_correct, test_seen) = engine.evaluate(&data.test, eval_range.collect());
+        let (test_loss_sum, test_correct, test_seen) = engine.evaluate(&data.test, eval_range.collect(), observer);
+        if let Some(reason) = observer.should_stop() {
+            return Err(TrainError::Stopped(reason));
+        }
         let mut totals = [loss_sum, correct, seen, test_loss_sum, test_correct, test_seen];
         sync::sum_metrics(&mut totals, comm)?;
         let [loss_sum, correct, seen, test_loss_sum, test_correct, test_seen] = totals;
