@@ -330,6 +330,7 @@ async fn stopping_cvdist_worker_stops_the_real_worker() {
         assert!(exe.ends_with("cvdist-worker"), "pid {} runs {}", child.id(), exe.display());
         signal(child, sig);
         let (status, took) = wait_exit(child, STOP_WITHIN, &|| c.logs());
+        eprintln!("cvdist worker stopped {took:?} after signal {sig}");
         if sig == libc::SIGTERM {
             assert!(status.success(), "{status:?} after {took:?}\n{}", c.logs());
         }
@@ -391,7 +392,8 @@ async fn worker_stops_on_sigterm_and_ctrl_c_mid_job() {
         }
         let mut child = c.workers[k].take().unwrap();
         signal(&child, sig);
-        let (status, _) = wait_exit(&mut child, STOP_WITHIN, &|| c.logs());
+        let (status, took) = wait_exit(&mut child, STOP_WITHIN, &|| c.logs());
+        eprintln!("worker stopped {took:?} after signal {sig}");
         assert!(status.success(), "{status:?}\n{}", c.logs());
         wait_gauge(&c, "cvdist_workers", 0.0, Duration::from_secs(5));
         wait_state(&c, &job, JobState::Recovering, Duration::from_secs(5)).await;
@@ -428,6 +430,7 @@ fn cvdist_local_stops_on_signals_and_leaves_no_worker() {
         assert_eq!(processes_with(&marker).len(), 2, "expected the two workers\n{}", context());
         signal(child, sig);
         let (status, took) = wait_exit(child, STOP_WITHIN, &context);
+        eprintln!("cvdist local stopped {took:?} after signal {sig}");
         assert_eq!(status.code(), code, "signal {sig}: {status:?} after {took:?}\n{}", context());
         wait_no_process(&marker, Duration::from_secs(5), &context);
     }
