@@ -10,7 +10,7 @@ mod cluster;
 
 use cluster::{cvdist_bin, free_port, small_spec, spawn_logged, wait_port, watch_until_done, worker_bin, Cluster, TOKEN};
 use cvdist_common::proto::{
-    coordinator_message, worker_message, CoordinatorMessage, GetJobRequest, Heartbeat, JobSpec, JobState, RegisterRequest,
+    coordinator_message, worker_message, CheckpointChunk, CoordinatorMessage, GetJobRequest, Heartbeat, JobSpec, JobState, RegisterRequest,
     WatchJobRequest, WorkerMessage,
 };
 use cvdist_common::version::PROTOCOL_VERSION;
@@ -354,6 +354,24 @@ async fn coordinator_stops_on_sigterm_and_ctrl_c_and_restarts_at_once() {
         // An open watch stream, as `cvdist submit --follow` keeps.
         let mut watch = c.client().await.watch_job(WatchJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
         let _ = watch.message().await.unwrap();
+        // And an upload whose client never finishes: graceful shutdown alone would wait
+        // for it forever; SHUTDOWN_GRACE cuts it off.
+        let attempt = job_state(&c, &job).await.attempt;
+        let (up_tx, up_rx) = tokio::sync::mpsc::unbounded_channel();
+        up_tx
+            .send(CheckpointChunk {
+                job_id: job.clone(),
+                name: "ckpt-e0099-s000000".into(),
+                state_json: r#"{"sha256":"00"}"#.into(),
+                data: vec![0; 1024],
+                attempt,
+            })
+            .unwrap();
+        let mut uploader = c.client().await;
+        let upload = tokio::spawn(async move {
+            uploader.upload_checkpoint(tokio_stream::wrappers::UnboundedReceiverStream::new(up_rx)).await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let mut coord = c.coordinator.take().unwrap();
         signal(&coord, sig);
         let (status, took) = wait_exit(&mut coord, STOP_WITHIN, &|| c.logs());
@@ -361,6 +379,8 @@ async fn coordinator_stops_on_sigterm_and_ctrl_c_and_restarts_at_once() {
         eprintln!("coordinator stopped {took:?} after signal {sig}");
         // The watcher is told, rather than left hanging.
         assert!(tokio::time::timeout(Duration::from_secs(5), watch.message()).await.is_ok());
+        assert!(tokio::time::timeout(Duration::from_secs(5), upload).await.is_ok(), "the upload hangs");
+        drop(up_tx);
 
         let restarted = Instant::now();
         c.start_coordinator();
