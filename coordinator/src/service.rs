@@ -6,7 +6,8 @@ use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
 use cvdist_common::proto::{
     coordinator_message, job_event, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage, DatasetChunk,
     DownloadCheckpointRequest, FetchDatasetRequest, GetJobRequest, JobEvent, JobInfo, ListJobsRequest, ListJobsResponse,
-    ListWorkersRequest, ListWorkersResponse, Registered, SubmitJobRequest, SubmitJobResponse, UploadCheckpointResponse, WatchJobRequest, WorkerMessage,
+    ListWorkersRequest, ListWorkersResponse, Registered, SubmitJobRequest, SubmitJobResponse, UploadCheckpointResponse,
+    WatchJobRequest, WorkerMessage,
 };
 use cvdist_common::{cifar, spec, version};
 use sha2::{Digest, Sha256};
@@ -91,7 +92,7 @@ impl CoordinatorApi for Service {
                     next = rx.recv() => next,
                     // Watchers reconnect to the restarted coordinator (`cvdist --follow` does).
                     _ = &mut closing => {
-                        let _ = tx.send(Err(Status::unavailable("coordinator is shutting down"))).await;
+                        let _ = tx.try_send(Err(Status::unavailable("coordinator is shutting down")));
                         return;
                     }
                 };
