@@ -9,6 +9,17 @@ pub fn stderr_color() -> bool {
     color_allowed(std::env::var_os("NO_COLOR").as_deref(), std::io::stderr().is_terminal())
 }
 
+/// Writes `line` and a newline to stderr, ignoring failure. `eprintln!` panics when stderr is
+/// a pipe whose reader has gone (a SIGKILLed supervisor, a closed `| tee`); in a long-running
+/// process that panic can land in the task that handles SIGTERM and leave the process running
+/// with nothing left to stop it. Every line a long-running cvdist process prints itself goes
+/// through here (its `tracing` logs are set up with `log_internal_errors(false)` for the
+/// same reason).
+pub fn stderr_line(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// The rule behind [`stderr_color`], separated so it can be tested without a terminal.
 pub fn color_allowed(no_color: Option<&std::ffi::OsStr>, is_terminal: bool) -> bool {
     is_terminal && no_color.is_none_or(|v| v.is_empty())

@@ -8,6 +8,7 @@ use cvdist_common::proto::{job_event, EpochMetrics, JobInfo, JobState, WatchJobR
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use cvdist_common::term::stderr_line;
 
 #[derive(Debug, Clone)]
 pub struct Connection {
@@ -84,7 +85,7 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
     let say = |line: String| {
         if quiet {
         } else if bar.is_hidden() {
-            eprintln!("{line}");
+            stderr_line(format_args!("{line}"));
         } else {
             bar.println(line);
         }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
+use cvdist_common::term::stderr_line;
 
 pub struct LocalRun {
     pub spec: JobSpec,
@@ -179,7 +180,7 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
     let outcome = tokio::select! {
         o = drive(&run, &conn) => Ok(o),
         signal = interrupted => {
-            eprintln!("interrupted: stopping the local workers and the coordinator");
+            stderr_line(format_args!("interrupted: stopping the local workers and the coordinator"));
             Err(signal)
         }
     };
@@ -198,7 +199,7 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
         Ok(o) => o,
         Err(signal) => {
             if !run.quiet {
-                eprintln!("run stopped before its end; the job's state is in {}", state_dir.display());
+                stderr_line(format_args!("run stopped before its end; the job's state is in {}", state_dir.display()));
             }
             return Ok(Outcome::Interrupted(signal));
         }
@@ -206,7 +207,7 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
     let (job_id, ok) = outcome?;
     collect(&state_dir.join("jobs").join(&job_id), &run.out)?;
     if !run.quiet {
-        eprintln!("run directory: {}", run.out.display());
+        stderr_line(format_args!("run directory: {}", run.out.display()));
     }
     Ok(Outcome::Finished(ok))
 }
@@ -249,15 +250,15 @@ async fn supervise(
             }
             if let Ok(Some(status)) = child.try_wait() {
                 if used >= budget {
-                    eprintln!("local worker {k} exited ({status}); restart budget spent");
+                    stderr_line(format_args!("local worker {k} exited ({status}); restart budget spent"));
                     given_up.insert(k);
                     continue;
                 }
                 used += 1;
-                eprintln!("local worker {k} exited ({status}); starting a replacement");
+                stderr_line(format_args!("local worker {k} exited ({status}); starting a replacement"));
                 match respawn(k as u32) {
                     Ok(c) => *child = c,
-                    Err(e) => eprintln!("cannot restart local worker {k}: {e:#}"),
+                    Err(e) => stderr_line(format_args!("cannot restart local worker {k}: {e:#}")),
                 }
             }
         }
@@ -304,10 +305,10 @@ async fn drive(run: &LocalRun, conn: &Connection) -> anyhow::Result<(String, boo
         .into_inner()
         .job_id;
     if !run.quiet {
-        eprintln!(
+        stderr_line(format_args!(
             "job {job_id}: {} for {} epochs on {} local worker(s) x {} thread(s)",
             run.spec.model, run.spec.epochs, run.workers, run.threads_per_worker
-        );
+        ));
     }
     let info = follow(conn, &job_id, run.quiet).await?;
     let ok = print_summary(&info);

@@ -13,6 +13,7 @@ use cvdist_coordinator::server::{self, CoordinatorConfig, TlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use cvdist_common::term::stderr_line;
 
 #[derive(Parser)]
 #[command(name = "cvdist", version, about = "Distributed data-parallel training of CIFAR-10 classifiers")]
@@ -340,11 +341,14 @@ fn main() {
         .with_env_filter(if quiet_logs { tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "error".into()) } else { filter })
         .with_writer(std::io::stderr)
         .with_ansi(cvdist_common::term::stderr_color())
+        // Its default reports a failed write with eprintln!, which panics once stderr is a
+        // broken pipe (see term::stderr_line).
+        .log_internal_errors(false)
         .init();
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", follow::explain(&e));
+            stderr_line(format_args!("error: {}", follow::explain(&e)));
             2
         }
     };
@@ -566,7 +570,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             }
             let rendered = report::write_charts(&loaded, &out)?;
             for w in &rendered.warnings {
-                eprintln!("warning: {w}");
+                stderr_line(format_args!("warning: {w}"));
             }
             print!("{}", report::summary_table(&loaded));
             for f in &rendered.files {
@@ -621,7 +625,7 @@ fn run_eval(
     let png = out.join("confusion.png");
     let rendered = report::write_confusion_matrix(&result.confusion, &names, &png)?;
     for w in &rendered.warnings {
-        eprintln!("warning: {w}");
+        stderr_line(format_args!("warning: {w}"));
     }
     println!("{}: test accuracy {:.2}% on {} images", result.model, result.accuracy * 100.0, result.samples);
     for (name, acc) in result.classes.iter().zip(&result.per_class) {

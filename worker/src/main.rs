@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tch::Device;
+use cvdist_common::term::stderr_line;
 
 #[derive(Parser)]
 #[command(name = "cvdist-worker", version, about = "cvdist worker: trains through libtorch and all-reduces with its peers")]
@@ -215,6 +216,9 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(cvdist_common::term::stderr_color())
+        // Its default reports a failed write with eprintln!, which panics once stderr is a
+        // broken pipe (see term::stderr_line).
+        .log_internal_errors(false)
         .init();
     let result = match cli.command {
         Command::Worker(a) => run_worker(a),
@@ -227,7 +231,7 @@ fn main() {
     };
     if let Err(e) = result {
         let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-        eprintln!("error: {}", causes.join(": "));
+        stderr_line(format_args!("error: {}", causes.join(": ")));
         // 1: the run itself failed (as `cvdist local` for a failed job); 2: bad input or
         // an error before or around the run.
         std::process::exit(if e.downcast_ref::<RunFailed>().is_some() { 1 } else { 2 });
@@ -320,7 +324,7 @@ async fn stop_signal() {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
             }
-            eprintln!("second signal: exiting at once");
+            stderr_line(format_args!("second signal: exiting at once"));
             std::process::exit(130);
         });
     }

@@ -30,6 +30,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
+use cvdist_common::term::stderr_line;
 
 /// Longest worker id the coordinator accepts (`spec::valid_name`).
 const MAX_WORKER_ID: usize = 64;
@@ -251,7 +252,7 @@ async fn supervise(program: &Path, args: &[OsString], plans: Vec<ChildPlan>, gra
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    eprintln!("cvdist supervisor: starting {} worker(s) (pid {})", plans.len(), std::process::id());
+    stderr_line(format_args!("cvdist supervisor: starting {} worker(s) (pid {})", plans.len(), std::process::id()));
     let mut slots = Vec::new();
     for plan in plans {
         let child = spawn(program, args, &plan)?;
@@ -260,8 +261,8 @@ async fn supervise(program: &Path, args: &[OsString], plans: Vec<ChildPlan>, gra
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let fatal = loop {
         tokio::select! {
-            _ = term.recv() => { eprintln!("cvdist supervisor: SIGTERM, stopping all workers"); break None; }
-            _ = int.recv() => { eprintln!("cvdist supervisor: SIGINT, stopping all workers"); break None; }
+            _ = term.recv() => { stderr_line(format_args!("cvdist supervisor: SIGTERM, stopping all workers")); break None; }
+            _ = int.recv() => { stderr_line(format_args!("cvdist supervisor: SIGINT, stopping all workers")); break None; }
             _ = tick.tick() => {}
         }
         let mut fatal = None;
@@ -277,13 +278,13 @@ async fn supervise(program: &Path, args: &[OsString], plans: Vec<ChildPlan>, gra
                         break;
                     }
                     AfterExit::Restart(delay) => {
-                        eprintln!(
+                        stderr_line(format_args!(
                             "cvdist supervisor: worker {} (gpu {k}) {} after {:.0}s; restarting in {:.0}s",
                             slot.plan.worker_id,
                             describe(status),
                             ran.as_secs_f64(),
                             delay.as_secs_f64()
-                        );
+                        ));
                         slot.backoff = Some(delay);
                         slot.restart_at = Some(Instant::now() + delay);
                     }
@@ -298,7 +299,7 @@ async fn supervise(program: &Path, args: &[OsString], plans: Vec<ChildPlan>, gra
                     }
                     Err(e) => {
                         let delay = slot.backoff.map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF));
-                        eprintln!("cvdist supervisor: cannot restart worker {}: {e:#}; retrying in {:.0}s", slot.plan.worker_id, delay.as_secs_f64());
+                        stderr_line(format_args!("cvdist supervisor: cannot restart worker {}: {e:#}; retrying in {:.0}s", slot.plan.worker_id, delay.as_secs_f64()));
                         slot.backoff = Some(delay);
                         slot.restart_at = Some(Instant::now() + delay);
                     }
@@ -313,7 +314,7 @@ async fn supervise(program: &Path, args: &[OsString], plans: Vec<ChildPlan>, gra
     match fatal {
         Some(why) => anyhow::bail!("{why}; stopped all workers"),
         None => {
-            eprintln!("cvdist supervisor: all workers stopped");
+            stderr_line(format_args!("cvdist supervisor: all workers stopped"));
             Ok(())
         }
     }
@@ -344,7 +345,7 @@ async fn stop_all(slots: &mut [Slot], grace: Duration) {
     for slot in slots.iter_mut() {
         if let Some(child) = slot.child.as_mut() {
             if matches!(child.try_wait(), Ok(None)) {
-                eprintln!("cvdist supervisor: worker {} ignored SIGTERM for {:.0}s; killing it", slot.plan.worker_id, grace.as_secs_f64());
+                stderr_line(format_args!("cvdist supervisor: worker {} ignored SIGTERM for {:.0}s; killing it", slot.plan.worker_id, grace.as_secs_f64()));
                 let _ = child.start_kill();
                 let _ = child.wait().await;
             }
@@ -395,13 +396,13 @@ fn spawn(program: &Path, args: &[OsString], plan: &ChildPlan) -> anyhow::Result<
     if let Some(err) = child.stderr.take() {
         tokio::spawn(forward(err, prefix, true));
     }
-    eprintln!(
+    stderr_line(format_args!(
         "cvdist supervisor: worker {} on {} (data plane {}, pid {})",
         plan.worker_id,
         plan.device,
         plan.advertise_addr.as_deref().unwrap_or(&plan.data_listen.to_string()),
         child.id().unwrap_or(0)
-    );
+    ));
     Ok(child)
 }
 
