@@ -6,9 +6,11 @@ pub mod cifar;
 pub mod client;
 pub mod download;
 pub mod models;
+pub mod names;
 pub mod run_dir;
 pub mod sampler;
 pub mod spec;
+pub mod text;
 pub mod version;
 
 /// Generated gRPC/protobuf code for package `cvdist.v1` (see `proto/cvdist.proto`).

@@ -5,6 +5,7 @@ pub mod job;
 pub mod transfer;
 
 use cvdist_common::client::{connect, error_chain};
+use cvdist_common::text::printable;
 use cvdist_common::proto::{coordinator_message, worker_message, Heartbeat, RegisterRequest, WorkerCapabilities, WorkerMessage};
 use cvdist_common::version::PROTOCOL_VERSION;
 use job::{JobControl, JobEnv};
@@ -73,6 +74,9 @@ pub async fn run(cfg: WorkerConfig) -> Result<(), AgentError> {
         None => bound.to_string(),
     };
     info!(data_plane = %bound, advertise = %advertise, "worker starting");
+    if let Some(w) = cvdist_common::client::plaintext_token_warning(&cfg.coordinator, cfg.token.as_deref()) {
+        warn!("{w}");
+    }
     let mut backoff = Duration::from_millis(250);
     loop {
         match session(&cfg, &listener, &advertise).await {
@@ -105,9 +109,12 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
     let mut inbound = match client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(s) => {
-            let text = format!("registration refused: {}", s.message());
+            let text = format!("registration refused: {}", printable(s.message()));
             return Err(match s.code() {
-                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::Unauthenticated => {
+                tonic::Code::FailedPrecondition
+                | tonic::Code::InvalidArgument
+                | tonic::Code::Unauthenticated
+                | tonic::Code::PermissionDenied => {
                     AgentError::Fatal(text)
                 }
                 _ => AgentError::Retry(text),
@@ -126,6 +133,8 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
     });
 
     let mut running: Option<(String, u32, JobControl, std::thread::JoinHandle<()>)> = None;
+    // Sent in `Registered`; uploads carry it to prove they come from this session.
+    let mut session_key = String::new();
     let result = loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -133,7 +142,10 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
             Err(s) => break Err(AgentError::Retry(format!("session lost: {}", error_chain(&s)))),
         };
         match msg.msg {
-            Some(coordinator_message::Msg::Registered(r)) => info!(worker = %r.worker_id, "registered"),
+            Some(coordinator_message::Msg::Registered(r)) => {
+                info!(worker = %printable(&r.worker_id), "registered");
+                session_key = r.session_key;
+            }
             Some(coordinator_message::Msg::Assignment(a)) => {
                 // One job at a time: an aborted predecessor must have let go of the
                 // device and the data-plane port before the next starts.
@@ -141,7 +153,7 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
                     control.request_stop("superseded by a new assignment");
                     let _ = tokio::task::spawn_blocking(move || handle.join()).await;
                 }
-                info!(job = %a.job_id, attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment");
+                info!(job = %printable(&a.job_id), attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment");
                 let env = JobEnv {
                     device: cfg.device,
                     data: cfg.data.clone(),
@@ -150,6 +162,7 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
                     client: client.clone(),
                     runtime: tokio::runtime::Handle::current(),
                     outbox: tx.clone(),
+                    session_key: session_key.clone(),
                 };
                 let control = JobControl::default();
                 let (id, attempt) = (a.job_id.clone(), a.attempt);
@@ -163,7 +176,7 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
             Some(coordinator_message::Msg::Abort(ab)) => {
                 if let Some((id, attempt, control, _)) = &running {
                     if *id == ab.job_id && *attempt == ab.attempt {
-                        info!(job = %id, reason = %ab.reason, "abort");
+                        info!(job = %printable(id), reason = %printable(&ab.reason), "abort");
                         control.request_stop(&ab.reason);
                     }
                 }
