@@ -23,6 +23,7 @@ mod tests {
         assert!(w("http://[::1]:50051", Some("t")).is_none());
         assert!(w("https://coordinator:50051", Some("t")).is_none());
         assert!(w("http://coordinator:50051", None).is_none());
+        assert!(w("http://exa mple:80", Some("t")).is_none());
     }
 }
 
@@ -105,6 +106,10 @@ pub fn plaintext_token_warning(url: &str, token: Option<&str>) -> Option<String>
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority),
     };
+    // A malformed URL gets its own error from `connect`; no warning to add to it.
+    if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':')) {
+        return None;
+    }
     let loopback = host.eq_ignore_ascii_case("localhost")
         || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
     if loopback {

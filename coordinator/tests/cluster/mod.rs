@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The client token (CLI, job management) and the worker credential every test process gets.
 pub const TOKEN: &str = "test-token-0123456789";
+pub const WORKER_TOKEN: &str = "test-worker-token-9876543210";
 
 pub fn cvdist_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cvdist"))
@@ -49,9 +51,10 @@ pub fn spawn_coordinator(port: u16, metrics_port: u16, state_dir: &Path, data: &
     spawn_logged(&mut cmd, log)
 }
 
-/// Starts a cvdist process with the test token and plain-text info logs into `log`.
+/// Starts a cvdist process with the test credentials and plain-text info logs into `log`.
 pub fn spawn_logged(cmd: &mut Command, log: std::fs::File) -> Child {
     cmd.env("CVDIST_TOKEN", TOKEN)
+        .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
         .env("CVDIST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
