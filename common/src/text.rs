@@ -59,9 +59,24 @@ pub fn truncate(s: &str, max: usize) -> Cow<'_, str> {
     Cow::Owned(format!("{}… [{} more bytes truncated]", &s[..cut], s.len() - cut))
 }
 
-/// Escaped, then bounded: what to store for text a peer sent.
+/// Escaped, then bounded: what to store for text a peer sent. Only the first `max` bytes
+/// are escaped (escaping never shortens text), so a huge report costs little; a cut text
+/// ends with a marker giving the original length.
 pub fn bound(s: &str, max: usize) -> String {
-    truncate(&printable(s), max).into_owned()
+    let max = max.max(MARKER_ROOM * 2);
+    let mut head = max.min(s.len());
+    while !s.is_char_boundary(head) {
+        head -= 1;
+    }
+    let shown = printable(&s[..head]);
+    if head == s.len() && shown.len() <= max {
+        return shown.into_owned();
+    }
+    let mut cut = max - MARKER_ROOM;
+    while !shown.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… [truncated; {} bytes in all]", &shown[..cut], s.len())
 }
 
 /// A peer-supplied value for an error message: escaped, bounded and in quotes.
@@ -90,6 +105,11 @@ mod tests {
         assert!(cut.contains("more bytes truncated]"));
         assert_eq!(truncate("short", 1000), "short");
         let b = bound(&"\u{1b}".repeat(100_000), MAX_REPORT_TEXT);
-        assert!(b.len() <= MAX_REPORT_TEXT && !b.chars().any(is_unsafe));
+        assert!(b.len() <= MAX_REPORT_TEXT && !b.chars().any(is_unsafe), "{}", b.len());
+        assert!(b.ends_with("[truncated; 100000 bytes in all]"), "{b}");
+        // Escaping alone can push a short text over the bound.
+        let b = bound(&"\u{1b}".repeat(1000), 1000);
+        assert!(b.len() <= 1000 && b.ends_with("[truncated; 1000 bytes in all]"), "{b}");
+        assert_eq!(bound("fine", 1000), "fine");
     }
 }

@@ -1178,6 +1178,9 @@ fn read_array_by<const N: usize>(s: &mut TcpStream, until: Instant) -> std::io::
             Ok(0) => return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "connection closed")),
             Ok(n) => filled += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(std::io::Error::new(ErrorKind::TimedOut, "handshake deadline passed"));
+            }
             Err(e) => return Err(e),
         }
     }
