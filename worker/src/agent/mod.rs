@@ -168,7 +168,7 @@ async fn session(cfg: &WorkerConfig, listener: &std::net::TcpListener, advertise
                 let (id, attempt) = (a.job_id.clone(), a.attempt);
                 let c = control.clone();
                 let handle = std::thread::Builder::new()
-                    .name(format!("job-{id}"))
+                    .name(format!("job-{}", printable(&id)))
                     .spawn(move || job::run(a, env, c))
                     .map_err(|e| AgentError::Fatal(format!("cannot start the training thread: {e}")))?;
                 running = Some((id, attempt, control, handle));
