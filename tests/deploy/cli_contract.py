@@ -7,6 +7,7 @@ CONTRACT = {
         "--listen": "CVDIST_LISTEN",
         "--state-dir": "CVDIST_STATE_DIR",
         "--token-file": "CVDIST_TOKEN_FILE",
+        "--worker-token-file": "CVDIST_WORKER_TOKEN_FILE",
         "--data": "CVDIST_DATA",
         "--tls-cert": "CVDIST_TLS_CERT",
         "--tls-key": "CVDIST_TLS_KEY",
@@ -23,7 +24,7 @@ CONTRACT = {
         "--advertise-addr": "CVDIST_ADVERTISE_ADDR",
         "--worker-id": "CVDIST_WORKER_ID",
         "--threads": "CVDIST_THREADS",
-        "--token-file": "CVDIST_TOKEN_FILE",
+        "--worker-token-file": "CVDIST_WORKER_TOKEN_FILE",
         "--tls-ca": "CVDIST_TLS_CA",
     },
     ("cvdist", "submit"): {
@@ -35,6 +36,7 @@ CONTRACT = {
         "--lr": None,
         "--follow": None,
         "--token-file": "CVDIST_TOKEN_FILE",
+        "--tls-ca": "CVDIST_TLS_CA",
     },
 }
 
