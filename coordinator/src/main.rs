@@ -407,7 +407,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 .map_err(|s| anyhow::anyhow!("submit refused: {}", follow::status_text(&s)))?
                 .into_inner()
                 .job_id;
-            println!("{id}");
+            println!("{}", text::printable(&id));
             if a.follow {
                 let info = follow::follow(&conn, &id, false).await?;
                 return Ok(if follow::print_summary(&info) { 0 } else { 1 });
@@ -508,7 +508,10 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                         .map_err(|s| anyhow::anyhow!("{r} is neither a run directory nor a job: {}", follow::status_text(&s)))?
                         .into_inner();
                     loaded.push(report::Run {
-                        label: info.spec.as_ref().map(|s| s.name.clone()).filter(|n| !n.is_empty()).unwrap_or_else(|| info.id.clone()),
+                        label: text::printable(
+                            &info.spec.as_ref().map(|s| s.name.clone()).filter(|n| !n.is_empty()).unwrap_or_else(|| info.id.clone()),
+                        )
+                        .into_owned(),
                         dir: PathBuf::from(&info.id),
                         metrics: info.history.clone(),
                         summary: None,
