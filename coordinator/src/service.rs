@@ -71,8 +71,8 @@ impl CoordinatorApi for Service {
         Ok(Response::new(SubmitJobResponse { job_id }))
     }
 
-    async fn list_jobs(&self, _req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
-        require(&_req, Role::Client)?;
+    async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        require(&req, Role::Client)?;
         Ok(Response::new(ListJobsResponse { jobs: self.state.list() }))
     }
 

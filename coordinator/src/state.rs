@@ -17,7 +17,7 @@ use cvdist_common::proto::{
     coordinator_message, job_event, Abort, Assignment, CoordinatorMessage, JobEvent, JobInfo, JobReport, JobSpec,
     JobState, Peer, RegisterRequest, WorkerCapabilities,
 };
-use cvdist_common::{models, names, run_dir, text, version};
+use cvdist_common::{models, names, run_dir, spec, text, version};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -133,6 +133,13 @@ fn bound_record(info: &mut JobInfo) {
             *e = text::bound(e, text::MAX_EVENT_LINE);
         }
     }
+    trim_events(info);
+    let epochs = info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
+    info.history.retain(|h| h.epoch < epochs);
+}
+
+/// Drops the oldest events beyond [`MAX_EVENTS_KEPT`] lines or [`MAX_EVENT_BYTES`] bytes.
+fn trim_events(info: &mut JobInfo) {
     let mut total: usize = info.events.iter().map(String::len).sum();
     let mut drop = 0;
     while total > MAX_EVENT_BYTES || info.events.len() - drop > MAX_EVENTS_KEPT {
@@ -140,8 +147,6 @@ fn bound_record(info: &mut JobInfo) {
         drop += 1;
     }
     info.events.drain(..drop);
-    let epochs = info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
-    info.history.retain(|h| h.epoch < epochs);
 }
 
 impl JobEntry {
@@ -150,7 +155,7 @@ impl JobEntry {
         info!(job = %self.info.id, "{line}");
         let stamped = format!("{:.3} {line}", now_unix());
         self.info.events.push(stamped.clone());
-        bound_record(&mut self.info);
+        trim_events(&mut self.info);
         let _ = self.events.send(JobEvent { event: Some(job_event::Event::Log(stamped)) });
     }
 
@@ -213,7 +218,7 @@ impl Coordinator {
     // ------------------------------------------------------------------ clients
 
     pub fn submit(&self, spec: JobSpec) -> Result<String, Status> {
-        cvdist_common::spec::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        spec::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut inner = self.lock();
         if !spec.name.is_empty() && inner.jobs.values().any(|j| j.info.spec.as_ref().is_some_and(|s| s.name == spec.name)) {
             return Err(Status::already_exists(format!("a job named {:?} already exists", spec.name)));
@@ -545,7 +550,7 @@ impl Coordinator {
                 break;
             }
             let n = idle.len().min(spec.max_workers as usize);
-            if let Err(e) = cvdist_common::spec::check_shard(&spec, n as u32) {
+            if let Err(e) = spec::check_shard(&spec, n as u32) {
                 self.fail_job(job, e.to_string());
                 continue;
             }
