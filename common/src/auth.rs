@@ -1,4 +1,11 @@
-//! Shared-token authentication for gRPC calls and data-plane links.
+//! Bearer-token authentication for gRPC calls.
+//!
+//! Two credentials with two roles: the *client token* (`CVDIST_TOKEN`, `--token-file`)
+//! lets users and the submit Job manage jobs; the *worker credential*
+//! (`CVDIST_WORKER_TOKEN`, `--worker-token-file`) lets a process register as a worker,
+//! move checkpoints and fetch the dataset. Neither admits the other role, so holding the
+//! CLI token does not make anyone a member of a training group. docs/RELIABILITY.md
+//! ("Threat model") describes who holds which.
 
 use std::path::Path;
 
@@ -6,6 +13,8 @@ use std::path::Path;
 pub const TOKEN_METADATA_KEY: &str = "authorization";
 /// Environment variable read by every binary when no token file is given.
 pub const TOKEN_ENV: &str = "CVDIST_TOKEN";
+/// Environment variable holding the worker credential when no worker token file is given.
+pub const WORKER_TOKEN_ENV: &str = "CVDIST_WORKER_TOKEN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -26,7 +35,19 @@ pub fn load_token(file: Option<&Path>) -> Result<Option<String>, TokenError> {
         }
         return Ok(Some(token));
     }
-    Ok(std::env::var(TOKEN_ENV).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()))
+    Ok(env_token(TOKEN_ENV))
+}
+
+/// Loads the worker credential from `file` if given, else from `$CVDIST_WORKER_TOKEN`.
+pub fn load_worker_token(file: Option<&Path>) -> Result<Option<String>, TokenError> {
+    if file.is_some() {
+        return load_token(file);
+    }
+    Ok(env_token(WORKER_TOKEN_ENV))
+}
+
+fn env_token(var: &str) -> Option<String> {
+    std::env::var(var).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// Compares two secrets in time that depends only on their lengths, so a peer cannot

@@ -11,6 +11,22 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn warns_only_for_plaintext_to_remote_hosts() {
+        let w = super::plaintext_token_warning;
+        assert!(w("http://coordinator:50051", Some("t")).is_some());
+        assert!(w("http://10.0.0.5:50051", Some("t")).is_some());
+        assert!(w("http://127.0.0.1:50051", Some("t")).is_none());
+        assert!(w("http://localhost:50051", Some("t")).is_none());
+        assert!(w("http://[::1]:50051", Some("t")).is_none());
+        assert!(w("https://coordinator:50051", Some("t")).is_none());
+        assert!(w("http://coordinator:50051", None).is_none());
+        assert!(w("http://exa mple:80", Some("t")).is_none());
+    }
+}
+
 #[derive(Clone)]
 pub struct TokenInterceptor {
     value: Option<MetadataValue<tonic::metadata::Ascii>>,
@@ -77,6 +93,32 @@ pub async fn connect(url: &str, token: Option<&str>, tls_ca: Option<&Path>) -> R
     Ok(CoordinatorClient::with_interceptor(channel, TokenInterceptor { value })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A warning to show when `token` would travel to `url` in plaintext: an `http://` URL
+/// whose host is not a loopback address (`localhost`, 127.0.0.0/8, ::1). Anyone on the
+/// path could read the token and act with it; `None` when there is nothing to warn about.
+pub fn plaintext_token_warning(url: &str, token: Option<&str>) -> Option<String> {
+    token?;
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority),
+    };
+    // A malformed URL gets its own error from `connect`; no warning to add to it.
+    if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':')) {
+        return None;
+    }
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return None;
+    }
+    Some(format!(
+        "sending the token to {} over plaintext http://: anyone on the network path can read and reuse it; use https:// (coordinator --tls-cert/--tls-key)",
+        crate::text::printable(url)
+    ))
 }
 
 /// Environment variables naming a PEM client certificate and key, presented to an

@@ -6,11 +6,13 @@ pub mod cifar;
 pub mod client;
 pub mod download;
 pub mod models;
+pub mod names;
 pub mod nonfinite;
 pub mod run_dir;
 pub mod sampler;
 pub mod spec;
 pub mod term;
+pub mod text;
 pub mod version;
 
 /// Generated gRPC/protobuf code for package `cvdist.v1` (see `proto/cvdist.proto`).

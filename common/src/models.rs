@@ -26,6 +26,15 @@ pub const MODELS: &[(&str, u64)] = &[
     ("plain110", 1_727_962),
 ];
 
+/// Most bytes a checkpoint of `model` can take: fp32 weights and fp32 momentum (4 bytes
+/// each per parameter), half as much again for BatchNorm buffers and rounding, and 4 MiB for
+/// the safetensors header (tensor names and shapes). `None` for an unknown model. The
+/// coordinator refuses larger uploads, so a member cannot fill its disk.
+pub fn max_checkpoint_bytes(name: &str) -> Option<u64> {
+    let params = MODELS.iter().find(|(n, _)| *n == name)?.1;
+    Some(params * 4 * 2 + params * 4 / 2 + (4 << 20))
+}
+
 pub fn is_known(name: &str) -> bool {
     MODELS.iter().any(|(n, _)| *n == name)
 }

@@ -89,13 +89,7 @@ pub fn parse_workers(text: &str) -> Result<(u32, u32), SpecError> {
     Ok((min, max))
 }
 
-/// A name safe to use as a file name: no separators, no traversal, no hidden files.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
+pub use crate::names::valid_name;
 
 /// Number of training samples a job uses.
 pub fn train_len(spec: &JobSpec) -> u64 {

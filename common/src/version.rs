@@ -1,6 +1,6 @@
 //! Wire protocol version exchanged at worker registration. Bump it whenever a change to
 //! `proto/cvdist.proto` or to the data-plane framing is not understood by older peers.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Maximum size of one gRPC message in either direction (chunks are far smaller).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "load-test-token";
+const WORKER_TOKEN: &str = "load-test-worker-token";
 
 #[derive(Parser)]
 struct Args {
@@ -125,6 +126,7 @@ async fn main() {
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .env("CVDIST_TOKEN", TOKEN)
+            .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -145,7 +147,7 @@ async fn main() {
                 .arg(dir.path().join("data"))
                 .arg("--cache-dir")
                 .arg(dir.path().join(format!("cache-{k}")))
-                .env("CVDIST_TOKEN", TOKEN)
+                .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
                 .env("CVDIST_LOG", "warn")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

@@ -5,6 +5,7 @@
 use crate::state::is_terminal;
 use cvdist_common::client::{connect, error_chain};
 use cvdist_common::proto::{job_event, EpochMetrics, JobInfo, JobState, WatchJobRequest, WorkerInfo, WorkerState};
+use cvdist_common::text::printable;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -51,8 +52,32 @@ pub fn epoch_line(m: &EpochMetrics, epochs: u32) -> String {
     )
 }
 
+/// A copy of `info` whose text fields are safe to print: everything in a job record may
+/// have come from a peer (a worker's failure report, a job name), so control characters
+/// are shown escaped rather than sent to the terminal.
+pub fn printable_info(info: &JobInfo) -> JobInfo {
+    let mut info = info.clone();
+    let fix = |s: &mut String| {
+        if let std::borrow::Cow::Owned(p) = printable(s) {
+            *s = p;
+        }
+    };
+    fix(&mut info.id);
+    fix(&mut info.message);
+    fix(&mut info.latest_checkpoint);
+    info.events.iter_mut().for_each(fix);
+    info.worker_ids.iter_mut().for_each(fix);
+    if let Some(spec) = info.spec.as_mut() {
+        for f in [&mut spec.name, &mut spec.model, &mut spec.dataset, &mut spec.collective] {
+            fix(f);
+        }
+    }
+    info
+}
+
 /// Prints the final state; returns whether the job succeeded.
 pub fn print_summary(info: &JobInfo) -> bool {
+    let info = &printable_info(info);
     let state = info.state();
     println!("job {} {}", info.id, state_label(state));
     if !info.message.is_empty() && state != JobState::Succeeded {
@@ -83,6 +108,7 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
     );
     // Progress bars only draw on a terminal; lines must reach logs and pipes too.
     let say = |line: String| {
+        let line = printable(&line).into_owned();
         if quiet {
         } else if bar.is_hidden() {
             stderr_line(format_args!("{line}"));
@@ -126,7 +152,7 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
             match ev.event {
                 Some(job_event::Event::Snapshot(info)) => {
                     let epochs = info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
-                    bar.set_prefix(format!("{} {}", info.id, state_label(info.state())));
+                    bar.set_prefix(format!("{} {}", printable(&info.id), state_label(info.state())));
                     // Replay what happened while we were not watching.
                     for line in info.events.iter().skip(printed_events) {
                         say(format!("  {}", strip_stamp(line)));
@@ -264,6 +290,7 @@ pub fn workers_table(workers: &[WorkerInfo], now: f64) -> String {
 
 /// One line per job for `cvdist jobs`.
 pub fn job_row(info: &JobInfo) -> String {
+    let info = &printable_info(info);
     let spec = info.spec.clone().unwrap_or_default();
     let acc = info.history.last().map(|m| format!("{:.2}%", m.test_acc * 100.0)).unwrap_or_else(|| "-".into());
     format!(
@@ -282,6 +309,7 @@ pub fn job_row(info: &JobInfo) -> String {
 /// Human-readable detail for `cvdist status JOB`; event times are shown relative to `now`
 /// (Unix seconds) as well.
 pub fn describe(info: &JobInfo, now: f64) -> String {
+    let info = &printable_info(info);
     let spec = info.spec.clone().unwrap_or_default();
     let mut out = format!(
         "job:        {}\nstate:      {}\nmodel:      {} ({} epochs, batch {} per worker, lr {}, workers {}..{})\nattempt:    {} ({} restarts of {} allowed)\nworkers:    {}\ncheckpoint: {}\n",
@@ -344,7 +372,7 @@ pub fn status_text(s: &tonic::Status) -> String {
         }
         src = e.source();
     }
-    text
+    printable(&text).into_owned()
 }
 
 pub fn explain(e: &anyhow::Error) -> String {
@@ -356,7 +384,7 @@ pub fn explain(e: &anyhow::Error) -> String {
             text.push_str(&c);
         }
     }
-    text
+    printable(&text).into_owned()
 }
 
 #[cfg(test)]

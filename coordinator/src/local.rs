@@ -2,8 +2,9 @@
 //! loopback port, N worker processes, one job — with the results moved to `--out`.
 //!
 //! The workers are real processes talking real gRPC and real TCP to each other, exactly
-//! as on a cluster; only the addresses are loopback ones. A random token protects the
-//! embedded coordinator from other local users for the job's lifetime.
+//! as on a cluster; only the addresses are loopback ones. Two random credentials (a client
+//! token for this process, a worker credential for the workers) protect the embedded
+//! coordinator from other local users for the job's lifetime.
 
 use crate::follow::{follow, print_summary, Connection};
 use crate::server::{serve, CoordinatorConfig};
@@ -134,18 +135,23 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
     check_device(&run.worker_bin, &run.device)?;
     std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
     let state_dir = run.out.join(".coordinator");
+    // Two credentials, as on a cluster: the client token for this process, the worker
+    // credential for the worker processes only.
     let token = hex::encode(rand::random::<[u8; 16]>());
+    let worker_token = hex::encode(rand::random::<[u8; 16]>());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port")?;
     let port = listener.local_addr()?.port();
     let cfg = CoordinatorConfig {
         state_dir: state_dir.clone(),
         token: Some(token.clone()),
+        worker_token: Some(worker_token.clone()),
         allow_insecure_remote: false,
         tls: None,
         data_dir: run.data.clone(),
         heartbeat_timeout: Duration::from_secs(10),
         metrics_listen: None,
         keep_checkpoints: run.keep_checkpoints,
+        upload_idle_timeout: Duration::from_secs(60),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(listener, cfg, async {
@@ -156,11 +162,11 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
 
     let mut children = Vec::new();
     for k in 0..run.workers {
-        children.push(spawn_worker(&run, &url, &token, k)?);
+        children.push(spawn_worker(&run, &url, &worker_token, k)?);
     }
     let children = std::sync::Arc::new(tokio::sync::Mutex::new(children));
     let supervisor = tokio::spawn(supervise(children.clone(), run.spec.max_restarts, {
-        let (out, url, token) = (run.out.clone(), url.clone(), token.clone());
+        let (out, url, token) = (run.out.clone(), url.clone(), worker_token.clone());
         let (bin, data, device, threads) = (run.worker_bin.clone(), run.data.clone(), run.device.clone(), run.threads_per_worker);
         move |k| {
             let r = LocalRun {
@@ -265,7 +271,7 @@ async fn supervise(
     }
 }
 
-fn spawn_worker(run: &LocalRun, url: &str, token: &str, k: u32) -> anyhow::Result<Child> {
+fn spawn_worker(run: &LocalRun, url: &str, worker_token: &str, k: u32) -> anyhow::Result<Child> {
     let log_path = run.out.join(format!("worker-{k}.log"));
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = Command::new(&run.worker_bin);
@@ -282,7 +288,8 @@ fn spawn_worker(run: &LocalRun, url: &str, token: &str, k: u32) -> anyhow::Resul
         .arg(&run.device)
         .arg("--cache-dir")
         .arg(run.out.join(".cache"))
-        .env("CVDIST_TOKEN", token)
+        .env(cvdist_common::auth::WORKER_TOKEN_ENV, worker_token)
+        .env_remove(cvdist_common::auth::TOKEN_ENV)
         // `--device cuda` then means cuda:(k mod device count) (worker/src/device.rs).
         .env("LOCAL_RANK", k.to_string())
         .stdin(Stdio::null())

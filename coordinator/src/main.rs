@@ -5,7 +5,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use cvdist_common::proto::{CancelJobRequest, GetJobRequest, JobState, ListJobsRequest, ListWorkersRequest, SubmitJobRequest};
-use cvdist_common::{auth, spec};
+use cvdist_common::{auth, spec, text};
 use cvdist_coordinator::follow::{self, Connection};
 use cvdist_coordinator::local::{self, LocalRun};
 use cvdist_coordinator::report;
@@ -28,7 +28,7 @@ enum Command {
     #[command(after_help = "Examples:\n  cvdist local --model resnet20 --epochs 2 --workers 2 --data data/cifar10\n  cvdist local --model resnet18 --epochs 1 --dataset synthetic --out runs/smoke")]
     Local(LocalArgs),
     /// Run the coordinator service.
-    #[command(after_help = "Examples:\n  cvdist coordinator --listen 127.0.0.1:50051 --state-dir /var/lib/cvdist\n  CVDIST_TOKEN=... cvdist coordinator --listen 0.0.0.0:50051 --state-dir /state --data /data/cifar10")]
+    #[command(after_help = "Examples:\n  cvdist coordinator --listen 127.0.0.1:50051 --state-dir /var/lib/cvdist\n  CVDIST_TOKEN=... CVDIST_WORKER_TOKEN=... cvdist coordinator --listen 0.0.0.0:50051 --tls-cert tls.crt --tls-key tls.key --state-dir /state --data /data/cifar10")]
     Coordinator(CoordinatorArgs),
     /// Submit a training job.
     #[command(after_help = "Examples:\n  cvdist submit --model resnet50 --epochs 200 --workers 8 --follow\n  cvdist submit --model resnet20 --epochs 5 --workers 2:4 --train-samples 5000")]
@@ -152,11 +152,11 @@ struct ConnArgs {
 
 impl ConnArgs {
     fn connection(&self) -> anyhow::Result<Connection> {
-        Ok(Connection {
-            url: self.coordinator.clone(),
-            token: auth::load_token(self.token_file.as_deref())?,
-            tls_ca: self.tls_ca.clone(),
-        })
+        let token = auth::load_token(self.token_file.as_deref())?;
+        if let Some(w) = cvdist_common::client::plaintext_token_warning(&self.coordinator, token.as_deref()) {
+            eprintln!("warning: {w}");
+        }
+        Ok(Connection { url: self.coordinator.clone(), token, tls_ca: self.tls_ca.clone() })
     }
 }
 
@@ -305,10 +305,15 @@ struct CoordinatorArgs {
     /// Directory for the job database, run directories and checkpoints.
     #[arg(long, env = "CVDIST_STATE_DIR")]
     state_dir: PathBuf,
-    /// File holding the shared token (else $CVDIST_TOKEN).
+    /// File holding the client token for users and the submit Job (else $CVDIST_TOKEN).
     #[arg(long, env = "CVDIST_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// Allow listening on a non-loopback address without a token.
+    /// File holding the worker credential, a different secret that only workers hold
+    /// (else $CVDIST_WORKER_TOKEN). Required whenever a client token is set.
+    #[arg(long, env = "CVDIST_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without a token or without TLS (only
+    /// where the network itself is trusted and encrypted).
     #[arg(long)]
     allow_insecure_remote: bool,
     /// CIFAR-10 directory served to workers that have no local copy.
@@ -331,6 +336,9 @@ struct CoordinatorArgs {
     /// deleted once a newer one is stored; 0 keeps all.
     #[arg(long, env = "CVDIST_KEEP_CHECKPOINTS", default_value_t = server::DEFAULT_KEEP_CHECKPOINTS)]
     keep_checkpoints: usize,
+    /// Seconds a checkpoint upload may send nothing before it is dropped.
+    #[arg(long, env = "CVDIST_UPLOAD_IDLE_TIMEOUT", default_value_t = 60)]
+    upload_idle_timeout: u64,
 }
 
 fn main() {
@@ -413,15 +421,18 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Coordinator(a) => {
             let token = auth::load_token(a.token_file.as_deref())?;
+            let worker_token = auth::load_worker_token(a.worker_token_file.as_deref())?;
             let cfg = CoordinatorConfig {
                 state_dir: a.state_dir,
                 token,
+                worker_token,
                 allow_insecure_remote: a.allow_insecure_remote,
                 tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: a.tls_client_ca }),
                 data_dir: a.data,
                 heartbeat_timeout: Duration::from_secs(a.heartbeat_timeout.max(1)),
                 metrics_listen: a.metrics_listen,
                 keep_checkpoints: a.keep_checkpoints,
+                upload_idle_timeout: Duration::from_secs(a.upload_idle_timeout.max(1)),
             };
             server::check_exposure(a.listen, &cfg)?;
             let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
@@ -441,7 +452,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 .map_err(|s| anyhow::anyhow!("submit refused: {}", follow::status_text(&s)))?
                 .into_inner()
                 .job_id;
-            println!("{id}");
+            println!("{}", text::printable(&id));
             if a.follow {
                 let info = follow::follow(&conn, &id, false).await?;
                 return Ok(if follow::print_summary(&info) { 0 } else { 1 });
@@ -497,7 +508,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 return Ok(if follow::print_summary(&info) { 0 } else { 1 });
             }
             for e in &info.events {
-                println!("{}", follow::event_line(e, None));
+                println!("{}", text::printable(&follow::event_line(e, None)));
             }
             Ok(0)
         }
@@ -508,7 +519,7 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 .await
                 .map_err(|s| anyhow::anyhow!("cancel refused: {}", follow::status_text(&s)))?
                 .into_inner();
-            println!("{} {}", info.id, follow::state_label(JobState::try_from(info.state).unwrap_or(JobState::Unspecified)));
+            println!("{} {}", text::printable(&info.id), follow::state_label(JobState::try_from(info.state).unwrap_or(JobState::Unspecified)));
             Ok(0)
         }
         Command::Local(a) => {
@@ -560,7 +571,10 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                         .map_err(|s| anyhow::anyhow!("{r} is neither a run directory nor a job: {}", follow::status_text(&s)))?
                         .into_inner();
                     loaded.push(report::Run {
-                        label: info.spec.as_ref().map(|s| s.name.clone()).filter(|n| !n.is_empty()).unwrap_or_else(|| info.id.clone()),
+                        label: text::printable(
+                            &info.spec.as_ref().map(|s| s.name.clone()).filter(|n| !n.is_empty()).unwrap_or_else(|| info.id.clone()),
+                        )
+                        .into_owned(),
                         dir: PathBuf::from(&info.id),
                         metrics: info.history.clone(),
                         summary: None,

@@ -1,4 +1,4 @@
-//! Runs the coordinator: gRPC service with token check, optional (mutual) TLS, the
+//! Runs the coordinator: gRPC service with token checks (client and worker roles), optional (mutual) TLS, the
 //! standard health service for Kubernetes probes, the scheduler tick, and a Prometheus
 //! text endpoint.
 
@@ -36,7 +36,11 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
+    /// The client token: users and the submit Job (job management RPCs only).
     pub token: Option<String>,
+    /// The worker credential: registration, checkpoints, the dataset (worker RPCs only).
+    pub worker_token: Option<String>,
+    /// Explicit opt-out: listen on a non-loopback address without a token or without TLS.
     pub allow_insecure_remote: bool,
     pub tls: Option<TlsFiles>,
     pub data_dir: Option<PathBuf>,
@@ -45,22 +49,76 @@ pub struct CoordinatorConfig {
     /// Checkpoints kept per job: the K newest (the final one is the newest) plus the one a
     /// recovery resumes from; 0 keeps all. Older ones are deleted once a newer is stored.
     pub keep_checkpoints: usize,
+    /// An upload stream that sends nothing for this long is dropped with its temp file.
+    pub upload_idle_timeout: Duration,
 }
 
 /// Default of `--keep-checkpoints`: enough to resume from the newest and still have two
 /// older ones should the newest turn out unusable, at ~3x one checkpoint's disk space.
 pub const DEFAULT_KEEP_CHECKPOINTS: usize = 3;
 
-/// Refuses a configuration that would expose an unauthenticated coordinator.
+/// Which credential a request presented; set by the token check, read by every RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Worker,
+    /// No credentials are configured at all (loopback development): every RPC is open.
+    Any,
+}
+
+/// Decides the role of a request from its `authorization` value.
+fn role_for(given: &str, token: Option<&str>, worker_token: Option<&str>) -> Result<Role, Status> {
+    if let Some(w) = worker_token {
+        if auth::constant_time_eq(given.as_bytes(), auth::bearer(w).as_bytes()) {
+            return Ok(Role::Worker);
+        }
+    }
+    if let Some(t) = token {
+        if auth::constant_time_eq(given.as_bytes(), auth::bearer(t).as_bytes()) {
+            return Ok(Role::Client);
+        }
+    }
+    match (given.is_empty(), token, worker_token) {
+        (true, None, None) => Ok(Role::Any),
+        // Only a worker credential configured: job management stays as open as before.
+        (true, None, Some(_)) => Ok(Role::Client),
+        (true, Some(_), _) => Err(Status::unauthenticated("this coordinator requires a token (CVDIST_TOKEN or --token-file)")),
+        (false, None, None) => Ok(Role::Any),
+        (false, _, _) => Err(Status::unauthenticated("wrong token")),
+    }
+}
+
+/// Refuses a configuration that would expose an unauthenticated coordinator, let the
+/// client token admit workers, or send tokens over the network in plaintext.
 pub fn check_exposure(listen: SocketAddr, cfg: &CoordinatorConfig) -> anyhow::Result<()> {
+    let remote = !listen.ip().is_loopback();
     if cfg.token.is_none() {
-        if !listen.ip().is_loopback() && !cfg.allow_insecure_remote {
+        if remote && !cfg.allow_insecure_remote {
             bail!(
                 "refusing to listen on {listen} without a token: set CVDIST_TOKEN or --token-file, \
                  or pass --allow-insecure-remote if the network is trusted"
             );
         }
         warn!("no token configured: any local process can control this coordinator");
+    }
+    match (&cfg.token, &cfg.worker_token) {
+        (Some(_), None) => bail!(
+            "a client token is set but no worker credential: set CVDIST_WORKER_TOKEN or --worker-token-file to a \
+             different secret for the workers (the client token does not admit workers)"
+        ),
+        (Some(t), Some(w)) if auth::constant_time_eq(t.as_bytes(), w.as_bytes()) => bail!(
+            "the worker credential (CVDIST_WORKER_TOKEN / --worker-token-file) must differ from the client token (CVDIST_TOKEN / --token-file)"
+        ),
+        _ => {}
+    }
+    if remote && cfg.tls.is_none() {
+        if !cfg.allow_insecure_remote {
+            bail!(
+                "refusing to listen on {listen} without TLS: tokens would cross the network in plaintext; \
+                 pass --tls-cert and --tls-key, or --allow-insecure-remote if the network itself is trusted and encrypted"
+            );
+        }
+        warn!(%listen, "listening without TLS (--allow-insecure-remote): tokens cross the network in plaintext");
     }
     Ok(())
 }
@@ -102,18 +160,18 @@ pub async fn serve(
     });
     let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(l, state.clone())));
 
-    let service = Service { state: state.clone(), data_dir: cfg.data_dir.clone(), keep_checkpoints: cfg.keep_checkpoints };
-    let token = cfg.token.clone();
-    let check = move |req: Request<()>| -> Result<Request<()>, Status> {
-        let Some(token) = &token else { return Ok(req) };
+    let service = Service {
+        state: state.clone(),
+        data_dir: cfg.data_dir.clone(),
+        keep_checkpoints: cfg.keep_checkpoints,
+        upload_idle_timeout: cfg.upload_idle_timeout,
+    };
+    let (token, worker_token) = (cfg.token.clone(), cfg.worker_token.clone());
+    let check = move |mut req: Request<()>| -> Result<Request<()>, Status> {
         let given = req.metadata().get(auth::TOKEN_METADATA_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
-        if auth::constant_time_eq(given.as_bytes(), auth::bearer(token).as_bytes()) {
-            Ok(req)
-        } else if given.is_empty() {
-            Err(Status::unauthenticated("this coordinator requires a token (CVDIST_TOKEN or --token-file)"))
-        } else {
-            Err(Status::unauthenticated("wrong token"))
-        }
+        let role = role_for(given, token.as_deref(), worker_token.as_deref())?;
+        req.extensions_mut().insert(role);
+        Ok(req)
     };
     let api = CoordinatorServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

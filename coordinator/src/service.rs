@@ -1,6 +1,7 @@
 //! The gRPC service: translates RPCs into calls on the [`Coordinator`] state machine and
 //! moves checkpoints and the dataset in checksummed chunks.
 
+use crate::server::Role;
 use crate::state::{is_terminal, Coordinator};
 use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
 use cvdist_common::proto::{
@@ -9,7 +10,7 @@ use cvdist_common::proto::{
     ListWorkersRequest, ListWorkersResponse, Registered, SubmitJobRequest, SubmitJobResponse, UploadCheckpointResponse,
     WatchJobRequest, WorkerMessage,
 };
-use cvdist_common::{cifar, spec, version};
+use cvdist_common::{cifar, names, text, version};
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -22,9 +23,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-/// Largest checkpoint accepted (resnet152 with momentum is ~470 MB).
-const MAX_CHECKPOINT_BYTES: u64 = 4 << 30;
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest checkpoint state record (epoch, step, sums, checksum: a few hundred bytes).
+const MAX_STATE_JSON: usize = 64 * 1024;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -35,6 +36,8 @@ pub struct Service {
     /// Checkpoints kept per job (`--keep-checkpoints`; 0 keeps all): see
     /// [`crate::store::Store::prune_checkpoints`].
     pub keep_checkpoints: usize,
+    /// An upload that sends nothing for this long is dropped (with its temp file).
+    pub upload_idle_timeout: Duration,
 }
 
 /// What a checkpoint upload said about itself, for the log line of a refusal.
@@ -45,37 +48,65 @@ struct UploadLabel {
     attempt: u32,
 }
 
-fn checkpoint_name_ok(name: &str) -> bool {
-    spec::valid_name(name) && name.starts_with("ckpt-e")
+/// Refuses a request whose credential is for the other role (see `server::Role`).
+fn require<T>(req: &Request<T>, want: Role) -> Result<(), Status> {
+    match (req.extensions().get::<Role>(), want) {
+        (Some(Role::Any), _) => Ok(()),
+        (Some(have), want) if *have == want => Ok(()),
+        (Some(Role::Client), Role::Worker) => Err(Status::permission_denied(
+            "the client token cannot act as a worker: workers authenticate with the worker credential (CVDIST_WORKER_TOKEN or --worker-token-file)",
+        )),
+        (Some(_), _) => Err(Status::permission_denied(
+            "the worker credential cannot manage jobs: use the client token (CVDIST_TOKEN or --token-file)",
+        )),
+        (None, _) => Err(Status::permission_denied("request carries no role (not authenticated by this server)")),
+    }
+}
+
+/// The next chunk of an upload, or an error once the stream has been idle too long.
+async fn next_chunk(chunks: &mut Streaming<CheckpointChunk>, idle: Duration) -> Result<Option<CheckpointChunk>, Status> {
+    tokio::time::timeout(idle, chunks.message()).await.map_err(|_| {
+        Status::deadline_exceeded(format!("checkpoint upload sent nothing for {:.0} s; dropped", idle.as_secs_f64()))
+    })?
+}
+
+fn checkpoint_name(name: &str) -> Result<(u32, u64), Status> {
+    names::parse_checkpoint_name(name).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 #[tonic::async_trait]
 impl CoordinatorApi for Service {
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
+        require(&req, Role::Client)?;
         let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.spec is missing"))?;
         let job_id = self.state.submit(spec)?;
         Ok(Response::new(SubmitJobResponse { job_id }))
     }
 
-    async fn list_jobs(&self, _req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+    async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        require(&req, Role::Client)?;
         Ok(Response::new(ListJobsResponse { jobs: self.state.list()? }))
     }
 
-    async fn list_workers(&self, _req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+    async fn list_workers(&self, req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        require(&req, Role::Client)?;
         Ok(Response::new(ListWorkersResponse { workers: self.state.workers() }))
     }
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
+        require(&req, Role::Client)?;
         Ok(Response::new(self.state.get(&req.into_inner().job_id)?))
     }
 
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<JobInfo>, Status> {
+        require(&req, Role::Client)?;
         Ok(Response::new(self.state.cancel(&req.into_inner().job_id)?))
     }
 
     type WatchJobStream = BoxStream<JobEvent>;
 
     async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        require(&req, Role::Client)?;
         let (snapshot, rx) = self.state.watch(&req.into_inner().job_id)?;
         let (tx, out) = mpsc::channel::<Result<JobEvent, Status>>(256);
         let closing = self.state.closing();
@@ -118,6 +149,7 @@ impl CoordinatorApi for Service {
         &self,
         req: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::WorkerSessionStream>, Status> {
+        require(&req, Role::Worker)?;
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -127,9 +159,9 @@ impl CoordinatorApi for Service {
             return Err(Status::invalid_argument("the first message of a worker session must be a registration"));
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let (id, session) = self.state.register(register, tx.clone())?;
+        let (id, session, session_key) = self.state.register(register, tx.clone())?;
         let _ = tx.send(Ok(CoordinatorMessage {
-            msg: Some(coordinator_message::Msg::Registered(Registered { worker_id: id.clone() })),
+            msg: Some(coordinator_message::Msg::Registered(Registered { worker_id: id.clone(), session_key })),
         }));
         let state = self.state.clone();
         let closing = self.state.closing();
@@ -146,7 +178,7 @@ impl CoordinatorApi for Service {
                     Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(_)) })) => state.heartbeat(&id, session),
                     Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Report(r)) })) => {
                         state.heartbeat(&id, session);
-                        if let Err(e) = state.report(&id, r) {
+                        if let Err(e) = state.report(&id, session, r) {
                             warn!(worker = %id, error = %e.message(), "report refused");
                         }
                     }
@@ -164,6 +196,7 @@ impl CoordinatorApi for Service {
         &self,
         req: Request<Streaming<CheckpointChunk>>,
     ) -> Result<Response<UploadCheckpointResponse>, Status> {
+        require(&req, Role::Worker)?;
         let mut label = UploadLabel::default();
         let result = self.store_checkpoint(req.into_inner(), &mut label).await;
         match &result {
@@ -199,16 +232,15 @@ impl CoordinatorApi for Service {
         &self,
         req: Request<DownloadCheckpointRequest>,
     ) -> Result<Response<Self::DownloadCheckpointStream>, Status> {
+        require(&req, Role::Worker)?;
         let req = req.into_inner();
-        if !checkpoint_name_ok(&req.name) {
-            return Err(Status::invalid_argument(format!("invalid checkpoint name {:?}", req.name)));
-        }
+        checkpoint_name(&req.name)?;
         self.state.get(&req.job_id)?;
         let dir = self.state.store().checkpoint_dir(&req.job_id);
         let json_path = dir.join(format!("{}.json", req.name));
         let state_json = tokio::fs::read_to_string(&json_path)
             .await
-            .map_err(|e| Status::not_found(format!("checkpoint {} of job {}: {e}", req.name, req.job_id)))?;
+            .map_err(|e| Status::not_found(format!("checkpoint {} of job {}: {e}", req.name, text::quoted(&req.job_id))))?;
         let data_path = dir.join(format!("{}.safetensors", req.name));
         let file = tokio::fs::File::open(&data_path).await.map_err(|e| io_status(&data_path, e))?;
         let (tx, rx) = mpsc::channel(4);
@@ -231,6 +263,7 @@ impl CoordinatorApi for Service {
                     state_json: if first { state_json.clone() } else { String::new() },
                     data: buf,
                     attempt: 0,
+                    session_key: String::new(),
                 };
                 if (n == 0 && !first) || tx.send(Ok(chunk)).await.is_err() || n < version::CHUNK_BYTES {
                     return;
@@ -244,9 +277,10 @@ impl CoordinatorApi for Service {
     type FetchDatasetStream = BoxStream<DatasetChunk>;
 
     async fn fetch_dataset(&self, req: Request<FetchDatasetRequest>) -> Result<Response<Self::FetchDatasetStream>, Status> {
+        require(&req, Role::Worker)?;
         let req = req.into_inner();
         if req.dataset != "cifar10" {
-            return Err(Status::invalid_argument(format!("unknown dataset {:?}; only \"cifar10\" is served", req.dataset)));
+            return Err(Status::invalid_argument(format!("unknown dataset {}; only \"cifar10\" is served", text::quoted(&req.dataset))));
         }
         let dir = self.data_dir.clone().ok_or_else(|| {
             Status::failed_precondition("this coordinator has no dataset to serve; start it with --data DIR or give workers --data")
@@ -315,40 +349,66 @@ impl Service {
         mut chunks: Streaming<CheckpointChunk>,
         label: &mut UploadLabel,
     ) -> Result<UploadCheckpointResponse, Status> {
-        let first = chunks.message().await?.ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
+        let idle = self.upload_idle_timeout;
+        let first = next_chunk(&mut chunks, idle).await?.ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
         *label = UploadLabel { job_id: first.job_id.clone(), name: first.name.clone(), attempt: first.attempt };
-        if !checkpoint_name_ok(&first.name) {
-            return Err(Status::invalid_argument(format!("invalid checkpoint name {:?}", first.name)));
+        let pos = checkpoint_name(&first.name)?;
+        if first.state_json.len() > MAX_STATE_JSON {
+            return Err(Status::invalid_argument(format!("checkpoint state of {} bytes exceeds {MAX_STATE_JSON}", first.state_json.len())));
         }
-        self.state.accepts_checkpoint(&first.job_id, first.attempt)?;
         let state_json: serde_json::Value = serde_json::from_str(&first.state_json)
             .map_err(|e| Status::invalid_argument(format!("checkpoint state is not JSON: {e}")))?;
+        let declared = (state_json.get("epoch").and_then(|v| v.as_u64()), state_json.get("step").and_then(|v| v.as_u64()));
+        if declared != (Some(pos.0 as u64), Some(pos.1)) {
+            return Err(Status::invalid_argument(format!(
+                "checkpoint {} declares epoch {:?} step {:?}, not the position its name encodes",
+                first.name, declared.0, declared.1
+            )));
+        }
+        let limit = self.state.accepts_checkpoint(&first.job_id, first.attempt, &first.session_key, pos, 2)?;
         let want_sha = state_json.get("sha256").and_then(|v| v.as_str()).unwrap_or_default().to_string();
         let dir = self.state.store().checkpoint_dir(&first.job_id);
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io_status(&dir, e))?;
-        let tmp = dir.join(format!(".{}.upload", first.name));
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| io_status(&tmp, e))?;
+        // One temp file per upload: two uploads of one name must not write into each other.
+        let tmp = dir.join(format!(".{}.{:016x}.upload", first.name, rand::random::<u64>()));
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .await
+            .map_err(|e| io_status(&tmp, e))?;
         let mut hasher = Sha256::new();
         let mut total = 0u64;
         let mut chunk = Some(first.clone());
         let result: Result<(), Status> = async {
             while let Some(c) = chunk {
                 total += c.data.len() as u64;
-                if total > MAX_CHECKPOINT_BYTES {
-                    return Err(Status::resource_exhausted("checkpoint exceeds 4 GiB"));
+                if total > limit {
+                    return Err(Status::resource_exhausted(format!(
+                        "checkpoint {} exceeds {limit} bytes, the most a checkpoint of this job's model can take",
+                        first.name
+                    )));
                 }
                 hasher.update(&c.data);
                 file.write_all(&c.data).await.map_err(|e| io_status(&tmp, e))?;
-                chunk = chunks.message().await?;
+                chunk = next_chunk(&mut chunks, idle).await?;
             }
             file.sync_all().await.map_err(|e| io_status(&tmp, e))?;
             let got = hex::encode(hasher.finalize_reset());
             if got != want_sha {
-                return Err(Status::data_loss(format!("checkpoint {} checksum {got} != declared {want_sha}", first.name)));
+                return Err(Status::data_loss(format!(
+                    "checkpoint {} checksum {got} != declared {}",
+                    first.name,
+                    text::bound(&want_sha, 80)
+                )));
             }
+            // The uploader must still hold rank 0 of this attempt, and by now its report of
+            // the epoch's last step has arrived.
+            self.state.accepts_checkpoint(&first.job_id, first.attempt, &first.session_key, pos, 1)?;
             Ok(())
         }
         .await;
+        drop(file);
         if let Err(e) = result {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
@@ -367,7 +427,7 @@ impl Service {
             let _ = tokio::fs::remove_file(&final_path).await;
             return Err(e);
         }
-        self.state.checkpoint_stored(&first.job_id, first.attempt, &first.name)?;
+        self.state.checkpoint_stored(&first.job_id, first.attempt, &first.session_key, &first.name)?;
         Ok(UploadCheckpointResponse { name: first.name, bytes: total })
     }
 }

@@ -18,7 +18,7 @@ use cvdist_common::proto::{
     JobSpec, JobState, Peer, RegisterRequest, WorkerCapabilities, WorkerInfo, WorkerState,
 };
 use cvdist_common::run_dir::outcome;
-use cvdist_common::{run_dir, spec, version};
+use cvdist_common::{models, names, run_dir, spec, text, version};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,6 +35,11 @@ const EVENT_BUFFER: usize = 1024;
 const MAX_EVENTS_KEPT: usize = 500;
 /// Appended to the reason of a failure that a restart would only repeat.
 const NOT_RESTARTED: &str = "not restarted: the same failure would repeat";
+/// Bytes of event log kept per job (oldest lines go first). With the epoch history bounded
+/// by the job's epochs and every peer string bounded, this bounds the whole job record.
+const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// Longest capability string (device, GPU name) a worker may register with.
+const MAX_CAPABILITY_TEXT: usize = 128;
 
 pub type WorkerTx = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
 
@@ -65,9 +70,15 @@ struct JobEntry {
     refused_upload: Option<(String, String)>,
     /// What rank 0 said about the final checkpoint in its `Finished` report, if not stored.
     final_checkpoint_error: String,
+    /// Where the current attempt started, and the furthest position its ranks reported:
+    /// a checkpoint must lie between them (see [`Coordinator::accepts_checkpoint`]).
+    attempt_start: (u32, u64),
+    attempt_reached: u32,
 }
 
 struct WorkerEntry {
+    /// Proves on an upload that the caller is this session (sent in `Registered`).
+    key: String,
     data_addr: String,
     caps: WorkerCapabilities,
     tx: WorkerTx,
@@ -136,9 +147,33 @@ pub fn checkpoint_name(epoch: u32, step: u64) -> String {
 
 /// Epoch and step encoded in a checkpoint name `ckpt-eEEEE-sSSSSSS`.
 pub fn checkpoint_position(name: &str) -> Option<(u32, u64)> {
-    let rest = name.strip_prefix("ckpt-e")?;
-    let (e, s) = rest.split_once("-s")?;
-    Some((e.parse().ok()?, s.parse().ok()?))
+    names::parse_checkpoint_name(name).ok()
+}
+
+/// Keeps a job record within its byte bound: message and event lines escaped and cut, the
+/// event log within [`MAX_EVENT_BYTES`], the history within the job's epochs. Also applied
+/// to records loaded from the store, which older releases did not bound.
+fn bound_record(info: &mut JobInfo) {
+    info.message = text::bound(&info.message, text::MAX_REPORT_TEXT);
+    for e in info.events.iter_mut() {
+        if e.len() > text::MAX_EVENT_LINE || e.chars().any(text::is_unsafe) {
+            *e = text::bound(e, text::MAX_EVENT_LINE);
+        }
+    }
+    trim_events(info);
+    let epochs = info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
+    info.history.retain(|h| h.epoch < epochs);
+}
+
+/// Drops the oldest events beyond [`MAX_EVENTS_KEPT`] lines or [`MAX_EVENT_BYTES`] bytes.
+fn trim_events(info: &mut JobInfo) {
+    let mut total: usize = info.events.iter().map(String::len).sum();
+    let mut drop = 0;
+    while total > MAX_EVENT_BYTES || info.events.len() - drop > MAX_EVENTS_KEPT {
+        total -= info.events[drop].len();
+        drop += 1;
+    }
+    info.events.drain(..drop);
 }
 
 impl JobEntry {
@@ -154,17 +189,17 @@ impl JobEntry {
             not_before: Instant::now(),
             refused_upload: None,
             final_checkpoint_error: String::new(),
+            attempt_start: (0, 0),
+            attempt_reached: 0,
         }
     }
 
     fn log(&mut self, line: String) {
+        let line = text::bound(&line, text::MAX_EVENT_LINE);
         info!(job = %self.info.id, "{line}");
         let stamped = format!("{:.3} {line}", now_unix());
         self.info.events.push(stamped.clone());
-        if self.info.events.len() > MAX_EVENTS_KEPT {
-            let excess = self.info.events.len() - MAX_EVENTS_KEPT;
-            self.info.events.drain(..excess);
-        }
+        trim_events(&mut self.info);
         self.emit(job_event::Event::Log(stamped));
     }
 
@@ -223,6 +258,7 @@ impl Coordinator {
             if let Some(n) = info.id.strip_prefix('j').and_then(|r| r.split('-').next()).and_then(|n| n.parse::<u64>().ok()) {
                 next_job = next_job.max(n + 1);
             }
+            bound_record(&mut info);
             if matches!(info.state(), JobState::Running | JobState::Recovering) {
                 info.set_state(JobState::Recovering);
                 info.attempt += 1;
@@ -389,8 +425,8 @@ impl Coordinator {
 
     // ------------------------------------------------------------------ workers
 
-    /// Registers a worker session; returns its id and session number.
-    pub fn register(&self, req: RegisterRequest, tx: WorkerTx) -> Result<(String, u64), Status> {
+    /// Registers a worker session; returns its id, session number and session key.
+    pub fn register(&self, req: RegisterRequest, tx: WorkerTx) -> Result<(String, u64, String), Status> {
         if req.protocol_version != version::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "worker speaks protocol version {} but this coordinator speaks {}; run the same cvdist release on both",
@@ -398,15 +434,13 @@ impl Coordinator {
                 version::PROTOCOL_VERSION
             )));
         }
-        if !req.worker_id.is_empty() && !spec::valid_name(&req.worker_id) {
-            return Err(Status::invalid_argument(format!(
-                "worker id {:?} must be 1-64 characters from [A-Za-z0-9._-]",
-                req.worker_id
-            )));
+        if !req.worker_id.is_empty() {
+            names::check_worker_id(&req.worker_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
-        if req.data_addr.parse::<std::net::SocketAddr>().is_err() && !req.data_addr.contains(':') {
-            return Err(Status::invalid_argument(format!("data address {:?} is not host:port", req.data_addr)));
-        }
+        names::check_data_addr(&req.data_addr).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut caps = req.capabilities.unwrap_or_default();
+        caps.device = text::bound(&caps.device, MAX_CAPABILITY_TEXT);
+        caps.gpu_name = text::bound(&caps.gpu_name, MAX_CAPABILITY_TEXT);
         let mut inner = self.lock();
         if *self.closing.borrow() {
             return Err(Status::unavailable("coordinator is shutting down"));
@@ -423,11 +457,13 @@ impl Coordinator {
         }
         let session = inner.next_session;
         inner.next_session += 1;
+        let key = hex::encode(rand::random::<[u8; 32]>());
         inner.workers.insert(
             id.clone(),
             WorkerEntry {
+                key: key.clone(),
                 data_addr: req.data_addr,
-                caps: req.capabilities.unwrap_or_default(),
+                caps,
                 tx,
                 session,
                 job: None,
@@ -438,7 +474,7 @@ impl Coordinator {
         info!(worker = %id, workers = inner.workers.len(), "worker registered");
         drop(inner);
         self.wake.notify_one();
-        Ok((id, session))
+        Ok((id, session, key))
     }
 
     pub fn heartbeat(&self, worker: &str, session: u64) {
@@ -464,10 +500,15 @@ impl Coordinator {
         self.wake.notify_one();
     }
 
-    pub fn report(&self, worker: &str, report: JobReport) -> Result<(), Status> {
+    /// A report from `worker`'s session `session`; only the session that holds the rank in
+    /// the job's current attempt is heard.
+    pub fn report(&self, worker: &str, session: u64, report: JobReport) -> Result<(), Status> {
         use cvdist_common::proto::job_report::Kind;
         let mut guard = self.lock();
         let inner = &mut *guard;
+        if inner.workers.get(worker).map(|w| w.session) != Some(session) {
+            return Err(Status::permission_denied(format!("report from a closed session of worker {worker}")));
+        }
         let job = inner.jobs.get_mut(&report.job_id).ok_or_else(|| not_found(&report.job_id))?;
         if is_terminal(job.info.state()) {
             return Err(Status::failed_precondition(format!("job {} already ended", report.job_id)));
@@ -495,12 +536,27 @@ impl Coordinator {
         if report.attempt != job.info.attempt || job.members.get(report.rank as usize).map(String::as_str) != Some(worker) {
             return Ok(());
         }
+        let epochs = job.info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
+        let epoch_ok = |e: u32, what: &str| {
+            if e < epochs {
+                Ok(())
+            } else {
+                Err(Status::invalid_argument(format!("{what} for epoch {e}, but job {} has {epochs} epochs (0-based)", job.info.id)))
+            }
+        };
+        match &report.kind {
+            Some(Kind::Progress(p)) => epoch_ok(p.epoch, "progress report")?,
+            Some(Kind::Epoch(m)) => epoch_ok(m.epoch, "epoch report")?,
+            _ => {}
+        }
         match report.kind {
             Some(Kind::Progress(p)) => {
+                job.attempt_reached = job.attempt_reached.max(p.epoch);
                 job.info.progress = Some(p.clone());
                 job.emit(job_event::Event::Progress(p));
             }
             Some(Kind::Epoch(mut m)) => {
+                job.attempt_reached = job.attempt_reached.max(m.epoch + 1);
                 m.attempt = job.info.attempt;
                 // After a restart an epoch may be trained again; the newer record replaces it.
                 job.info.history.retain(|h| h.epoch < m.epoch);
@@ -537,8 +593,9 @@ impl Coordinator {
                     self.wake.notify_one();
                 }
             }
-            Some(Kind::Failed(text)) => {
-                let reason = format!("rank {} on {worker} failed: {text}", report.rank);
+            Some(Kind::Failed(why)) => {
+                let why = text::bound(&why, text::MAX_REPORT_TEXT);
+                let reason = format!("rank {} on {worker} failed: {why}", report.rank);
                 if outcome::is_permanent(failure_kind) {
                     // Divergence from a deterministic state, a configuration the workers
                     // cannot run, bad data: a restart would fail the same way, so the job
@@ -558,16 +615,13 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Records that a verified checkpoint of the current attempt is stored.
-    pub fn checkpoint_stored(&self, job_id: &str, attempt: u32, name: &str) -> Result<(), Status> {
+    /// Records that a verified checkpoint of the current attempt is stored, if it is still
+    /// the newest and its uploader still holds rank 0 of that attempt.
+    pub fn checkpoint_stored(&self, job_id: &str, attempt: u32, session_key: &str, name: &str) -> Result<(), Status> {
+        let pos = names::parse_checkpoint_name(name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.accepts_checkpoint(job_id, attempt, session_key, pos, 1)?;
         let mut inner = self.lock();
         let job = inner.jobs.get_mut(job_id).ok_or_else(|| not_found(job_id))?;
-        if attempt != job.info.attempt {
-            return Err(Status::failed_precondition(format!(
-                "checkpoint from attempt {attempt} refused: job {job_id} is on attempt {}",
-                job.info.attempt
-            )));
-        }
         job.info.latest_checkpoint = name.to_string();
         self.store.put_job(&job.info).map_err(internal)?;
         Ok(())
@@ -604,18 +658,52 @@ impl Coordinator {
         Some(format!("training finished but the final checkpoint {name} was not stored: {why}; newest stored checkpoint: {newest}"))
     }
 
-    /// Whether an upload for this job and attempt may be stored at all.
-    pub fn accepts_checkpoint(&self, job_id: &str, attempt: u32) -> Result<(), Status> {
+    /// Whether an upload of the checkpoint at `pos` (epoch, step) may be stored; returns the
+    /// most bytes it may take. Only the session holding rank 0 of the job's current,
+    /// running attempt may upload (`session_key` from its `Registered`), and only a
+    /// position this attempt can have reached: after where it started and after the newest
+    /// stored checkpoint, within the job's epochs, and at most `slack` epochs past what its
+    /// ranks reported (1 when the upload is complete: rank 0 reports the last step of an
+    /// epoch before it uploads that epoch's checkpoint; 2 at the first chunk, which may
+    /// overtake that report on the wire).
+    pub fn accepts_checkpoint(&self, job_id: &str, attempt: u32, session_key: &str, pos: (u32, u64), slack: u32) -> Result<u64, Status> {
         let inner = self.lock();
         let job = inner.jobs.get(job_id).ok_or_else(|| not_found(job_id))?;
-        if is_terminal(job.info.state()) || attempt != job.info.attempt {
-            return Err(Status::failed_precondition(format!(
-                "job {job_id} does not accept checkpoints from attempt {attempt} (state {}, attempt {})",
+        let refuse = |why: String| Err(Status::permission_denied(format!("checkpoint for job {job_id} refused: {why}")));
+        if job.info.state() != JobState::Running || attempt != job.info.attempt {
+            return refuse(format!(
+                "the job is {} on attempt {}, the upload is for attempt {attempt}",
                 state_name(job.info.state()),
                 job.info.attempt
-            )));
+            ));
         }
-        Ok(())
+        let holder = job.members.first().and_then(|id| inner.workers.get(id));
+        let is_rank0 = holder.is_some_and(|w| {
+            w.job.as_ref().is_some_and(|(j, a)| j == job_id && *a == attempt)
+                && cvdist_common::auth::constant_time_eq(w.key.as_bytes(), session_key.as_bytes())
+        });
+        if !is_rank0 {
+            return refuse("only rank 0 of the current attempt uploads checkpoints".into());
+        }
+        let spec = job.info.spec.clone().unwrap_or_default();
+        let newest = checkpoint_position(&job.info.latest_checkpoint).unwrap_or((0, 0));
+        let shown = names::checkpoint_name(pos.0, pos.1);
+        if pos <= job.attempt_start || pos <= newest {
+            return refuse(format!(
+                "{shown} is not after where attempt {attempt} started ({}) and the newest checkpoint ({})",
+                names::checkpoint_name(job.attempt_start.0, job.attempt_start.1),
+                if job.info.latest_checkpoint.is_empty() { "none" } else { &job.info.latest_checkpoint }
+            ));
+        }
+        let reached = job.attempt_reached.max(job.attempt_start.0);
+        if pos.0 > spec.epochs || (pos.0 == spec.epochs && pos.1 > 0) || pos.0 > reached + slack {
+            return refuse(format!(
+                "{shown} does not follow from the attempt's progress (started at epoch {}, reported epoch {reached}, {} epochs)",
+                job.attempt_start.0, spec.epochs
+            ));
+        }
+        models::max_checkpoint_bytes(&spec.model)
+            .ok_or_else(|| Status::failed_precondition(format!("job {job_id} has an unknown model {}", text::quoted(&spec.model))))
     }
 
     // ------------------------------------------------------------------ scheduling
@@ -716,6 +804,8 @@ impl Coordinator {
         job.failed_attempt = None;
         job.refused_upload = None;
         job.final_checkpoint_error.clear();
+        job.attempt_start = (start_epoch, start_step);
+        job.attempt_reached = start_epoch;
         job.info.set_state(JobState::Running);
         job.info.world_size = members.len() as u32;
         job.info.worker_ids = members.clone();
@@ -752,7 +842,7 @@ impl Coordinator {
             return;
         }
         job.info.set_state(JobState::Recovering);
-        job.info.message = reason.clone();
+        job.info.message = text::bound(&reason, text::MAX_REPORT_TEXT);
         job.waiting_since = Instant::now();
         job.not_before = Instant::now() + RECOVERY_GRACE;
         let resume = if job.info.latest_checkpoint.is_empty() { "the start".to_string() } else { job.info.latest_checkpoint.clone() };
@@ -769,7 +859,7 @@ impl Coordinator {
     /// Ends the job as FAILED; `why` is its one-word outcome (`run_dir::outcome`).
     fn fail_job(&self, job: &mut JobEntry, reason: String, why: &str) {
         job.info.set_state(JobState::Failed);
-        job.info.message = reason.clone();
+        job.info.message = text::bound(&reason, text::MAX_REPORT_TEXT);
         job.info.outcome = why.to_string();
         job.info.finished_unix = now_unix();
         job.log(format!("failed: {reason}"));
@@ -870,7 +960,7 @@ fn release_members(job: &mut JobEntry, workers: &mut BTreeMap<String, WorkerEntr
 }
 
 fn not_found(id: &str) -> Status {
-    Status::not_found(format!("no job with id {id:?}; `cvdist jobs` lists them"))
+    Status::not_found(format!("no job with id {}; `cvdist jobs` lists them", text::quoted(id)))
 }
 
 #[cfg(test)]

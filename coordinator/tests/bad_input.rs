@@ -8,7 +8,7 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_port, worker_bin, write_dataset, TOKEN};
+use cluster::{cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_port, worker_bin, write_dataset, TOKEN, WORKER_TOKEN};
 use cvdist_common::client::{connect, Client};
 use cvdist_common::proto::coordinator_client::CoordinatorClient;
 use cvdist_common::proto::{
@@ -85,6 +85,11 @@ impl Coord {
 
     async fn client(&self) -> Client {
         connect(&self.url(), Some(TOKEN), None).await.unwrap()
+    }
+
+    /// A client holding the worker credential (sessions, checkpoints, the dataset).
+    async fn worker_client(&self) -> Client {
+        connect(&self.url(), Some(WORKER_TOKEN), None).await.unwrap()
     }
 
     /// One gauge from the Prometheus endpoint.
@@ -238,31 +243,64 @@ async fn raw_session(
     c: &Coord,
     first: WorkerMessage,
 ) -> Result<(mpsc::UnboundedSender<WorkerMessage>, Streaming<CoordinatorMessage>), Status> {
+    raw_session_key(c, first).await.map(|(tx, inbound, _)| (tx, inbound))
+}
+
+/// [`raw_session`] that also returns the session key from `Registered`.
+async fn raw_session_key(
+    c: &Coord,
+    first: WorkerMessage,
+) -> Result<(mpsc::UnboundedSender<WorkerMessage>, Streaming<CoordinatorMessage>, String), Status> {
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(first).unwrap();
-    let mut client = c.client().await;
+    let mut client = c.worker_client().await;
     let mut inbound = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
     match inbound.message().await? {
-        Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(_)) }) => Ok((tx, inbound)),
+        Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(r)) }) => Ok((tx, inbound, r.session_key)),
         other => panic!("expected Registered, got {other:?}"),
     }
 }
 
-fn checkpoint_chunks(job: &str, name: &str, data: &[u8], declared_sha: &str) -> Vec<CheckpointChunk> {
-    let state = serde_json::json!({ "format_version": 1, "epoch": 0, "step": 4, "sha256": declared_sha, "bytes": data.len() });
+/// A 1-worker job running on a raw session that the test plays as its rank 0 (uploads
+/// are accepted only from there): the job id, the session key, and the session (kept
+/// alive with heartbeats while the sender lives).
+async fn running_as_rank0(c: &Coord) -> (String, String, mpsc::UnboundedSender<WorkerMessage>, Streaming<CoordinatorMessage>) {
+    let job = submit(c, JobSpec { min_workers: 1, max_workers: 1, ..valid_spec() }).await.unwrap();
+    let (tx, mut inbound, key) = raw_session_key(c, register("r0", PROTOCOL_VERSION)).await.unwrap();
+    match inbound.message().await.unwrap() {
+        Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Assignment(a)) }) => {
+            assert_eq!((a.job_id.as_str(), a.rank), (job.as_str(), 0))
+        }
+        other => panic!("expected an assignment, got {other:?}"),
+    }
+    let beat = tx.clone();
+    tokio::spawn(async move {
+        while beat.send(WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat::default())) }).is_ok() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    (job, key, tx, inbound)
+}
+
+/// An upload of `data` as checkpoint `name` by the session with `key`; the declared
+/// position follows the name (epoch 0 step 1 when the name has none).
+fn checkpoint_chunks(job: &str, name: &str, key: &str, data: &[u8], declared_sha: &str) -> Vec<CheckpointChunk> {
+    let (epoch, step) = cvdist_common::names::parse_checkpoint_name(name).unwrap_or((0, 1));
+    let state = serde_json::json!({ "format_version": 1, "epoch": epoch, "step": step, "sha256": declared_sha, "bytes": data.len() });
     let mut chunks: Vec<CheckpointChunk> = data
         .chunks(cvdist_common::version::CHUNK_BYTES)
-        .map(|d| CheckpointChunk { job_id: job.into(), name: name.into(), state_json: String::new(), data: d.to_vec(), attempt: 0 })
+        .map(|d| CheckpointChunk { job_id: job.into(), name: name.into(), data: d.to_vec(), ..Default::default() })
         .collect();
     if chunks.is_empty() {
         chunks.push(CheckpointChunk { job_id: job.into(), name: name.into(), ..Default::default() });
     }
     chunks[0].state_json = state.to_string();
+    chunks[0].session_key = key.into();
     chunks
 }
 
 async fn upload(c: &Coord, chunks: Vec<CheckpointChunk>) -> Result<u64, Status> {
-    c.client().await.upload_checkpoint(tokio_stream::iter(chunks)).await.map(|r| r.into_inner().bytes)
+    c.worker_client().await.upload_checkpoint(tokio_stream::iter(chunks)).await.map(|r| r.into_inner().bytes)
 }
 
 async fn get_job(c: &Coord, id: &str) -> JobInfo {
@@ -469,7 +507,7 @@ async fn malformed_worker_registration_is_refused() {
     refused(
         raw_session(&c, register("../../etc", PROTOCOL_VERSION)).await,
         Code::InvalidArgument,
-        "worker id \"../../etc\" must be 1-64 characters from [A-Za-z0-9._-]",
+        "worker id \"../../etc\" must be 1-64 characters from [A-Za-z0-9._-] and not start with '.'",
     );
     let heartbeat_first = WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat::default())) };
     refused(
@@ -481,7 +519,11 @@ async fn malformed_worker_registration_is_refused() {
     if let Some(worker_message::Msg::Register(r)) = &mut bad_addr.msg {
         r.data_addr = "nowhere".into();
     }
-    refused(raw_session(&c, bad_addr).await, Code::InvalidArgument, "data address \"nowhere\" is not host:port");
+    refused(
+        raw_session(&c, bad_addr).await,
+        Code::InvalidArgument,
+        "data address \"nowhere\" is not HOST:PORT (a DNS name or IP address and a port 1-65535)",
+    );
     assert_eq!(c.metric("cvdist_workers"), 0.0);
     c.assert_intact(&job, &before).await;
 }
@@ -604,13 +646,21 @@ async fn oversized_message_is_refused() {
     assert_eq!(err.code(), Code::OutOfRange);
     assert!(err.message().starts_with("Error, decoded message length too large: found 167"), "{}", err.message());
     assert!(err.message().ends_with(&format!("bytes, the limit is: {limit} bytes")), "{}", err.message());
-    // One 17 MiB chunk in a checkpoint upload.
+    // One 17 MiB chunk in a checkpoint upload, with the worker credential.
+    let channel = tonic::transport::Endpoint::from_shared(c.url()).unwrap().connect().await.unwrap();
+    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {WORKER_TOKEN}").parse().unwrap();
+    let mut raw = CoordinatorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", token.clone());
+        Ok(req)
+    })
+    .max_encoding_message_size(usize::MAX)
+    .max_decoding_message_size(usize::MAX);
     let chunk = CheckpointChunk {
         job_id: job.clone(),
         name: "ckpt-e0000-s000001".into(),
         state_json: "{}".into(),
         data: vec![7u8; MAX_MESSAGE_BYTES + 1],
-        attempt: 0,
+        ..Default::default()
     };
     let err = raw.upload_checkpoint(tokio_stream::iter(vec![chunk])).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange);
@@ -706,41 +756,41 @@ async fn random_bytes_on_a_worker_data_port_do_not_break_the_ring() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_with_a_wrong_sha256_is_refused() {
     let c = Coord::start();
-    let (job, _) = c.baseline().await;
+    let (job, key, _session, _inbound) = running_as_rank0(&c).await;
     // A good checkpoint first: it must survive the bad upload.
     let good = vec![1u8; 300_000];
     let good_sha = hex::encode(Sha256::digest(&good));
-    upload(&c, checkpoint_chunks(&job, "ckpt-e0000-s000004", &good, &good_sha)).await.unwrap();
+    upload(&c, checkpoint_chunks(&job, "ckpt-e0000-s000004", &key, &good, &good_sha)).await.unwrap();
     let before = digest(&c.state_dir());
 
     let data = vec![2u8; 2_500_000];
     let wrong = "0".repeat(64);
     let got = hex::encode(Sha256::digest(&data));
     refused(
-        upload(&c, checkpoint_chunks(&job, "ckpt-e0001-s000000", &data, &wrong)).await,
+        upload(&c, checkpoint_chunks(&job, "ckpt-e0001-s000000", &key, &data, &wrong)).await,
         Code::DataLoss,
         &format!("checkpoint ckpt-e0001-s000000 checksum {got} != declared {wrong}"),
     );
     // Corrupted in transit: the declared hash is of other bytes.
-    let mut flipped = checkpoint_chunks(&job, "ckpt-e0001-s000000", &data, &got);
+    let mut flipped = checkpoint_chunks(&job, "ckpt-e0001-s000000", &key, &data, &got);
     flipped[1].data[10] ^= 1;
     assert_eq!(upload(&c, flipped).await.unwrap_err().code(), Code::DataLoss);
     refused(
-        upload(&c, vec![CheckpointChunk { job_id: job.clone(), name: "ckpt-e0001-s000000".into(), state_json: "not json".into(), data: vec![1], attempt: 0 }]).await,
+        upload(&c, vec![CheckpointChunk { job_id: job.clone(), name: "ckpt-e0001-s000000".into(), state_json: "not json".into(), data: vec![1], attempt: 0, session_key: key.clone() }]).await,
         Code::InvalidArgument,
         "checkpoint state is not JSON: expected ident at line 1 column 2",
     );
     refused(
-        upload(&c, checkpoint_chunks(&job, "ckpt-e0001-s000000", &data, &got).into_iter().map(|mut ch| { ch.attempt = 5; ch }).collect()).await,
-        Code::FailedPrecondition,
-        &format!("job {job} does not accept checkpoints from attempt 5 (state queued, attempt 0)"),
+        upload(&c, checkpoint_chunks(&job, "ckpt-e0001-s000000", &key, &data, &got).into_iter().map(|mut ch| { ch.attempt = 5; ch }).collect()).await,
+        Code::PermissionDenied,
+        &format!("checkpoint for job {job} refused: the job is running on attempt 0, the upload is for attempt 5"),
     );
     // No partial file, the good checkpoint is still the latest and downloads intact.
     assert_eq!(digest(&c.state_dir()), before);
     let info = get_job(&c, &job).await;
     assert_eq!(info.latest_checkpoint, "ckpt-e0000-s000004");
     let mut stream = c
-        .client()
+        .worker_client()
         .await
         .download_checkpoint(DownloadCheckpointRequest { job_id: job.clone(), name: "ckpt-e0000-s000004".into() })
         .await
@@ -761,24 +811,24 @@ async fn checkpoint_names_with_path_traversal_are_refused() {
     let sha = hex::encode(Sha256::digest(&data));
     for name in ["../x", "ckpt-e../../x", "ckpt-e0000/../../../x", "/etc/passwd", ".ckpt-e0000-s000000"] {
         refused(
-            upload(&c, checkpoint_chunks(&job, name, &data, &sha)).await,
+            upload(&c, checkpoint_chunks(&job, name, "", &data, &sha)).await,
             Code::InvalidArgument,
-            &format!("invalid checkpoint name {name:?}"),
+            &format!("checkpoint name {name:?} is not of the form ckpt-eEEEE-sSSSSSS"),
         );
-        let mut client = c.client().await;
+        let mut client = c.worker_client().await;
         refused(
             client.download_checkpoint(DownloadCheckpointRequest { job_id: job.clone(), name: name.into() }).await,
             Code::InvalidArgument,
-            &format!("invalid checkpoint name {name:?}"),
+            &format!("checkpoint name {name:?} is not of the form ckpt-eEEEE-sSSSSSS"),
         );
     }
     for bad_job in ["../..", "../../state.redb", "j0001-resnet20/../.."] {
         refused(
-            upload(&c, checkpoint_chunks(bad_job, "ckpt-e0000-s000001", &data, &sha)).await,
+            upload(&c, checkpoint_chunks(bad_job, "ckpt-e0000-s000001", "", &data, &sha)).await,
             Code::NotFound,
             &format!("no job with id {bad_job:?}; `cvdist jobs` lists them"),
         );
-        let mut client = c.client().await;
+        let mut client = c.worker_client().await;
         refused(
             client.download_checkpoint(DownloadCheckpointRequest { job_id: bad_job.into(), name: "ckpt-e0000-s000001".into() }).await,
             Code::NotFound,
@@ -818,13 +868,11 @@ impl Drop for TinyDisk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_while_storing_a_checkpoint() {
     let mut c = Coord::start();
-    let (job, _) = c.baseline().await;
     // The job's checkpoint directory is a 1 MiB tmpfs. Without root (no mount), the
     // coordinator is restarted with a 4 MiB file-size limit instead (EFBIG, not ENOSPC;
     // state.redb starts at ~1.5 MiB, so the limit cannot be smaller).
-    let ckpt_dir = c.state_dir().join("jobs").join(&job).join("checkpoints");
-    let disk = TinyDisk::mount(&ckpt_dir, "1M");
-    if disk.is_none() {
+    let can_mount = TinyDisk::mount(&c.dir.path().join("probe"), "1M").is_some();
+    if !can_mount {
         eprintln!("cannot mount a tmpfs here: simulating a full disk with a 4 MiB file-size limit (ulimit -f)");
         if let Some(mut ch) = c.child.take() {
             let _ = ch.kill();
@@ -841,6 +889,7 @@ async fn disk_full_while_storing_a_checkpoint() {
         let child = Command::new("bash")
             .args(["-c", &script])
             .env("CVDIST_TOKEN", TOKEN)
+            .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
             .env("NO_COLOR", "1")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -849,25 +898,31 @@ async fn disk_full_while_storing_a_checkpoint() {
         c.child = Some(child);
         wait_port(c.port);
     }
+    let (job, key, _session, _inbound) = running_as_rank0(&c).await;
+    let ckpt_dir = c.state_dir().join("jobs").join(&job).join("checkpoints");
+    let disk = if can_mount { TinyDisk::mount(&ckpt_dir, "1M") } else { None };
     let small = vec![5u8; 200_000];
     let small_sha = hex::encode(Sha256::digest(&small));
-    upload(&c, checkpoint_chunks(&job, "ckpt-e0000-s000004", &small, &small_sha)).await.unwrap();
+    upload(&c, checkpoint_chunks(&job, "ckpt-e0000-s000004", &key, &small, &small_sha)).await.unwrap();
     let before = digest(&c.state_dir());
 
     let big = vec![6u8; if disk.is_some() { 3_000_000 } else { 6_000_000 }];
     let big_sha = hex::encode(Sha256::digest(&big));
-    let err = upload(&c, checkpoint_chunks(&job, "ckpt-e0001-s000000", &big, &big_sha)).await.unwrap_err();
-    let tmp = ckpt_dir.join(".ckpt-e0001-s000000.upload");
+    let err = upload(&c, checkpoint_chunks(&job, "ckpt-e0001-s000000", &key, &big, &big_sha)).await.unwrap_err();
     eprintln!("disk full: {:?} {}", err.code(), err.message());
     if disk.is_some() {
-        assert_eq!((err.code(), err.message()), (Code::ResourceExhausted, format!("{}: disk full", tmp.display()).as_str()));
+        // Each upload has its own temp file: .NAME.<random>.upload
+        let prefix = ckpt_dir.join(".ckpt-e0001-s000000.").display().to_string();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+        assert!(err.message().starts_with(&prefix) && err.message().ends_with(".upload: disk full"), "{}", err.message());
     } else {
         assert_eq!(err.code(), Code::Internal);
         assert!(err.message().contains("File too large"), "{}", err.message());
     }
     // The partial upload was removed, the previous checkpoint is intact and still the
     // latest, and the coordinator keeps serving.
-    assert!(!tmp.exists());
+    let left: Vec<_> = std::fs::read_dir(&ckpt_dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().ends_with(".upload")), "{left:?}");
     assert_eq!(digest(&c.state_dir()), before);
     assert_eq!(get_job(&c, &job).await.latest_checkpoint, "ckpt-e0000-s000004");
     let jobs = c.client().await.list_jobs(ListJobsRequest {}).await.unwrap().into_inner().jobs;
@@ -887,7 +942,7 @@ async fn coordinator_with_an_incomplete_dataset_names_the_missing_file() {
     let (job, before) = c.baseline().await;
     let missing = cifar::batches_dir(&c.data()).join("data_batch_4.bin");
     std::fs::remove_file(&missing).unwrap();
-    let mut client = c.client().await;
+    let mut client = c.worker_client().await;
     refused(
         client.fetch_dataset(FetchDatasetRequest { dataset: "cifar10".into() }).await,
         Code::FailedPrecondition,
@@ -947,6 +1002,7 @@ fn unwritable_state_dir_refuses_to_start() {
             .arg("--state-dir")
             .arg(state)
             .env("CVDIST_TOKEN", TOKEN)
+            .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
             .env("RUST_BACKTRACE", "1")
             .output()
             .unwrap()

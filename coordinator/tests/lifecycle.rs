@@ -355,19 +355,11 @@ async fn coordinator_stops_on_sigterm_and_ctrl_c_and_restarts_at_once() {
         let mut watch = c.client().await.watch_job(WatchJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
         let _ = watch.message().await.unwrap();
         // And an upload whose client never finishes: graceful shutdown alone would wait
-        // for it forever; SHUTDOWN_GRACE cuts it off.
-        let attempt = job_state(&c, &job).await.attempt;
-        let (up_tx, up_rx) = tokio::sync::mpsc::unbounded_channel();
-        up_tx
-            .send(CheckpointChunk {
-                job_id: job.clone(),
-                name: "ckpt-e0099-s000000".into(),
-                state_json: r#"{"sha256":"00"}"#.into(),
-                data: vec![0; 1024],
-                attempt,
-            })
-            .unwrap();
-        let mut uploader = c.client().await;
+        // for it forever (the upload idle timeout is 60 s); SHUTDOWN_GRACE cuts it off. It
+        // opens the stream with the worker credential and sends nothing, so no admission
+        // check can end it early.
+        let (up_tx, up_rx) = tokio::sync::mpsc::unbounded_channel::<CheckpointChunk>();
+        let mut uploader = c.worker_client().await;
         let upload = tokio::spawn(async move {
             uploader.upload_checkpoint(tokio_stream::wrappers::UnboundedReceiverStream::new(up_rx)).await
         });

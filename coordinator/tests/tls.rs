@@ -7,7 +7,7 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, wait_port, worker_bin, TOKEN};
+use cluster::{cvdist_bin, free_port, wait_port, worker_bin, TOKEN, WORKER_TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::ListJobsRequest;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
@@ -78,6 +78,7 @@ impl Coord {
             .arg("--tls-key")
             .arg(pki.path("server.key"))
             .env("CVDIST_TOKEN", TOKEN)
+            .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -204,7 +205,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         .arg(&ca)
         .arg("--cache-dir")
         .arg(c.state.path().join("cache"))
-        .env("CVDIST_TOKEN", TOKEN)
+        .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
         .env("CVDIST_TLS_CLIENT_CERT", &client.0)
         .env("CVDIST_TLS_CLIENT_KEY", &client.1)
         .stdin(Stdio::null())
@@ -296,6 +297,7 @@ fn missing_or_garbage_tls_files_refuse_to_start() {
             .arg("--tls-key")
             .arg(key)
             .env("CVDIST_TOKEN", TOKEN)
+            .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -7,6 +7,7 @@ CONTRACT = {
         "--listen": "CVDIST_LISTEN",
         "--state-dir": "CVDIST_STATE_DIR",
         "--token-file": "CVDIST_TOKEN_FILE",
+        "--worker-token-file": "CVDIST_WORKER_TOKEN_FILE",
         "--data": "CVDIST_DATA",
         "--tls-cert": "CVDIST_TLS_CERT",
         "--tls-key": "CVDIST_TLS_KEY",
@@ -23,7 +24,7 @@ CONTRACT = {
         "--advertise-addr": "CVDIST_ADVERTISE_ADDR",
         "--worker-id": "CVDIST_WORKER_ID",
         "--threads": "CVDIST_THREADS",
-        "--token-file": "CVDIST_TOKEN_FILE",
+        "--worker-token-file": "CVDIST_WORKER_TOKEN_FILE",
         "--tls-ca": "CVDIST_TLS_CA",
         "--gpus": "CVDIST_GPUS",
     },
@@ -38,6 +39,7 @@ CONTRACT = {
         "--warmup-epochs": None,
         "--follow": None,
         "--token-file": "CVDIST_TOKEN_FILE",
+        "--tls-ca": "CVDIST_TLS_CA",
     },
 }
 

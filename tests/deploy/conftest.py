@@ -27,12 +27,11 @@ K8S_VERSION = "1.37.0"
 
 OVERLAYS = {"gpu": K8S / "overlays" / "gpu", "cpu-smoke": K8S / "overlays" / "cpu-smoke"}
 JOBS = {"resnet50-gpu": K8S / "jobs" / "resnet50-gpu", "smoke-cpu": K8S / "jobs" / "smoke-cpu"}
-# Each deployable stack: an overlay plus the example Job meant for it. "gpu-tls" is the gpu
-# overlay with the optional TLS component, composed in a scratch kustomization.
+# Each deployable stack: an overlay plus the example Job meant for it (TLS is in the base;
+# a third element would add components, composed in a scratch kustomization).
 STACKS = {
     "gpu": ("gpu", "resnet50-gpu", []),
     "cpu-smoke": ("cpu-smoke", "smoke-cpu", []),
-    "gpu-tls": ("gpu", None, ["tls"]),
 }
 
 # What each image runs: its Dockerfile (the ENTRYPOINT names the binary).

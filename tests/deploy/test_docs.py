@@ -26,8 +26,10 @@ def test_site_overlay_examples_render(tmp_path):
     local.mkdir()
     (local / "kustomization.yaml").write_text(site)
     (local / "token").write_text("f" * 64 + "\n")
+    (local / "worker-token").write_text("e" * 64 + "\n")
     docs = render(local)
     assert secret_text(docs, "cvdist-token", "token") == "f" * 64 + "\n"
+    assert secret_text(docs, "cvdist-worker-token", "token") == "e" * 64 + "\n"
     images = {c["image"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")
               for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])}
     assert images == {"registry.example.com/ml/cvdist-coordinator:abc123", "registry.example.com/ml/cvdist-worker:abc123"}

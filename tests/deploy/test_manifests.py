@@ -11,6 +11,7 @@ from conftest import (NAMESPACE, STACKS, all_containers, container_env, find, fl
                       pod_spec, port_of, secret_text, setting, workloads)
 
 COORD, WORKER, TOKEN = "cvdist-coordinator", "cvdist-worker", "cvdist-token"
+WORKER_TOKEN = "cvdist-worker-token"
 
 
 @pytest.fixture(params=sorted(STACKS))
@@ -171,9 +172,10 @@ def test_token_and_tls_files_are_mounted(stack):
         pod = pod_spec(w)
         for _, c in all_containers(pod):
             env = container_env(docs, c)
-            files = {k: env.get(k) for k in ("CVDIST_TOKEN_FILE", "CVDIST_TLS_CERT", "CVDIST_TLS_KEY",
-                                             "CVDIST_TLS_CA", "CVDIST_TLS_CLIENT_CA")}
+            files = {k: env.get(k) for k in ("CVDIST_TOKEN_FILE", "CVDIST_WORKER_TOKEN_FILE", "CVDIST_TLS_CERT",
+                                             "CVDIST_TLS_KEY", "CVDIST_TLS_CA", "CVDIST_TLS_CLIENT_CA")}
             files["--token-file"] = flag_value(c.get("args", []), "--token-file")
+            files["--tls-ca"] = flag_value(c.get("args", []), "--tls-ca")
             if "command" in c:  # a shell script: only the files it reads
                 files = {k: v for k, v in files.items() if k in " ".join(c["command"])}
             for what, path in files.items():
@@ -183,8 +185,8 @@ def test_token_and_tls_files_are_mounted(stack):
                 assert "secret" in vol and m.get("readOnly") is True, f"{what} {path}"
                 key = path[len(m["mountPath"].rstrip("/")) + 1:]
                 items = vol["secret"].get("items")
-                if vol["secret"]["secretName"] == TOKEN:
-                    assert key in one(docs, "Secret", TOKEN)["data"]
+                if vol["secret"]["secretName"] in (TOKEN, WORKER_TOKEN):
+                    assert key in one(docs, "Secret", vol["secret"]["secretName"])["data"]
                 if items:
                     assert key in [i["path"] for i in items], f"{what} {path}"
 
@@ -200,15 +202,50 @@ def test_secret_files_are_readable_by_the_pod_user(stack):
 
 def test_committed_token_is_the_refused_placeholder(stack):
     _, docs = stack
-    token = secret_text(docs, TOKEN, "token")
-    assert "REPLACE_ME" in token
+    assert "REPLACE_ME" in secret_text(docs, TOKEN, "token")
+    assert "REPLACE_ME" in secret_text(docs, WORKER_TOKEN, "token")
+    assert secret_text(docs, TOKEN, "token") != secret_text(docs, WORKER_TOKEN, "token")
     init = [c for c in pod_spec(one(docs, "Deployment", COORD)).get("initContainers", []) if c["name"] == "prepare"]
-    assert init and "grep -q 'REPLACE_ME' \"$CVDIST_TOKEN_FILE\"" in init[0]["command"][-1]
+    script = init[0]["command"][-1] if init else ""
+    assert 'for f in "$CVDIST_TOKEN_FILE" "$CVDIST_WORKER_TOKEN_FILE"; do' in script
+    assert "grep -q 'REPLACE_ME' \"$f\"" in script
     env = container_env(docs, init[0])
-    for var in re.findall(r"\$\{?(CVDIST_[A-Z_]+)", init[0]["command"][-1]):
+    for var in re.findall(r"\$\{?(CVDIST_[A-Z_]+)", script):
         assert var in env, f"the prepare script uses {var}"
-    # The coordinator and its init container see the same token file.
-    assert env["CVDIST_TOKEN_FILE"] == container_env(docs, coord_container(docs))["CVDIST_TOKEN_FILE"]
+    # The coordinator and its init container see the same token files.
+    for var in ("CVDIST_TOKEN_FILE", "CVDIST_WORKER_TOKEN_FILE"):
+        assert env[var] == container_env(docs, coord_container(docs))[var]
+
+
+def secrets_mounted(docs, workload) -> set[str]:
+    pod = pod_spec(workload)
+    vols = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    return {vols[m["name"]] for _, c in all_containers(pod) for m in c.get("volumeMounts", []) if m["name"] in vols}
+
+
+def test_each_credential_is_mounted_only_where_it_is_used(stack):
+    """Issue 17: the client token only where `cvdist submit` runs (and the coordinator),
+    the worker credential only in worker pods (and the coordinator)."""
+    _, docs = stack
+    tokens = {TOKEN, WORKER_TOKEN}
+    assert secrets_mounted(docs, one(docs, "Deployment", COORD)) & tokens == tokens
+    assert secrets_mounted(docs, one(docs, "StatefulSet", WORKER)) & tokens == {WORKER_TOKEN}
+    env = container_env(docs, worker_container(docs))
+    assert "CVDIST_TOKEN_FILE" not in env and env["CVDIST_WORKER_TOKEN_FILE"].startswith("/etc/cvdist/worker-token/")
+    for job in find(docs, "Job"):
+        assert secrets_mounted(docs, job) & tokens == {TOKEN}, job["metadata"]["name"]
+
+
+def test_tls_is_on_by_default(stack):
+    """Issue 17: the tokens travel only over TLS; clients and workers verify the CA."""
+    _, docs = stack
+    env = container_env(docs, coord_container(docs))
+    assert env.get("CVDIST_TLS_CERT") and env.get("CVDIST_TLS_KEY")
+    assert setting(docs, worker_container(docs), "--tls-ca", "CVDIST_TLS_CA")
+    for job in find(docs, "Job"):
+        assert setting(docs, pod_spec(job)["containers"][0], "--tls-ca", "CVDIST_TLS_CA"), job["metadata"]["name"]
+    for who, url in coordinator_urls(docs):
+        assert url.startswith("https://"), who
 
 
 def test_site_overlay_replaces_the_token(tmp_path):

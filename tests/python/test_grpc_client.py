@@ -1,6 +1,7 @@
 """A client from another ecosystem: Python stubs generated from proto/ with grpcio-tools
 submit and watch a job on a real coordinator with a real worker process."""
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("CVDIST_BIN_DIR", ROOT / "target" / "release"))
 TOKEN = "python-client-token"
+WORKER_TOKEN = "python-worker-token"
 
 
 def free_port():
@@ -46,7 +48,7 @@ def wait_port(port, timeout=20):
 def test_python_client_submits_and_watches(tmp_path):
     pb, pb_grpc = generate_stubs(tmp_path / "stubs")
     port = free_port()
-    env = dict(os.environ, CVDIST_TOKEN=TOKEN)
+    env = dict(os.environ, CVDIST_TOKEN=TOKEN, CVDIST_WORKER_TOKEN=WORKER_TOKEN)
     logs = open(tmp_path / "procs.log", "w")
     procs = [subprocess.Popen(
         [str(BIN / "cvdist"), "coordinator", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / "state")],
@@ -66,6 +68,19 @@ def test_python_client_submits_and_watches(tmp_path):
             raise AssertionError("unauthenticated call succeeded")
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        # The client token does not make this client a worker (issue 17).
+        q = queue.Queue()
+        q.put(pb.WorkerMessage(register=pb.RegisterRequest(
+            protocol_version=2, worker_id="-evil", data_addr="127.0.0.1:9")))
+        try:
+            next(stub.WorkerSession(iter(q.get, None), metadata=auth, timeout=10))
+            raise AssertionError("the client token registered a worker")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.PERMISSION_DENIED, e
+            assert "the client token cannot act as a worker" in e.details()
+        finally:
+            q.put(None)
 
         # Bad input is refused with a message naming the field.
         bad = pb.JobSpec(model="resnet9000", epochs=1, batch_size=32, lr=0.1, momentum=0.9,

@@ -138,7 +138,12 @@ struct WorkerArgs {
     /// Intra-op threads (0 = all cores).
     #[arg(long, env = "CVDIST_THREADS", default_value_t = 0)]
     threads: usize,
-    /// File holding the shared token (else $CVDIST_TOKEN).
+    /// File holding the worker credential (else $CVDIST_WORKER_TOKEN): the secret that
+    /// admits workers, distinct from the client token users hold.
+    #[arg(long, env = "CVDIST_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<PathBuf>,
+    /// Older setups: a token file used only when no worker credential is given (else
+    /// $CVDIST_TOKEN). Coordinators refuse the client token for workers with PERMISSION_DENIED.
     #[arg(long, env = "CVDIST_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// CA certificate for an https:// coordinator.
@@ -260,9 +265,21 @@ fn run_worker(a: WorkerArgs) -> anyhow::Result<()> {
     if a.threads > 0 {
         tch::set_num_threads(a.threads as i32);
     }
+    let token = match auth::load_worker_token(a.worker_token_file.as_deref())? {
+        Some(t) => Some(t),
+        None => {
+            let t = auth::load_token(a.token_file.as_deref())?;
+            if t.is_some() {
+                tracing::warn!(
+                    "no worker credential (CVDIST_WORKER_TOKEN or --worker-token-file); trying the client token, which a coordinator with a worker credential refuses"
+                );
+            }
+            t
+        }
+    };
     let cfg = WorkerConfig {
         coordinator: a.coordinator,
-        token: auth::load_token(a.token_file.as_deref())?,
+        token,
         tls_ca: a.tls_ca,
         worker_id: a.worker_id,
         device,

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The client token (CLI, job management) and the worker credential every test process gets.
 pub const TOKEN: &str = "test-token-0123456789";
+pub const WORKER_TOKEN: &str = "test-worker-token-9876543210";
 
 pub fn cvdist_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cvdist"))
@@ -38,6 +40,11 @@ pub fn free_port() -> u16 {
 /// `cvdist coordinator` on loopback with the test token, a 5 s heartbeat timeout and a
 /// metrics endpoint, logging to `log`.
 pub fn spawn_coordinator(port: u16, metrics_port: u16, state_dir: &Path, data: &Path, log: std::fs::File) -> Child {
+    spawn_coordinator_with(port, metrics_port, state_dir, data, log, &[])
+}
+
+/// [`spawn_coordinator`] with extra command-line arguments.
+pub fn spawn_coordinator_with(port: u16, metrics_port: u16, state_dir: &Path, data: &Path, log: std::fs::File, extra: &[String]) -> Child {
     let mut cmd = Command::new(cvdist_bin());
     cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--state-dir")
@@ -45,13 +52,15 @@ pub fn spawn_coordinator(port: u16, metrics_port: u16, state_dir: &Path, data: &
         .arg("--data")
         .arg(data)
         .args(["--heartbeat-timeout", "5"])
-        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .args(extra);
     spawn_logged(&mut cmd, log)
 }
 
-/// Starts a cvdist process with the test token and plain-text info logs into `log`.
+/// Starts a cvdist process with the test credentials and plain-text info logs into `log`.
 pub fn spawn_logged(cmd: &mut Command, log: std::fs::File) -> Child {
     cmd.env("CVDIST_TOKEN", TOKEN)
+        .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
         .env("CVDIST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -67,13 +76,29 @@ pub struct Cluster {
     pub metrics_port: u16,
     pub coordinator: Option<Child>,
     pub workers: Vec<Option<Child>>,
+    /// Extra `cvdist coordinator` arguments, used at every (re)start.
+    pub coordinator_args: Vec<String>,
 }
 
 impl Cluster {
     pub fn new(per_file: usize, test: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         write_dataset(&dir.path().join("data"), per_file, test);
-        let mut c = Cluster { dir, port: free_port(), metrics_port: free_port(), coordinator: None, workers: Vec::new() };
+        Cluster::with_args(per_file, test, &[])
+    }
+
+    /// A cluster whose coordinator gets `args` on top of the usual ones.
+    pub fn with_args(per_file: usize, test: usize, args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(&dir.path().join("data"), per_file, test);
+        let mut c = Cluster {
+            dir,
+            port: free_port(),
+            metrics_port: free_port(),
+            coordinator: None,
+            workers: Vec::new(),
+            coordinator_args: args.iter().map(|a| a.to_string()).collect(),
+        };
         c.start_coordinator();
         c
     }
@@ -95,7 +120,14 @@ impl Cluster {
     }
 
     pub fn start_coordinator(&mut self) {
-        let child = spawn_coordinator(self.port, self.metrics_port, &self.state_dir(), &self.data(), self.log("coordinator"));
+        let child = spawn_coordinator_with(
+            self.port,
+            self.metrics_port,
+            &self.state_dir(),
+            &self.data(),
+            self.log("coordinator"),
+            &self.coordinator_args,
+        );
         self.coordinator = Some(child);
         wait_port(self.port);
     }
@@ -109,9 +141,14 @@ impl Cluster {
 
     /// Starts worker `k`; `local_data` decides between --data and fetching from the coordinator.
     pub fn start_worker(&mut self, k: usize, local_data: bool) {
+        self.start_worker_on(k, local_data, "127.0.0.1:0");
+    }
+
+    /// [`Cluster::start_worker`] with its data plane on `data_listen`.
+    pub fn start_worker_on(&mut self, k: usize, local_data: bool, data_listen: &str) {
         let log = self.log(&format!("worker-{k}"));
         let mut cmd = Command::new(worker_bin());
-        cmd.args(["worker", "--coordinator", &self.url(), "--data-listen", "127.0.0.1:0", "--threads", "1"])
+        cmd.args(["worker", "--coordinator", &self.url(), "--data-listen", data_listen, "--threads", "1"])
             .args(["--worker-id", &format!("w{k}")])
             .arg("--cache-dir")
             .arg(self.dir.path().join(format!("cache-{k}")));
@@ -135,6 +172,11 @@ impl Cluster {
 
     pub async fn client(&self) -> Client {
         connect(&self.url(), Some(TOKEN), None).await.unwrap()
+    }
+
+    /// A client holding the worker credential.
+    pub async fn worker_client(&self) -> Client {
+        connect(&self.url(), Some(WORKER_TOKEN), None).await.unwrap()
     }
 
     pub async fn submit(&self, spec: JobSpec) -> String {

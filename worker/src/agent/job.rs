@@ -93,6 +93,8 @@ pub struct JobEnv {
     pub client: Client,
     pub runtime: tokio::runtime::Handle,
     pub outbox: mpsc::UnboundedSender<WorkerMessage>,
+    /// This session's key from `Registered`, presented with checkpoint uploads.
+    pub session_key: String,
 }
 
 struct ReportingObserver<'a> {
@@ -160,7 +162,14 @@ impl Observer for ReportingObserver<'_> {
     fn checkpoint(&mut self, json: &Path, state: &CheckpointState) {
         let mut client = self.env.client.clone();
         let a = self.assignment;
-        let result = self.env.runtime.block_on(transfer::upload_checkpoint(&mut client, &a.job_id, a.attempt, json, state));
+        let result = self.env.runtime.block_on(transfer::upload_checkpoint(
+            &mut client,
+            &a.job_id,
+            a.attempt,
+            &self.env.session_key,
+            json,
+            state,
+        ));
         let name = state.name();
         match result {
             Ok(()) => {
@@ -251,7 +260,30 @@ fn choose_backend(mut ring: Ring, wanted: &str, device: Device, control: &JobCon
     Ok(Box::new(comm))
 }
 
+/// Checks every name and address in an assignment with the same functions the
+/// coordinator applies to what it receives (`cvdist_common::names`), before any of them
+/// becomes a path or a dial target: a job id like `../../x` would otherwise make the cache
+/// cleanup delete a directory outside the cache.
+pub fn validate_assignment(a: &Assignment) -> Result<(), String> {
+    use cvdist_common::names;
+    let bad = |e: names::NameError| format!("refusing the assignment: {e}");
+    names::check_job_id(&a.job_id).map_err(bad)?;
+    if !a.checkpoint.is_empty() {
+        names::parse_checkpoint_name(&a.checkpoint).map_err(bad)?;
+    }
+    for p in &a.peers {
+        names::check_worker_id(&p.worker_id).map_err(bad)?;
+        names::check_data_addr(&p.data_addr).map_err(bad)?;
+    }
+    if let Some(spec) = &a.spec {
+        cvdist_common::spec::validate(spec).map_err(|e| format!("refusing the assignment: {e}"))?;
+    }
+    Ok(())
+}
+
 fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finished, Failure> {
+    // A coordinator that sends such names would send them again: not worth a restart.
+    validate_assignment(a).map_err(Failure::config)?;
     let spec = a.spec.clone().ok_or_else(|| Failure::config("assignment without a job spec"))?;
     let world = a.world_size as usize;
     let rank = a.rank as usize;

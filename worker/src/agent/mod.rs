@@ -5,6 +5,7 @@ pub mod job;
 pub mod transfer;
 
 use cvdist_common::client::{connect, error_chain};
+use cvdist_common::text::printable;
 use cvdist_common::proto::{coordinator_message, worker_message, Heartbeat, RegisterRequest, WorkerCapabilities, WorkerMessage};
 use cvdist_common::version::PROTOCOL_VERSION;
 use job::{JobControl, JobEnv};
@@ -93,6 +94,9 @@ pub async fn run(cfg: WorkerConfig, stop: impl std::future::Future<Output = ()> 
         // Keep the sender: a closed channel would read as "never stops".
         std::future::pending::<()>().await;
     });
+    if let Some(w) = cvdist_common::client::plaintext_token_warning(&cfg.coordinator, cfg.token.as_deref()) {
+        warn!("{w}");
+    }
     let mut backoff = Duration::from_millis(250);
     loop {
         let outcome = session(&cfg, &listener, &advertise, stop_rx.clone()).await;
@@ -146,9 +150,12 @@ async fn session(
     let mut inbound = match opened {
         Ok(r) => r.into_inner(),
         Err(s) => {
-            let text = format!("registration refused: {}", s.message());
+            let text = format!("registration refused: {}", printable(s.message()));
             return Err(match s.code() {
-                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument | tonic::Code::Unauthenticated => {
+                tonic::Code::FailedPrecondition
+                | tonic::Code::InvalidArgument
+                | tonic::Code::Unauthenticated
+                | tonic::Code::PermissionDenied => {
                     AgentError::Fatal(text)
                 }
                 _ => AgentError::Retry(text),
@@ -173,6 +180,8 @@ async fn session(
     } else {
         format!("pid-{}", std::process::id())
     };
+    // Sent in `Registered`; uploads carry it to prove they come from this session.
+    let mut session_key = String::new();
     let result = loop {
         let next = tokio::select! {
             next = inbound.message() => next,
@@ -185,7 +194,8 @@ async fn session(
         };
         match msg.msg {
             Some(coordinator_message::Msg::Registered(r)) => {
-                info!(worker = %r.worker_id, "registered");
+                info!(worker = %printable(&r.worker_id), "registered");
+                session_key = r.session_key;
                 // A path component: only a valid name is used.
                 if cvdist_common::spec::valid_name(&r.worker_id) {
                     worker_id = r.worker_id;
@@ -198,7 +208,7 @@ async fn session(
                     control.request_stop("superseded by a new assignment");
                     let _ = tokio::task::spawn_blocking(move || handle.join()).await;
                 }
-                info!(job = %a.job_id, attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment");
+                info!(job = %printable(&a.job_id), attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment");
                 let env = JobEnv {
                     device: cfg.device,
                     data: cfg.data.clone(),
@@ -208,12 +218,13 @@ async fn session(
                     client: client.clone(),
                     runtime: tokio::runtime::Handle::current(),
                     outbox: tx.clone(),
+                    session_key: session_key.clone(),
                 };
                 let control = JobControl::default();
                 let (id, attempt) = (a.job_id.clone(), a.attempt);
                 let c = control.clone();
                 let handle = std::thread::Builder::new()
-                    .name(format!("job-{id}"))
+                    .name(format!("job-{}", printable(&id)))
                     .spawn(move || job::run(a, env, c))
                     .map_err(|e| AgentError::Fatal(format!("cannot start the training thread: {e}")))?;
                 running = Some((id, attempt, control, handle));
@@ -221,7 +232,7 @@ async fn session(
             Some(coordinator_message::Msg::Abort(ab)) => {
                 if let Some((id, attempt, control, _)) = &running {
                     if *id == ab.job_id && *attempt == ab.attempt {
-                        info!(job = %id, reason = %ab.reason, "abort");
+                        info!(job = %printable(id), reason = %printable(&ab.reason), "abort");
                         control.request_stop(&ab.reason);
                     }
                 }

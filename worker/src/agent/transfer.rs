@@ -88,6 +88,7 @@ pub async fn upload_checkpoint(
     client: &mut Client,
     job_id: &str,
     attempt: u32,
+    session_key: &str,
     json_path: &Path,
     state: &CheckpointState,
 ) -> Result<(), TransferError> {
@@ -98,12 +99,13 @@ pub async fn upload_checkpoint(
     let job_id = job_id.to_string();
     let mut chunks: Vec<CheckpointChunk> = bytes
         .chunks(version::CHUNK_BYTES)
-        .map(|c| CheckpointChunk { job_id: job_id.clone(), name: name.clone(), state_json: String::new(), data: c.to_vec(), attempt })
+        .map(|c| CheckpointChunk { job_id: job_id.clone(), name: name.clone(), data: c.to_vec(), attempt, ..Default::default() })
         .collect();
     if chunks.is_empty() {
-        chunks.push(CheckpointChunk { job_id: job_id.clone(), name: name.clone(), state_json: String::new(), data: Vec::new(), attempt });
+        chunks.push(CheckpointChunk { job_id: job_id.clone(), name: name.clone(), attempt, ..Default::default() });
     }
     chunks[0].state_json = state_json;
+    chunks[0].session_key = session_key.to_string();
     client
         .upload_checkpoint(tokio_stream::iter(chunks))
         .await
@@ -114,6 +116,9 @@ pub async fn upload_checkpoint(
 /// Downloads a checkpoint into `dir`; returns the path of its JSON record. The tensor
 /// file's checksum is verified when the trainer loads it.
 pub async fn download_checkpoint(client: &mut Client, job_id: &str, name: &str, dir: &Path) -> Result<PathBuf, TransferError> {
+    // The name becomes a file name here: the same check as on the coordinator's side.
+    cvdist_common::names::parse_checkpoint_name(name)
+        .map_err(|e| TransferError::Corrupt { what: "checkpoint name".into(), reason: e.to_string() })?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut stream = client
         .download_checkpoint(DownloadCheckpointRequest { job_id: job_id.into(), name: name.into() })

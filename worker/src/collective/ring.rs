@@ -42,8 +42,19 @@ const INLINE_MAX_BYTES: usize = 16 * 1024;
 /// the data-plane port cannot stall connection setup for the whole timeout.
 const HANDSHAKE_IO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Total time an incoming connection gets to complete the acceptor's side of the
+/// handshake (hello, ack, proof: three small messages, well under a millisecond between
+/// live peers). A deadline for the whole exchange, not per read, so a client that trickles
+/// one byte at a time cannot hold a handshake slot for long.
+const ACCEPT_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Handshakes processed concurrently by the acceptor; more connections are dropped.
 const MAX_PENDING_HANDSHAKES: usize = 16;
+
+/// Handshakes in progress from one source address; more are dropped. A peer opens one
+/// connection at a time, so this leaves room for retries while one slow or hostile host
+/// cannot take all [`MAX_PENDING_HANDSHAKES`] slots.
+const MAX_PENDING_PER_SOURCE: usize = 4;
 
 /// How long a waiting thread sleeps before re-checking abort/failure flags on its own.
 const PARK_SLICE: Duration = Duration::from_millis(20);
@@ -1079,6 +1090,10 @@ fn accept_link(
     let me = Arc::new(me);
     let (tx, rx) = std::sync::mpsc::channel::<Incoming>();
     let pending = Arc::new(AtomicUsize::new(0));
+    let per_source: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    // Dropped connections are logged once per source and setup, not once each: a flood
+    // must not turn into a flood of log lines.
+    let mut dropped_logged = std::collections::HashSet::new();
     let mut last_reject: Option<(String, bool)> = None;
     let mut handled_any = false;
     loop {
@@ -1115,28 +1130,38 @@ fn accept_link(
         }
         match listener.accept() {
             Ok((s, from)) => {
-                if pending.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
-                    tracing::warn!(rank = me.rank, %from, "too many pending data-plane handshakes; dropping connection");
+                let ip = from.ip();
+                let from_ip = lock(&per_source).get(&ip).copied().unwrap_or(0);
+                let full = pending.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES;
+                if full || from_ip >= MAX_PENDING_PER_SOURCE {
+                    if dropped_logged.insert(ip) {
+                        let why = if full { "too many pending data-plane handshakes" } else { "too many pending handshakes from one address" };
+                        tracing::warn!(rank = me.rank, %from, "{why}; dropping connections (logged once per address)");
+                    }
                     continue;
                 }
                 pending.fetch_add(1, Ordering::SeqCst);
-                let (tx, me, in_thread) = (tx.clone(), me.clone(), pending.clone());
+                *lock(&per_source).entry(ip).or_insert(0) += 1;
+                // Frees both counts when the handshake thread ends, or at once if it can't start.
+                let slot = HandshakeSlot { ip, pending: pending.clone(), per_source: per_source.clone() };
+                let (tx, me_t) = (tx.clone(), me.clone());
                 let spawned = thread::Builder::new().name("ring-handshake".into()).spawn(move || {
-                    let r = match handshake_acceptor(&me, prev, s, deadline) {
+                    let _slot = slot;
+                    let until = deadline.min(Instant::now() + ACCEPT_HANDSHAKE_DEADLINE);
+                    let r = match handshake_acceptor(&me_t, prev, s, until) {
                         Ok(s) => Incoming::Accepted(s),
                         Err((reason, auth)) => {
                             // Logged here, not by the acceptor loop: once the real peer is
                             // in, that loop is gone and would drop rejections still in flight.
                             let reason = format!("{from}: {reason}");
-                            tracing::warn!(rank = me.rank, "rejected data-plane connection: {reason}");
+                            tracing::warn!(rank = me_t.rank, "rejected data-plane connection: {reason}");
                             Incoming::Rejected { reason, auth }
                         }
                     };
-                    in_thread.fetch_sub(1, Ordering::SeqCst);
                     let _ = tx.send(r);
                 });
-                if spawned.is_err() {
-                    pending.fetch_sub(1, Ordering::SeqCst);
+                if let Err(e) = spawned {
+                    tracing::warn!(rank = me.rank, "cannot start a handshake thread: {e}");
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
@@ -1161,14 +1186,58 @@ fn accept_link(
     }
 }
 
-/// Returns the stream or (reason, was-auth-failure).
-fn handshake_acceptor(me: &LinkSpec, prev: usize, mut s: TcpStream, deadline: Instant) -> Result<TcpStream, (String, bool)> {
-    let io_t = Some(handshake_timeout(deadline));
+/// One handshake's share of the acceptor's limits; released on drop.
+struct HandshakeSlot {
+    ip: std::net::IpAddr,
+    pending: Arc<AtomicUsize>,
+    per_source: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+        let mut map = lock(&self.per_source);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Reads exactly `N` bytes before `until`, however the peer spaces them out.
+fn read_array_by<const N: usize>(s: &mut TcpStream, until: Instant) -> std::io::Result<[u8; N]> {
+    let mut buf = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(ErrorKind::TimedOut, "handshake deadline passed"));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[filled..]) {
+            Ok(0) => return Err(std::io::Error::new(ErrorKind::UnexpectedEof, "connection closed")),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(std::io::Error::new(ErrorKind::TimedOut, "handshake deadline passed"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf)
+}
+
+/// Returns the stream or (reason, was-auth-failure). The whole exchange must finish by
+/// `until` (see [`ACCEPT_HANDSHAKE_DEADLINE`]).
+fn handshake_acceptor(me: &LinkSpec, prev: usize, mut s: TcpStream, until: Instant) -> Result<TcpStream, (String, bool)> {
+    let io_t = Some(handshake_timeout(until));
     let io = |what: &str, e: std::io::Error| (format!("{what}: {e}"), false);
     // Accepted sockets may inherit O_NONBLOCK from the listener on some platforms.
     s.set_nonblocking(false).map_err(|e| io("socket options", e))?;
     s.set_read_timeout(io_t).and_then(|_| s.set_write_timeout(io_t)).map_err(|e| io("socket options", e))?;
-    let hello_bytes = wire::read_array::<{ wire::HELLO_LEN }>(&mut s).map_err(|e| io("reading hello", e))?;
+    let hello_bytes = read_array_by::<{ wire::HELLO_LEN }>(&mut s, until).map_err(|e| io("reading hello", e))?;
     let hello = Hello::decode(&hello_bytes).map_err(|_| ("not a cvdist ring handshake (bad magic)".to_string(), false))?;
     let mut nonce_a = [0u8; wire::NONCE_LEN];
     rand::thread_rng().fill_bytes(&mut nonce_a);
@@ -1212,7 +1281,7 @@ fn handshake_acceptor(me: &LinkSpec, prev: usize, mut s: TcpStream, deadline: In
     let (c, a) = (prev as u32, me.rank as u32);
     let mac_a = wire::link_mac(&me.secret, Role::Acceptor, world, c, a, &hello.nonce, &nonce_a);
     reply(&mut s, status::OK, mac_a).map_err(|e| io("sending ack", e))?;
-    let proof = wire::read_array::<{ wire::PROOF_LEN }>(&mut s).map_err(|e| io("reading proof", e))?;
+    let proof = read_array_by::<{ wire::PROOF_LEN }>(&mut s, until).map_err(|e| io("reading proof", e))?;
     let expect = wire::link_mac(&me.secret, Role::Connector, world, c, a, &hello.nonce, &nonce_a);
     if !constant_time_eq(&expect, &proof) {
         let _ = wire::write_all(&mut s, &status::AUTH_FAILED.to_le_bytes());

@@ -72,7 +72,7 @@ impl CheckpointState {
 }
 
 pub fn name_for(epoch: u32, step: u64) -> String {
-    format!("ckpt-e{epoch:04}-s{step:06}")
+    cvdist_common::names::checkpoint_name(epoch, step)
 }
 
 #[derive(Debug, thiserror::Error)]
