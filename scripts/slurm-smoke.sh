@@ -210,7 +210,10 @@ info1="$(scontrol show job -o "$id1")"
 [[ "$info1" == *"JobState=COMPLETED"* && "$info1" == *"ExitCode=0:0"* ]] || fail "job 1: $info1"
 run1="$T/shared/runs/slurm-$id1"
 grep -q "submitted job" "$T/job1.out" || fail "job 1's output does not show the submission"
-[ "$(stat -c %a "$run1/token")" = 600 ] || fail "the token file is not private: mode $(stat -c %a "$run1/token")"
+for f in token worker-token tls/ca.key tls/coord.key; do
+  [ "$(stat -c %a "$run1/$f")" = 600 ] || fail "$f is not private: mode $(stat -c %a "$run1/$f")"
+done
+grep -q "coordinator https://" "$T/job1.out" || fail "job 1's coordinator did not speak TLS"
 for k in 0 1; do [ -s "$run1/logs/worker-$k.log" ] || fail "no log for worker task $k"; done
 
 say "reference: the same job through cvdist local (2 workers x 1 thread)"
@@ -287,7 +290,7 @@ sys.exit(0 if epochs == list(range(len(epochs))) else f"epochs {epochs}")
 PY
 say "job 2 restarted (SLURM_RESTART_COUNT 1) and resumed $job2 from its checkpoint: $(wc -l < "$run2/coordinator/jobs/$job2/metrics.jsonl") epochs stored"
 
-port2="$(grep -oE 'coordinator http://[^ ]+:[0-9]+' "$T/job2.out" | head -n1 | sed -E 's/.*:([0-9]+)$/\1/')"
+port2="$(grep -oE 'coordinator https://[^ ]+:[0-9]+' "$T/job2.out" | head -n1 | sed -E 's/.*:([0-9]+)$/\1/')"
 [ -n "$port2" ] || fail "job 2's output does not name its coordinator"
 before="$(job_processes | wc -l)"
 # The batch script, srun, the coordinator, `cvdist logs --follow` and two workers at least.
@@ -317,7 +320,7 @@ say "job 2: every process gone ${took} s after scancel (Slurm's SIGKILL would co
 # A new coordinator opens the cancelled run's state at once and still knows the job.
 read -r probe_port < <(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$bin_dir/cvdist" coordinator --listen "127.0.0.1:$probe_port" --state-dir "$run2/coordinator" \
-  --token-file "$run2/token" > "$T/log/coordinator-reopen.log" 2>&1 &
+  --token-file "$run2/token" --worker-token-file "$run2/worker-token" > "$T/log/coordinator-reopen.log" 2>&1 &
 probe=$!
 ok=0
 for _ in $(seq 1 60); do

@@ -7,7 +7,7 @@
 
 mod cluster;
 
-use cluster::{Cluster, TOKEN};
+use cluster::{Cluster, WORKER_TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{
     coordinator_message, job_report, worker_message, Assignment, CoordinatorMessage, EpochMetrics, GetJobRequest, Heartbeat,
@@ -38,7 +38,7 @@ impl RawWorker {
             })),
         })
         .unwrap();
-        let mut client = connect(&c.url(), Some(TOKEN), None).await.unwrap();
+        let mut client = connect(&c.url(), Some(WORKER_TOKEN), None).await.unwrap();
         let mut inbound = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
         match inbound.message().await.unwrap() {
             Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(_)) }) => RawWorker { tx, inbound },

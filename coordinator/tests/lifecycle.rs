@@ -8,7 +8,7 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, small_spec, spawn_logged, wait_port, watch_until_done, worker_bin, Cluster, TOKEN};
+use cluster::{cvdist_bin, free_port, small_spec, spawn_logged, wait_port, watch_until_done, worker_bin, Cluster, TOKEN, WORKER_TOKEN};
 use cvdist_common::proto::{
     coordinator_message, worker_message, CheckpointChunk, CoordinatorMessage, GetJobRequest, Heartbeat, JobSpec, JobState, RegisterRequest,
     WatchJobRequest, WorkerMessage,
@@ -152,7 +152,7 @@ async fn wait_state(c: &Cluster, job: &str, want: JobState, within: Duration) ->
 
 /// Runs a command that must fail at start; returns (exit code, stderr).
 fn run_to_exit(cmd: &mut Command) -> (Option<i32>, String) {
-    let mut child = cmd.env("CVDIST_TOKEN", TOKEN).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd.env("CVDIST_TOKEN", TOKEN).env("CVDIST_WORKER_TOKEN", WORKER_TOKEN).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let (status, _) = wait_exit(&mut child, Duration::from_secs(30), &|| "expected it to exit at start".into());
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
@@ -264,7 +264,7 @@ async fn phantom_worker(c: &Cluster, id: &str) -> tokio::sync::mpsc::UnboundedSe
         })),
     })
     .unwrap();
-    let mut client = c.client().await;
+    let mut client = c.worker_client().await;
     let mut inbound = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
     match inbound.message().await.unwrap() {
         Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(_)) }) => {}
@@ -508,6 +508,7 @@ fn coordinator_output(stderr: Stdio, no_color: Option<&str>, read: impl FnOnce()
         .arg("--state-dir")
         .arg(dir.path())
         .env("CVDIST_TOKEN", TOKEN)
+        .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
         .env_remove("NO_COLOR")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -8,7 +8,7 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, spawn_coordinator, wait_port, write_dataset, TOKEN};
+use cluster::{cvdist_bin, free_port, spawn_coordinator, wait_port, write_dataset, TOKEN, WORKER_TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{
     coordinator_message, job_report, worker_message, CoordinatorMessage, FailureKind, GetJobRequest, JobReport,
@@ -172,7 +172,7 @@ async fn session(c: &Coord, id: &str) -> Session {
         })),
     })
     .unwrap();
-    let mut client = connect(&c.url, Some(TOKEN), None).await.unwrap();
+    let mut client = connect(&c.url, Some(WORKER_TOKEN), None).await.unwrap();
     let inbound = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
     (tx, inbound)
 }

@@ -69,9 +69,11 @@ def test_workers_read_their_settings_from_the_documented_env_vars():
     for m in re.finditer(r"(?m)(?:^|;\s*|then\s+)export\s+([^;\n]+)", text):
         for word in shlex.split(m.group(1)):
             exported.add(word.split("=", 1)[0])
-    for var in ("CVDIST_COORDINATOR", "CVDIST_TOKEN_FILE", "CVDIST_DEVICE", "CVDIST_DATA"):
+    for var in ("CVDIST_COORDINATOR", "CVDIST_WORKER_TOKEN_FILE", "CVDIST_TLS_CA", "CVDIST_DEVICE", "CVDIST_DATA"):
         assert var in exported, var
         assert f"[env: {var}" in worker_help, var
+    # Workers get the worker credential, never the client token.
+    assert re.search(r"(?m)^unset CVDIST_TOKEN CVDIST_TOKEN_FILE$", text), "the client token reaches the workers"
 
 
 def test_readme_covers_the_script():
