@@ -144,6 +144,7 @@ fn state(epoch: u32, step: u64) -> CheckpointState {
         partial: [0.0; 4],
         rank_partials: Vec::new(),
         loss_scale: 1.0,
+        grad_scaler: None,
         sha256: String::new(),
         bytes: 0,
         created_unix: 0.0,
