@@ -280,6 +280,8 @@ fn disk_full_during_a_checkpoint_keeps_the_previous_one() {
         assert_eq!(after.get(name), Some(sha), "{name} changed");
     }
     assert!(!after.keys().any(|n| n.starts_with("ckpt-e0002")), "{after:?}");
+    // The partial temp file is gone too: it would keep the disk full for the next try.
+    assert!(!after.keys().any(|n| n.starts_with(".ckpt-e0002")), "{after:?}");
     let latest = checkpoint::latest(&disk).expect("previous checkpoint");
     assert_eq!(latest.state.epoch, 1);
     assert_eq!(checkpoint::list(&disk), vec![first]);

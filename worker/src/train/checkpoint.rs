@@ -346,3 +346,44 @@ pub fn restore_into(
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::scaler::ScalerState;
+    use tch::{Device, Kind};
+
+    /// The background writer's file is a valid safetensors file (read back by libtorch's
+    /// reader, every tensor and dtype equal, checksum verified by `load`), and the fp16
+    /// scaler state survives the round trip; a record without it reads as None.
+    #[test]
+    fn written_snapshot_loads_back_with_scaler_state() {
+        let dir = tempfile::tempdir().unwrap();
+        // channels_last strides, an odd-sized tensor and an i64 buffer, as in the zoo.
+        let conv = Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu)).permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        let model = vec![
+            ("conv.weight".to_string(), conv),
+            ("bn.num_batches_tracked".to_string(), Tensor::from_slice(&[7i64])),
+            ("fc.bias".to_string(), Tensor::randn([5], (Kind::Float, Device::Cpu))),
+        ];
+        let momentum = vec![("conv.weight".to_string(), Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu)))];
+        let mut state = CheckpointState::new("resnet20", 1, 3, 0, 1);
+        state.grad_scaler = Some(ScalerState { scale: 4096.0, growth_tracker: 17 });
+        let (json, written) = save(dir.path(), state, &model, &momentum).unwrap();
+        let loaded = load(&json).unwrap();
+        assert_eq!(loaded.state, written);
+        assert_eq!(loaded.state.grad_scaler, Some(ScalerState { scale: 4096.0, growth_tracker: 17 }));
+        let find = |set: &[(String, Tensor)], n: &str| set.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone()).unwrap();
+        for (n, t) in &model {
+            let got = find(&loaded.model, n);
+            assert_eq!(got.kind(), t.kind(), "{n}");
+            assert!(got.equal(t), "{n}");
+        }
+        assert!(find(&loaded.momentum, "conv.weight").equal(&momentum[0].1));
+        // Records written before the field existed.
+        let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        value.as_object_mut().unwrap().remove("grad_scaler");
+        let old: CheckpointState = serde_json::from_value(value).unwrap();
+        assert_eq!(old.grad_scaler, None);
+    }
+}
