@@ -39,7 +39,7 @@ fn train_cli(precision: &str, out: &Path) -> (EpochMetrics, f64) {
     assert!(run.status.success(), "{precision}: {}", String::from_utf8_lossy(&run.stderr));
     let metrics = cvdist_common::run_dir::read_metrics(out).unwrap();
     assert_eq!(metrics.len(), 1);
-    (metrics[0].clone(), seconds)
+    (metrics[0], seconds)
 }
 
 /// `--precision bf16 --device cpu` trains: finite losses, and accuracy within 3 points of
