@@ -42,6 +42,42 @@ pub enum SpecError {
     WarmupWithoutScaling(u32),
     #[error("threads per worker must be at most 1024, got {0}")]
     Threads(u32),
+    #[error("precision must be \"fp32\", \"bf16\" or \"fp16\", got {0:?}")]
+    Precision(String),
+    #[error("--amp means --precision fp16 and cannot be combined with --precision {0}")]
+    AmpConflict(String),
+}
+
+/// The precisions a job can train in (`--precision`).
+pub const PRECISIONS: [&str; 3] = ["fp32", "bf16", "fp16"];
+
+/// The precision `spec` trains in: its `precision` field, or for specs from clients that
+/// predate the field, "fp16" when the legacy `amp` flag is set and "fp32" otherwise.
+/// `validate` has checked the field, so anything else cannot reach here; it reads as fp32.
+pub fn precision(spec: &JobSpec) -> &str {
+    match spec.precision.as_str() {
+        "" if spec.amp => "fp16",
+        "" => "fp32",
+        p => p,
+    }
+}
+
+/// Sets the precision from the command line: `--precision P` and the `--amp` alias
+/// (= fp16). The legacy `amp` field is kept equal to "fp16 or not" so that an older worker
+/// reading the spec trains in the same mode.
+pub fn set_precision(spec: &mut JobSpec, precision: Option<&str>, amp: bool) -> Result<(), SpecError> {
+    let chosen = match (precision, amp) {
+        (Some(p), true) if p != "fp16" => return Err(SpecError::AmpConflict(p.to_string())),
+        (Some(p), _) => p,
+        (None, true) => "fp16",
+        (None, false) => "fp32",
+    };
+    if !PRECISIONS.contains(&chosen) {
+        return Err(SpecError::Precision(chosen.to_string()));
+    }
+    spec.precision = chosen.to_string();
+    spec.amp = chosen == "fp16";
+    Ok(())
 }
 
 /// The standard CIFAR-10 recipe: SGD 0.1, momentum 0.9, wd 5e-4, batch 128, augmentation on.
@@ -67,6 +103,7 @@ pub fn default_spec(model: &str, epochs: u32) -> JobSpec {
         threads_per_worker: 0,
         augment: true,
         amp: false,
+        precision: "fp32".into(),
         channels_last: true,
         rendezvous_timeout_s: 0,
         collective: "auto".into(),
@@ -156,6 +193,12 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if spec.threads_per_worker > 1024 {
         return Err(SpecError::Threads(spec.threads_per_worker));
     }
+    if !spec.precision.is_empty() && !PRECISIONS.contains(&spec.precision.as_str()) {
+        return Err(SpecError::Precision(spec.precision.clone()));
+    }
+    if spec.amp && !matches!(spec.precision.as_str(), "" | "fp16") {
+        return Err(SpecError::AmpConflict(spec.precision.clone()));
+    }
     check_shard(spec, spec.max_workers)
 }
 
@@ -195,11 +238,33 @@ mod tests {
             (JobSpec { train_samples: 100, batch_size: 128, ..base.clone() }, "larger than each worker's shard"),
             (JobSpec { collective: "mpi".into(), ..base.clone() }, "collective"),
             (JobSpec { warmup_epochs: 1, scale_lr: false, ..base.clone() }, "--warmup-epochs 1 needs --scale-lr"),
+            (JobSpec { precision: "fp8".into(), ..base.clone() }, "precision must be"),
+            (JobSpec { precision: "bf16".into(), amp: true, ..base.clone() }, "--amp means --precision fp16"),
         ];
         for (spec, needle) in cases {
             let err = validate(&spec).unwrap_err().to_string();
             assert!(err.contains(needle), "expected {needle:?} in {err:?}");
         }
+    }
+
+    /// `--amp` is an alias of `--precision fp16`; specs from older clients (no precision
+    /// field) keep their meaning.
+    #[test]
+    fn precision_flags_and_the_amp_alias() {
+        let mut s = default_spec("resnet20", 1);
+        assert_eq!(precision(&s), "fp32");
+        set_precision(&mut s, Some("bf16"), false).unwrap();
+        assert_eq!((precision(&s), s.amp), ("bf16", false));
+        set_precision(&mut s, None, true).unwrap();
+        assert_eq!((precision(&s), s.amp), ("fp16", true));
+        set_precision(&mut s, Some("fp16"), true).unwrap();
+        assert_eq!(precision(&s), "fp16");
+        assert_eq!(set_precision(&mut s, Some("bf16"), true), Err(SpecError::AmpConflict("bf16".into())));
+        assert_eq!(set_precision(&mut s, Some("half"), false), Err(SpecError::Precision("half".into())));
+        let legacy = JobSpec { precision: String::new(), amp: true, ..default_spec("resnet20", 1) };
+        assert_eq!((precision(&legacy), validate(&legacy)), ("fp16", Ok(())));
+        let legacy = JobSpec { precision: String::new(), ..default_spec("resnet20", 1) };
+        assert_eq!(precision(&legacy), "fp32");
     }
 
     #[test]

@@ -209,7 +209,11 @@ struct JobArgs {
     /// Disable random crop and flip.
     #[arg(long)]
     no_augment: bool,
-    /// CUDA mixed precision (fp16 autocast with loss scaling).
+    /// Arithmetic precision: "fp32", "bf16" (autocast to bfloat16, CPU and CUDA; no loss
+    /// scaling needed) or "fp16" (CUDA autocast with dynamic loss scaling). Default fp32.
+    #[arg(long, value_parser = ["fp32", "bf16", "fp16"])]
+    precision: Option<String>,
+    /// Alias of --precision fp16, kept for existing scripts.
     #[arg(long)]
     amp: bool,
     /// channels_last (NHWC) memory layout for activations and conv weights, on CPU and
@@ -246,7 +250,7 @@ impl JobArgs {
         s.max_restarts = self.max_restarts;
         s.rendezvous_timeout_s = self.rendezvous_timeout;
         s.augment = !self.no_augment;
-        s.amp = self.amp;
+        spec::set_precision(&mut s, self.precision.as_deref(), self.amp)?;
         s.channels_last = self.channels_last;
         s.collective = self.collective.clone();
         s.threads_per_worker = self.threads_per_worker;

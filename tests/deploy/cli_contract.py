@@ -37,6 +37,7 @@ CONTRACT = {
         "--lr": None,
         "--scale-lr": None,
         "--warmup-epochs": None,
+        "--precision": None,
         "--follow": None,
         "--token-file": "CVDIST_TOKEN_FILE",
         "--tls-ca": "CVDIST_TLS_CA",

@@ -411,6 +411,8 @@ def test_gpu_overlay(stacks):
             flag_value(args, "--batch-size"), flag_value(args, "--follow")) == ("resnet50", "200", "8", "128", True)
     assert (flag_value(args, "--lr"), flag_value(args, "--scale-lr"), flag_value(args, "--warmup-epochs")) == \
         ("0.1", True, "5")
+    # bf16 autocast on H100/H200-class GPUs (issue 12, item 5).
+    assert flag_value(args, "--precision") == "bf16"
     assert int(flag_value(args, "--workers")) <= sts["spec"]["replicas"] * GPUS_PER_NODE
 
 

@@ -178,6 +178,11 @@ struct TrainArgs {
     seed: u64,
     #[arg(long)]
     no_augment: bool,
+    /// Arithmetic precision: "fp32", "bf16" (autocast to bfloat16, CPU and CUDA; no loss
+    /// scaling needed) or "fp16" (CUDA autocast with dynamic loss scaling). Default fp32.
+    #[arg(long, value_parser = ["fp32", "bf16", "fp16"])]
+    precision: Option<String>,
+    /// Alias of --precision fp16, kept for existing scripts.
     #[arg(long)]
     amp: bool,
     /// channels_last (NHWC) memory layout; `--channels-last false` for NCHW.
@@ -439,7 +444,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     s.test_samples = a.test_samples;
     s.seed = a.seed;
     s.augment = !a.no_augment;
-    s.amp = a.amp;
+    spec::set_precision(&mut s, a.precision.as_deref(), a.amp)?;
     s.channels_last = a.channels_last;
     s.checkpoint_every_steps = a.checkpoint_every;
     spec::validate(&s)?;

@@ -144,6 +144,7 @@ fn state(epoch: u32, step: u64) -> CheckpointState {
         partial: [0.0; 4],
         rank_partials: Vec::new(),
         loss_scale: 1.0,
+        grad_scaler: None,
         sha256: String::new(),
         bytes: 0,
         created_unix: 0.0,
@@ -279,6 +280,8 @@ fn disk_full_during_a_checkpoint_keeps_the_previous_one() {
         assert_eq!(after.get(name), Some(sha), "{name} changed");
     }
     assert!(!after.keys().any(|n| n.starts_with("ckpt-e0002")), "{after:?}");
+    // The partial temp file is gone too: it would keep the disk full for the next try.
+    assert!(!after.keys().any(|n| n.starts_with(".ckpt-e0002")), "{after:?}");
     let latest = checkpoint::latest(&disk).expect("previous checkpoint");
     assert_eq!(latest.state.epoch, 1);
     assert_eq!(checkpoint::list(&disk), vec![first]);

@@ -4,6 +4,7 @@
 use super::transfer;
 use crate::collective::{nccl, ring::Ring, AbortHandle, Collective, Solo};
 use crate::train::checkpoint::{self, CheckpointState};
+use crate::train::ckpt_writer::CheckpointStore;
 use crate::train::{self, Datasets, Observer, TrainerConfig};
 use cvdist_common::client::Client;
 use cvdist_common::proto::{
@@ -159,40 +160,45 @@ impl Observer for ReportingObserver<'_> {
         }
     }
 
-    fn checkpoint(&mut self, json: &Path, state: &CheckpointState) {
+    /// The upload runs on the checkpoint writer thread (issue 12, item 8), so the other
+    /// ranks do not wait at the next all-reduce while rank 0 uploads. A stop cuts it short.
+    fn checkpoint_store(&mut self) -> Option<CheckpointStore> {
         let mut client = self.env.client.clone();
-        let a = self.assignment;
-        let result = self.env.runtime.block_on(transfer::upload_checkpoint(
-            &mut client,
-            &a.job_id,
-            a.attempt,
-            &self.env.session_key,
-            json,
-            state,
-        ));
-        let name = state.name();
+        let runtime = self.env.runtime.clone();
+        let control = self.control.clone();
+        let (job_id, attempt) = (self.assignment.job_id.clone(), self.assignment.attempt);
+        let session_key = self.env.session_key.clone();
+        Some(Box::new(move |json: &Path, state: &CheckpointState| {
+            let upload = transfer::upload_checkpoint(&mut client, &job_id, attempt, &session_key, json, state);
+            control.block_on_unless_stopped(&runtime, upload)?.map_err(|e| e.to_string())?;
+            // Only what the coordinator holds (this one) or has superseded (anything
+            // older) may go; a local copy is the only copy until then.
+            let name = state.name();
+            if let Some(dir) = json.parent() {
+                for old in checkpoint::list(dir) {
+                    let older = old.file_stem().is_some_and(|s| s.to_string_lossy().as_ref() < name.as_str());
+                    if older {
+                        let _ = std::fs::remove_file(old.with_extension("safetensors"));
+                        let _ = std::fs::remove_file(&old);
+                    }
+                }
+            }
+            Ok(())
+        }))
+    }
+
+    fn checkpoint_stored(&mut self, name: &str, result: &Result<(), String>) {
         match result {
             Ok(()) => {
                 info!(checkpoint = %name, "checkpoint uploaded");
-                // Only what the coordinator holds (this one) or has superseded (anything
-                // older) may go; a local copy is the only copy until then.
-                if let Some(dir) = json.parent() {
-                    for old in checkpoint::list(dir) {
-                        let older = old.file_stem().is_some_and(|s| s.to_string_lossy().as_ref() < name.as_str());
-                        if older {
-                            let _ = std::fs::remove_file(old.with_extension("safetensors"));
-                            let _ = std::fs::remove_file(&old);
-                        }
-                    }
-                }
-                self.confirmed = Some(name);
+                self.confirmed = Some(name.to_string());
                 self.upload_error = None;
             }
             // The job can go on; a restart would resume from an older checkpoint. The local
             // copy stays.
             Err(e) => {
                 warn!(checkpoint = %name, error = %e, "checkpoint upload failed");
-                self.upload_error = Some((name, e.to_string()));
+                self.upload_error = Some((name.to_string(), e.clone()));
             }
         }
     }

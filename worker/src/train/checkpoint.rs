@@ -37,8 +37,14 @@ pub struct CheckpointState {
     /// checkpoints written before this field existed (and at epoch boundaries).
     #[serde(default, with = "cvdist_common::nonfinite::vec_of_arrays")]
     pub rank_partials: Vec<[f64; 5]>,
+    /// The fp16 loss scale (1.0 for fp32/bf16 runs); kept for readers, resuming uses
+    /// `grad_scaler`.
     #[serde(with = "cvdist_common::nonfinite")]
     pub loss_scale: f64,
+    /// The fp16 loss scaler's scale and growth tracker; absent for fp32/bf16 runs and in
+    /// checkpoints written before the tracker was saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<super::scaler::ScalerState>,
     pub sha256: String,
     pub bytes: u64,
     pub created_unix: f64,
@@ -57,6 +63,7 @@ impl CheckpointState {
             partial: [0.0; 4],
             rank_partials: Vec::new(),
             loss_scale: 1.0,
+            grad_scaler: None,
             sha256: String::new(),
             bytes: 0,
             created_unix: std::time::SystemTime::now()
@@ -97,45 +104,146 @@ pub struct Checkpoint {
 }
 
 /// Writes a checkpoint into `dir`; returns its JSON path and the completed record.
+/// The same as [`snapshot`] then [`write_snapshot`], on the calling thread.
 pub fn save(
     dir: &Path,
-    mut state: CheckpointState,
+    state: CheckpointState,
     model: &[(String, Tensor)],
     momentum: &[(String, Tensor)],
 ) -> Result<(PathBuf, CheckpointState), CheckpointError> {
-    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Write { path: dir.to_path_buf(), source })?;
-    let name = state.name();
-    let tensors_path = dir.join(format!("{name}.safetensors"));
-    let tmp = dir.join(format!(".{name}.safetensors.tmp"));
+    write_snapshot(dir, state, &snapshot(model, momentum))
+}
+
+/// Host copies of the tensors a checkpoint holds, under their stored names: what the
+/// training thread hands to the background writer. Always a copy (on CPU too), so the
+/// training thread may go on updating its tensors in place while the copy is written.
+pub struct Snapshot {
+    named: Vec<(String, Tensor)>,
+}
+
+/// Copies `model` and `momentum` into host memory, contiguous row-major (safetensors
+/// stores row-major bytes, while conv weights and their momentum train in channels_last
+/// strides).
+pub fn snapshot(model: &[(String, Tensor)], momentum: &[(String, Tensor)]) -> Snapshot {
+    let host = |t: &Tensor| {
+        let mut copy = Tensor::empty(t.size(), (t.kind(), tch::Device::Cpu));
+        tch::no_grad(|| copy.copy_(&t.detach()));
+        copy
+    };
     let mut named: Vec<(String, Tensor)> = Vec::with_capacity(model.len() + momentum.len());
-    // Contiguous: safetensors stores row-major bytes, while conv weights and their
-    // momentum train in channels_last strides.
-    let host = |t: &Tensor| t.detach().to_device(tch::Device::Cpu).contiguous();
     for (n, t) in model {
         named.push((format!("{MODEL_PREFIX}{n}"), host(t)));
     }
     for (n, t) in momentum {
         named.push((format!("{MOMENTUM_PREFIX}{n}"), host(t)));
     }
-    let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let written = (|| -> Result<Vec<u8>, CheckpointError> {
-        Tensor::write_safetensors(&refs, &tmp).map_err(|e| CheckpointError::Write {
+    // The header lists tensors by name; the data follows in the same order.
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Snapshot { named }
+}
+
+/// The safetensors dtype name of `kind` (the format's spelling).
+fn dtype_name(kind: tch::Kind) -> Option<&'static str> {
+    use tch::Kind::*;
+    Some(match kind {
+        Float => "F32",
+        Double => "F64",
+        Half => "F16",
+        BFloat16 => "BF16",
+        Int64 => "I64",
+        Int => "I32",
+        Int16 => "I16",
+        Int8 => "I8",
+        Uint8 => "U8",
+        Bool => "BOOL",
+        _ => return None,
+    })
+}
+
+/// The bytes of a contiguous CPU tensor.
+fn tensor_bytes(t: &Tensor) -> &[u8] {
+    let len = t.numel() * t.kind().elt_size_in_bytes();
+    if len == 0 {
+        return &[];
+    }
+    // SAFETY: `snapshot` made `t` a contiguous CPU tensor this Snapshot owns alone; its
+    // storage holds `numel × element size` bytes and lives as long as the borrow of `t`.
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
+}
+
+/// A writer that hashes and counts every byte on its way to the file, so the checksum is
+/// known when the write ends, without reading the file back.
+struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `snap` as checkpoint `state` into `dir` (safetensors to a temp file, hashed
+/// while it is written, fsync, rename; then the JSON record, atomically); returns the
+/// JSON path and the completed record. Runs on the checkpoint writer thread.
+pub fn write_snapshot(
+    dir: &Path,
+    mut state: CheckpointState,
+    snap: &Snapshot,
+) -> Result<(PathBuf, CheckpointState), CheckpointError> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Write { path: dir.to_path_buf(), source })?;
+    let name = state.name();
+    let tensors_path = dir.join(format!("{name}.safetensors"));
+    let tmp = dir.join(format!(".{name}.safetensors.tmp"));
+    // The safetensors layout: u64 little-endian header length, a JSON header naming each
+    // tensor's dtype, shape and byte range, then the tensors' bytes back to back.
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (n, t) in &snap.named {
+        let dtype = dtype_name(t.kind()).ok_or_else(|| CheckpointError::Write {
             path: tmp.clone(),
-            source: std::io::Error::other(e.to_string()),
+            source: std::io::Error::other(format!("tensor {n:?} has kind {:?}, which safetensors cannot store", t.kind())),
         })?;
-        let bytes = std::fs::read(&tmp).map_err(|source| CheckpointError::Read { path: tmp.clone(), source })?;
-        let sync = std::fs::File::open(&tmp).and_then(|f| f.sync_all());
-        sync.map_err(|source| CheckpointError::Write { path: tmp.clone(), source })?;
+        let len = tensor_bytes(t).len();
+        header.insert(n.clone(), serde_json::json!({"dtype": dtype, "shape": t.size(), "data_offsets": [offset, offset + len]}));
+        offset += len;
+    }
+    let mut header = serde_json::to_vec(&header).expect("header serialises");
+    // Padded with spaces to 8 bytes so the data is aligned, as the reference writer does.
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let werr = |source: std::io::Error| CheckpointError::Write { path: tmp.clone(), source };
+    let written = (|| -> Result<(String, u64), CheckpointError> {
+        let file = std::fs::File::create(&tmp).map_err(werr)?;
+        let mut out =
+            HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hash: Sha256::new(), bytes: 0 };
+        out.write_all(&(header.len() as u64).to_le_bytes()).map_err(werr)?;
+        out.write_all(&header).map_err(werr)?;
+        for (_, t) in &snap.named {
+            out.write_all(tensor_bytes(t)).map_err(werr)?;
+        }
+        let HashingWriter { inner, hash, bytes } = out;
+        let file = inner.into_inner().map_err(|e| werr(e.into_error()))?;
+        file.sync_all().map_err(werr)?;
+        drop(file);
         std::fs::rename(&tmp, &tensors_path)
             .map_err(|source| CheckpointError::Write { path: tensors_path.clone(), source })?;
-        Ok(bytes)
+        Ok((hex::encode(hash.finalize()), bytes))
     })();
     // A partial temp file (disk full, say) would keep the disk full for the next attempt.
-    let bytes = written.inspect_err(|_| {
+    let (sha, bytes) = written.inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })?;
-    state.sha256 = hex::encode(Sha256::digest(&bytes));
-    state.bytes = bytes.len() as u64;
+    state.sha256 = sha;
+    state.bytes = bytes;
     let json_path = dir.join(format!("{name}.json"));
     let text = serde_json::to_vec_pretty(&state).expect("state serialises");
     cvdist_common::run_dir::write_atomic(&json_path, &text)
@@ -237,4 +345,45 @@ pub fn restore_into(
 /// SHA-256 of a file, hex.
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(Sha256::digest(std::fs::read(path)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::scaler::ScalerState;
+    use tch::{Device, Kind};
+
+    /// The background writer's file is a valid safetensors file (read back by libtorch's
+    /// reader, every tensor and dtype equal, checksum verified by `load`), and the fp16
+    /// scaler state survives the round trip; a record without it reads as None.
+    #[test]
+    fn written_snapshot_loads_back_with_scaler_state() {
+        let dir = tempfile::tempdir().unwrap();
+        // channels_last strides, an odd-sized tensor and an i64 buffer, as in the zoo.
+        let conv = Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu)).permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        let model = vec![
+            ("conv.weight".to_string(), conv),
+            ("bn.num_batches_tracked".to_string(), Tensor::from_slice(&[7i64])),
+            ("fc.bias".to_string(), Tensor::randn([5], (Kind::Float, Device::Cpu))),
+        ];
+        let momentum = vec![("conv.weight".to_string(), Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu)))];
+        let mut state = CheckpointState::new("resnet20", 1, 3, 0, 1);
+        state.grad_scaler = Some(ScalerState { scale: 4096.0, growth_tracker: 17 });
+        let (json, written) = save(dir.path(), state, &model, &momentum).unwrap();
+        let loaded = load(&json).unwrap();
+        assert_eq!(loaded.state, written);
+        assert_eq!(loaded.state.grad_scaler, Some(ScalerState { scale: 4096.0, growth_tracker: 17 }));
+        let find = |set: &[(String, Tensor)], n: &str| set.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone()).unwrap();
+        for (n, t) in &model {
+            let got = find(&loaded.model, n);
+            assert_eq!(got.kind(), t.kind(), "{n}");
+            assert!(got.equal(t), "{n}");
+        }
+        assert!(find(&loaded.momentum, "conv.weight").equal(&momentum[0].1));
+        // Records written before the field existed.
+        let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        value.as_object_mut().unwrap().remove("grad_scaler");
+        let old: CheckpointState = serde_json::from_value(value).unwrap();
+        assert_eq!(old.grad_scaler, None);
+    }
 }

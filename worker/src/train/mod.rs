@@ -1,6 +1,9 @@
 //! Training: the per-rank loop, optimizer, schedule, checkpoints and rank synchronisation.
 
 pub mod checkpoint;
+pub mod ckpt_writer;
+pub mod precision;
+pub mod scaler;
 pub mod schedule;
 pub mod sgd;
 pub mod sync;

@@ -3,7 +3,10 @@
 //!
 //! Gradients are packed into one flat host buffer and reduced in ~25 MB buckets. The
 //! buffer is allocated once and reused: the per-step cost is two memcpys plus the wire.
+//! The same buffer carries each rank's divergence flag, and under fp16 it is what the
+//! loss scaler checks and unscales in one fused call.
 
+use super::scaler::GradScaler;
 use crate::collective::{Collective, CollectiveError};
 use tch::{Device, Kind, Tensor};
 
@@ -11,31 +14,69 @@ use tch::{Device, Kind, Tensor};
 pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
 
 pub struct GradSync {
-    /// Packed gradients on the parameters' device: host memory for the ring, device
-    /// memory for NCCL, so neither path copies more than it must.
-    flat: Tensor,
+    /// Packed gradients on the parameters' device (host memory for the ring, device
+    /// memory for NCCL, so neither path copies more than it must), plus one trailing
+    /// element that carries the rank's divergence flag through the same all-reduce.
+    /// Allocated on first use: a single fp32/bf16 worker never packs.
+    flat: Option<Tensor>,
+    numel: usize,
+    device: Device,
+}
+
+/// What one step's gradient reduction found, identical on every rank.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reduced {
+    /// Seconds spent in the all-reduce itself.
+    pub wire: f64,
+    /// False when the loss scaler found an overflow: the step must be skipped.
+    pub apply: bool,
+    /// Some(sum of the non-finite losses) when the loss was non-finite on at least one
+    /// rank; every rank gets the same value, so every rank stops with the same error.
+    pub diverged_loss: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
 }
 
 impl GradSync {
     pub fn new(params: &[(String, Tensor)]) -> GradSync {
         let numel: usize = params.iter().map(|(_, p)| p.numel()).sum();
         let device = params.first().map(|(_, p)| p.device()).unwrap_or(Device::Cpu);
-        GradSync { flat: Tensor::zeros([numel as i64], (Kind::Float, device)) }
+        GradSync { flat: None, numel, device }
     }
 
-    /// Replaces every gradient by its mean over the ranks; returns seconds spent reducing.
-    pub fn average(&mut self, params: &[(String, Tensor)], comm: &mut dyn Collective) -> Result<f64, CollectiveError> {
+    /// Replaces every gradient by its mean over the ranks, unscales it when `scaler` is
+    /// given (one fused check on the flat buffer), and agrees over the ranks whether any
+    /// rank's `loss` was non-finite — all in the one all-reduce the step already does: the
+    /// buffer's last element holds this rank's loss if it is non-finite and 0 otherwise,
+    /// so the sum is non-finite exactly when some rank diverged.
+    pub fn reduce(
+        &mut self,
+        params: &[(String, Tensor)],
+        comm: &mut dyn Collective,
+        loss: f64,
+        scaler: Option<&mut GradScaler>,
+    ) -> Result<Reduced, SyncError> {
         let world = comm.world_size();
-        if world == 1 {
-            return Ok(0.0);
+        let flag = if loss.is_finite() { 0.0 } else { loss };
+        if world == 1 && scaler.is_none() {
+            let diverged_loss = (!loss.is_finite()).then_some(loss);
+            return Ok(Reduced { wire: 0.0, apply: true, diverged_loss });
         }
-        let device = self.flat.device();
+        let numel = self.numel as i64;
+        let (device, total) = (self.device, self.numel + 1);
+        let flat = self.flat.get_or_insert_with(|| Tensor::zeros([total as i64], (Kind::Float, device)));
         tch::no_grad(|| {
             let mut offset = 0i64;
             for (_, p) in params {
                 let n = p.numel() as i64;
                 let g = p.grad();
-                let mut dst = self.flat.narrow(0, offset, n);
+                let mut dst = flat.narrow(0, offset, n);
                 if g.defined() {
                     dst.copy_(&g.reshape([-1]).to_kind(Kind::Float));
                 } else {
@@ -43,35 +84,49 @@ impl GradSync {
                 }
                 offset += n;
             }
+            let _ = flat.narrow(0, numel, 1).fill_(flag);
         });
         let start = std::time::Instant::now();
-        let total = self.flat.numel() as i64;
-        let mut offset = 0i64;
-        while offset < total {
-            let len = (BUCKET_ELEMS as i64).min(total - offset);
-            let mut bucket = self.flat.narrow(0, offset, len);
-            comm.reduce_tensor_sum(&mut bucket)?;
-            offset += len;
-        }
-        if let Device::Cuda(k) = device {
-            // Only to measure the reduction; the stream already orders what follows.
-            tch::Cuda::synchronize(k as i64);
+        if world > 1 {
+            let mut offset = 0i64;
+            while offset < total as i64 {
+                let len = (BUCKET_ELEMS as i64).min(total as i64 - offset);
+                let mut bucket = flat.narrow(0, offset, len);
+                comm.reduce_tensor_sum(&mut bucket)?;
+                offset += len;
+            }
+            if let Device::Cuda(k) = device {
+                // Only to measure the reduction; the stream already orders what follows.
+                tch::Cuda::synchronize(k as i64);
+            }
         }
         let wire = start.elapsed().as_secs_f64();
+        let summed_flag = flat.f_double_value(&[numel])?;
+        let diverged_loss = (!summed_flag.is_finite()).then_some(summed_flag);
+        let mut grads = flat.narrow(0, 0, numel);
+        let apply = match scaler {
+            Some(scaler) => {
+                scaler.unscale(&mut grads, 1.0 / world as f64)?;
+                scaler.update()?
+            }
+            None => {
+                let _ = tch::no_grad(|| grads.f_mul_scalar_(1.0 / world as f64))?;
+                true
+            }
+        };
         tch::no_grad(|| {
-            let _ = self.flat.g_mul_scalar_(1.0 / world as f64);
             let mut offset = 0i64;
             for (_, p) in params {
                 let n = p.numel() as i64;
                 let mut g = p.grad();
                 if g.defined() {
-                    let src = self.flat.narrow(0, offset, n).view_as(&g).to_kind(g.kind());
+                    let src = grads.narrow(0, offset, n).view_as(&g).to_kind(g.kind());
                     g.copy_(&src);
                 }
                 offset += n;
             }
         });
-        Ok(wire)
+        Ok(Reduced { wire, apply, diverged_loss })
     }
 }
 

@@ -5,6 +5,9 @@
 //! steps are only the same with `freeze_bn` (docs/ARCHITECTURE.md, "N workers × batch b").
 
 use super::checkpoint::{self, CheckpointState};
+use super::ckpt_writer::{BackgroundWriter, CheckpointStore, Done};
+use super::precision::{self, Precision};
+use super::scaler::{GradScaler, ScalerState};
 use super::schedule::learning_rate;
 use super::sgd::Sgd;
 use super::sync::{self, GradSync};
@@ -23,8 +26,6 @@ use tracing::{info, info_span, warn};
 
 /// Images per evaluation batch (the reference recipe's test loader uses 100).
 const EVAL_BATCH: usize = 100;
-/// Loss-scale growth interval for CUDA mixed precision (as torch.cuda.amp's default).
-const SCALE_GROWTH_INTERVAL: u64 = 2000;
 
 pub struct TrainerConfig {
     pub spec: JobSpec,
@@ -89,6 +90,15 @@ pub enum TrainError {
     Stopped(String),
 }
 
+impl From<sync::SyncError> for TrainError {
+    fn from(e: sync::SyncError) -> TrainError {
+        match e {
+            sync::SyncError::Collective(e) => TrainError::Collective(e),
+            sync::SyncError::Torch(e) => TrainError::Torch(e),
+        }
+    }
+}
+
 impl TrainError {
     /// Whether running the same attempt again could end differently; the coordinator only
     /// restarts a group for [`FailureKind::Retryable`] failures.
@@ -118,14 +128,29 @@ impl TrainError {
 pub trait Observer {
     fn progress(&mut self, _p: &Progress) {}
     fn epoch(&mut self, _m: &EpochMetrics) {}
-    /// Called on rank 0 after a checkpoint is durably written.
+    /// Called on rank 0 (on the training thread) once a checkpoint is durably written; the
+    /// write runs in the background, so this comes at a later step, the next checkpoint
+    /// or the end of training.
     fn checkpoint(&mut self, _json: &Path, _state: &CheckpointState) {}
+    /// Where written checkpoints go next (an upload): the function runs on the checkpoint
+    /// writer thread, after the write. Asked on rank 0 for every checkpoint.
+    fn checkpoint_store(&mut self) -> Option<CheckpointStore> {
+        None
+    }
+    /// The store function's result for checkpoint `name`, on the training thread, after
+    /// [`Observer::checkpoint`] for it.
+    fn checkpoint_stored(&mut self, _name: &str, _result: &Result<(), String>) {}
     /// Polled every step; `Some(reason)` ends training with [`TrainError::Stopped`].
     fn should_stop(&mut self) -> Option<String> {
         None
     }
     /// The dataset indices of every batch this rank trains on, for sample-level audits.
     fn batch_indices(&mut self, _epoch: u32, _step: u64, _indices: &[usize]) {}
+    /// Fault injection for tests: `true` makes this rank's loss at (`epoch`, `step`) NaN,
+    /// as a diverged run's would be.
+    fn poison_loss(&mut self, _epoch: u32, _step: u64) -> bool {
+        false
+    }
 }
 
 pub struct NoObserver;
@@ -149,11 +174,12 @@ pub struct Engine {
     pub sgd: Sgd,
     pub buffers: Vec<(String, Tensor)>,
     device: Device,
-    amp: bool,
+    /// The precision that runs on `device` (fp16 asked on a CPU runs as fp32).
+    pub precision: Precision,
     channels_last: bool,
     pub freeze_bn: bool,
-    loss_scale: f64,
-    good_steps: u64,
+    /// Dynamic loss scaling, present exactly when the run is fp16.
+    pub scaler: Option<GradScaler>,
 }
 
 /// tch has no memory-format API: a permuted contiguous copy has NHWC strides while keeping
@@ -189,18 +215,21 @@ impl Engine {
             });
         }
         let sgd = Sgd::new(params, spec.momentum, spec.weight_decay);
-        let cuda = device.is_cuda();
+        let asked = Precision::parse(cvdist_common::spec::precision(spec));
+        let precision = asked.effective(device);
+        if precision != asked {
+            warn!("fp16 mixed precision (--amp) is a CUDA mode; this CPU run trains in fp32 (bf16 works on CPU: --precision bf16)");
+        }
         Ok(Engine {
             vs,
             model,
             sgd,
             buffers,
             device,
-            amp: spec.amp && cuda,
+            precision,
             channels_last: spec.channels_last,
             freeze_bn: false,
-            loss_scale: if spec.amp && cuda { 65536.0 } else { 1.0 },
-            good_steps: 0,
+            scaler: (precision == Precision::Fp16).then(|| GradScaler::new(device)),
         })
     }
 
@@ -227,50 +256,37 @@ impl Engine {
         let x = self.prepare(images);
         let y = labels.to_device(self.device);
         let train = !self.freeze_bn;
-        let logits = if self.amp {
-            tch::autocast(true, || self.model.forward_t(&x, train))
-        } else {
-            self.model.forward_t(&x, train)
-        };
+        let logits = precision::autocast(self.device, self.precision, || self.model.forward_t(&x, train));
         let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&y);
-        if self.loss_scale != 1.0 {
-            (&loss * self.loss_scale).backward();
-        } else {
-            loss.backward();
+        match &self.scaler {
+            Some(scaler) => scaler.scale_loss(&loss).backward(),
+            None => loss.backward(),
         }
         let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
         (loss.double_value(&[]), correct)
     }
 
-    /// Undoes loss scaling and decides whether this step may be applied (mixed precision
-    /// skips steps whose gradients overflowed, as torch.cuda.amp.GradScaler does).
-    fn unscale_and_check(&mut self) -> bool {
-        if self.loss_scale == 1.0 {
-            return true;
+    /// Averages the gradients over the ranks, agrees whether any rank's `loss` is
+    /// non-finite, and applies the SGD step unless the loss scaler found an overflow (then
+    /// weights and momentum stay as they were, as torch.cuda.amp.GradScaler skips the step).
+    /// Returns the all-reduce seconds and whether the step was applied; a non-finite loss
+    /// on any rank is [`TrainError::Diverged`] on every rank, with the same value.
+    pub fn finish_step(
+        &mut self,
+        grad_sync: &mut GradSync,
+        comm: &mut dyn Collective,
+        loss: f64,
+        lr: f64,
+        at: (u32, u64),
+    ) -> Result<(f64, bool), TrainError> {
+        let reduced = grad_sync.reduce(self.sgd.params(), comm, loss, self.scaler.as_mut())?;
+        if let Some(loss) = reduced.diverged_loss {
+            return Err(TrainError::Diverged { epoch: at.0, step: at.1, what: "loss", loss });
         }
-        let inv = 1.0 / self.loss_scale;
-        let mut finite = true;
-        tch::no_grad(|| {
-            for (_, p) in self.sgd.params() {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = g.g_mul_scalar_(inv);
-                    if finite && !bool::try_from(g.isfinite().all()).unwrap_or(false) {
-                        finite = false;
-                    }
-                }
-            }
-        });
-        if finite {
-            self.good_steps += 1;
-            if self.good_steps % SCALE_GROWTH_INTERVAL == 0 {
-                self.loss_scale *= 2.0;
-            }
-        } else {
-            self.loss_scale = (self.loss_scale / 2.0).max(1.0);
-            self.good_steps = 0;
+        if reduced.apply {
+            self.sgd.step(lr);
         }
-        finite
+        Ok((reduced.wire, reduced.apply))
     }
 
     /// Mean loss and correct count over `indices` of `split` (no augmentation).
@@ -288,12 +304,8 @@ impl Engine {
                 }
                 let x = self.prepare(&batch.images);
                 let y = batch.labels.to_device(self.device);
-                let logits = if self.amp {
-                    tch::autocast(true, || self.model.forward_t(&x, false))
-                } else {
-                    self.model.forward_t(&x, false)
-                }
-                .to_kind(Kind::Float);
+                let logits =
+                    precision::autocast(self.device, self.precision, || self.model.forward_t(&x, false)).to_kind(Kind::Float);
                 let n = y.size()[0] as f64;
                 loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * n;
                 correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]) as f64;
@@ -327,10 +339,19 @@ pub fn train(
             path: path.clone(),
             reason,
         })?;
-        // Only a mixed-precision run carries a loss scale over; a checkpoint from a full-
-        // precision run (or an imported one) stores 1.0, which would disable scaling.
-        if engine.amp && ckpt.state.loss_scale > 1.0 {
-            engine.loss_scale = ckpt.state.loss_scale;
+        // An fp16 run continues with the saved scale and growth tracker (bit-identical
+        // resume). Checkpoints written before the tracker was saved carry the scale alone
+        // (the tracker restarts at 0); ones from an fp32/bf16 run (or imported ones) carry
+        // no scaler and the run starts from the initial scale.
+        if let Some(scaler) = engine.scaler.as_mut() {
+            let saved = match ckpt.state.grad_scaler {
+                Some(state) => Some(state),
+                None if ckpt.state.loss_scale > 1.0 => Some(ScalerState { scale: ckpt.state.loss_scale, growth_tracker: 0 }),
+                None => None,
+            };
+            if let Some(state) = saved {
+                *scaler = GradScaler::from_state(cfg.device, state);
+            }
         }
         start_epoch = ckpt.state.epoch;
         start_step = ckpt.state.step;
@@ -364,6 +385,8 @@ pub fn train(
     let scale = if spec.scale_lr { cfg.world_size as f64 } else { 1.0 };
     let mut history = Vec::new();
     let mut final_checkpoint_error = None;
+    let final_name = checkpoint::name_for(spec.epochs, 0);
+    let mut writer = BackgroundWriter::default();
 
     for epoch in start_epoch..spec.epochs {
         let span = info_span!("epoch", epoch, rank = cfg.rank);
@@ -390,17 +413,21 @@ pub fn train(
                 return Err(TrainError::Stopped(reason));
             }
             observer.batch_indices(epoch, step, &batch.indices);
+            if let Some(done) = writer.poll() {
+                deliver(done, observer, &final_name, &mut final_checkpoint_error);
+            }
             let step_start = Instant::now();
             lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
-            let (loss, ok) = engine.forward_backward(&batch.images, &batch.labels);
-            if !loss.is_finite() && !engine.amp {
-                return Err(TrainError::Diverged { epoch, step, what: "loss", loss });
+            let (mut loss, ok) = engine.forward_backward(&batch.images, &batch.labels);
+            if observer.poison_loss(epoch, step) {
+                loss = f64::NAN;
             }
-            let wire = grad_sync.average(engine.sgd.params(), comm)?;
+            // Every rank learns in the gradient all-reduce whether any rank's loss is
+            // non-finite, so all stop here at the same step with the same error (in every
+            // precision: the fp16 loss is computed in fp32 and does not depend on the
+            // scale, so a non-finite one is a real overflow, not a scaling artefact).
+            let (wire, _applied) = engine.finish_step(&mut grad_sync, comm, loss, lr, (epoch, step))?;
             wire_seconds += wire;
-            if engine.unscale_and_check() {
-                engine.sgd.step(lr);
-            }
             let n = batch.labels.size()[0] as f64;
             loss_sum += loss * n;
             correct += ok as f64;
@@ -423,7 +450,9 @@ pub fn train(
             let every = spec.checkpoint_every_steps as u64;
             if every > 0 && step % every == 0 && step < steps_per_epoch {
                 let acc = [loss_sum, correct, seen, prior_seconds + epoch_start.elapsed().as_secs_f64(), wire_seconds];
-                write_checkpoint(cfg, &mut engine, comm, observer, epoch, step, acc)?;
+                if let Some(done) = write_checkpoint(cfg, &mut engine, comm, observer, &mut writer, epoch, step, acc)? {
+                    deliver(done, observer, &final_name, &mut final_checkpoint_error);
+                }
             }
         }
         let train_seconds = prior_seconds + epoch_start.elapsed().as_secs_f64();
@@ -459,12 +488,13 @@ pub fn train(
         );
         // The last update of an epoch can turn the weights into NaN without any training
         // loss showing it (with one step per epoch, never): the test loss does. Mixed
-        // precision tolerates single overflowed steps, so only its test loss counts. The
+        // precision used to tolerate non-finite training losses; now every non-finite
+        // step loss stops the run at once (above), so this is a second guard. The
         // epoch is still recorded (non-finite values are stored as described in
         // cvdist_common::nonfinite), but no checkpoint of the diverged weights is kept.
         let diverged = if !metrics.test_loss.is_finite() {
             Some(("test loss", metrics.test_loss))
-        } else if !metrics.train_loss.is_finite() && !engine.amp {
+        } else if !metrics.train_loss.is_finite() {
             Some(("training loss", metrics.train_loss))
         } else {
             None
@@ -473,26 +503,59 @@ pub fn train(
             observer.epoch(&metrics);
             return Err(TrainError::Diverged { epoch, step: steps_per_epoch, what, loss });
         }
-        final_checkpoint_error = write_checkpoint(cfg, &mut engine, comm, observer, epoch + 1, 0, [0.0; 5])?;
+        if let Some(done) = write_checkpoint(cfg, &mut engine, comm, observer, &mut writer, epoch + 1, 0, [0.0; 5])? {
+            deliver(done, observer, &final_name, &mut final_checkpoint_error);
+        }
         observer.epoch(&metrics);
         history.push(metrics);
+    }
+    // The run is only over once its last checkpoint is written and stored (or known not
+    // to be): the final-checkpoint rule reads the outcome.
+    if let Some(done) = writer.wait() {
+        deliver(done, observer, &final_name, &mut final_checkpoint_error);
     }
     let variables = engine.variables().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
     Ok(TrainOutcome { history, wall_seconds: started.elapsed().as_secs_f64(), final_checkpoint_error, variables })
 }
 
-/// Writes a checkpoint at (`epoch`, `step`) with this rank's partial-epoch sums `partial`
+/// Reports a finished background checkpoint to `observer`; a failure of the final one
+/// (`final_name`) is kept in `final_error` (the run trained to its end but its final model
+/// is not on disk).
+fn deliver(done: Done, observer: &mut dyn Observer, final_name: &str, final_error: &mut Option<String>) {
+    match done.written {
+        Ok((json, state)) => {
+            observer.checkpoint(&json, &state);
+            if let Some(result) = &done.stored {
+                observer.checkpoint_stored(&done.name, result);
+            }
+        }
+        // A failed checkpoint (disk full, say) must not kill a healthy run: the previous
+        // checkpoint is still intact because writes are atomic.
+        Err(e) => {
+            warn!(checkpoint = %done.name, error = %e, "checkpoint failed; training continues with the previous checkpoint kept");
+            if done.name == final_name {
+                *final_error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// Takes a checkpoint at (`epoch`, `step`) with this rank's partial-epoch sums `partial`
 /// (loss·samples, correct, samples, seconds, all-reduce seconds); every rank calls it at
-/// the same points. Returns why rank 0 could not write it, if it could not.
+/// the same points. Rank 0 snapshots to host memory and hands the write to `writer`
+/// (waiting for the previous checkpoint if that is still in flight, whose outcome it
+/// returns).
+#[allow(clippy::too_many_arguments)]
 fn write_checkpoint(
     cfg: &TrainerConfig,
     engine: &mut Engine,
     comm: &mut dyn Collective,
     observer: &mut dyn Observer,
+    writer: &mut BackgroundWriter,
     epoch: u32,
     step: u64,
     partial: [f64; 5],
-) -> Result<Option<String>, TrainError> {
+) -> Result<Option<Done>, TrainError> {
     let Some(dir) = &cfg.checkpoint_dir else { return Ok(None) };
     // All ranks take part so the saved statistics are the same ones every rank continues with.
     sync::average_running_stats(&engine.buffers, comm)?;
@@ -513,17 +576,13 @@ fn write_checkpoint(
     let total = |k: usize| rank_partials.iter().map(|r| r[k]).sum::<f64>();
     state.partial = [total(0), total(1), total(2), partial[3]];
     state.rank_partials = rank_partials;
-    state.loss_scale = engine.loss_scale;
-    match checkpoint::save(dir, state, &engine.variables(), &engine.sgd.momentum_buffers()) {
-        Ok((json, state)) => {
-            observer.checkpoint(&json, &state);
-            Ok(None)
-        }
-        // A failed checkpoint (disk full, say) must not kill a healthy run: the previous
-        // checkpoint is still intact because writes are atomic.
-        Err(e) => {
-            warn!(error = %e, "checkpoint failed; training continues with the previous checkpoint kept");
-            Ok(Some(e.to_string()))
-        }
+    state.grad_scaler = engine.scaler.as_ref().map(GradScaler::state);
+    state.loss_scale = state.grad_scaler.map_or(1.0, |s| s.scale);
+    let snap = checkpoint::snapshot(&engine.variables(), &engine.sgd.momentum_buffers());
+    let name = state.name();
+    match writer.submit(dir, state, snap, observer.checkpoint_store()) {
+        Ok(previous) => Ok(previous),
+        // No thread for the writer: report it as this checkpoint's failure, like a full disk.
+        Err(e) => Ok(Some(Done { name, written: Err(e), stored: None })),
     }
 }
