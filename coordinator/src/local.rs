@@ -165,7 +165,7 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
         children.push(spawn_worker(&run, &url, &worker_token, k)?);
     }
     let children = std::sync::Arc::new(tokio::sync::Mutex::new(children));
-    let supervisor = tokio::spawn(supervise(children.clone(), run.spec.max_restarts, {
+    let mut supervisor = tokio::spawn(supervise(children.clone(), run.spec.max_restarts, run.spec.min_workers.max(1), {
         let (out, url, token) = (run.out.clone(), url.clone(), worker_token.clone());
         let (bin, data, device, threads) = (run.worker_bin.clone(), run.data.clone(), run.device.clone(), run.threads_per_worker);
         move |k| {
@@ -184,7 +184,13 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
         }
     }));
     let outcome = tokio::select! {
-        o = drive(&run, &conn) => Ok(o),
+        o = drive(&run, &conn) => Ok(Some(o)),
+        // Too few workers left and none may be restarted: the job could only wait forever.
+        gone = &mut supervisor => {
+            let why = gone.unwrap_or_else(|e| format!("the worker supervisor failed: {e}"));
+            stderr_line(format_args!("error: {why}; worker logs are in {}", run.out.display()));
+            Ok(None)
+        }
         signal = interrupted => {
             stderr_line(format_args!("interrupted: stopping the local workers and the coordinator"));
             Err(signal)
@@ -209,6 +215,10 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
             }
             return Ok(Outcome::Interrupted(signal));
         }
+    };
+    let Some(outcome) = outcome else {
+        stderr_line(format_args!("run stopped before its end; the job's state is in {}", state_dir.display()));
+        return Ok(Outcome::Finished(false));
     };
     let (job_id, ok) = outcome?;
     collect(&state_dir.join("jobs").join(&job_id), &run.out)?;
@@ -240,11 +250,14 @@ fn check_device(worker_bin: &Path, device: &str) -> anyhow::Result<()> {
 
 /// Restarts local workers that die (a crash, the OOM killer), as a cluster scheduler would
 /// reschedule a pod; the coordinator then re-forms the group from the newest checkpoint.
+/// Returns (with the reason) once fewer than `min_workers` are left and the restart budget
+/// is spent: no worker can arrive any more, so waiting would never end.
 async fn supervise(
     children: std::sync::Arc<tokio::sync::Mutex<Vec<Child>>>,
     budget: u32,
+    min_workers: u32,
     respawn: impl Fn(u32) -> anyhow::Result<Child>,
-) {
+) -> String {
     let mut used = 0;
     let mut given_up = std::collections::BTreeSet::new();
     loop {
@@ -267,6 +280,14 @@ async fn supervise(
                     Err(e) => stderr_line(format_args!("cannot restart local worker {k}: {e:#}")),
                 }
             }
+        }
+        let left = children.len() - given_up.len();
+        if (left as u32) < min_workers {
+            return format!(
+                "{} of {} local workers exited and the restart budget ({budget}) is spent; the job needs at least {min_workers}",
+                given_up.len(),
+                children.len()
+            );
         }
     }
 }

@@ -594,3 +594,27 @@ fn cvdist_train_writes_no_escape_codes_into_a_log_file() {
     assert!(String::from_utf8_lossy(&text).contains("epoch done"), "{}", String::from_utf8_lossy(&text));
     assert!(!has_escape(&text), "escape codes in the log:\n{}", String::from_utf8_lossy(&text));
 }
+
+/// `cvdist local` whose workers die at start (here `/bin/false` stands in for a worker that
+/// cannot load libtorch) must end once its restart budget is spent and too few workers are
+/// left, with one line saying so; before, the job sat QUEUED and `cvdist local` waited forever.
+#[test]
+fn cvdist_local_ends_when_its_workers_are_gone_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let log_path = dir.path().join("local.log");
+    let mut cmd = Command::new(cvdist_bin());
+    cmd.args(["local", "--model", "resnet20", "--epochs", "1", "--dataset", "synthetic", "--workers", "2"])
+        .args(["--train-samples", "64", "--test-samples", "32", "--batch-size", "32", "--device", "cpu"])
+        .args(["--max-restarts", "1", "--quiet"])
+        .arg("--out")
+        .arg(&out)
+        .env("CVDIST_WORKER_BIN", "/bin/false");
+    let mut guard = Reaped(spawn_logged(&mut cmd, std::fs::File::create(&log_path).unwrap()));
+    let (status, took) =
+        wait_exit(&mut guard.0, Duration::from_secs(60), &|| std::fs::read_to_string(&log_path).unwrap_or_default());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    eprintln!("cvdist local ended {took:?} after start:\n{log}");
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("restart budget (1) is spent; the job needs at least"), "{log}");
+}
