@@ -8,7 +8,7 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_port, worker_bin, write_dataset, TOKEN, WORKER_TOKEN};
+use cluster::{cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_exit, wait_port, worker_bin, write_dataset, TinyDisk, TOKEN, WORKER_TOKEN};
 use cvdist_common::client::{connect, Client};
 use cvdist_common::proto::coordinator_client::CoordinatorClient;
 use cvdist_common::proto::{
@@ -464,14 +464,7 @@ async fn wrong_token_is_refused() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = w.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "worker with a wrong token kept running");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (status, _) = wait_exit(&mut w, Duration::from_secs(30), &|| "worker with a wrong token kept running".into());
     assert_eq!(status.code(), Some(2));
     let text = c.log_text("bad-worker");
     assert_eq!(text.lines().last().unwrap_or(""), "error: registration refused: wrong token", "{text}");
@@ -838,31 +831,6 @@ async fn checkpoint_names_with_path_traversal_are_refused() {
     let parent: Vec<_> = std::fs::read_dir(c.dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(!parent.iter().any(|n| n == "x"), "{parent:?}");
     c.assert_intact(&job, &before).await;
-}
-
-/// Mounts a tmpfs of `size` at `dir` (needs root); unmounted on drop.
-struct TinyDisk(PathBuf);
-
-impl TinyDisk {
-    fn mount(dir: &Path, size: &str) -> Option<TinyDisk> {
-        if std::env::var_os("CVDIST_TEST_NO_MOUNT").is_some() {
-            return None;
-        }
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| TinyDisk(dir.to_path_buf()))
-    }
-}
-
-impl Drop for TinyDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

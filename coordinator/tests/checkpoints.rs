@@ -9,12 +9,12 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, spawn_logged, wait_port, watch_until_done, write_dataset, Cluster, TOKEN};
+use cluster::{cvdist_bin, free_port, spawn_logged, wait_port, watch_until_done, write_dataset, Cluster, TinyDisk, TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{JobInfo, JobSpec, JobState, SubmitJobRequest};
 use cvdist_common::{run_dir, spec};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Generous: a job here trains a few hundred resnet20 steps on two shared cores.
@@ -31,32 +31,6 @@ fn summary_json(dir: &Path) -> serde_json::Value {
     let path = dir.join(run_dir::SUMMARY_FILE);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
-}
-
-/// A tmpfs of a given size mounted on a directory (needs root), unmounted when dropped,
-/// also when the test fails. `CVDIST_TEST_NO_MOUNT` forces the no-root path.
-struct TinyDisk(PathBuf);
-
-impl TinyDisk {
-    fn mount(dir: &Path, size: &str) -> Option<TinyDisk> {
-        std::fs::create_dir_all(dir).unwrap();
-        if std::env::var_os("CVDIST_TEST_NO_MOUNT").is_some() {
-            return None;
-        }
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| TinyDisk(dir.to_path_buf()))
-    }
-}
-
-impl Drop for TinyDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// Kills a child process when dropped.

@@ -8,14 +8,14 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, small_spec, spawn_logged, wait_port, watch_until_done, worker_bin, Cluster, TOKEN, WORKER_TOKEN};
+use cluster::{cvdist_bin, free_port, small_spec, spawn_logged, wait_exit, wait_port, watch_until_done, worker_bin, Cluster, TOKEN, WORKER_TOKEN};
 use cvdist_common::proto::{
     coordinator_message, worker_message, CheckpointChunk, CoordinatorMessage, GetJobRequest, Heartbeat, JobSpec, JobState, RegisterRequest,
     WatchJobRequest, WorkerMessage,
 };
 use cvdist_common::version::PROTOCOL_VERSION;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The requirement for every long-running process.
@@ -37,22 +37,6 @@ fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on a pid we started and have not reaped yet.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
     assert_eq!(rc, 0, "kill({}, {sig}) failed", child.id());
-}
-
-/// Waits up to `within` for the child to exit; kills it and panics with `context` if not.
-fn wait_exit(child: &mut Child, within: Duration, context: &dyn Fn() -> String) -> (ExitStatus, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return (status, start.elapsed());
-        }
-        if start.elapsed() > within {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("process {} still running {within:?} after the signal\n{}", child.id(), context());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Pids of live processes whose command line contains `marker` (zombies excluded).

@@ -4,7 +4,7 @@
 //! ("Threat model") lists what each test shows.
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, small_spec, worker_bin, Cluster, TOKEN, WORKER_TOKEN};
+use cluster::{cvdist_bin, free_port, small_spec, wait_exit, worker_bin, Cluster, TOKEN, WORKER_TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{
     coordinator_message, job_report, worker_message, Assignment, CancelJobRequest, CheckpointChunk, CoordinatorMessage,
@@ -198,14 +198,7 @@ async fn the_client_token_does_not_make_anyone_a_worker() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = p.try_wait().unwrap() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "a worker with the client token kept running");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (status, _) = wait_exit(&mut p, Duration::from_secs(30), &|| "a worker with the client token kept running".into());
     assert_eq!(status.code(), Some(2));
     let text = std::fs::read_to_string(c.dir.path().join("client-token-worker.log")).unwrap();
     assert_eq!(text.lines().last().unwrap_or(""), format!("error: registration refused: {as_worker}"), "{text}");

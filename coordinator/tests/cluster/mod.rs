@@ -6,7 +6,7 @@ use cvdist_common::cifar;
 use cvdist_common::client::{connect, Client};
 use cvdist_common::proto::{job_event, JobEvent, JobInfo, JobSpec, JobState, SubmitJobRequest, WatchJobRequest};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The client token (CLI, job management) and the worker credential every test process gets.
@@ -299,4 +299,48 @@ pub fn small_spec(model: &str, epochs: u32, workers: (u32, u32)) -> JobSpec {
     s.max_workers = workers.1;
     s.lr = 0.05;
     s
+}
+
+/// Waits up to `within` for the child to exit; returns its status and how long it took.
+/// Kills it and panics with `context()` if it is still running then.
+pub fn wait_exit(child: &mut Child, within: Duration, context: &dyn Fn() -> String) -> (ExitStatus, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, start.elapsed());
+        }
+        if start.elapsed() > within {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process {} still running after {within:?}\n{}", child.id(), context());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A tmpfs of `size` mounted on a directory (needs root), unmounted (lazily) when dropped,
+/// also when the test fails. `None` without root, or with `CVDIST_TEST_NO_MOUNT` set, which
+/// forces a test's no-root path.
+pub struct TinyDisk(pub PathBuf);
+
+impl TinyDisk {
+    pub fn mount(dir: &Path, size: &str) -> Option<TinyDisk> {
+        if std::env::var_os("CVDIST_TEST_NO_MOUNT").is_some() {
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| TinyDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
