@@ -165,6 +165,17 @@ fn bound_record(info: &mut JobInfo) {
     info.history.retain(|h| h.epoch < epochs);
 }
 
+/// Cuts a job record to what a listing shows (`ListJobs`): the newest epoch's metrics and no
+/// event log. One record is bounded (see [`bound_record`]), but a listing holds every job
+/// ever submitted; with whole records a few hundred 200-epoch jobs (~70 KB each) would pass
+/// the 16 MiB message limit and `cvdist jobs` would stop working. `GetJob` has the rest.
+fn summarise(info: &mut JobInfo) {
+    if info.history.len() > 1 {
+        info.history.drain(..info.history.len() - 1);
+    }
+    info.events.clear();
+}
+
 /// Drops the oldest events beyond [`MAX_EVENTS_KEPT`] lines or [`MAX_EVENT_BYTES`] bytes.
 fn trim_events(info: &mut JobInfo) {
     let mut total: usize = info.events.iter().map(String::len).sum();
@@ -371,6 +382,9 @@ impl Coordinator {
             if let Some(full) = full {
                 jobs[i] = full;
             }
+        }
+        for job in &mut jobs {
+            summarise(job);
         }
         Ok(jobs)
     }

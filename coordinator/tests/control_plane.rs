@@ -4,7 +4,7 @@
 mod cluster;
 
 use cluster::{small_spec, watch_until_done, Cluster};
-use cvdist_common::proto::{job_event, JobState};
+use cvdist_common::proto::{job_event, GetJobRequest, JobState, ListJobsRequest};
 use cvdist_common::run_dir;
 use std::time::Duration;
 
@@ -48,6 +48,14 @@ async fn two_workers_train_a_job_to_success() {
     assert!(dir.join("checkpoints/ckpt-e0003-s000000.safetensors").is_file());
     assert!(dir.join("checkpoints/ckpt-e0003-s000000.json").is_file());
     assert_eq!(info.latest_checkpoint, "ckpt-e0003-s000000");
+
+    // ListJobs carries a summary (newest epoch, no event log); GetJob the whole record.
+    let listed = c.client().await.list_jobs(ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    let row = listed.iter().find(|j| j.id == job).unwrap();
+    assert_eq!((row.state(), row.history.as_slice(), row.events.len()), (JobState::Succeeded, &info.history[2..], 0));
+    let full = c.client().await.get_job(GetJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
+    assert_eq!(full.history, info.history);
+    assert!(full.events.iter().any(|e| e.contains("succeeded")), "{:?}", full.events);
 
     // The worker without --data received the dataset from the coordinator, verified.
     assert!(c.dir.path().join("cache-1/cifar10/cifar-10-batches-bin/.complete").is_file());

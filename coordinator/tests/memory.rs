@@ -78,7 +78,8 @@ async fn a_thousand_cancelled_jobs_keep_the_coordinator_small_also_after_a_resta
     assert!(info.events[0].contains("submitted: resnet20"), "{:?}", info.events);
     let listed = c.list_jobs(ListJobsRequest {}).await.unwrap().into_inner().jobs;
     assert_eq!(listed.len(), JOBS);
-    assert!(listed.iter().all(|j| j.state() == JobState::Cancelled && j.events.len() == 2 && j.outcome == "cancelled"));
+    // A listing carries summaries (no event log); GetJob above has the full record.
+    assert!(listed.iter().all(|j| j.state() == JobState::Cancelled && j.events.is_empty() && j.outcome == "cancelled"));
 
     let _ = coord.kill();
     let _ = coord.wait();
