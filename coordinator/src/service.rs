@@ -7,7 +7,7 @@ use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
 use cvdist_common::proto::{
     coordinator_message, job_event, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage, DatasetChunk,
     DownloadCheckpointRequest, FetchDatasetRequest, GetJobRequest, JobEvent, JobInfo, ListJobsRequest, ListJobsResponse,
-    ListWorkersRequest, ListWorkersResponse, Registered, SubmitJobRequest, SubmitJobResponse, UploadCheckpointResponse,
+    ListWorkersRequest, ListWorkersResponse, SubmitJobRequest, SubmitJobResponse, UploadCheckpointResponse,
     WatchJobRequest, WorkerMessage,
 };
 use cvdist_common::{cifar, names, text, version};
@@ -159,10 +159,7 @@ impl CoordinatorApi for Service {
             return Err(Status::invalid_argument("the first message of a worker session must be a registration"));
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let (id, session, session_key) = self.state.register(register, tx.clone())?;
-        let _ = tx.send(Ok(CoordinatorMessage {
-            msg: Some(coordinator_message::Msg::Registered(Registered { worker_id: id.clone(), session_key })),
-        }));
+        let (id, session) = self.state.register(register, tx)?;
         let state = self.state.clone();
         let closing = self.state.closing();
         tokio::spawn(async move {

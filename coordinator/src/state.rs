@@ -15,7 +15,7 @@
 use crate::store::{Store, StoreError};
 use cvdist_common::proto::{
     coordinator_message, job_event, Abort, Assignment, CoordinatorMessage, FailureKind, JobEvent, JobInfo, JobReport,
-    JobSpec, JobState, Peer, RegisterRequest, WorkerCapabilities, WorkerInfo, WorkerState,
+    JobSpec, JobState, Peer, RegisterRequest, Registered, WorkerCapabilities, WorkerInfo, WorkerState,
 };
 use cvdist_common::run_dir::outcome;
 use cvdist_common::{models, names, run_dir, spec, text, version};
@@ -439,8 +439,10 @@ impl Coordinator {
 
     // ------------------------------------------------------------------ workers
 
-    /// Registers a worker session; returns its id, session number and session key.
-    pub fn register(&self, req: RegisterRequest, tx: WorkerTx) -> Result<(String, u64, String), Status> {
+    /// Registers a worker session and sends it `Registered` (its id and the session key its
+    /// checkpoint uploads present) on `tx`, ahead of any assignment; returns the id and
+    /// the session number.
+    pub fn register(&self, req: RegisterRequest, tx: WorkerTx) -> Result<(String, u64), Status> {
         if req.protocol_version != version::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "worker speaks protocol version {} but this coordinator speaks {}; run the same cvdist release on both",
@@ -472,6 +474,17 @@ impl Coordinator {
         let session = inner.next_session;
         inner.next_session += 1;
         let key = hex::encode(rand::random::<[u8; 32]>());
+        // `Registered` goes out under the lock, before the worker is visible to the
+        // scheduler: the channel is FIFO, so it always precedes the worker's first
+        // `Assignment`. Sent after the lock is released, an assignment made in between
+        // reached the worker first, and that job ran without the session key its rank 0
+        // needs for checkpoint uploads (its final checkpoint was refused).
+        let registered = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Registered(Registered { worker_id: id.clone(), session_key: key.clone() })),
+        };
+        if tx.send(Ok(registered)).is_err() {
+            return Err(Status::cancelled("worker session closed while registering"));
+        }
         inner.workers.insert(
             id.clone(),
             WorkerEntry {
@@ -488,7 +501,7 @@ impl Coordinator {
         info!(worker = %id, workers = inner.workers.len(), "worker registered");
         drop(inner);
         self.wake.notify_one();
-        Ok((id, session, key))
+        Ok((id, session))
     }
 
     pub fn heartbeat(&self, worker: &str, session: u64) {
@@ -983,6 +996,38 @@ mod tests {
 
     fn entry() -> JobEntry {
         JobEntry::new(JobInfo { id: "j0001-resnet20".into(), state: JobState::Queued as i32, ..Default::default() })
+    }
+
+    #[test]
+    fn a_worker_hears_registered_before_its_first_assignment() {
+        // A job is already waiting when the worker registers, so the scheduler can hand it
+        // out at once; the session key must still reach the worker first.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let state = Coordinator::new(store, StateConfig { heartbeat_timeout: Duration::from_secs(60) }).expect("state");
+        state.submit(spec::default_spec("resnet20", 1)).expect("submit");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let req = RegisterRequest {
+            protocol_version: version::PROTOCOL_VERSION,
+            worker_id: "w1".into(),
+            data_addr: "127.0.0.1:40000".into(),
+            ..Default::default()
+        };
+        let (id, _) = state.register(req, tx).expect("register");
+        state.tick();
+        let first = rx.try_recv().expect("a first message").expect("not an error").msg;
+        let key = match first {
+            Some(coordinator_message::Msg::Registered(r)) => {
+                assert_eq!(r.worker_id, id);
+                r.session_key
+            }
+            other => panic!("the first message must be Registered, got {other:?}"),
+        };
+        assert_eq!(key.len(), 64, "a 32-byte hex session key");
+        match rx.try_recv().expect("a second message").expect("not an error").msg {
+            Some(coordinator_message::Msg::Assignment(a)) => assert_eq!(a.rank, 0),
+            other => panic!("the second message must be the assignment, got {other:?}"),
+        }
     }
 
     #[test]
