@@ -74,7 +74,8 @@ pub async fn connect(url: &str, token: Option<&str>, tls_ca: Option<&Path>) -> R
     if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = tls_ca {
-            let pem = std::fs::read(ca).map_err(|source| ConnectError::Ca { path: ca.display().to_string(), source })?;
+            let pem =
+                std::fs::read(ca).map_err(|source| ConnectError::Ca { path: ca.display().to_string(), source })?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
         if let Some((cert, key)) = client_identity()? {
@@ -110,8 +111,8 @@ pub fn plaintext_token_warning(url: &str, token: Option<&str>) -> Option<String>
     if host.is_empty() || !host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':')) {
         return None;
     }
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
     if loopback {
         return None;
     }

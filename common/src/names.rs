@@ -104,7 +104,13 @@ mod tests {
     fn checkpoint_names_round_trip_and_nothing_else_parses() {
         assert_eq!(parse_checkpoint_name("ckpt-e0003-s000000"), Ok((3, 0)));
         assert_eq!(parse_checkpoint_name(&checkpoint_name(12345, 1234567)), Ok((12345, 1234567)));
-        for bad in ["ckpt-e3-s0", "ckpt-e0003-s000000/../../x", "../ckpt-e0001-s000000", "ckpt-e+001-s000000", "ckpt-e0001-s00000a"] {
+        for bad in [
+            "ckpt-e3-s0",
+            "ckpt-e0003-s000000/../../x",
+            "../ckpt-e0001-s000000",
+            "ckpt-e+001-s000000",
+            "ckpt-e0001-s00000a",
+        ] {
             assert!(parse_checkpoint_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -114,7 +120,9 @@ mod tests {
         for ok in ["127.0.0.1:29500", "[::1]:29500", "w-0.cvdist-worker.ns.svc.cluster.local:29500"] {
             assert!(check_data_addr(ok).is_ok(), "{ok}");
         }
-        for bad in ["nohost", ":80", "host:0", "host:99999", "a b:80", "host:80\u{1b}", &format!("{}:80", "a".repeat(300))] {
+        for bad in
+            ["nohost", ":80", "host:0", "host:99999", "a b:80", "host:80\u{1b}", &format!("{}:80", "a".repeat(300))]
+        {
             assert!(check_data_addr(bad).is_err(), "{bad:?}");
         }
     }

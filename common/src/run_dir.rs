@@ -161,7 +161,9 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<EpochMetrics>, RunDirError> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|source| RunDirError::Parse { path: path.clone(), line: i + 1, source }))
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|source| RunDirError::Parse { path: path.clone(), line: i + 1, source })
+        })
         .collect()
 }
 

@@ -131,13 +131,21 @@ pub use crate::names::valid_name;
 /// Number of training samples a job uses.
 pub fn train_len(spec: &JobSpec) -> u64 {
     let full = if spec.dataset == "synthetic" { SYNTHETIC_TRAIN } else { CIFAR10_TRAIN };
-    if spec.train_samples == 0 { full } else { spec.train_samples }
+    if spec.train_samples == 0 {
+        full
+    } else {
+        spec.train_samples
+    }
 }
 
 /// Number of test samples a job uses.
 pub fn test_len(spec: &JobSpec) -> u64 {
     let full = if spec.dataset == "synthetic" { SYNTHETIC_TEST } else { CIFAR10_TEST };
-    if spec.test_samples == 0 { full } else { spec.test_samples }
+    if spec.test_samples == 0 {
+        full
+    } else {
+        spec.test_samples
+    }
 }
 
 /// Sizes of the generated `synthetic` dataset (same shapes as CIFAR-10, fewer images).

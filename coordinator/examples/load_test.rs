@@ -111,7 +111,11 @@ async fn main() {
         exe.parent().and_then(|p| p.parent()).unwrap().to_path_buf()
     });
     let (cvdist, worker) = (bin_dir.join("cvdist"), bin_dir.join("cvdist-worker"));
-    assert!(cvdist.is_file() && worker.is_file(), "build the binaries first (scripts/build.sh); looked in {}", bin_dir.display());
+    assert!(
+        cvdist.is_file() && worker.is_file(),
+        "build the binaries first (scripts/build.sh); looked in {}",
+        bin_dir.display()
+    );
 
     let dir = tempfile::tempdir().unwrap();
     write_dataset(&dir.path().join("data"));
@@ -141,7 +145,17 @@ async fn main() {
     for k in 0..args.workers {
         procs.0.push(
             Command::new(&worker)
-                .args(["worker", "--coordinator", &url, "--data-listen", "127.0.0.1:0", "--threads", "1", "--device", "cpu"])
+                .args([
+                    "worker",
+                    "--coordinator",
+                    &url,
+                    "--data-listen",
+                    "127.0.0.1:0",
+                    "--threads",
+                    "1",
+                    "--device",
+                    "cpu",
+                ])
                 .args(["--worker-id", &format!("lw{k:02}")])
                 .arg("--data")
                 .arg(dir.path().join("data"))
@@ -157,7 +171,12 @@ async fn main() {
         );
     }
     while metric(metrics, "cvdist_workers") < args.workers as f64 {
-        assert!(t0.elapsed() < Duration::from_secs(120), "only {} of {} workers registered", metric(metrics, "cvdist_workers"), args.workers);
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "only {} of {} workers registered",
+            metric(metrics, "cvdist_workers"),
+            args.workers
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let register_s = t0.elapsed().as_secs_f64();
@@ -246,7 +265,12 @@ async fn main() {
     let log = std::fs::read_to_string(&coord_log).unwrap_or_default();
     let lost = log.matches("worker session ended").count() + log.matches("no heartbeat within").count();
     let info = client.get_job(GetJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
-    let (p50, p90, p99, max) = (percentile(&lat, 50.0), percentile(&lat, 90.0), percentile(&lat, 99.0), lat.last().copied().unwrap_or(f64::NAN));
+    let (p50, p90, p99, max) = (
+        percentile(&lat, 50.0),
+        percentile(&lat, 90.0),
+        percentile(&lat, 99.0),
+        lat.last().copied().unwrap_or(f64::NAN),
+    );
     println!(
         "workers={} watchers={} status_clients={} duration={}s job={}",
         args.workers, args.watchers, args.status_clients, args.duration, args.job

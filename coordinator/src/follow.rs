@@ -5,11 +5,11 @@
 use crate::state::is_terminal;
 use cvdist_common::client::{connect, error_chain};
 use cvdist_common::proto::{job_event, EpochMetrics, JobInfo, JobState, WatchJobRequest, WorkerInfo, WorkerState};
+use cvdist_common::term::stderr_line;
 use cvdist_common::text::printable;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use cvdist_common::term::stderr_line;
 
 #[derive(Debug, Clone)]
 pub struct Connection {
@@ -100,7 +100,10 @@ pub fn print_summary(info: &JobInfo) -> bool {
 
 /// Follows a job until it ends; returns its last snapshot.
 pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Result<JobInfo> {
-    let bar = ProgressBar::with_draw_target(None, if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    let bar = ProgressBar::with_draw_target(
+        None,
+        if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() },
+    );
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -267,7 +270,10 @@ pub fn workers_table(workers: &[WorkerInfo], now: f64) -> String {
     if workers.is_empty() {
         return out;
     }
-    out.push_str(&format!("{:<20} {:<8} {:<5} {:<24} {:>6}  LAST HEARTBEAT\n", "WORKER", "DEVICE", "STATE", "JOB", "RANK"));
+    out.push_str(&format!(
+        "{:<20} {:<8} {:<5} {:<24} {:>6}  LAST HEARTBEAT\n",
+        "WORKER", "DEVICE", "STATE", "JOB", "RANK"
+    ));
     for w in workers {
         let device = w.capabilities.as_ref().map(|c| c.device.as_str()).unwrap_or("?");
         let (state, job, rank) = match w.state() {
@@ -395,7 +401,10 @@ mod tests {
     fn event_times_are_readable_utc() {
         // 1796045238.590 is the stamp quoted in issue 11.
         assert_eq!(utc_time(1796045238.590).as_deref(), Some("2026-11-30T13:27:18.590Z"));
-        assert_eq!(event_line("1796045238.590 submitted: resnet20", None), "2026-11-30T13:27:18.590Z submitted: resnet20");
+        assert_eq!(
+            event_line("1796045238.590 submitted: resnet20", None),
+            "2026-11-30T13:27:18.590Z submitted: resnet20"
+        );
         assert_eq!(
             event_line("1796045238.590 submitted: resnet20", Some(1796045238.590 + 192.4)),
             "2026-11-30T13:27:18.590Z (3m 12s ago) submitted: resnet20"

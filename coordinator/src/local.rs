@@ -11,11 +11,11 @@ use crate::server::{serve, CoordinatorConfig};
 use anyhow::{bail, Context};
 use cvdist_common::proto::{JobSpec, SubmitJobRequest};
 use cvdist_common::run_dir;
+use cvdist_common::term::stderr_line;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::{Child, Command};
-use cvdist_common::term::stderr_line;
 
 pub struct LocalRun {
     pub spec: JobSpec,
@@ -165,24 +165,26 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
         children.push(spawn_worker(&run, &url, &worker_token, k)?);
     }
     let children = std::sync::Arc::new(tokio::sync::Mutex::new(children));
-    let mut supervisor = tokio::spawn(supervise(children.clone(), run.spec.max_restarts, run.spec.min_workers.max(1), {
-        let (out, url, token) = (run.out.clone(), url.clone(), worker_token.clone());
-        let (bin, data, device, threads) = (run.worker_bin.clone(), run.data.clone(), run.device.clone(), run.threads_per_worker);
-        move |k| {
-            let r = LocalRun {
-                spec: JobSpec::default(),
-                workers: 0,
-                data: data.clone(),
-                out: out.clone(),
-                threads_per_worker: threads,
-                device: device.clone(),
-                worker_bin: bin.clone(),
-                quiet: true,
-                keep_checkpoints: 0,
-            };
-            spawn_worker(&r, &url, &token, k)
-        }
-    }));
+    let mut supervisor =
+        tokio::spawn(supervise(children.clone(), run.spec.max_restarts, run.spec.min_workers.max(1), {
+            let (out, url, token) = (run.out.clone(), url.clone(), worker_token.clone());
+            let (bin, data, device, threads) =
+                (run.worker_bin.clone(), run.data.clone(), run.device.clone(), run.threads_per_worker);
+            move |k| {
+                let r = LocalRun {
+                    spec: JobSpec::default(),
+                    workers: 0,
+                    data: data.clone(),
+                    out: out.clone(),
+                    threads_per_worker: threads,
+                    device: device.clone(),
+                    worker_bin: bin.clone(),
+                    quiet: true,
+                    keep_checkpoints: 0,
+                };
+                spawn_worker(&r, &url, &token, k)
+            }
+        }));
     let outcome = tokio::select! {
         o = drive(&run, &conn) => Ok(Some(o)),
         // Too few workers left and none may be restarted: the job could only wait forever.
@@ -355,7 +357,8 @@ fn collect(job_dir: &Path, out: &Path) -> anyhow::Result<()> {
                 std::fs::remove_file(&dest)?;
             }
         }
-        std::fs::rename(entry.path(), &dest).with_context(|| format!("moving {} to {}", entry.path().display(), dest.display()))?;
+        std::fs::rename(entry.path(), &dest)
+            .with_context(|| format!("moving {} to {}", entry.path().display(), dest.display()))?;
     }
     Ok(())
 }

@@ -4,7 +4,10 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use cvdist_common::proto::{CancelJobRequest, GetJobRequest, JobState, ListJobsRequest, ListWorkersRequest, SubmitJobRequest};
+use cvdist_common::proto::{
+    CancelJobRequest, GetJobRequest, JobState, ListJobsRequest, ListWorkersRequest, SubmitJobRequest,
+};
+use cvdist_common::term::stderr_line;
 use cvdist_common::{auth, spec, text};
 use cvdist_coordinator::follow::{self, Connection};
 use cvdist_coordinator::local::{self, LocalRun};
@@ -13,7 +16,6 @@ use cvdist_coordinator::server::{self, CoordinatorConfig, TlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use cvdist_common::term::stderr_line;
 
 #[derive(Parser)]
 #[command(name = "cvdist", version, about = "Distributed data-parallel training of CIFAR-10 classifiers")]
@@ -25,13 +27,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train on this machine: embedded coordinator plus N local worker processes.
-    #[command(after_help = "Examples:\n  cvdist local --model resnet20 --epochs 2 --workers 2 --data data/cifar10\n  cvdist local --model resnet18 --epochs 1 --dataset synthetic --out runs/smoke")]
+    #[command(
+        after_help = "Examples:\n  cvdist local --model resnet20 --epochs 2 --workers 2 --data data/cifar10\n  cvdist local --model resnet18 --epochs 1 --dataset synthetic --out runs/smoke"
+    )]
     Local(LocalArgs),
     /// Run the coordinator service.
-    #[command(after_help = "Examples:\n  cvdist coordinator --listen 127.0.0.1:50051 --state-dir /var/lib/cvdist\n  CVDIST_TOKEN=... CVDIST_WORKER_TOKEN=... cvdist coordinator --listen 0.0.0.0:50051 --tls-cert tls.crt --tls-key tls.key --state-dir /state --data /data/cifar10")]
+    #[command(
+        after_help = "Examples:\n  cvdist coordinator --listen 127.0.0.1:50051 --state-dir /var/lib/cvdist\n  CVDIST_TOKEN=... CVDIST_WORKER_TOKEN=... cvdist coordinator --listen 0.0.0.0:50051 --tls-cert tls.crt --tls-key tls.key --state-dir /state --data /data/cifar10"
+    )]
     Coordinator(CoordinatorArgs),
     /// Submit a training job.
-    #[command(after_help = "Examples:\n  cvdist submit --model resnet50 --epochs 200 --workers 8 --follow\n  cvdist submit --model resnet20 --epochs 5 --workers 2:4 --train-samples 5000")]
+    #[command(
+        after_help = "Examples:\n  cvdist submit --model resnet50 --epochs 200 --workers 8 --follow\n  cvdist submit --model resnet20 --epochs 5 --workers 2:4 --train-samples 5000"
+    )]
     Submit(SubmitArgs),
     /// Show one job in detail, or the workers and jobs overview.
     #[command(after_help = "Examples:\n  cvdist status j0001-resnet50\n  cvdist status")]
@@ -75,7 +83,9 @@ enum Command {
         md5: String,
     },
     /// Chart one or more runs (run directories or job ids) and print a summary table.
-    #[command(after_help = "Examples:\n  cvdist report runs/plain20 runs/resnet20 --out charts/\n  cvdist report j0001-resnet50 --out charts/ --coordinator http://coord:50051")]
+    #[command(
+        after_help = "Examples:\n  cvdist report runs/plain20 runs/resnet20 --out charts/\n  cvdist report j0001-resnet50 --out charts/ --coordinator http://coord:50051"
+    )]
     Report {
         /// Run directories, or job ids to fetch from the coordinator.
         #[arg(required = true)]
@@ -87,7 +97,9 @@ enum Command {
         conn: ConnArgs,
     },
     /// Test accuracy, per-class accuracy and confusion matrix (PNG) of a checkpoint.
-    #[command(after_help = "Example:\n  cvdist eval --checkpoint runs/r20/checkpoints/ckpt-e0005-s000000.json --data data/cifar10 --out eval/")]
+    #[command(
+        after_help = "Example:\n  cvdist eval --checkpoint runs/r20/checkpoints/ckpt-e0005-s000000.json --data data/cifar10 --out eval/"
+    )]
     Eval {
         /// Checkpoint JSON record (or its .safetensors file).
         #[arg(long)]
@@ -347,10 +359,15 @@ struct CoordinatorArgs {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "warn,cvdist_coordinator=info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG")
+        .unwrap_or_else(|_| "warn,cvdist_coordinator=info".into());
     let quiet_logs = !matches!(cli.command, Command::Coordinator(_));
     tracing_subscriber::fmt()
-        .with_env_filter(if quiet_logs { tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "error".into()) } else { filter })
+        .with_env_filter(if quiet_logs {
+            tracing_subscriber::EnvFilter::try_from_env("CVDIST_LOG").unwrap_or_else(|_| "error".into())
+        } else {
+            filter
+        })
         .with_writer(std::io::stderr)
         .with_ansi(cvdist_common::term::stderr_color())
         // Its default reports a failed write with eprintln!, which panics once stderr is a
@@ -439,7 +456,8 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 upload_idle_timeout: Duration::from_secs(a.upload_idle_timeout.max(1)),
             };
             server::check_exposure(a.listen, &cfg)?;
-            let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+            let listener =
+                tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
             server::serve(listener, cfg, async {
                 let _ = shutdown_signal().await;
             })
@@ -467,7 +485,10 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
             let mut client = conn.connection()?.client().await?;
             match job {
                 Some(id) => {
-                    let info = client.get_job(GetJobRequest { job_id: id }).await.map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
+                    let info = client
+                        .get_job(GetJobRequest { job_id: id })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
                     print!("{}", follow::describe(info.get_ref(), follow::now_unix()));
                 }
                 None => {
@@ -479,7 +500,10 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                         }
                         Err(s) => anyhow::bail!("{}", follow::status_text(&s)),
                     }
-                    let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
+                    let jobs = client
+                        .list_jobs(ListJobsRequest {})
+                        .await
+                        .map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
                     let jobs = jobs.into_inner().jobs;
                     let active = jobs.iter().filter(|j| !cvdist_coordinator::state::is_terminal(j.state())).count();
                     println!("{} jobs ({} active)", jobs.len(), active);
@@ -492,8 +516,14 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
         }
         Command::Jobs { conn } => {
             let mut client = conn.connection()?.client().await?;
-            let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
-            println!("{:<24} {:<11} {:<12} {:>11} {:>3} {:>8}  MESSAGE", "JOB", "STATE", "MODEL", "EPOCHS", "N", "TEST ACC");
+            let jobs = client
+                .list_jobs(ListJobsRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", follow::status_text(&s)))?;
+            println!(
+                "{:<24} {:<11} {:<12} {:>11} {:>3} {:>8}  MESSAGE",
+                "JOB", "STATE", "MODEL", "EPOCHS", "N", "TEST ACC"
+            );
             for j in &jobs.get_ref().jobs {
                 println!("{}", follow::job_row(j));
             }
@@ -523,16 +553,24 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 .await
                 .map_err(|s| anyhow::anyhow!("cancel refused: {}", follow::status_text(&s)))?
                 .into_inner();
-            println!("{} {}", text::printable(&info.id), follow::state_label(JobState::try_from(info.state).unwrap_or(JobState::Unspecified)));
+            println!(
+                "{} {}",
+                text::printable(&info.id),
+                follow::state_label(JobState::try_from(info.state).unwrap_or(JobState::Unspecified))
+            );
             Ok(0)
         }
         Command::Local(a) => {
             let workers = a.workers.max(1);
             let spec = a.job.spec(&workers.to_string())?;
             let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
-            let threads = if a.job.threads_per_worker > 0 { a.job.threads_per_worker } else { (cores / workers).max(1) };
+            let threads =
+                if a.job.threads_per_worker > 0 { a.job.threads_per_worker } else { (cores / workers).max(1) };
             let out = a.out.unwrap_or_else(|| {
-                let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 PathBuf::from("runs").join(format!("{}-{stamp}", spec.model))
             });
             if spec.dataset == "cifar10" && a.data.is_none() {
@@ -543,20 +581,29 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                 let _ = signal_tx.send(shutdown_signal().await);
             });
             let interrupted = async move { signal_rx.await.unwrap_or(0) };
-            let outcome = local::run_local(LocalRun {
-                spec,
-                workers,
-                data: a.data,
-                out,
-                threads_per_worker: threads,
-                device: a.device,
-                worker_bin: local::worker_binary()?,
-                quiet: a.quiet,
-                keep_checkpoints: a.keep_checkpoints,
-            }, interrupted)
+            let outcome = local::run_local(
+                LocalRun {
+                    spec,
+                    workers,
+                    data: a.data,
+                    out,
+                    threads_per_worker: threads,
+                    device: a.device,
+                    worker_bin: local::worker_binary()?,
+                    quiet: a.quiet,
+                    keep_checkpoints: a.keep_checkpoints,
+                },
+                interrupted,
+            )
             .await?;
             Ok(match outcome {
-                local::Outcome::Finished(ok) => if ok { 0 } else { 1 },
+                local::Outcome::Finished(ok) => {
+                    if ok {
+                        0
+                    } else {
+                        1
+                    }
+                }
                 // The shell's convention for "killed by signal N".
                 local::Outcome::Interrupted(signal) => 128 + signal,
             })
@@ -572,11 +619,18 @@ async fn async_main(command: Command) -> anyhow::Result<i32> {
                     let info = client
                         .get_job(GetJobRequest { job_id: r.clone() })
                         .await
-                        .map_err(|s| anyhow::anyhow!("{r} is neither a run directory nor a job: {}", follow::status_text(&s)))?
+                        .map_err(|s| {
+                            anyhow::anyhow!("{r} is neither a run directory nor a job: {}", follow::status_text(&s))
+                        })?
                         .into_inner();
                     loaded.push(report::Run {
                         label: text::printable(
-                            &info.spec.as_ref().map(|s| s.name.clone()).filter(|n| !n.is_empty()).unwrap_or_else(|| info.id.clone()),
+                            &info
+                                .spec
+                                .as_ref()
+                                .map(|s| s.name.clone())
+                                .filter(|n| !n.is_empty())
+                                .unwrap_or_else(|| info.id.clone()),
                         )
                         .into_owned(),
                         dir: PathBuf::from(&info.id),

@@ -82,7 +82,9 @@ fn role_for(given: &str, token: Option<&str>, worker_token: Option<&str>) -> Res
         (true, None, None) => Ok(Role::Any),
         // Only a worker credential configured: job management stays as open as before.
         (true, None, Some(_)) => Ok(Role::Client),
-        (true, Some(_), _) => Err(Status::unauthenticated("this coordinator requires a token (CVDIST_TOKEN or --token-file)")),
+        (true, Some(_), _) => {
+            Err(Status::unauthenticated("this coordinator requires a token (CVDIST_TOKEN or --token-file)"))
+        }
         (false, None, None) => Ok(Role::Any),
         (false, _, _) => Err(Status::unauthenticated("wrong token")),
     }
@@ -185,7 +187,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)));
     if let Some(tls) = &cfg.tls {
-        let cert = std::fs::read(&tls.cert).with_context(|| format!("reading TLS certificate {}", tls.cert.display()))?;
+        let cert =
+            std::fs::read(&tls.cert).with_context(|| format!("reading TLS certificate {}", tls.cert.display()))?;
         let key = std::fs::read(&tls.key).with_context(|| format!("reading TLS key {}", tls.key.display()))?;
         let mut tls_cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
         if let Some(ca) = &tls.client_ca {
@@ -210,10 +213,7 @@ pub async fn serve(
         closer.shut_down();
         let _ = signalled_tx.send(());
     };
-    let server = builder
-        .add_service(health_service)
-        .add_service(api)
-        .serve_with_incoming_shutdown(incoming, shutdown);
+    let server = builder.add_service(health_service).add_service(api).serve_with_incoming_shutdown(incoming, shutdown);
     let result = tokio::select! {
         r = server => r,
         // Graceful shutdown waits for every open RPC; bound that wait.
@@ -270,11 +270,20 @@ pub fn render_metrics(state: &Coordinator) -> String {
     for st in ["queued", "running", "recovering", "succeeded", "failed", "cancelled"] {
         out.push_str(&format!("cvdist_jobs{{state=\"{st}\"}} {}\n", s.jobs_by_state.get(st).copied().unwrap_or(0)));
     }
-    out.push_str(&format!("# HELP cvdist_workers Registered workers.\n# TYPE cvdist_workers gauge\ncvdist_workers {}\n", s.workers));
-    out.push_str(&format!("# HELP cvdist_workers_busy Workers in a job.\n# TYPE cvdist_workers_busy gauge\ncvdist_workers_busy {}\n", s.busy_workers));
+    out.push_str(&format!(
+        "# HELP cvdist_workers Registered workers.\n# TYPE cvdist_workers gauge\ncvdist_workers {}\n",
+        s.workers
+    ));
+    out.push_str(&format!(
+        "# HELP cvdist_workers_busy Workers in a job.\n# TYPE cvdist_workers_busy gauge\ncvdist_workers_busy {}\n",
+        s.busy_workers
+    ));
     out.push_str(&format!("# HELP cvdist_restarts_total Job attempts lost to failures.\n# TYPE cvdist_restarts_total counter\ncvdist_restarts_total {}\n", s.restarts));
     out.push_str(&format!("# HELP cvdist_images_per_second Training throughput of running jobs.\n# TYPE cvdist_images_per_second gauge\ncvdist_images_per_second {}\n", s.images_per_sec));
-    out.push_str(&format!("# HELP cvdist_step_seconds Latest step time.\n# TYPE cvdist_step_seconds gauge\ncvdist_step_seconds {}\n", s.step_seconds));
+    out.push_str(&format!(
+        "# HELP cvdist_step_seconds Latest step time.\n# TYPE cvdist_step_seconds gauge\ncvdist_step_seconds {}\n",
+        s.step_seconds
+    ));
     out.push_str(&format!("# HELP cvdist_allreduce_seconds Latest all-reduce time per step.\n# TYPE cvdist_allreduce_seconds gauge\ncvdist_allreduce_seconds {}\n", s.allreduce_seconds));
     out
 }

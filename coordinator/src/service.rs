@@ -5,10 +5,10 @@ use crate::server::Role;
 use crate::state::{is_terminal, Coordinator};
 use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
 use cvdist_common::proto::{
-    coordinator_message, job_event, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage, DatasetChunk,
-    DownloadCheckpointRequest, FetchDatasetRequest, GetJobRequest, JobEvent, JobInfo, ListJobsRequest, ListJobsResponse,
-    ListWorkersRequest, ListWorkersResponse, SubmitJobRequest, SubmitJobResponse, UploadCheckpointResponse,
-    WatchJobRequest, WorkerMessage,
+    coordinator_message, job_event, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage,
+    DatasetChunk, DownloadCheckpointRequest, FetchDatasetRequest, GetJobRequest, JobEvent, JobInfo, ListJobsRequest,
+    ListJobsResponse, ListWorkersRequest, ListWorkersResponse, SubmitJobRequest, SubmitJobResponse,
+    UploadCheckpointResponse, WatchJobRequest, WorkerMessage,
 };
 use cvdist_common::{cifar, names, text, version};
 use sha2::{Digest, Sha256};
@@ -64,7 +64,10 @@ fn require<T>(req: &Request<T>, want: Role) -> Result<(), Status> {
 }
 
 /// The next chunk of an upload, or an error once the stream has been idle too long.
-async fn next_chunk(chunks: &mut Streaming<CheckpointChunk>, idle: Duration) -> Result<Option<CheckpointChunk>, Status> {
+async fn next_chunk(
+    chunks: &mut Streaming<CheckpointChunk>,
+    idle: Duration,
+) -> Result<Option<CheckpointChunk>, Status> {
     tokio::time::timeout(idle, chunks.message()).await.map_err(|_| {
         Status::deadline_exceeded(format!("checkpoint upload sent nothing for {:.0} s; dropped", idle.as_secs_f64()))
     })?
@@ -172,7 +175,9 @@ impl CoordinatorApi for Service {
                     _ = &mut closing => break "coordinator shutting down".to_string(),
                 };
                 match next {
-                    Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(_)) })) => state.heartbeat(&id, session),
+                    Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(_)) })) => {
+                        state.heartbeat(&id, session)
+                    }
                     Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Report(r)) })) => {
                         state.heartbeat(&id, session);
                         if let Err(e) = state.report(&id, session, r) {
@@ -202,8 +207,12 @@ impl CoordinatorApi for Service {
                 let latest = self.state.get(&label.job_id).map(|j| j.latest_checkpoint).unwrap_or_default();
                 for (name, e) in self.state.store().prune_checkpoints(&label.job_id, self.keep_checkpoints, &latest) {
                     match e {
-                        None => info!(job = %label.job_id, checkpoint = %name, keep = self.keep_checkpoints, "older checkpoint deleted"),
-                        Some(e) => warn!(job = %label.job_id, checkpoint = %name, error = %e, "could not delete an older checkpoint"),
+                        None => {
+                            info!(job = %label.job_id, checkpoint = %name, keep = self.keep_checkpoints, "older checkpoint deleted")
+                        }
+                        Some(e) => {
+                            warn!(job = %label.job_id, checkpoint = %name, error = %e, "could not delete an older checkpoint")
+                        }
                     }
                 }
                 info!(job = %label.job_id, name = %stored.name, bytes = stored.bytes, "checkpoint stored");
@@ -235,9 +244,9 @@ impl CoordinatorApi for Service {
         self.state.get(&req.job_id)?;
         let dir = self.state.store().checkpoint_dir(&req.job_id);
         let json_path = dir.join(format!("{}.json", req.name));
-        let state_json = tokio::fs::read_to_string(&json_path)
-            .await
-            .map_err(|e| Status::not_found(format!("checkpoint {} of job {}: {e}", req.name, text::quoted(&req.job_id))))?;
+        let state_json = tokio::fs::read_to_string(&json_path).await.map_err(|e| {
+            Status::not_found(format!("checkpoint {} of job {}: {e}", req.name, text::quoted(&req.job_id)))
+        })?;
         let data_path = dir.join(format!("{}.safetensors", req.name));
         let file = tokio::fs::File::open(&data_path).await.map_err(|e| io_status(&data_path, e))?;
         let (tx, rx) = mpsc::channel(4);
@@ -273,21 +282,32 @@ impl CoordinatorApi for Service {
 
     type FetchDatasetStream = BoxStream<DatasetChunk>;
 
-    async fn fetch_dataset(&self, req: Request<FetchDatasetRequest>) -> Result<Response<Self::FetchDatasetStream>, Status> {
+    async fn fetch_dataset(
+        &self,
+        req: Request<FetchDatasetRequest>,
+    ) -> Result<Response<Self::FetchDatasetStream>, Status> {
         require(&req, Role::Worker)?;
         let req = req.into_inner();
         if req.dataset != "cifar10" {
-            return Err(Status::invalid_argument(format!("unknown dataset {}; only \"cifar10\" is served", text::quoted(&req.dataset))));
+            return Err(Status::invalid_argument(format!(
+                "unknown dataset {}; only \"cifar10\" is served",
+                text::quoted(&req.dataset)
+            )));
         }
         let dir = self.data_dir.clone().ok_or_else(|| {
-            Status::failed_precondition("this coordinator has no dataset to serve; start it with --data DIR or give workers --data")
+            Status::failed_precondition(
+                "this coordinator has no dataset to serve; start it with --data DIR or give workers --data",
+            )
         })?;
         let batches = cifar::batches_dir(&dir);
         let mut files: Vec<&str> = cifar::TRAIN_FILES.to_vec();
         files.push(cifar::TEST_FILE);
         for f in &files {
             if !batches.join(f).is_file() {
-                return Err(Status::failed_precondition(format!("coordinator's dataset is incomplete: {} missing", batches.join(f).display())));
+                return Err(Status::failed_precondition(format!(
+                    "coordinator's dataset is incomplete: {} missing",
+                    batches.join(f).display()
+                )));
             }
         }
         let (tx, rx) = mpsc::channel(4);
@@ -347,15 +367,20 @@ impl Service {
         label: &mut UploadLabel,
     ) -> Result<UploadCheckpointResponse, Status> {
         let idle = self.upload_idle_timeout;
-        let first = next_chunk(&mut chunks, idle).await?.ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
+        let first =
+            next_chunk(&mut chunks, idle).await?.ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
         *label = UploadLabel { job_id: first.job_id.clone(), name: first.name.clone(), attempt: first.attempt };
         let pos = checkpoint_name(&first.name)?;
         if first.state_json.len() > MAX_STATE_JSON {
-            return Err(Status::invalid_argument(format!("checkpoint state of {} bytes exceeds {MAX_STATE_JSON}", first.state_json.len())));
+            return Err(Status::invalid_argument(format!(
+                "checkpoint state of {} bytes exceeds {MAX_STATE_JSON}",
+                first.state_json.len()
+            )));
         }
         let state_json: serde_json::Value = serde_json::from_str(&first.state_json)
             .map_err(|e| Status::invalid_argument(format!("checkpoint state is not JSON: {e}")))?;
-        let declared = (state_json.get("epoch").and_then(|v| v.as_u64()), state_json.get("step").and_then(|v| v.as_u64()));
+        let declared =
+            (state_json.get("epoch").and_then(|v| v.as_u64()), state_json.get("step").and_then(|v| v.as_u64()));
         if declared != (Some(pos.0 as u64), Some(pos.1)) {
             return Err(Status::invalid_argument(format!(
                 "checkpoint {} declares epoch {:?} step {:?}, not the position its name encodes",

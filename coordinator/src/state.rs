@@ -266,7 +266,9 @@ impl Coordinator {
         // One record at a time: ended jobs are trimmed as they are read, so loading many
         // stored jobs never needs all their histories in memory at once.
         store.for_each_job(|mut info| {
-            if let Some(n) = info.id.strip_prefix('j').and_then(|r| r.split('-').next()).and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(n) =
+                info.id.strip_prefix('j').and_then(|r| r.split('-').next()).and_then(|n| n.parse::<u64>().ok())
+            {
                 next_job = next_job.max(n + 1);
             }
             bound_record(&mut info);
@@ -335,7 +337,9 @@ impl Coordinator {
     pub fn submit(&self, spec: JobSpec) -> Result<String, Status> {
         spec::validate(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut inner = self.lock();
-        if !spec.name.is_empty() && inner.jobs.values().any(|j| j.info.spec.as_ref().is_some_and(|s| s.name == spec.name)) {
+        if !spec.name.is_empty()
+            && inner.jobs.values().any(|j| j.info.spec.as_ref().is_some_and(|s| s.name == spec.name))
+        {
             return Err(Status::already_exists(format!("a job named {:?} already exists", spec.name)));
         }
         let id = format!("j{:04}-{}", inner.next_job, spec.model);
@@ -480,7 +484,10 @@ impl Coordinator {
         // reached the worker first, and that job ran without the session key its rank 0
         // needs for checkpoint uploads (its final checkpoint was refused).
         let registered = CoordinatorMessage {
-            msg: Some(coordinator_message::Msg::Registered(Registered { worker_id: id.clone(), session_key: key.clone() })),
+            msg: Some(coordinator_message::Msg::Registered(Registered {
+                worker_id: id.clone(),
+                session_key: key.clone(),
+            })),
         };
         if tx.send(Ok(registered)).is_err() {
             return Err(Status::cancelled("worker session closed while registering"));
@@ -560,7 +567,9 @@ impl Coordinator {
             }
         }
         // Reports from an aborted attempt arrive late; they must not touch the new one.
-        if report.attempt != job.info.attempt || job.members.get(report.rank as usize).map(String::as_str) != Some(worker) {
+        if report.attempt != job.info.attempt
+            || job.members.get(report.rank as usize).map(String::as_str) != Some(worker)
+        {
             return Ok(());
         }
         let epochs = job.info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
@@ -568,7 +577,10 @@ impl Coordinator {
             if e < epochs {
                 Ok(())
             } else {
-                Err(Status::invalid_argument(format!("{what} for epoch {e}, but job {} has {epochs} epochs (0-based)", job.info.id)))
+                Err(Status::invalid_argument(format!(
+                    "{what} for epoch {e}, but job {} has {epochs} epochs (0-based)",
+                    job.info.id
+                )))
             }
         };
         match &report.kind {
@@ -678,10 +690,13 @@ impl Coordinator {
         let why = match (&job.refused_upload, job.final_checkpoint_error.as_str()) {
             (Some((refused, reason)), _) if *refused == name => format!("the coordinator refused it: {reason}"),
             (_, e) if !e.is_empty() => e.to_string(),
-            (Some((refused, reason)), _) => format!("rank 0 did not upload it; the last refused upload was {refused}: {reason}"),
+            (Some((refused, reason)), _) => {
+                format!("rank 0 did not upload it; the last refused upload was {refused}: {reason}")
+            }
             (None, _) => "rank 0 did not upload it".to_string(),
         };
-        let newest = if job.info.latest_checkpoint.is_empty() { "none".to_string() } else { job.info.latest_checkpoint.clone() };
+        let newest =
+            if job.info.latest_checkpoint.is_empty() { "none".to_string() } else { job.info.latest_checkpoint.clone() };
         Some(format!("training finished but the final checkpoint {name} was not stored: {why}; newest stored checkpoint: {newest}"))
     }
 
@@ -693,10 +708,18 @@ impl Coordinator {
     /// ranks reported (1 when the upload is complete: rank 0 reports the last step of an
     /// epoch before it uploads that epoch's checkpoint; 2 at the first chunk, which may
     /// overtake that report on the wire).
-    pub fn accepts_checkpoint(&self, job_id: &str, attempt: u32, session_key: &str, pos: (u32, u64), slack: u32) -> Result<u64, Status> {
+    pub fn accepts_checkpoint(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        session_key: &str,
+        pos: (u32, u64),
+        slack: u32,
+    ) -> Result<u64, Status> {
         let inner = self.lock();
         let job = inner.jobs.get(job_id).ok_or_else(|| not_found(job_id))?;
-        let refuse = |why: String| Err(Status::permission_denied(format!("checkpoint for job {job_id} refused: {why}")));
+        let refuse =
+            |why: String| Err(Status::permission_denied(format!("checkpoint for job {job_id} refused: {why}")));
         if job.info.state() != JobState::Running || attempt != job.info.attempt {
             return refuse(format!(
                 "the job is {} on attempt {}, the upload is for attempt {attempt}",
@@ -729,8 +752,9 @@ impl Coordinator {
                 job.attempt_start.0, spec.epochs
             ));
         }
-        models::max_checkpoint_bytes(&spec.model)
-            .ok_or_else(|| Status::failed_precondition(format!("job {job_id} has an unknown model {}", text::quoted(&spec.model))))
+        models::max_checkpoint_bytes(&spec.model).ok_or_else(|| {
+            Status::failed_precondition(format!("job {job_id} has an unknown model {}", text::quoted(&spec.model)))
+        })
     }
 
     // ------------------------------------------------------------------ scheduling
@@ -765,7 +789,8 @@ impl Coordinator {
             .map(|j| j.info.id.clone())
             .collect();
         for id in waiting {
-            let idle: Vec<String> = inner.workers.iter().filter(|(_, w)| w.job.is_none()).map(|(id, _)| id.clone()).collect();
+            let idle: Vec<String> =
+                inner.workers.iter().filter(|(_, w)| w.job.is_none()).map(|(id, _)| id.clone()).collect();
             let Some(job) = inner.jobs.get_mut(&id) else { continue };
             let spec = job.info.spec.clone().unwrap_or_default();
             if Instant::now() < job.not_before {
@@ -872,11 +897,12 @@ impl Coordinator {
         job.info.message = text::bound(&reason, text::MAX_REPORT_TEXT);
         job.waiting_since = Instant::now();
         job.not_before = Instant::now() + RECOVERY_GRACE;
-        let resume = if job.info.latest_checkpoint.is_empty() { "the start".to_string() } else { job.info.latest_checkpoint.clone() };
-        job.log(format!(
-            "{reason}; recovering (restart {} of {}) from {resume}",
-            job.info.restarts, spec.max_restarts
-        ));
+        let resume = if job.info.latest_checkpoint.is_empty() {
+            "the start".to_string()
+        } else {
+            job.info.latest_checkpoint.clone()
+        };
+        job.log(format!("{reason}; recovering (restart {} of {}) from {resume}", job.info.restarts, spec.max_restarts));
         if let Err(e) = self.store.put_job(&job.info) {
             warn!(error = %e, "could not persist recovery");
         }
@@ -910,7 +936,9 @@ impl Coordinator {
             summary.wall_seconds = job.info.finished_unix - job.info.started_unix;
         }
         let dir = self.store.job_dir(&job.info.id);
-        if let Err(e) = run_dir::write_summary(&dir, &summary).and_then(|_| run_dir::write_metrics(&dir, &job.info.history)) {
+        if let Err(e) =
+            run_dir::write_summary(&dir, &summary).and_then(|_| run_dir::write_metrics(&dir, &job.info.history))
+        {
             warn!(error = %e, "could not write the run directory");
         }
         job.snapshot();
@@ -977,7 +1005,8 @@ fn release_members(job: &mut JobEntry, workers: &mut BTreeMap<String, WorkerEntr
             if w.job.as_ref().is_some_and(|(j, _)| *j == job.info.id) {
                 w.job = None;
                 if !reason.is_empty() {
-                    let abort = Abort { job_id: job.info.id.clone(), attempt: job.info.attempt, reason: reason.to_string() };
+                    let abort =
+                        Abort { job_id: job.info.id.clone(), attempt: job.info.attempt, reason: reason.to_string() };
                     let _ = w.tx.send(Ok(CoordinatorMessage { msg: Some(coordinator_message::Msg::Abort(abort)) }));
                 }
             }

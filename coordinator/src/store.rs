@@ -38,7 +38,8 @@ impl Store {
         std::fs::write(&probe, b"ok").map_err(|source| StoreError::Dir { path: root.to_path_buf(), source })?;
         let _ = std::fs::remove_file(&probe);
         let db_path = root.join("state.redb");
-        let db = Database::create(&db_path).map_err(|e| StoreError::Db { path: db_path.clone(), message: e.to_string() })?;
+        let db =
+            Database::create(&db_path).map_err(|e| StoreError::Db { path: db_path.clone(), message: e.to_string() })?;
         let store = Store { root: root.to_path_buf(), db_path, db };
         // Create the table so read transactions on a fresh store succeed.
         store.write(|_| Ok(()))?;
@@ -49,7 +50,10 @@ impl Store {
         StoreError::Db { path: self.db_path.clone(), message: e.to_string() }
     }
 
-    fn write(&self, f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), redb::StorageError>) -> Result<(), StoreError> {
+    fn write(
+        &self,
+        f: impl FnOnce(&mut redb::Table<&str, &[u8]>) -> Result<(), redb::StorageError>,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         {
             let mut table = txn.open_table(JOBS).map_err(|e| self.db_err(e))?;
@@ -132,10 +136,12 @@ impl Store {
         stored.reverse();
         let mut deleted = Vec::new();
         for (_, name) in stored.into_iter().skip(keep).filter(|(_, n)| n != latest) {
-            let result = std::fs::remove_file(dir.join(format!("{name}.json")))
-                .and_then(|_| match std::fs::remove_file(dir.join(format!("{name}.safetensors"))) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
+            let result =
+                std::fs::remove_file(dir.join(format!("{name}.json"))).and_then(|_| {
+                    match std::fs::remove_file(dir.join(format!("{name}.safetensors"))) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                        _ => Ok(()),
+                    }
                 });
             deleted.push((name, result.err().map(|e| e.to_string())));
         }
@@ -160,7 +166,8 @@ mod tests {
     }
 
     fn stored(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }
@@ -174,17 +181,26 @@ mod tests {
         let store = Store::open(tmp.path()).unwrap();
         let dir = store.checkpoint_dir("j0001-resnet20");
         std::fs::create_dir_all(&dir).unwrap();
-        for name in ["ckpt-e0000-s000004", "ckpt-e0001-s000000", "ckpt-e0001-s000004", "ckpt-e0001-s000008", "ckpt-e0002-s000000"] {
+        for name in [
+            "ckpt-e0000-s000004",
+            "ckpt-e0001-s000000",
+            "ckpt-e0001-s000004",
+            "ckpt-e0001-s000008",
+            "ckpt-e0002-s000000",
+        ] {
             write_checkpoint(&dir, name);
         }
         assert!(store.prune_checkpoints("j0001-resnet20", 0, "ckpt-e0002-s000000").is_empty());
         assert_eq!(stored(&dir).len(), 10);
 
         let deleted = store.prune_checkpoints("j0001-resnet20", 2, "ckpt-e0001-s000000");
-        let names: Vec<&str> = deleted.iter().map(|(n, e)| {
-            assert!(e.is_none(), "{n}: {e:?}");
-            n.as_str()
-        }).collect();
+        let names: Vec<&str> = deleted
+            .iter()
+            .map(|(n, e)| {
+                assert!(e.is_none(), "{n}: {e:?}");
+                n.as_str()
+            })
+            .collect();
         assert_eq!(names, ["ckpt-e0001-s000004", "ckpt-e0000-s000004"]);
         assert_eq!(
             stored(&dir),

@@ -10,8 +10,8 @@ mod cluster;
 use cluster::{Cluster, WORKER_TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{
-    coordinator_message, job_report, worker_message, Assignment, CoordinatorMessage, EpochMetrics, GetJobRequest, Heartbeat,
-    JobInfo, JobReport, JobState, RegisterRequest, WorkerMessage,
+    coordinator_message, job_report, worker_message, Assignment, CoordinatorMessage, EpochMetrics, GetJobRequest,
+    Heartbeat, JobInfo, JobReport, JobState, RegisterRequest, WorkerMessage,
 };
 use cvdist_common::version::PROTOCOL_VERSION;
 use std::time::{Duration, Instant};
@@ -39,9 +39,12 @@ impl RawWorker {
         })
         .unwrap();
         let mut client = connect(&c.url(), Some(WORKER_TOKEN), None).await.unwrap();
-        let mut inbound = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+        let mut inbound =
+            client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
         match inbound.message().await.unwrap() {
-            Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(_)) }) => RawWorker { tx, inbound },
+            Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(_)) }) => {
+                RawWorker { tx, inbound }
+            }
             other => panic!("expected Registered, got {other:?}"),
         }
     }
@@ -66,7 +69,13 @@ impl RawWorker {
 
     fn epoch_report(&self, job: &str, attempt: u32, rank: u32, test_acc: f64) {
         let m = EpochMetrics { epoch: 0, train_loss: 1.0, test_acc, ..Default::default() };
-        let report = JobReport { job_id: job.into(), attempt, rank, kind: Some(job_report::Kind::Epoch(m)), ..Default::default() };
+        let report = JobReport {
+            job_id: job.into(),
+            attempt,
+            rank,
+            kind: Some(job_report::Kind::Epoch(m)),
+            ..Default::default()
+        };
         self.tx.send(WorkerMessage { msg: Some(worker_message::Msg::Report(report)) }).unwrap();
     }
 }
@@ -109,7 +118,11 @@ async fn silent_worker_is_dropped_after_the_heartbeat_timeout() {
     }
     // b's last message (its registration-time heartbeat) came before `silent_since`; one
     // second of slack for that.
-    assert!(silent_since.elapsed() + Duration::from_secs(1) >= HEARTBEAT_TIMEOUT, "dropped after {:?}", silent_since.elapsed());
+    assert!(
+        silent_since.elapsed() + Duration::from_secs(1) >= HEARTBEAT_TIMEOUT,
+        "dropped after {:?}",
+        silent_since.elapsed()
+    );
     let info = get_job(&c, &job).await;
     assert_eq!(info.state(), JobState::Recovering, "{info:?}");
     assert!(info.events.iter().any(|e| e.contains("worker b missed heartbeats")), "{:#?}", info.events);

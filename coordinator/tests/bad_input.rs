@@ -8,13 +8,16 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_exit, wait_port, worker_bin, write_dataset, TinyDisk, TOKEN, WORKER_TOKEN};
+use cluster::{
+    cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_exit, wait_port, worker_bin, write_dataset, TinyDisk,
+    TOKEN, WORKER_TOKEN,
+};
 use cvdist_common::client::{connect, Client};
 use cvdist_common::proto::coordinator_client::CoordinatorClient;
 use cvdist_common::proto::{
     coordinator_message, job_report, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage,
-    DownloadCheckpointRequest, EpochMetrics, FetchDatasetRequest, Finished, GetJobRequest, Heartbeat, JobInfo, JobReport,
-    JobSpec, JobState, ListJobsRequest, RegisterRequest, SubmitJobRequest, WorkerMessage,
+    DownloadCheckpointRequest, EpochMetrics, FetchDatasetRequest, Finished, GetJobRequest, Heartbeat, JobInfo,
+    JobReport, JobSpec, JobState, ListJobsRequest, RegisterRequest, SubmitJobRequest, WorkerMessage,
 };
 use cvdist_common::version::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use cvdist_common::{cifar, spec};
@@ -49,7 +52,8 @@ impl Coord {
     }
 
     fn spawn(&mut self) {
-        let child = spawn_coordinator(self.port, self.metrics, &self.state_dir(), &self.data(), self.log_file("coordinator"));
+        let child =
+            spawn_coordinator(self.port, self.metrics, &self.state_dir(), &self.data(), self.log_file("coordinator"));
         self.child = Some(child);
         wait_port(self.port);
         wait_port(self.metrics);
@@ -100,7 +104,9 @@ impl Coord {
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
         text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap())
+            })
             .unwrap_or_else(|| panic!("{name} not in\n{text}"))
     }
 
@@ -130,7 +136,11 @@ impl Coord {
         let started = Instant::now();
         let mut c = connect(&self.url(), Some(TOKEN), None).await.expect("coordinator still accepts connections");
         let jobs = c.list_jobs(ListJobsRequest {}).await.expect("coordinator still serves ListJobs").into_inner().jobs;
-        assert!(started.elapsed() < Duration::from_secs(2), "coordinator slow after bad input: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "coordinator slow after bad input: {:?}",
+            started.elapsed()
+        );
         let j = jobs.iter().find(|j| j.id == job).unwrap_or_else(|| panic!("baseline job {job} lost: {jobs:?}"));
         assert_eq!(j.state(), JobState::Queued, "{j:?}");
         assert_eq!(&digest(&self.state_dir()), before, "stored files changed\n{}", self.all_logs());
@@ -254,9 +264,12 @@ async fn raw_session_key(
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(first).unwrap();
     let mut client = c.worker_client().await;
-    let mut inbound = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
+    let mut inbound =
+        client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
     match inbound.message().await? {
-        Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(r)) }) => Ok((tx, inbound, r.session_key)),
+        Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(r)) }) => {
+            Ok((tx, inbound, r.session_key))
+        }
         other => panic!("expected Registered, got {other:?}"),
     }
 }
@@ -264,7 +277,9 @@ async fn raw_session_key(
 /// A 1-worker job running on a raw session that the test plays as its rank 0 (uploads
 /// are accepted only from there): the job id, the session key, and the session (kept
 /// alive with heartbeats while the sender lives).
-async fn running_as_rank0(c: &Coord) -> (String, String, mpsc::UnboundedSender<WorkerMessage>, Streaming<CoordinatorMessage>) {
+async fn running_as_rank0(
+    c: &Coord,
+) -> (String, String, mpsc::UnboundedSender<WorkerMessage>, Streaming<CoordinatorMessage>) {
     let job = submit(c, JobSpec { min_workers: 1, max_workers: 1, ..valid_spec() }).await.unwrap();
     let (tx, mut inbound, key) = raw_session_key(c, register("r0", PROTOCOL_VERSION)).await.unwrap();
     match inbound.message().await.unwrap() {
@@ -327,7 +342,11 @@ async fn unknown_model_is_refused() {
     let c = Coord::start();
     let (job, before) = c.baseline().await;
     let s = JobSpec { model: "resnet9000".into(), ..valid_spec() };
-    refused(submit(&c, s).await, Code::InvalidArgument, "unknown model \"resnet9000\"; run `cvdist models` for the list");
+    refused(
+        submit(&c, s).await,
+        Code::InvalidArgument,
+        "unknown model \"resnet9000\"; run `cvdist models` for the list",
+    );
     // The CLI checks the spec before it connects, and says the same in one line.
     let out = c.cli(&["submit", "--model", "resnet9000", "--epochs", "1"], Some(TOKEN));
     assert_one_line_error(&out, "error: unknown model \"resnet9000\"; run `cvdist models` for the list");
@@ -338,7 +357,11 @@ async fn unknown_model_is_refused() {
 async fn zero_epochs_are_refused() {
     let c = Coord::start();
     let (job, before) = c.baseline().await;
-    refused(submit(&c, JobSpec { epochs: 0, ..valid_spec() }).await, Code::InvalidArgument, "epochs must be between 1 and 10000, got 0");
+    refused(
+        submit(&c, JobSpec { epochs: 0, ..valid_spec() }).await,
+        Code::InvalidArgument,
+        "epochs must be between 1 and 10000, got 0",
+    );
     let out = c.cli(&["submit", "--model", "resnet20", "--epochs", "0"], Some(TOKEN));
     assert_one_line_error(&out, "error: epochs must be between 1 and 10000, got 0");
     c.assert_intact(&job, &before).await;
@@ -379,10 +402,25 @@ async fn batch_larger_than_the_shard_is_refused() {
         "batch size 64 is larger than each worker's shard of 50 samples (100 samples over 2 workers)",
     );
     let out = c.cli(
-        &["submit", "--model", "resnet20", "--epochs", "1", "--batch-size", "64", "--train-samples", "100", "--workers", "2"],
+        &[
+            "submit",
+            "--model",
+            "resnet20",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--train-samples",
+            "100",
+            "--workers",
+            "2",
+        ],
         Some(TOKEN),
     );
-    assert_one_line_error(&out, "error: batch size 64 is larger than each worker's shard of 50 samples (100 samples over 2 workers)");
+    assert_one_line_error(
+        &out,
+        "error: batch size 64 is larger than each worker's shard of 50 samples (100 samples over 2 workers)",
+    );
     c.assert_intact(&job, &before).await;
 }
 
@@ -390,7 +428,9 @@ async fn batch_larger_than_the_shard_is_refused() {
 async fn non_finite_learning_rate_is_refused() {
     let c = Coord::start();
     let (job, before) = c.baseline().await;
-    for (lr, shown) in [(f64::NAN, "NaN"), (f64::INFINITY, "inf"), (f64::NEG_INFINITY, "-inf"), (0.0, "0"), (-0.1, "-0.1")] {
+    for (lr, shown) in
+        [(f64::NAN, "NaN"), (f64::INFINITY, "inf"), (f64::NEG_INFINITY, "-inf"), (0.0, "0"), (-0.1, "-0.1")]
+    {
         refused(
             submit(&c, JobSpec { lr, ..valid_spec() }).await,
             Code::InvalidArgument,
@@ -453,7 +493,17 @@ async fn wrong_token_is_refused() {
     // A worker process with the wrong token gives up at once (retrying cannot help).
     let log = c.log_file("bad-worker");
     let mut w = Command::new(worker_bin())
-        .args(["worker", "--coordinator", &c.url(), "--data-listen", "127.0.0.1:0", "--device", "cpu", "--threads", "1"])
+        .args([
+            "worker",
+            "--coordinator",
+            &c.url(),
+            "--data-listen",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ])
         .arg("--data")
         .arg(c.data())
         .env("CVDIST_TOKEN", "not-the-token")
@@ -553,10 +603,21 @@ async fn report_for_a_finished_job_is_ignored() {
 
     let (tx, _rx) = raw_session(&c, register("ghost", PROTOCOL_VERSION)).await.unwrap();
     let report = |kind| WorkerMessage {
-        msg: Some(worker_message::Msg::Report(JobReport { job_id: done.clone(), attempt: 0, rank: 0, kind: Some(kind), failure_kind: 0 })),
+        msg: Some(worker_message::Msg::Report(JobReport {
+            job_id: done.clone(),
+            attempt: 0,
+            rank: 0,
+            kind: Some(kind),
+            failure_kind: 0,
+        })),
     };
     tx.send(report(job_report::Kind::Epoch(EpochMetrics { epoch: 0, test_acc: 0.99, ..Default::default() }))).unwrap();
-    tx.send(report(job_report::Kind::Finished(Finished { final_test_acc: 0.99, wall_seconds: 1.0, ..Default::default() }))).unwrap();
+    tx.send(report(job_report::Kind::Finished(Finished {
+        final_test_acc: 0.99,
+        wall_seconds: 1.0,
+        ..Default::default()
+    })))
+    .unwrap();
     tx.send(WorkerMessage {
         msg: Some(worker_message::Msg::Report(JobReport {
             job_id: "j9999-nope".into(),
@@ -769,12 +830,33 @@ async fn checkpoint_with_a_wrong_sha256_is_refused() {
     flipped[1].data[10] ^= 1;
     assert_eq!(upload(&c, flipped).await.unwrap_err().code(), Code::DataLoss);
     refused(
-        upload(&c, vec![CheckpointChunk { job_id: job.clone(), name: "ckpt-e0001-s000000".into(), state_json: "not json".into(), data: vec![1], attempt: 0, session_key: key.clone() }]).await,
+        upload(
+            &c,
+            vec![CheckpointChunk {
+                job_id: job.clone(),
+                name: "ckpt-e0001-s000000".into(),
+                state_json: "not json".into(),
+                data: vec![1],
+                attempt: 0,
+                session_key: key.clone(),
+            }],
+        )
+        .await,
         Code::InvalidArgument,
         "checkpoint state is not JSON: expected ident at line 1 column 2",
     );
     refused(
-        upload(&c, checkpoint_chunks(&job, "ckpt-e0001-s000000", &key, &data, &got).into_iter().map(|mut ch| { ch.attempt = 5; ch }).collect()).await,
+        upload(
+            &c,
+            checkpoint_chunks(&job, "ckpt-e0001-s000000", &key, &data, &got)
+                .into_iter()
+                .map(|mut ch| {
+                    ch.attempt = 5;
+                    ch
+                })
+                .collect(),
+        )
+        .await,
         Code::PermissionDenied,
         &format!("checkpoint for job {job} refused: the job is running on attempt 0, the upload is for attempt 5"),
     );
@@ -823,7 +905,12 @@ async fn checkpoint_names_with_path_traversal_are_refused() {
         );
         let mut client = c.worker_client().await;
         refused(
-            client.download_checkpoint(DownloadCheckpointRequest { job_id: bad_job.into(), name: "ckpt-e0000-s000001".into() }).await,
+            client
+                .download_checkpoint(DownloadCheckpointRequest {
+                    job_id: bad_job.into(),
+                    name: "ckpt-e0000-s000001".into(),
+                })
+                .await,
             Code::NotFound,
             &format!("no job with id {bad_job:?}; `cvdist jobs` lists them"),
         );
@@ -882,7 +969,11 @@ async fn disk_full_while_storing_a_checkpoint() {
         // Each upload has its own temp file: .NAME.<random>.upload
         let prefix = ckpt_dir.join(".ckpt-e0001-s000000.").display().to_string();
         assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
-        assert!(err.message().starts_with(&prefix) && err.message().ends_with(".upload: disk full"), "{}", err.message());
+        assert!(
+            err.message().starts_with(&prefix) && err.message().ends_with(".upload: disk full"),
+            "{}",
+            err.message()
+        );
     } else {
         assert_eq!(err.code(), Code::Internal);
         assert!(err.message().contains("File too large"), "{}", err.message());
@@ -977,7 +1068,10 @@ fn unwritable_state_dir_refuses_to_start() {
     };
     let under_file = file.join("state");
     let out = start(&under_file);
-    assert_one_line_error(&out, &format!("error: state dir {} is not usable: Not a directory (os error 20)", under_file.display()));
+    assert_one_line_error(
+        &out,
+        &format!("error: state dir {} is not usable: Not a directory (os error 20)", under_file.display()),
+    );
 
     // A read-only file system (needs root to mount), else a directory without write permission.
     let ro = dir.path().join("ro");

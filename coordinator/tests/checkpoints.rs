@@ -9,7 +9,9 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, spawn_logged, wait_port, watch_until_done, write_dataset, Cluster, TinyDisk, TOKEN};
+use cluster::{
+    cvdist_bin, free_port, spawn_logged, wait_port, watch_until_done, write_dataset, Cluster, TinyDisk, TOKEN,
+};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{JobInfo, JobSpec, JobState, SubmitJobRequest};
 use cvdist_common::{run_dir, spec};
@@ -137,7 +139,11 @@ impl Single {
     }
 
     fn logs(&self) -> String {
-        format!("==== coordinator\n{}\n==== worker\n{}", read_log(&self.dir, "coordinator"), read_log(&self.dir, "worker-0"))
+        format!(
+            "==== coordinator\n{}\n==== worker\n{}",
+            read_log(&self.dir, "coordinator"),
+            read_log(&self.dir, "worker-0")
+        )
     }
 
     /// `cvdist status JOB` output.
@@ -192,11 +198,15 @@ fn train_whose_final_checkpoint_cannot_be_written_does_not_succeed() {
     let error_lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
     assert_eq!(error_lines.len(), 1, "{stderr}");
     assert!(
-        error_lines[0].starts_with("error: training finished but the final checkpoint ckpt-e0003-s000000 was not written: "),
+        error_lines[0]
+            .starts_with("error: training finished but the final checkpoint ckpt-e0003-s000000 was not written: "),
         "{stderr}"
     );
     let summary = summary_json(&out);
-    assert_eq!((summary["state"].as_str(), summary["outcome"].as_str()), (Some("failed"), Some(FINAL_CHECKPOINT_MISSING)));
+    assert_eq!(
+        (summary["state"].as_str(), summary["outcome"].as_str()),
+        (Some("failed"), Some(FINAL_CHECKPOINT_MISSING))
+    );
     assert!(summary["message"].as_str().unwrap().contains("ckpt-e0003-s000000"), "{summary}");
     assert_eq!(summary["epochs_completed"], 3, "all epochs trained");
     assert!(!out.join("checkpoints/ckpt-e0003-s000000.json").exists());
@@ -246,7 +256,8 @@ async fn full_state_disk_fails_the_job_and_logs_every_refused_upload() {
     let c = Single::start(tmp.path(), limit, &[("CVDIST_KEEP_CHECKPOINTS", "0")]);
     let (job, info) = c.run(disk_job(model)).await;
     assert_eq!(info.state(), JobState::Failed, "{}\n{}", info.message, c.logs());
-    let expected = "training finished but the final checkpoint ckpt-e0003-s000000 was not stored: the coordinator refused it: ";
+    let expected =
+        "training finished but the final checkpoint ckpt-e0003-s000000 was not stored: the coordinator refused it: ";
     assert!(info.message.starts_with(expected), "{}", info.message);
     assert!(info.message.contains("disk full") || info.message.contains("File too large"), "{}", info.message);
     assert_eq!(info.history.len(), 3, "all epochs trained");
@@ -256,7 +267,10 @@ async fn full_state_disk_fails_the_job_and_logs_every_refused_upload() {
     assert!(status.contains("state:      FAILED"), "{status}");
     assert!(status.contains(&format!("message:    {expected}")), "{status}");
     let summary = summary_json(&c.job_dir(&job));
-    assert_eq!((summary["state"].as_str(), summary["outcome"].as_str()), (Some("failed"), Some(FINAL_CHECKPOINT_MISSING)));
+    assert_eq!(
+        (summary["state"].as_str(), summary["outcome"].as_str()),
+        (Some("failed"), Some(FINAL_CHECKPOINT_MISSING))
+    );
     assert_eq!(summary["message"].as_str(), Some(info.message.as_str()));
 
     // Every refusal the worker saw, the coordinator logged with its reason.
@@ -380,7 +394,17 @@ fn local_workers_sharing_a_cache_dir_keep_the_final_checkpoint() {
         let out = tmp.path().join(format!("run-{run}"));
         let result = Command::new(cvdist_bin())
             .args(["local", "--model", "resnet20", "--epochs", "1", "--workers", "2", "--dataset", "synthetic"])
-            .args(["--train-samples", "512", "--test-samples", "256", "--batch-size", "64", "--quiet", "--device", "cpu"])
+            .args([
+                "--train-samples",
+                "512",
+                "--test-samples",
+                "256",
+                "--batch-size",
+                "64",
+                "--quiet",
+                "--device",
+                "cpu",
+            ])
             .arg("--out")
             .arg(&out)
             .env("NO_COLOR", "1")
@@ -389,7 +413,9 @@ fn local_workers_sharing_a_cache_dir_keep_the_final_checkpoint() {
         let final_json = out.join("checkpoints/ckpt-e0001-s000000.json");
         let summary = run_dir::read_summary(&out).map(|s| s.state).unwrap_or_default();
         if !result.status.success() || !final_json.is_file() || summary != "succeeded" {
-            let logs: String = (0..2).map(|k| std::fs::read_to_string(out.join(format!("worker-{k}.log"))).unwrap_or_default()).collect();
+            let logs: String = (0..2)
+                .map(|k| std::fs::read_to_string(out.join(format!("worker-{k}.log"))).unwrap_or_default())
+                .collect();
             failures.push(format!(
                 "run {run}: exit {:?}, summary state {summary:?}, final checkpoint present: {}\n{}\n{logs}",
                 result.status.code(),

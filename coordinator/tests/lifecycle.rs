@@ -8,10 +8,13 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, small_spec, spawn_logged, wait_exit, wait_port, watch_until_done, worker_bin, Cluster, TOKEN, WORKER_TOKEN};
+use cluster::{
+    cvdist_bin, free_port, small_spec, spawn_logged, wait_exit, wait_port, watch_until_done, worker_bin, Cluster,
+    TOKEN, WORKER_TOKEN,
+};
 use cvdist_common::proto::{
-    coordinator_message, worker_message, CheckpointChunk, CoordinatorMessage, GetJobRequest, Heartbeat, JobSpec, JobState, RegisterRequest,
-    WatchJobRequest, WorkerMessage,
+    coordinator_message, worker_message, CheckpointChunk, CoordinatorMessage, GetJobRequest, Heartbeat, JobSpec,
+    JobState, RegisterRequest, WatchJobRequest, WorkerMessage,
 };
 use cvdist_common::version::PROTOCOL_VERSION;
 use std::path::Path;
@@ -127,7 +130,13 @@ async fn wait_state(c: &Cluster, job: &str, want: JobState, within: Duration) ->
         if info.state() == want {
             return info;
         }
-        assert!(start.elapsed() < within, "job {job} is {:?}, not {want:?}, after {within:?}: {:?}\n{}", info.state(), info.events, c.logs());
+        assert!(
+            start.elapsed() < within,
+            "job {job} is {:?}, not {want:?}, after {within:?}: {:?}\n{}",
+            info.state(),
+            info.events,
+            c.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -136,7 +145,14 @@ async fn wait_state(c: &Cluster, job: &str, want: JobState, within: Duration) ->
 
 /// Runs a command that must fail at start; returns (exit code, stderr).
 fn run_to_exit(cmd: &mut Command) -> (Option<i32>, String) {
-    let mut child = cmd.env("CVDIST_TOKEN", TOKEN).env("CVDIST_WORKER_TOKEN", WORKER_TOKEN).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .env("CVDIST_TOKEN", TOKEN)
+        .env("CVDIST_WORKER_TOKEN", WORKER_TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let (status, _) = wait_exit(&mut child, Duration::from_secs(30), &|| "expected it to exit at start".into());
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
@@ -206,11 +222,21 @@ async fn an_abort_reaches_a_worker_that_is_forming_the_ring() {
     c.start_worker(0, true); // w0 = worker a
     let log = c.log("worker-1");
     let mut cmd = Command::new(worker_bin());
-    cmd.args(["worker", "--coordinator", &c.url(), "--data-listen", "127.0.0.1:0", "--threads", "1", "--worker-id", "w1"])
-        .arg("--cache-dir")
-        .arg(c.dir.path().join("cache-1"))
-        .arg("--data")
-        .arg(&bad);
+    cmd.args([
+        "worker",
+        "--coordinator",
+        &c.url(),
+        "--data-listen",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--worker-id",
+        "w1",
+    ])
+    .arg("--cache-dir")
+    .arg(c.dir.path().join("cache-1"))
+    .arg("--data")
+    .arg(&bad);
     c.workers.push(None);
     c.workers.push(Some(spawn_logged(&mut cmd, log)));
     wait_gauge(&c, "cvdist_workers", 2.0, Duration::from_secs(60));
@@ -249,7 +275,8 @@ async fn phantom_worker(c: &Cluster, id: &str) -> tokio::sync::mpsc::UnboundedSe
     })
     .unwrap();
     let mut client = c.worker_client().await;
-    let mut inbound = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut inbound =
+        client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
     match inbound.message().await.unwrap() {
         Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(_)) }) => {}
         other => panic!("expected Registered, got {other:?}"),
@@ -405,7 +432,17 @@ fn cvdist_local_stops_on_signals_and_leaves_no_worker() {
         let out = dir.path().join(format!("run-{sig}"));
         let mut cmd = Command::new(cvdist_bin());
         cmd.args(["local", "--model", "resnet20", "--epochs", "200", "--dataset", "synthetic", "--workers", "2"])
-            .args(["--train-samples", "256", "--test-samples", "64", "--batch-size", "32", "--device", "cpu", "--quiet"])
+            .args([
+                "--train-samples",
+                "256",
+                "--test-samples",
+                "64",
+                "--batch-size",
+                "32",
+                "--device",
+                "cpu",
+                "--quiet",
+            ])
             .arg("--out")
             .arg(&out);
         let log = std::fs::File::create(dir.path().join(format!("local-{sig}.log"))).unwrap();
@@ -446,7 +483,9 @@ async fn status_shows_the_workers_and_events_have_readable_times() {
     let (ok, out) = c.cli(&["status"]);
     assert!(ok, "{out}");
     assert!(out.contains("2 workers (1 busy)"), "{out}");
-    let row = |id: &str| out.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("no row for {id}:\n{out}")).to_string();
+    let row = |id: &str| {
+        out.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("no row for {id}:\n{out}")).to_string()
+    };
     let busy = row("w0");
     for part in ["cpu", "busy", job.as_str(), "0/1", "ago"] {
         assert!(busy.contains(part), "{part:?} missing from {busy:?}");
@@ -513,7 +552,8 @@ fn openpty() -> (std::fs::File, std::fs::File) {
     use std::os::fd::FromRawFd;
     let (mut master, mut slave) = (0, 0);
     // SAFETY: out-pointers to two ints; no name, termios or window size.
-    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    let rc =
+        unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
     assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
     // SAFETY: both descriptors were just opened and are owned by nobody else.
     unsafe { (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(slave)) }

@@ -8,9 +8,11 @@
 
 mod cluster;
 
-use cluster::{spawn_coordinator, free_port, wait_port, write_dataset, TOKEN};
+use cluster::{free_port, spawn_coordinator, wait_port, write_dataset, TOKEN};
 use cvdist_common::client::{connect, Client};
-use cvdist_common::proto::{CancelJobRequest, GetJobRequest, JobState, ListJobsRequest, SubmitJobRequest, WatchJobRequest};
+use cvdist_common::proto::{
+    CancelJobRequest, GetJobRequest, JobState, ListJobsRequest, SubmitJobRequest, WatchJobRequest,
+};
 use std::path::Path;
 use std::process::Child;
 

@@ -21,7 +21,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 fn text(out: &Output) -> String {
-    format!("status {}\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn worker_logs(dir: &Path) -> String {
@@ -37,7 +42,17 @@ fn worker_logs(dir: &Path) -> String {
 /// `cvdist local` with the arguments plus `extra`, on CPU; returns the process output.
 fn local(out: &Path, extra: &[&str]) -> Output {
     Command::new(cvdist_bin())
-        .args(["local", "--model", "resnet20", "--dataset", "synthetic", "--device", "cpu", "--threads-per-worker", "1"])
+        .args([
+            "local",
+            "--model",
+            "resnet20",
+            "--dataset",
+            "synthetic",
+            "--device",
+            "cpu",
+            "--threads-per-worker",
+            "1",
+        ])
         .arg("--out")
         .arg(out)
         .args(extra)
@@ -76,7 +91,8 @@ fn diverged_bare_run_fails_as_diverged_and_its_files_read_back() {
     assert!(metrics[0].test_loss.is_nan(), "null reads back as NaN: {metrics:?}");
     assert!(metrics[0].train_loss.is_finite(), "{metrics:?}");
 
-    let report = Command::new(cvdist_bin()).arg("report").arg(&a).arg("--out").arg(dir.path().join("charts")).output().unwrap();
+    let report =
+        Command::new(cvdist_bin()).arg("report").arg(&a).arg("--out").arg(dir.path().join("charts")).output().unwrap();
     assert!(report.status.success(), "cvdist report on a diverged run\n{}", text(&report));
     let table = String::from_utf8_lossy(&report.stdout);
     assert!(table.contains("FAILED (diverged): training diverged at epoch 0 step 1: test loss is "), "{table}");
@@ -92,8 +108,20 @@ fn diverged_local_job_fails_after_one_attempt() {
     let out = local(
         &r,
         &[
-            "--epochs", "2", "--workers", "2", "--train-samples", "1024", "--test-samples", "100", "--batch-size", "16",
-            "--lr", "100", "--max-restarts", "1",
+            "--epochs",
+            "2",
+            "--workers",
+            "2",
+            "--train-samples",
+            "1024",
+            "--test-samples",
+            "100",
+            "--batch-size",
+            "16",
+            "--lr",
+            "100",
+            "--max-restarts",
+            "1",
         ],
     );
     let all = format!("{}\n{}", text(&out), worker_logs(&r));
@@ -119,8 +147,18 @@ fn nccl_on_cpu_workers_fails_at_once_as_a_configuration_error() {
     let out = local(
         &r,
         &[
-            "--epochs", "1", "--workers", "2", "--train-samples", "256", "--test-samples", "100", "--batch-size", "32",
-            "--collective", "nccl",
+            "--epochs",
+            "1",
+            "--workers",
+            "2",
+            "--train-samples",
+            "256",
+            "--test-samples",
+            "100",
+            "--batch-size",
+            "32",
+            "--collective",
+            "nccl",
         ],
     );
     let all = format!("{}\n{}", text(&out), worker_logs(&r));
@@ -173,7 +211,8 @@ async fn session(c: &Coord, id: &str) -> Session {
     })
     .unwrap();
     let mut client = connect(&c.url, Some(WORKER_TOKEN), None).await.unwrap();
-    let inbound = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+    let inbound =
+        client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
     (tx, inbound)
 }
 

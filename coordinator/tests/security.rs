@@ -8,8 +8,8 @@ use cluster::{cvdist_bin, free_port, small_spec, wait_exit, worker_bin, Cluster,
 use cvdist_common::client::connect;
 use cvdist_common::proto::{
     coordinator_message, job_report, worker_message, Assignment, CancelJobRequest, CheckpointChunk, CoordinatorMessage,
-    DownloadCheckpointRequest, EpochMetrics, FetchDatasetRequest, GetJobRequest, Heartbeat, JobInfo, JobReport, JobSpec,
-    JobState, ListJobsRequest, Progress, RegisterRequest, SubmitJobRequest, WorkerMessage,
+    DownloadCheckpointRequest, EpochMetrics, FetchDatasetRequest, GetJobRequest, Heartbeat, JobInfo, JobReport,
+    JobSpec, JobState, ListJobsRequest, Progress, RegisterRequest, SubmitJobRequest, WorkerMessage,
 };
 use cvdist_common::version::PROTOCOL_VERSION;
 use prost::Message;
@@ -38,7 +38,8 @@ async fn session_with(c: &Cluster, token: &str, id: &str) -> Result<Session, Sta
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(register(id)).unwrap();
     let mut client = connect(&c.url(), Some(token), None).await.unwrap();
-    let mut inbound = client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
+    let mut inbound =
+        client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
     let key = match inbound.message().await? {
         Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(r)) }) => r.session_key,
         other => panic!("expected Registered, got {other:?}"),
@@ -87,10 +88,17 @@ fn report(a: &Assignment, kind: job_report::Kind) -> WorkerMessage {
 fn chunks(job: &str, attempt: u32, name: &str, key: &str, data: &[u8]) -> Vec<CheckpointChunk> {
     let (epoch, step) = cvdist_common::names::parse_checkpoint_name(name).unwrap();
     let sha = hex::encode(Sha256::digest(data));
-    let state = serde_json::json!({ "format_version": 1, "epoch": epoch, "step": step, "sha256": sha, "bytes": data.len() });
+    let state =
+        serde_json::json!({ "format_version": 1, "epoch": epoch, "step": step, "sha256": sha, "bytes": data.len() });
     let mut out: Vec<CheckpointChunk> = data
         .chunks(cvdist_common::version::CHUNK_BYTES)
-        .map(|d| CheckpointChunk { job_id: job.into(), name: name.into(), data: d.to_vec(), attempt, ..Default::default() })
+        .map(|d| CheckpointChunk {
+            job_id: job.into(),
+            name: name.into(),
+            data: d.to_vec(),
+            attempt,
+            ..Default::default()
+        })
         .collect();
     if out.is_empty() {
         out.push(CheckpointChunk { job_id: job.into(), name: name.into(), attempt, ..Default::default() });
@@ -171,14 +179,24 @@ async fn the_client_token_does_not_make_anyone_a_worker() {
     refused(session_with(&c, TOKEN, "-evil").await, Code::PermissionDenied, as_worker);
     refused(session_with(&c, TOKEN, "a-evil").await, Code::PermissionDenied, as_worker);
     let job = c.submit(spec(1, 8)).await;
-    refused(upload_with(&c, TOKEN, chunks(&job, 0, "ckpt-e0001-s000000", "", b"x")).await, Code::PermissionDenied, as_worker);
-    let mut client = c.client().await;
     refused(
-        client.download_checkpoint(DownloadCheckpointRequest { job_id: job.clone(), name: "ckpt-e0001-s000000".into() }).await,
+        upload_with(&c, TOKEN, chunks(&job, 0, "ckpt-e0001-s000000", "", b"x")).await,
         Code::PermissionDenied,
         as_worker,
     );
-    refused(client.fetch_dataset(FetchDatasetRequest { dataset: "cifar10".into() }).await, Code::PermissionDenied, as_worker);
+    let mut client = c.client().await;
+    refused(
+        client
+            .download_checkpoint(DownloadCheckpointRequest { job_id: job.clone(), name: "ckpt-e0001-s000000".into() })
+            .await,
+        Code::PermissionDenied,
+        as_worker,
+    );
+    refused(
+        client.fetch_dataset(FetchDatasetRequest { dataset: "cifar10".into() }).await,
+        Code::PermissionDenied,
+        as_worker,
+    );
     // And the worker credential does not manage jobs.
     let as_client = "the worker credential cannot manage jobs: use the client token (CVDIST_TOKEN or --token-file)";
     let mut w = c.worker_client().await;
@@ -189,7 +207,17 @@ async fn the_client_token_does_not_make_anyone_a_worker() {
     // A real worker holding only the client token is refused and exits with that line.
     let log = c.log("client-token-worker");
     let mut p = Command::new(worker_bin())
-        .args(["worker", "--coordinator", &c.url(), "--data-listen", "127.0.0.1:0", "--device", "cpu", "--threads", "1"])
+        .args([
+            "worker",
+            "--coordinator",
+            &c.url(),
+            "--data-listen",
+            "127.0.0.1:0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ])
         .env("CVDIST_TOKEN", TOKEN)
         .env_remove("CVDIST_WORKER_TOKEN")
         .env("NO_COLOR", "1")
@@ -198,7 +226,8 @@ async fn the_client_token_does_not_make_anyone_a_worker() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let (status, _) = wait_exit(&mut p, Duration::from_secs(30), &|| "a worker with the client token kept running".into());
+    let (status, _) =
+        wait_exit(&mut p, Duration::from_secs(30), &|| "a worker with the client token kept running".into());
     assert_eq!(status.code(), Some(2));
     let text = std::fs::read_to_string(c.dir.path().join("client-token-worker.log")).unwrap();
     assert_eq!(text.lines().last().unwrap_or(""), format!("error: registration refused: {as_worker}"), "{text}");
@@ -266,8 +295,13 @@ async fn checkpoints_come_only_from_rank0_of_the_current_attempt() {
     let (_t0, mut in0, key0) = session(&c, "a-r0").await;
     let a0 = next_assignment(&mut in0).await;
     assert_eq!((a0.job_id.as_str(), a0.rank), (queued.as_str(), 0));
-    let only_rank0 = format!("checkpoint for job {queued} refused: only rank 0 of the current attempt uploads checkpoints");
-    refused(upload(&c, chunks(&queued, 0, "ckpt-e0001-s000000", &stranger, &data)).await, Code::PermissionDenied, &only_rank0);
+    let only_rank0 =
+        format!("checkpoint for job {queued} refused: only rank 0 of the current attempt uploads checkpoints");
+    refused(
+        upload(&c, chunks(&queued, 0, "ckpt-e0001-s000000", &stranger, &data)).await,
+        Code::PermissionDenied,
+        &only_rank0,
+    );
     refused(upload(&c, chunks(&queued, 0, "ckpt-e0001-s000000", "", &data)).await, Code::PermissionDenied, &only_rank0);
     // Rank 0 itself cannot jump ahead of what the attempt has reached (the issue's
     // ckpt-e0004 planted into a fresh 5-epoch job) ...
@@ -283,7 +317,11 @@ async fn checkpoints_come_only_from_rank0_of_the_current_attempt() {
         Code::PermissionDenied,
         &format!("checkpoint for job {queued} refused: ckpt-e0001-s000000 is not after where attempt 0 started (ckpt-e0000-s000000) and the newest checkpoint (ckpt-e0001-s000000)"),
     );
-    _t0.send(report(&a0, job_report::Kind::Progress(Progress { epoch: 1, step: 31, steps_per_epoch: 31, ..Default::default() }))).unwrap();
+    _t0.send(report(
+        &a0,
+        job_report::Kind::Progress(Progress { epoch: 1, step: 31, steps_per_epoch: 31, ..Default::default() }),
+    ))
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     upload(&c, chunks(&queued, 0, "ckpt-e0002-s000000", &key0, &data)).await.unwrap();
     assert_eq!(get_job(&c, &queued).await.latest_checkpoint, "ckpt-e0002-s000000");
@@ -295,7 +333,9 @@ async fn checkpoints_come_only_from_rank0_of_the_current_attempt() {
     refused(
         upload(&c, chunks(&queued, 0, "ckpt-e0003-s000000", &key0, &data)).await,
         Code::PermissionDenied,
-        &format!("checkpoint for job {queued} refused: the job is recovering on attempt 1, the upload is for attempt 0"),
+        &format!(
+            "checkpoint for job {queued} refused: the job is recovering on attempt 1, the upload is for attempt 0"
+        ),
     );
     assert_eq!(get_job(&c, &queued).await.latest_checkpoint, "ckpt-e0002-s000000");
 }
@@ -311,15 +351,29 @@ async fn peer_text_is_bounded_escaped_and_records_stay_small() {
     // Epoch reports outside the job's epochs are refused; the history stays empty.
     tx.send(report(&a, job_report::Kind::Epoch(EpochMetrics { epoch: 999_999, ..Default::default() }))).unwrap();
     tx.send(report(&a, job_report::Kind::Progress(Progress { epoch: 2, ..Default::default() }))).unwrap();
-    wait_log(&c, "coordinator", &format!("epoch report for epoch 999999, but job {job} has 2 epochs (0-based)"), Duration::from_secs(10));
-    wait_log(&c, "coordinator", &format!("progress report for epoch 2, but job {job} has 2 epochs (0-based)"), Duration::from_secs(10));
+    wait_log(
+        &c,
+        "coordinator",
+        &format!("epoch report for epoch 999999, but job {job} has 2 epochs (0-based)"),
+        Duration::from_secs(10),
+    );
+    wait_log(
+        &c,
+        "coordinator",
+        &format!("progress report for epoch 2, but job {job} has 2 epochs (0-based)"),
+        Duration::from_secs(10),
+    );
     // A 9 MiB failure report full of terminal escapes (the ESC[2K, \r, OSC title).
     let evil = "\u{1b}[2K\r\u{1b}]0;pwned\u{7}boom ".repeat(9 * 1024 * 1024 / 20);
     tx.send(report(&a, job_report::Kind::Failed(evil))).unwrap();
     let info = wait_state(&c, &job, JobState::Recovering, Duration::from_secs(20)).await;
     assert!(info.history.is_empty(), "{:?}", info.history);
     assert!(info.message.len() <= cvdist_common::text::MAX_REPORT_TEXT, "{}", info.message.len());
-    assert!(info.message.starts_with("rank 0 on r0 failed: \\u{1b}[2K\\r\\u{1b}]0;pwned\\u{7}boom"), "{}", &info.message[..100]);
+    assert!(
+        info.message.starts_with("rank 0 on r0 failed: \\u{1b}[2K\\r\\u{1b}]0;pwned\\u{7}boom"),
+        "{}",
+        &info.message[..100]
+    );
     assert!(info.message.ends_with(" bytes in all]"), "{}", &info.message[info.message.len() - 80..]);
     assert!(info.encoded_len() < 64 * 1024, "record is {} bytes", info.encoded_len());
     for text in std::iter::once(&info.message).chain(&info.events) {
@@ -355,7 +409,10 @@ async fn escapes_in_a_job_record_are_not_printed_by_the_cli() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(!text.contains(['\u{1b}', '\r', '\u{7}', '\u{202e}']), "{text:?}");
-    assert!(text.contains("message:    rank 0 on r0 failed: \\u{1b}[2K\\r\\u{1b}]0;owned\\u{7}disk on fire\\u{202e}"), "{text}");
+    assert!(
+        text.contains("message:    rank 0 on r0 failed: \\u{1b}[2K\\r\\u{1b}]0;owned\\u{7}disk on fire\\u{202e}"),
+        "{text}"
+    );
 }
 
 // ------------------------------------------------------------------ 4. slow attacker on the data port
@@ -402,7 +459,10 @@ async fn a_slow_attacker_on_the_data_ports_does_not_block_the_ring() {
     assert_eq!(info.state(), JobState::Succeeded, "{}\n{}", info.message, c.logs());
     assert_eq!(info.restarts, 0);
     let logs = c.logs();
-    assert!(logs.contains("too many pending handshakes from one address; dropping connections (logged once per address)"), "{logs}");
+    assert!(
+        logs.contains("too many pending handshakes from one address; dropping connections (logged once per address)"),
+        "{logs}"
+    );
     // The connections that held handshake slots are cut at the total deadline (~2 s after
     // they were accepted), although each of them sent a byte within every 5 s read.
     let start = Instant::now();
@@ -454,7 +514,10 @@ fn a_non_loopback_listener_needs_tls_and_the_cli_warns_about_plaintext() {
     );
     // The opt-out passes the check (binding TEST-NET-1 then fails), with a warning.
     let stderr = run(&["--allow-insecure-remote"]);
-    assert!(stderr.contains("listening without TLS (--allow-insecure-remote): tokens cross the network in plaintext"), "{stderr}");
+    assert!(
+        stderr.contains("listening without TLS (--allow-insecure-remote): tokens cross the network in plaintext"),
+        "{stderr}"
+    );
     assert!(stderr.lines().last().unwrap_or("").starts_with("error: binding 192.0.2.1:50999"), "{stderr}");
     // With TLS files the check passes too.
     let stderr = run(&["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"]);
@@ -484,7 +547,12 @@ async fn uploads_are_bounded_by_the_model_time_out_when_idle_and_use_their_own_t
     let dir = c.state_dir().join("jobs").join(&job).join("checkpoints");
     let temps = || -> Vec<String> {
         std::fs::read_dir(&dir)
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".upload")).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".upload"))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     // resnet20: 269,722 parameters -> at most 269722*4*2.5 + 4 MiB bytes.
@@ -494,7 +562,9 @@ async fn uploads_are_bounded_by_the_model_time_out_when_idle_and_use_their_own_t
     refused(
         upload(&c, chunks(&job, 0, "ckpt-e0001-s000000", &key, &big)).await,
         Code::ResourceExhausted,
-        &format!("checkpoint ckpt-e0001-s000000 exceeds {limit} bytes, the most a checkpoint of this job's model can take"),
+        &format!(
+            "checkpoint ckpt-e0001-s000000 exceeds {limit} bytes, the most a checkpoint of this job's model can take"
+        ),
     );
     assert!(temps().is_empty(), "{:?}", temps());
 
@@ -505,7 +575,9 @@ async fn uploads_are_bounded_by_the_model_time_out_when_idle_and_use_their_own_t
         let (tx, rx) = mpsc::unbounded_channel::<CheckpointChunk>();
         tx.send(chunks(&job, 0, "ckpt-e0001-s000000", &key, &[2u8; 1000]).remove(0)).unwrap();
         let mut client = c.worker_client().await;
-        let call = tokio::spawn(async move { client.upload_checkpoint(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await });
+        let call = tokio::spawn(async move {
+            client.upload_checkpoint(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await
+        });
         streams.push((tx, call));
     }
     let start = Instant::now();
@@ -517,7 +589,10 @@ async fn uploads_are_bounded_by_the_model_time_out_when_idle_and_use_their_own_t
     assert!(names.iter().all(|n| n.starts_with(".ckpt-e0001-s000000.")) && names[0] != names[1], "{names:?}");
     for (tx, call) in streams {
         let err = tokio::time::timeout(Duration::from_secs(20), call).await.unwrap().unwrap().unwrap_err();
-        assert_eq!((err.code(), err.message()), (Code::DeadlineExceeded, "checkpoint upload sent nothing for 2 s; dropped"));
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::DeadlineExceeded, "checkpoint upload sent nothing for 2 s; dropped")
+        );
         drop(tx);
     }
     assert!(temps().is_empty(), "{:?}", temps());

@@ -10,7 +10,10 @@ mod cluster;
 use cluster::{cvdist_bin, free_port, wait_port, worker_bin, TOKEN, WORKER_TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::ListJobsRequest;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -46,7 +49,13 @@ fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
 }
 
-fn leaf(ca: &CertifiedIssuer<'static, KeyPair>, names: &[&str], usage: ExtendedKeyUsagePurpose, dir: &Path, file: &str) {
+fn leaf(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+    dir: &Path,
+    file: &str,
+) {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     params.distinguished_name.push(DnType::CommonName, file);
@@ -195,7 +204,10 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let mut half = Command::new(cvdist_bin());
     half.args(["jobs", "--coordinator", &https, "--tls-ca"]).arg(&ca).env("CVDIST_TOKEN", TOKEN);
     let out = half.env("CVDIST_TLS_CLIENT_CERT", &client.0).env_remove("CVDIST_TLS_CLIENT_KEY").output().unwrap();
-    assert_refused(&out, "error: set both CVDIST_TLS_CLIENT_CERT and CVDIST_TLS_CLIENT_KEY for a client certificate, or neither");
+    assert_refused(
+        &out,
+        "error: set both CVDIST_TLS_CLIENT_CERT and CVDIST_TLS_CLIENT_KEY for a client certificate, or neither",
+    );
 
     // A real worker joins over mutual TLS with the same variables.
     let worker = Command::new(worker_bin())
@@ -325,10 +337,16 @@ fn missing_or_garbage_tls_files_refuse_to_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.lines().last().unwrap_or(""), "error: configuring TLS: transport error: invalid peer certificate: BadEncoding");
+    assert_eq!(
+        stderr.lines().last().unwrap_or(""),
+        "error: configuring TLS: transport error: invalid peer certificate: BadEncoding"
+    );
     let out = run(&pki.path("server.pem"), &pki.path("client.key"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.lines().last().unwrap_or(""), "error: configuring TLS: transport error: keys may not be consistent: KeyMismatch");
+    assert_eq!(
+        stderr.lines().last().unwrap_or(""),
+        "error: configuring TLS: transport error: keys may not be consistent: KeyMismatch"
+    );
 }

@@ -14,7 +14,17 @@ fn rates(epochs: u32, extra: &[&str]) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
     let out = Command::new(cvdist_bin())
-        .args(["local", "--model", "resnet20", "--dataset", "synthetic", "--device", "cpu", "--threads-per-worker", "1"])
+        .args([
+            "local",
+            "--model",
+            "resnet20",
+            "--dataset",
+            "synthetic",
+            "--device",
+            "cpu",
+            "--threads-per-worker",
+            "1",
+        ])
         .args(["--workers", "2", "--train-samples", "32", "--test-samples", "32", "--batch-size", "16", "--lr", "0.1"])
         .args(["--epochs", &epochs.to_string(), "--quiet", "--out"])
         .arg(&out_dir)

@@ -45,7 +45,11 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 fn nul_list(path: String) -> Vec<String> {
-    std::fs::read(path).unwrap_or_default().split(|b| *b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+    std::fs::read(path)
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
 }
 
 fn flag(pid: u32, name: &str) -> Option<String> {
@@ -104,7 +108,8 @@ async fn gpus_n_starts_n_workers_restarts_a_killed_one_and_sigterm_stops_all() {
     let kids = children(sup_pid);
     assert_eq!(kids.len(), 2, "{}", c.logs());
     for k in 0..2 {
-        let pid = child_with_id(sup_pid, &format!("node0-g{k}")).unwrap_or_else(|| panic!("no child node0-g{k}\n{}", c.logs()));
+        let pid = child_with_id(sup_pid, &format!("node0-g{k}"))
+            .unwrap_or_else(|| panic!("no child node0-g{k}\n{}", c.logs()));
         assert_eq!(flag(pid, "--device").as_deref(), Some("cpu"));
         assert!(nul_list(format!("/proc/{pid}/environ")).contains(&format!("LOCAL_RANK={k}")));
         assert!(flag(pid, "--cache-dir").unwrap().ends_with(&format!("cache-node0/gpu-{k}")));
@@ -141,7 +146,8 @@ async fn gpus_n_starts_n_workers_restarts_a_killed_one_and_sigterm_stops_all() {
     assert_eq!(kids.len(), 2);
     assert!(kids.contains(&new));
     signal(sup_pid, "-TERM");
-    let status = wait_exit(&mut sup, STOP).unwrap_or_else(|| panic!("supervisor still running after SIGTERM\n{}", c.logs()));
+    let status =
+        wait_exit(&mut sup, STOP).unwrap_or_else(|| panic!("supervisor still running after SIGTERM\n{}", c.logs()));
     assert!(status.success(), "{status}\n{}", c.logs());
     for pid in kids {
         assert!(!alive(pid), "worker pid {pid} outlived the supervisor");
@@ -173,7 +179,19 @@ fn a_fatal_child_exit_stops_the_supervisor_with_status_2() {
     // The coordinator refuses this token: a worker exits 2 (retrying cannot help), so
     // restarting it would loop forever. The supervisor stops all and reports it.
     let out = Command::new(worker_bin())
-        .args(["worker", "--gpus", "2", "--device", "cpu", "--coordinator", &c.url(), "--threads", "1", "--worker-id", "bad"])
+        .args([
+            "worker",
+            "--gpus",
+            "2",
+            "--device",
+            "cpu",
+            "--coordinator",
+            &c.url(),
+            "--threads",
+            "1",
+            "--worker-id",
+            "bad",
+        ])
         .env("CVDIST_TOKEN", "not-the-token")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -182,7 +200,11 @@ fn a_fatal_child_exit_stops_the_supervisor_with_status_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     let last = err.lines().last().unwrap_or_default();
-    assert!(last.starts_with("error: worker bad-g") && last.ends_with("exited with status 2 (a fatal error: see its log above); stopped all workers"), "{err}");
+    assert!(
+        last.starts_with("error: worker bad-g")
+            && last.ends_with("exited with status 2 (a fatal error: see its log above); stopped all workers"),
+        "{err}"
+    );
     assert!(err.contains("registration refused"), "the child's own reason is in the log: {err}");
 }
 
@@ -216,7 +238,19 @@ fn a_gpu_the_machine_lacks_is_refused_at_start_with_one_line() {
     let out = out.to_str().unwrap();
     for args in [
         vec!["worker", "--device", "cuda:64", "--coordinator", "http://127.0.0.1:9"],
-        vec!["train", "--model", "resnet20", "--epochs", "1", "--dataset", "synthetic", "--out", out, "--device", "cuda:64"],
+        vec![
+            "train",
+            "--model",
+            "resnet20",
+            "--epochs",
+            "1",
+            "--dataset",
+            "synthetic",
+            "--out",
+            out,
+            "--device",
+            "cuda:64",
+        ],
         vec!["check-device", "--device", "cuda:64"],
     ] {
         let (code, lines) = refused(Command::new(worker_bin()).args(&args));
@@ -228,7 +262,22 @@ fn a_gpu_the_machine_lacks_is_refused_at_start_with_one_line() {
     let cvdist = cluster::cvdist_bin();
     for args in [
         vec!["worker", "--device", "cuda:64", "--coordinator", "http://127.0.0.1:9"],
-        vec!["local", "--model", "resnet20", "--epochs", "1", "--workers", "2", "--dataset", "synthetic", "--out", out, "--device", "cuda:64", "--quiet"],
+        vec![
+            "local",
+            "--model",
+            "resnet20",
+            "--epochs",
+            "1",
+            "--workers",
+            "2",
+            "--dataset",
+            "synthetic",
+            "--out",
+            out,
+            "--device",
+            "cuda:64",
+            "--quiet",
+        ],
     ] {
         let (code, lines) = refused(Command::new(&cvdist).args(&args));
         assert_eq!(code, Some(2), "cvdist {args:?}: {lines:?}");
@@ -238,16 +287,42 @@ fn a_gpu_the_machine_lacks_is_refused_at_start_with_one_line() {
     if count == Some(0) {
         // Without any CUDA device, `cuda` (the local rank's GPU) and `--gpus N` are refused too.
         let (code, lines) = refused(Command::new(worker_bin()).args(["worker", "--device", "cuda"]));
-        assert_eq!((code, lines), (Some(2), vec!["error: device cuda requested but no CUDA device is visible".to_string()]));
-        let (code, lines) = refused(Command::new(&cvdist).args(["local", "--model", "resnet20", "--epochs", "1", "--dataset", "synthetic", "--out", out, "--device", "cuda"]));
-        assert_eq!((code, lines), (Some(2), vec!["error: device cuda requested but no CUDA device is visible".to_string()]));
+        assert_eq!(
+            (code, lines),
+            (Some(2), vec!["error: device cuda requested but no CUDA device is visible".to_string()])
+        );
+        let (code, lines) = refused(Command::new(&cvdist).args([
+            "local",
+            "--model",
+            "resnet20",
+            "--epochs",
+            "1",
+            "--dataset",
+            "synthetic",
+            "--out",
+            out,
+            "--device",
+            "cuda",
+        ]));
+        assert_eq!(
+            (code, lines),
+            (Some(2), vec!["error: device cuda requested but no CUDA device is visible".to_string()])
+        );
         let (code, lines) = refused(Command::new(&cvdist).args(["worker", "--gpus", "2"]));
         assert_eq!(
             (code, lines),
-            (Some(2), vec!["error: --gpus 2 needs 2 CUDA device(s) but 0 are visible (use --device cpu for CPU stand-ins)".to_string()])
+            (
+                Some(2),
+                vec!["error: --gpus 2 needs 2 CUDA device(s) but 0 are visible (use --device cpu for CPU stand-ins)"
+                    .to_string()]
+            )
         );
         let (code, lines) = refused(Command::new(&cvdist).args(["worker", "--gpus", "all", "--device", "cpu"]));
         assert_eq!(code, Some(2));
-        assert_eq!(lines, vec!["error: --gpus all counts CUDA devices, and none is visible (with --device cpu, give a number)".to_string()]);
+        assert_eq!(
+            lines,
+            vec!["error: --gpus all counts CUDA devices, and none is visible (with --device cpu, give a number)"
+                .to_string()]
+        );
     }
 }

@@ -70,8 +70,9 @@ fn main() {
         train(&mut engine, &mut Vec::new());
         let state = CheckpointState::new(&model, 0, round as u64 + 1, 0, 1);
         let t = Instant::now();
-        let (_, saved) = checkpoint::save(&dir.join("sync"), state, &engine.variables(), &engine.sgd.momentum_buffers())
-            .expect("checkpoint written");
+        let (_, saved) =
+            checkpoint::save(&dir.join("sync"), state, &engine.variables(), &engine.sgd.momentum_buffers())
+                .expect("checkpoint written");
         sync.push(t.elapsed().as_secs_f64());
         bytes = saved.bytes;
     }
@@ -90,7 +91,10 @@ fn main() {
         done.written.expect("checkpoint written");
     }
     let fmt = |v: &[f64]| v.iter().map(|t| format!("{:.1}", t * 1e3)).collect::<Vec<_>>().join(", ");
-    println!("model {model}, checkpoint {:.1} MB, {steps} steps of batch {batch} between checkpoints, {threads} threads", bytes as f64 / 1e6);
+    println!(
+        "model {model}, checkpoint {:.1} MB, {steps} steps of batch {batch} between checkpoints, {threads} threads",
+        bytes as f64 / 1e6
+    );
     println!("before (pre-item-8 save) stall ms: [{}]", fmt(&before));
     println!("sync (today's writer on the training thread) stall ms: [{}]", fmt(&sync));
     println!("after (snapshot + background write) stall ms: [{}]", fmt(&after));
@@ -106,7 +110,12 @@ fn main() {
 }
 
 /// The checkpoint write rank 0's training thread did before issue 12 item 8.
-fn old_save(dir: &std::path::Path, mut state: CheckpointState, model: &[(String, Tensor)], momentum: &[(String, Tensor)]) {
+fn old_save(
+    dir: &std::path::Path,
+    mut state: CheckpointState,
+    model: &[(String, Tensor)],
+    momentum: &[(String, Tensor)],
+) {
     use sha2::Digest;
     std::fs::create_dir_all(dir).expect("dir");
     let name = state.name();

@@ -58,11 +58,7 @@ pub fn parse(text: &str) -> Result<DeviceRequest, DeviceError> {
 pub fn local_rank(lookup: impl Fn(&str) -> Option<String>) -> Result<Option<usize>, DeviceError> {
     for var in LOCAL_RANK_VARS {
         if let Some(value) = lookup(var).filter(|v| !v.trim().is_empty()) {
-            return value
-                .trim()
-                .parse::<usize>()
-                .map(Some)
-                .map_err(|_| DeviceError::BadLocalRank { var, value });
+            return value.trim().parse::<usize>().map(Some).map_err(|_| DeviceError::BadLocalRank { var, value });
         }
     }
     Ok(None)
@@ -81,7 +77,9 @@ pub fn resolve(request: DeviceRequest, cuda_count: usize, local_rank: Option<usi
         DeviceRequest::Auto => Ok(Device::Cuda(local % cuda_count)),
         DeviceRequest::Cuda(None) if cuda_count == 0 => Err(DeviceError::NoCuda),
         DeviceRequest::Cuda(None) => Ok(Device::Cuda(local % cuda_count)),
-        DeviceRequest::Cuda(Some(index)) if index >= cuda_count => Err(DeviceError::NoSuchGpu { index, count: cuda_count }),
+        DeviceRequest::Cuda(Some(index)) if index >= cuda_count => {
+            Err(DeviceError::NoSuchGpu { index, count: cuda_count })
+        }
         DeviceRequest::Cuda(Some(index)) => Ok(Device::Cuda(index)),
     }
 }
@@ -163,11 +161,18 @@ mod tests {
         assert_eq!(local_rank(env(&[])), Ok(None));
         assert_eq!(local_rank(env(&[("SLURM_LOCALID", "3")])), Ok(Some(3)));
         assert_eq!(local_rank(env(&[("LOCAL_RANK", "1"), ("SLURM_LOCALID", "3")])), Ok(Some(1)));
-        assert_eq!(local_rank(env(&[("LOCAL_RANK", ""), ("SLURM_LOCALID", "2")])), Ok(Some(2)), "empty counts as unset");
+        assert_eq!(
+            local_rank(env(&[("LOCAL_RANK", ""), ("SLURM_LOCALID", "2")])),
+            Ok(Some(2)),
+            "empty counts as unset"
+        );
         assert_eq!(
             local_rank(env(&[("LOCAL_RANK", "one")])),
             Err(DeviceError::BadLocalRank { var: "LOCAL_RANK", value: "one".into() })
         );
-        assert_eq!(local_rank(env(&[("SLURM_LOCALID", "-1")])).unwrap_err().to_string(), "SLURM_LOCALID=\"-1\" is not a local rank (a non-negative integer)");
+        assert_eq!(
+            local_rank(env(&[("SLURM_LOCALID", "-1")])).unwrap_err().to_string(),
+            "SLURM_LOCALID=\"-1\" is not a local rank (a non-negative integer)"
+        );
     }
 }

@@ -4,23 +4,27 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
+use cvdist_common::term::stderr_line;
 use cvdist_common::{auth, run_dir, spec};
 use cvdist_worker::agent::{self, WorkerConfig};
 use cvdist_worker::collective::Solo;
 use cvdist_worker::models;
 use cvdist_worker::train::checkpoint::{self, CheckpointState};
 use cvdist_worker::train::tensorboard;
-use cvdist_worker::{eval, interop};
 use cvdist_worker::train::{self, Datasets, Observer, TrainerConfig};
+use cvdist_worker::{eval, interop};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tch::Device;
-use cvdist_common::term::stderr_line;
 
 #[derive(Parser)]
-#[command(name = "cvdist-worker", version, about = "cvdist worker: trains through libtorch and all-reduces with its peers")]
+#[command(
+    name = "cvdist-worker",
+    version,
+    about = "cvdist worker: trains through libtorch and all-reduces with its peers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,22 +33,32 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Join a coordinator and train whatever it assigns.
-    #[command(after_help = "Examples:\n  cvdist worker --coordinator http://127.0.0.1:50051 --data data/cifar10\n  cvdist worker --coordinator http://coord:50051 --device cuda:0 --data-listen 0.0.0.0:29500 --advertise-addr $(hostname -f):29500\n  cvdist worker --coordinator http://coord:50051 --gpus all --data-listen 0.0.0.0:29500 --advertise-addr $(hostname -f):29500")]
+    #[command(
+        after_help = "Examples:\n  cvdist worker --coordinator http://127.0.0.1:50051 --data data/cifar10\n  cvdist worker --coordinator http://coord:50051 --device cuda:0 --data-listen 0.0.0.0:29500 --advertise-addr $(hostname -f):29500\n  cvdist worker --coordinator http://coord:50051 --gpus all --data-listen 0.0.0.0:29500 --advertise-addr $(hostname -f):29500"
+    )]
     Worker(WorkerArgs),
     /// Print the model zoo: parameters and multiply-adds per 32x32 image.
     #[command(after_help = "Example:\n  cvdist models")]
     Models,
     /// Train in this process, without a coordinator (the bare trainer).
-    #[command(after_help = "Examples:\n  cvdist train --model resnet20 --epochs 5 --data data/cifar10 --out runs/r20\n  cvdist train --model resnet18 --epochs 1 --dataset synthetic --out runs/smoke")]
+    #[command(
+        after_help = "Examples:\n  cvdist train --model resnet20 --epochs 5 --data data/cifar10 --out runs/r20\n  cvdist train --model resnet18 --epochs 1 --dataset synthetic --out runs/smoke"
+    )]
     Train(TrainArgs),
     /// Test accuracy, per-class accuracy and confusion matrix of a checkpoint.
-    #[command(after_help = "Examples:\n  cvdist-worker eval --checkpoint runs/r20/checkpoints/ckpt-e0005-s000000.json --data data/cifar10\n  cvdist-worker eval --checkpoint runs/smoke/checkpoints/ckpt-e0001-s000000.json --dataset synthetic --json-out eval.json")]
+    #[command(
+        after_help = "Examples:\n  cvdist-worker eval --checkpoint runs/r20/checkpoints/ckpt-e0005-s000000.json --data data/cifar10\n  cvdist-worker eval --checkpoint runs/smoke/checkpoints/ckpt-e0001-s000000.json --dataset synthetic --json-out eval.json"
+    )]
     Eval(EvalArgs),
     /// Write a checkpoint's weights as a PyTorch state_dict (safetensors, strict-loadable).
-    #[command(after_help = "Example:\n  cvdist-worker export --checkpoint runs/r20/checkpoints/ckpt-e0005-s000000.json --out resnet20.safetensors\n\nIn PyTorch: model.load_state_dict(safetensors.torch.load_file(\"resnet20.safetensors\"), strict=True)")]
+    #[command(
+        after_help = "Example:\n  cvdist-worker export --checkpoint runs/r20/checkpoints/ckpt-e0005-s000000.json --out resnet20.safetensors\n\nIn PyTorch: model.load_state_dict(safetensors.torch.load_file(\"resnet20.safetensors\"), strict=True)"
+    )]
     Export(ExportArgs),
     /// Turn a PyTorch state_dict (safetensors) into a checkpoint that `train --resume` warm-starts from.
-    #[command(after_help = "Example:\n  cvdist-worker import --model resnet20 --weights resnet20.safetensors --out warm/\n  cvdist-worker train --model resnet20 --epochs 5 --data data/cifar10 --out runs/ft --resume warm/ckpt-e0000-s000000.json")]
+    #[command(
+        after_help = "Example:\n  cvdist-worker import --model resnet20 --weights resnet20.safetensors --out warm/\n  cvdist-worker train --model resnet20 --epochs 5 --data data/cifar10 --out runs/ft --resume warm/ckpt-e0000-s000000.json"
+    )]
     Import(ImportArgs),
     /// Print what `--device` resolves to here, or refuse it (exit 2) as `worker` would;
     /// `cvdist local` asks this before starting its workers.
@@ -309,7 +323,11 @@ fn run_supervisor(a: &WorkerArgs, gpus: &str) -> anyhow::Result<()> {
     } else {
         cvdist_worker::device::visible_cuda_devices()
     };
-    let worker_id = if a.worker_id.is_empty() { format!("worker-{:06x}", rand::random::<u32>() & 0xff_ffff) } else { a.worker_id.clone() };
+    let worker_id = if a.worker_id.is_empty() {
+        format!("worker-{:06x}", rand::random::<u32>() & 0xff_ffff)
+    } else {
+        a.worker_id.clone()
+    };
     let req = supervisor::Request {
         gpus: count,
         device: a.device.clone(),
@@ -461,7 +479,8 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     );
     let tensorboard = match &a.tensorboard {
         Some(dir) => Some(
-            tensorboard::EventWriter::create(dir).with_context(|| format!("creating TensorBoard events in {}", dir.display()))?,
+            tensorboard::EventWriter::create(dir)
+                .with_context(|| format!("creating TensorBoard events in {}", dir.display()))?,
         ),
         None => None,
     };

@@ -23,6 +23,7 @@
 //! SIGKILL. Children get SIGTERM from the kernel if the supervisor itself dies
 //! (PR_SET_PDEATHSIG), so a SIGKILLed supervisor leaves no orphans behind.
 
+use cvdist_common::term::stderr_line;
 use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,7 +31,6 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use cvdist_common::term::stderr_line;
 
 /// Longest worker id the coordinator accepts (`spec::valid_name`).
 const MAX_WORKER_ID: usize = 64;
@@ -60,7 +60,9 @@ pub enum SupervisorError {
     Syntax(String),
     #[error("--gpus all counts CUDA devices, and none is visible (with --device cpu, give a number)")]
     AllWithoutCuda,
-    #[error("--gpus {wanted} needs {wanted} CUDA device(s) but {visible} are visible (use --device cpu for CPU stand-ins)")]
+    #[error(
+        "--gpus {wanted} needs {wanted} CUDA device(s) but {visible} are visible (use --device cpu for CPU stand-ins)"
+    )]
     TooFew { wanted: usize, visible: usize },
     #[error("--gpus gives each worker its own GPU, so --device {0} cannot be combined with it (use --device cuda, auto or cpu)")]
     FixedDevice(String),
@@ -122,14 +124,18 @@ pub struct ChildPlan {
 pub fn plan(req: &Request, cuda_count: usize, cores: usize) -> Result<Vec<ChildPlan>, SupervisorError> {
     let cpu = match crate::device::parse(&req.device) {
         Ok(crate::device::DeviceRequest::Cpu) => true,
-        Ok(crate::device::DeviceRequest::Cuda(Some(_))) => return Err(SupervisorError::FixedDevice(req.device.clone())),
+        Ok(crate::device::DeviceRequest::Cuda(Some(_))) => {
+            return Err(SupervisorError::FixedDevice(req.device.clone()))
+        }
         Ok(_) => false,
         Err(_) => return Err(SupervisorError::BadDevice(req.device.clone())),
     };
     let n = match req.gpus {
         GpuCount::All if cpu || cuda_count == 0 => return Err(SupervisorError::AllWithoutCuda),
         GpuCount::All => cuda_count,
-        GpuCount::N(n) if !cpu && n > cuda_count => return Err(SupervisorError::TooFew { wanted: n, visible: cuda_count }),
+        GpuCount::N(n) if !cpu && n > cuda_count => {
+            return Err(SupervisorError::TooFew { wanted: n, visible: cuda_count })
+        }
         GpuCount::N(n) => n,
     };
     let advertise = match &req.advertise_addr {
@@ -256,7 +262,14 @@ async fn supervise(program: &Path, args: &[OsString], plans: Vec<ChildPlan>, gra
     let mut slots = Vec::new();
     for plan in plans {
         let child = spawn(program, args, &plan)?;
-        slots.push(Slot { plan, child: Some(child), started: Instant::now(), restart_at: None, backoff: None, restarts: 0 });
+        slots.push(Slot {
+            plan,
+            child: Some(child),
+            started: Instant::now(),
+            restart_at: None,
+            backoff: None,
+            restarts: 0,
+        });
     }
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let fatal = loop {
@@ -274,7 +287,10 @@ async fn supervise(program: &Path, args: &[OsString], plans: Vec<ChildPlan>, gra
                 let ran = slot.started.elapsed();
                 match after_exit(status.code(), ran, slot.backoff) {
                     AfterExit::StopAll => {
-                        fatal = Some(format!("worker {} exited with status {FATAL_STATUS} (a fatal error: see its log above)", slot.plan.worker_id));
+                        fatal = Some(format!(
+                            "worker {} exited with status {FATAL_STATUS} (a fatal error: see its log above)",
+                            slot.plan.worker_id
+                        ));
                         break;
                     }
                     AfterExit::Restart(delay) => {
@@ -299,7 +315,11 @@ async fn supervise(program: &Path, args: &[OsString], plans: Vec<ChildPlan>, gra
                     }
                     Err(e) => {
                         let delay = slot.backoff.map_or(FIRST_BACKOFF, |b| (b * 2).min(MAX_BACKOFF));
-                        stderr_line(format_args!("cvdist supervisor: cannot restart worker {}: {e:#}; retrying in {:.0}s", slot.plan.worker_id, delay.as_secs_f64()));
+                        stderr_line(format_args!(
+                            "cvdist supervisor: cannot restart worker {}: {e:#}; retrying in {:.0}s",
+                            slot.plan.worker_id,
+                            delay.as_secs_f64()
+                        ));
                         slot.backoff = Some(delay);
                         slot.restart_at = Some(Instant::now() + delay);
                     }
@@ -333,7 +353,12 @@ async fn stop_all(slots: &mut [Slot], grace: Duration) {
     }
     let deadline = Instant::now() + grace;
     loop {
-        let running = slots.iter_mut().filter_map(|s| s.child.as_mut()).filter_map(|c| c.try_wait().ok()).filter(Option::is_none).count();
+        let running = slots
+            .iter_mut()
+            .filter_map(|s| s.child.as_mut())
+            .filter_map(|c| c.try_wait().ok())
+            .filter(Option::is_none)
+            .count();
         if running == 0 {
             return;
         }
@@ -345,7 +370,11 @@ async fn stop_all(slots: &mut [Slot], grace: Duration) {
     for slot in slots.iter_mut() {
         if let Some(child) = slot.child.as_mut() {
             if matches!(child.try_wait(), Ok(None)) {
-                stderr_line(format_args!("cvdist supervisor: worker {} ignored SIGTERM for {:.0}s; killing it", slot.plan.worker_id, grace.as_secs_f64()));
+                stderr_line(format_args!(
+                    "cvdist supervisor: worker {} ignored SIGTERM for {:.0}s; killing it",
+                    slot.plan.worker_id,
+                    grace.as_secs_f64()
+                ));
                 let _ = child.start_kill();
                 let _ = child.wait().await;
             }
@@ -507,8 +536,23 @@ mod tests {
     #[test]
     fn child_command_line_replaces_the_per_child_flags_and_keeps_the_rest() {
         let original: Vec<OsString> = [
-            "worker", "--gpus", "2", "--coordinator", "http://c:50051", "--device=cpu", "--threads", "4",
-            "--data", "/data", "--worker-id", "w", "--token-file", "/t", "--data-listen=0.0.0.0:29500", "--cache-dir", "/c",
+            "worker",
+            "--gpus",
+            "2",
+            "--coordinator",
+            "http://c:50051",
+            "--device=cpu",
+            "--threads",
+            "4",
+            "--data",
+            "/data",
+            "--worker-id",
+            "w",
+            "--token-file",
+            "/t",
+            "--data-listen=0.0.0.0:29500",
+            "--cache-dir",
+            "/c",
         ]
         .iter()
         .map(OsString::from)
@@ -532,9 +576,25 @@ mod tests {
         assert_eq!(
             got,
             [
-                "worker", "--coordinator", "http://c:50051", "--data", "/data", "--token-file", "/t", "--device", "cpu",
-                "--data-listen", "0.0.0.0:29501", "--advertise-addr", "h:29501", "--worker-id", "w-g1", "--threads", "4",
-                "--cache-dir", "/c/gpu-1",
+                "worker",
+                "--coordinator",
+                "http://c:50051",
+                "--data",
+                "/data",
+                "--token-file",
+                "/t",
+                "--device",
+                "cpu",
+                "--data-listen",
+                "0.0.0.0:29501",
+                "--advertise-addr",
+                "h:29501",
+                "--worker-id",
+                "w-g1",
+                "--threads",
+                "4",
+                "--cache-dir",
+                "/c/gpu-1",
             ]
         );
     }
@@ -542,9 +602,23 @@ mod tests {
     #[test]
     fn restart_policy() {
         assert_eq!(after_exit(Some(2), Duration::from_secs(1), None), AfterExit::StopAll);
-        assert_eq!(after_exit(None, Duration::from_secs(1), None), AfterExit::Restart(FIRST_BACKOFF), "killed by a signal");
-        assert_eq!(after_exit(Some(101), Duration::from_secs(1), Some(Duration::from_secs(4))), AfterExit::Restart(Duration::from_secs(8)));
-        assert_eq!(after_exit(Some(1), Duration::from_secs(1), Some(Duration::from_secs(20))), AfterExit::Restart(MAX_BACKOFF));
-        assert_eq!(after_exit(Some(1), STABLE_RUN, Some(MAX_BACKOFF)), AfterExit::Restart(FIRST_BACKOFF), "a long run resets the back-off");
+        assert_eq!(
+            after_exit(None, Duration::from_secs(1), None),
+            AfterExit::Restart(FIRST_BACKOFF),
+            "killed by a signal"
+        );
+        assert_eq!(
+            after_exit(Some(101), Duration::from_secs(1), Some(Duration::from_secs(4))),
+            AfterExit::Restart(Duration::from_secs(8))
+        );
+        assert_eq!(
+            after_exit(Some(1), Duration::from_secs(1), Some(Duration::from_secs(20))),
+            AfterExit::Restart(MAX_BACKOFF)
+        );
+        assert_eq!(
+            after_exit(Some(1), STABLE_RUN, Some(MAX_BACKOFF)),
+            AfterExit::Restart(FIRST_BACKOFF),
+            "a long run resets the back-off"
+        );
     }
 }

@@ -29,15 +29,27 @@ fn write_dataset(dir: &Path) -> PathBuf {
 /// `cvdist-worker train` on `data`, resuming from `resume` if given.
 fn train(data: &Path, out: &Path, resume: Option<&Path>) -> Output {
     let mut cmd = Command::new(worker_bin());
-    cmd.args(["train", "--model", "resnet20", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--threads", "1"])
-        .args(["--train-samples", "64", "--test-samples", "16", "--quiet"])
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(out)
-        .env("RUST_BACKTRACE", "1")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null());
+    cmd.args([
+        "train",
+        "--model",
+        "resnet20",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ])
+    .args(["--train-samples", "64", "--test-samples", "16", "--quiet"])
+    .arg("--data")
+    .arg(data)
+    .arg("--out")
+    .arg(out)
+    .env("RUST_BACKTRACE", "1")
+    .env("NO_COLOR", "1")
+    .stdin(Stdio::null());
     if let Some(r) = resume {
         cmd.arg("--resume").arg(r);
     }
@@ -57,7 +69,10 @@ fn digest(dir: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         if e.path().is_file() {
-            out.insert(e.file_name().to_string_lossy().into_owned(), hex::encode(Sha256::digest(std::fs::read(e.path()).unwrap())));
+            out.insert(
+                e.file_name().to_string_lossy().into_owned(),
+                hex::encode(Sha256::digest(std::fs::read(e.path()).unwrap())),
+            );
         }
     }
     out
@@ -218,7 +233,10 @@ fn checkpoint_record_that_is_not_json_is_refused() {
     let data = tempfile::tempdir().unwrap();
     write_dataset(data.path());
     let out = train(data.path(), &dir.path().join("run"), Some(&json));
-    assert_fails_with(&out, &format!("error: checkpoint {} is corrupt: EOF while parsing a string at line 1 column 26", json.display()));
+    assert_fails_with(
+        &out,
+        &format!("error: checkpoint {} is corrupt: EOF while parsing a string at line 1 column 26", json.display()),
+    );
     assert!(checkpoint::latest(dir.path()).is_none());
 }
 

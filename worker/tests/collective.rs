@@ -293,7 +293,10 @@ fn mismatched_ops_are_protocol_errors() {
         let mut buf = vec![1.0f32; 10 + rank];
         ring.all_reduce_sum(&mut buf)
     });
-    assert!(results.iter().any(|r| matches!(r, Err(CollectiveError::Protocol(m)) if m.contains("disagree"))), "{results:?}");
+    assert!(
+        results.iter().any(|r| matches!(r, Err(CollectiveError::Protocol(m)) if m.contains("disagree"))),
+        "{results:?}"
+    );
     assert!(results.iter().all(|r| r.is_err()));
 }
 

@@ -55,7 +55,11 @@ impl Observer for Audit {
 }
 
 /// Runs `world` ranks in threads connected by a real loopback ring.
-fn run_group(world: usize, make: impl Fn(usize) -> TrainerConfig + Sync, data: &Datasets) -> Vec<(train::TrainOutcome, Audit)> {
+fn run_group(
+    world: usize,
+    make: impl Fn(usize) -> TrainerConfig + Sync,
+    data: &Datasets,
+) -> Vec<(train::TrainOutcome, Audit)> {
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
     std::thread::scope(|s| {
@@ -67,7 +71,8 @@ fn run_group(world: usize, make: impl Fn(usize) -> TrainerConfig + Sync, data: &
                 let cfg = make(rank);
                 s.spawn(move || {
                     tch::set_num_threads(1);
-                    let mut ring = Ring::connect(rank, world, &peers, listener, "secret", Duration::from_secs(30)).unwrap();
+                    let mut ring =
+                        Ring::connect(rank, world, &peers, listener, "secret", Duration::from_secs(30)).unwrap();
                     let mut audit = Audit::default();
                     let out = train::train(&cfg, data, &mut ring as &mut dyn Collective, &mut audit).unwrap();
                     (out, audit)

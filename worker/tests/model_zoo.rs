@@ -53,30 +53,19 @@ fn every_model_matches_reference_counts_and_shapes() {
         let model = models::build(name, &vs.root(), 10).expect("known model builds");
         let trainable = vs.trainable_variables();
         let n_params: u64 = trainable.iter().map(|t| t.numel() as u64).sum();
-        assert_eq!(
-            n_params, params,
-            "{name}: trainable parameters from the VarStore"
-        );
+        assert_eq!(n_params, params, "{name}: trainable parameters from the VarStore");
 
         let vars = vs.variables();
         let n_bn = vars.keys().filter(|k| k.ends_with(".running_mean")).count();
         let n_buffers = vars.len() - trainable.len();
         // tch's BatchNorm keeps running_mean and running_var but no num_batches_tracked,
         // while PyTorch's buffer count has all three per BN layer.
-        assert_eq!(
-            n_buffers,
-            2 * n_bn,
-            "{name}: tch buffers are 2 per BN layer"
-        );
+        assert_eq!(n_buffers, 2 * n_bn, "{name}: tch buffers are 2 per BN layer");
         if let Some(t) = tensors {
             assert_eq!(trainable.len(), t, "{name}: parameter tensors");
         }
         if let Some(b) = buffers {
-            assert_eq!(
-                3 * n_bn,
-                b,
-                "{name}: PyTorch buffers (incl. num_batches_tracked)"
-            );
+            assert_eq!(3 * n_bn, b, "{name}: PyTorch buffers (incl. num_batches_tracked)");
         }
 
         let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
@@ -94,10 +83,7 @@ fn unknown_model_and_bad_classes_are_errors() {
     let vs = nn::VarStore::new(Device::Cpu);
     let err = models::build("resnet26", &vs.root(), 10).expect_err("resnet26 is not in the zoo");
     let msg = err.to_string();
-    assert!(
-        msg.contains("resnet26") && msg.contains("mobilenetv2"),
-        "{msg}"
-    );
+    assert!(msg.contains("resnet26") && msg.contains("mobilenetv2"), "{msg}");
     assert!(models::info("VGG16").is_err());
     assert!(models::build("vgg11", &vs.root(), 0).is_err());
 }
@@ -106,9 +92,7 @@ fn unknown_model_and_bad_classes_are_errors() {
 fn num_classes_sets_head_width() {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = models::build("resnet20", &vs.root(), 100).expect("builds");
-    let y = tch::no_grad(|| {
-        model.forward_t(&Tensor::zeros([3, 3, 32, 32], tch::kind::FLOAT_CPU), false)
-    });
+    let y = tch::no_grad(|| model.forward_t(&Tensor::zeros([3, 3, 32, 32], tch::kind::FLOAT_CPU), false));
     assert_eq!(y.size(), vec![3, 100]);
 }
 
@@ -124,23 +108,13 @@ fn default_init_matches_pytorch() {
         for (key, t) in &vars {
             let prefix = key.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
             let is_bn = vars.contains_key(&format!("{prefix}.running_mean"));
-            let f =
-                |t: &Tensor| Vec::<f32>::try_from(t.detach().flatten(0, -1)).expect("float tensor");
+            let f = |t: &Tensor| Vec::<f32>::try_from(t.detach().flatten(0, -1)).expect("float tensor");
             if is_bn {
-                let expect = if key.ends_with(".weight") || key.ends_with(".running_var") {
-                    1.0
-                } else {
-                    0.0
-                };
-                assert!(
-                    f(t).iter().all(|&v| v == expect),
-                    "{key}: expected all {expect}"
-                );
+                let expect = if key.ends_with(".weight") || key.ends_with(".running_var") { 1.0 } else { 0.0 };
+                assert!(f(t).iter().all(|&v| v == expect), "{key}: expected all {expect}");
                 continue;
             }
-            let w = vars
-                .get(&format!("{prefix}.weight"))
-                .expect("weight beside bias");
+            let w = vars.get(&format!("{prefix}.weight")).expect("weight beside bias");
             let size = w.size();
             let fan_in: i64 = size[1..].iter().product();
             let bound = 1.0 / (fan_in as f32).sqrt();
@@ -150,16 +124,10 @@ fn default_init_matches_pytorch() {
             // Large tensors of a uniform draw get close to the bound; tch's Kaiming default
             // (bound √6/√fan_in) or zero biases would fail one of these.
             if vals.len() >= 500 {
-                assert!(
-                    max > 0.95 * bound,
-                    "{key}: max |w| {max} far below bound {bound}"
-                );
+                assert!(max > 0.95 * bound, "{key}: max |w| {max} far below bound {bound}");
                 let var = vals.iter().map(|v| v * v).sum::<f32>() / vals.len() as f32;
                 let expect = bound * bound / 3.0;
-                assert!(
-                    (var / expect - 1.0).abs() < 0.15,
-                    "{key}: variance {var} vs {expect}"
-                );
+                assert!((var / expect - 1.0).abs() < 0.15, "{key}: variance {var} vs {expect}");
             } else {
                 assert!(max > 0.0, "{key}: all zero");
             }
@@ -174,11 +142,7 @@ fn model_is_send() {
     let model = models::build("resnet20", &vs.root(), 10).expect("builds");
     assert_send(&model);
     let handle = std::thread::spawn(move || {
-        tch::no_grad(|| {
-            model
-                .forward_t(&Tensor::zeros([1, 3, 32, 32], tch::kind::FLOAT_CPU), false)
-                .size()
-        })
+        tch::no_grad(|| model.forward_t(&Tensor::zeros([1, 3, 32, 32], tch::kind::FLOAT_CPU), false).size())
     });
     assert_eq!(handle.join().expect("thread"), vec![1, 10]);
 }

@@ -30,14 +30,7 @@ const TOL: f64 = 1e-4;
 const BATCH: i64 = 8;
 /// Architectures covering every block type: VGG, Basic and Bottleneck ResNets, MobileNetV2
 /// (depthwise + projection shortcuts), option-A and plain He et al. nets.
-const TCH_TO_TORCH: &[&str] = &[
-    "resnet18",
-    "vgg16",
-    "mobilenetv2",
-    "resnet20",
-    "plain20",
-    "resnet50",
-];
+const TCH_TO_TORCH: &[&str] = &["resnet18", "vgg16", "mobilenetv2", "resnet20", "plain20", "resnet50"];
 const TORCH_TO_TCH: &[&str] = &["resnet20", "mobilenetv2"];
 
 /// tch's generator is global and the two tests run on parallel threads; holding this while
@@ -68,10 +61,7 @@ fn run_python(args: &[&str]) {
 }
 
 fn read(path: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-        .into_iter()
-        .collect()
+    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display())).into_iter().collect()
 }
 
 /// Relative elementwise difference of `ours` against the reference `theirs`, floored at 1.
@@ -107,20 +97,11 @@ fn perturb_bn(vs: &nn::VarStore) {
 }
 
 /// Eval logits, then train logits (updating running stats), then the stats, all in tch.
-fn tch_outputs(
-    model: &dyn nn::ModuleT,
-    vs: &nn::VarStore,
-    x: &Tensor,
-) -> (Tensor, Tensor, BTreeMap<String, Tensor>) {
+fn tch_outputs(model: &dyn nn::ModuleT, vs: &nn::VarStore, x: &Tensor) -> (Tensor, Tensor, BTreeMap<String, Tensor>) {
     tch::no_grad(|| {
         let eval = model.forward_t(x, false);
         let train = model.forward_t(x, true);
-        let stats = vs
-            .variables()
-            .into_iter()
-            .filter(|(k, _)| is_stat(k))
-            .map(|(k, t)| (k, t.copy()))
-            .collect();
+        let stats = vs.variables().into_iter().filter(|(k, _)| is_stat(k)).map(|(k, t)| (k, t.copy())).collect();
         (eval, train, stats)
     })
 }
@@ -150,11 +131,7 @@ fn compare(
         eval: rel_diff(ours_eval, eval),
         train: rel_diff(ours_train, train),
         stats,
-        logit_scale: eval
-            .abs()
-            .max()
-            .double_value(&[])
-            .max(train.abs().max().double_value(&[])),
+        logit_scale: eval.abs().max().double_value(&[]).max(train.abs().max().double_value(&[])),
     };
     eprintln!(
         "{name:12} relative max|Δ| eval {:.2e}  train {:.2e}  running stats {:.2e}  (max|logit| {:.3}, {} BN stats)",
@@ -165,17 +142,10 @@ fn compare(
         ours_stats.len()
     );
     assert!(!ours_stats.is_empty(), "{name}: no BN statistics compared");
-    assert!(
-        d.logit_scale > 1e-3,
-        "{name}: logits too small for the comparison to mean anything"
-    );
+    assert!(d.logit_scale > 1e-3, "{name}: logits too small for the comparison to mean anything");
     assert!(d.eval <= TOL, "{name}: eval logits differ by {}", d.eval);
     assert!(d.train <= TOL, "{name}: train logits differ by {}", d.train);
-    assert!(
-        d.stats <= TOL,
-        "{name}: running stats differ by {}",
-        d.stats
-    );
+    assert!(d.stats <= TOL, "{name}: running stats differ by {}", d.stats);
     d
 }
 
@@ -192,17 +162,11 @@ fn tch_weights_reproduce_pytorch_logits() {
         perturb_bn(&vs);
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        Tensor::write_safetensors(
-            &named,
-            dir.path().join(format!("{name}.weights.safetensors")),
-        )
-        .expect("write weights");
+        Tensor::write_safetensors(&named, dir.path().join(format!("{name}.weights.safetensors")))
+            .expect("write weights");
         let x = Tensor::randn([BATCH, 3, 32, 32], (Kind::Float, Device::Cpu));
-        Tensor::write_safetensors(
-            &[("input", &x)],
-            dir.path().join(format!("{name}.input.safetensors")),
-        )
-        .expect("write input");
+        Tensor::write_safetensors(&[("input", &x)], dir.path().join(format!("{name}.input.safetensors")))
+            .expect("write input");
         let ours = tch_outputs(model.as_ref(), &vs, &x);
         built.push((name, ours));
     }
@@ -215,13 +179,9 @@ fn tch_weights_reproduce_pytorch_logits() {
 
     for (name, ours) in &built {
         let theirs = read(&dir.path().join(format!("{name}.torch_out.safetensors")));
-        compare(
-            name,
-            ours,
-            &theirs["logits_eval"],
-            &theirs["logits_train"],
-            |k| theirs.get(k).map(|t| t.shallow_clone()),
-        );
+        compare(name, ours, &theirs["logits_eval"], &theirs["logits_train"], |k| {
+            theirs.get(k).map(|t| t.shallow_clone())
+        });
     }
 }
 
@@ -246,12 +206,8 @@ fn pytorch_weights_reproduce_tch_logits() {
         // Same key set both ways, so nothing is silently left at its tch initial value.
         let torch_keys: BTreeSet<String> = read(&weights_path).into_keys().collect();
         let tch_keys: BTreeSet<String> = vs.variables().into_keys().collect();
-        assert_eq!(
-            torch_keys, tch_keys,
-            "{name}: state_dict keys (less num_batches_tracked)"
-        );
-        vs.load(&weights_path)
-            .expect("load PyTorch weights into the VarStore");
+        assert_eq!(torch_keys, tch_keys, "{name}: state_dict keys (less num_batches_tracked)");
+        vs.load(&weights_path).expect("load PyTorch weights into the VarStore");
 
         let ours = tch_outputs(model.as_ref(), &vs, &io["input"]);
         compare(name, &ours, &io["logits_eval"], &io["logits_train"], |k| {

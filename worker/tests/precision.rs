@@ -60,7 +60,12 @@ fn bf16_on_cpu_trains_like_fp32() {
     }
     // Both learned (chance is 10 %).
     assert!(fp32.train_acc > 0.5 && bf16.train_acc > 0.5, "fp32 {fp32:?}, bf16 {bf16:?}");
-    assert!((bf16.train_acc - fp32.train_acc).abs() <= 0.03, "bf16 {:.4} vs fp32 {:.4}", bf16.train_acc, fp32.train_acc);
+    assert!(
+        (bf16.train_acc - fp32.train_acc).abs() <= 0.03,
+        "bf16 {:.4} vs fp32 {:.4}",
+        bf16.train_acc,
+        fp32.train_acc
+    );
     let job: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("bf16").join("job.json")).unwrap()).unwrap();
     assert_eq!(job["precision"], "bf16", "{job}");
@@ -71,7 +76,18 @@ fn bf16_on_cpu_trains_like_fp32() {
 fn amp_with_another_precision_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_cvdist-worker"))
-        .args(["train", "--model", "resnet20", "--epochs", "1", "--dataset", "synthetic", "--amp", "--precision", "bf16"])
+        .args([
+            "train",
+            "--model",
+            "resnet20",
+            "--epochs",
+            "1",
+            "--dataset",
+            "synthetic",
+            "--amp",
+            "--precision",
+            "bf16",
+        ])
         .arg("--out")
         .arg(dir.path())
         .env("NO_COLOR", "1")

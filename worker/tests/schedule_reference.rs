@@ -18,7 +18,7 @@ const CASES: &[(f64, u32, u32, u32, u64)] = &[
     (0.05, 10, 3, 4, 7), // several steps per epoch: the ramp is per step
     (0.1, 6, 1, 8, 13),
     (0.2, 12, 5, 16, 2),
-    (0.1, 4, 0, 3, 5),   // no warmup: the scaled rate from the first step, cosine per epoch
+    (0.1, 4, 0, 3, 5), // no warmup: the scaled rate from the first step, cosine per epoch
     (0.1, 200, 5, 4, 98),
 ];
 

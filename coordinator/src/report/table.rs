@@ -49,7 +49,8 @@ pub fn summary_table(runs: &[Run]) -> String {
     // the table, with the outcome and reason from summary.json.
     for (run, label) in runs.iter().zip(labels) {
         if let Some(s) = run.summary.as_ref().filter(|s| s.state == "failed") {
-            let why = if s.outcome.is_empty() || s.outcome == s.state { String::new() } else { format!(" ({})", s.outcome) };
+            let why =
+                if s.outcome.is_empty() || s.outcome == s.state { String::new() } else { format!(" ({})", s.outcome) };
             out.push_str(&format!("{label}: FAILED{why}: {}\n", s.message));
         }
     }

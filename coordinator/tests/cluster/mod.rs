@@ -44,7 +44,14 @@ pub fn spawn_coordinator(port: u16, metrics_port: u16, state_dir: &Path, data: &
 }
 
 /// [`spawn_coordinator`] with extra command-line arguments.
-pub fn spawn_coordinator_with(port: u16, metrics_port: u16, state_dir: &Path, data: &Path, log: std::fs::File, extra: &[String]) -> Child {
+pub fn spawn_coordinator_with(
+    port: u16,
+    metrics_port: u16,
+    state_dir: &Path,
+    data: &Path,
+    log: std::fs::File,
+    extra: &[String],
+) -> Child {
     let mut cmd = Command::new(cvdist_bin());
     cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--state-dir")

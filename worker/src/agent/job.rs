@@ -212,8 +212,13 @@ impl Observer for ReportingObserver<'_> {
 pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
     let span = info_span!("job", job = %assignment.job_id, attempt = assignment.attempt, rank = assignment.rank);
     let _enter = span.enter();
-    let observer =
-        ReportingObserver { assignment: &assignment, env: &env, control: control.clone(), confirmed: None, upload_error: None };
+    let observer = ReportingObserver {
+        assignment: &assignment,
+        env: &env,
+        control: control.clone(),
+        confirmed: None,
+        upload_error: None,
+    };
     let outcome = execute(&assignment, &env, &control);
     match outcome {
         Ok(fin) => {
@@ -231,7 +236,12 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
 /// Agrees on the gradient backend over the freshly formed ring: NCCL only when every rank
 /// can use it (all on CUDA with libnccl loadable), otherwise the ring itself. Rank 0 then
 /// creates the NCCL id and the ring carries it to the others.
-fn choose_backend(mut ring: Ring, wanted: &str, device: Device, control: &JobControl) -> Result<Box<dyn Collective>, Failure> {
+fn choose_backend(
+    mut ring: Ring,
+    wanted: &str,
+    device: Device,
+    control: &JobControl,
+) -> Result<Box<dyn Collective>, Failure> {
     let world = ring.world_size();
     let local_ok = device.is_cuda() && nccl::available().is_ok();
     let mut votes = [if local_ok { 1.0f32 } else { 0.0 }];
@@ -240,7 +250,8 @@ fn choose_backend(mut ring: Ring, wanted: &str, device: Device, control: &JobCon
     match (wanted, all_ok) {
         ("ring", _) | ("auto", false) => return Ok(Box::new(ring)),
         ("nccl", false) => {
-            let why = nccl::available().err().map(|e| e.to_string()).unwrap_or_else(|| "not every rank is on CUDA".into());
+            let why =
+                nccl::available().err().map(|e| e.to_string()).unwrap_or_else(|| "not every rank is on CUDA".into());
             // Every rank reaches this verdict from the same vote, and a restart on the same
             // workers would vote the same way: a configuration error, not retried.
             return Err(Failure::config(format!("--collective nccl requested but unusable on some rank: {why}")));
@@ -294,7 +305,10 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     let world = a.world_size as usize;
     let rank = a.rank as usize;
     if rank >= world || a.peers.len() != world {
-        return Err(Failure::config(format!("malformed assignment: rank {rank} of {world} with {} peers", a.peers.len())));
+        return Err(Failure::config(format!(
+            "malformed assignment: rank {rank} of {world} with {} peers",
+            a.peers.len()
+        )));
     }
     if spec.threads_per_worker > 0 {
         tch::set_num_threads(spec.threads_per_worker as i32);
@@ -324,7 +338,10 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         let mut client = env.client.clone();
         let dir = job_dir.join("resume");
         let path = control
-            .block_on_unless_stopped(&env.runtime, transfer::download_checkpoint(&mut client, &a.job_id, &a.checkpoint, &dir))
+            .block_on_unless_stopped(
+                &env.runtime,
+                transfer::download_checkpoint(&mut client, &a.job_id, &a.checkpoint, &dir),
+            )
             .map_err(Failure::retry)?
             .map_err(|e| Failure::retry(format!("downloading checkpoint {}: {e}", a.checkpoint)))?;
         Some(path)
@@ -339,8 +356,9 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         // to load its data, say) must end at the coordinator's abort, not the timeout.
         let abort = AbortHandle::new();
         control.install_abort(abort.clone());
-        let ring = Ring::connect_with_abort(rank, world, &peers, listener, &a.session_secret, RENDEZVOUS_TIMEOUT, abort)
-            .map_err(|e| Failure::retry(format!("forming the data-plane ring: {e}")))?;
+        let ring =
+            Ring::connect_with_abort(rank, world, &peers, listener, &a.session_secret, RENDEZVOUS_TIMEOUT, abort)
+                .map_err(|e| Failure::retry(format!("forming the data-plane ring: {e}")))?;
         let comm = choose_backend(ring, &spec.collective, env.device, control)?;
         control.install_abort(comm.abort_handle());
         comm
@@ -370,15 +388,16 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     let final_name = checkpoint::name_for(cfg.spec.epochs, 0);
     // Rank 0 says why the final model is not on the coordinator, if it is not; the
     // coordinator then does not report the job as succeeded.
-    let final_checkpoint_error = if rank != 0 || a.checkpoint == final_name || observer.confirmed.as_deref() == Some(&final_name) {
-        String::new()
-    } else if let Some(e) = outcome.final_checkpoint_error {
-        format!("rank 0 could not write it: {e}")
-    } else if let Some((name, e)) = observer.upload_error.filter(|(n, _)| *n == final_name) {
-        format!("uploading {name} failed: {e}")
-    } else {
-        "rank 0 did not upload it".to_string()
-    };
+    let final_checkpoint_error =
+        if rank != 0 || a.checkpoint == final_name || observer.confirmed.as_deref() == Some(&final_name) {
+            String::new()
+        } else if let Some(e) = outcome.final_checkpoint_error {
+            format!("rank 0 could not write it: {e}")
+        } else if let Some((name, e)) = observer.upload_error.filter(|(n, _)| *n == final_name) {
+            format!("uploading {name} failed: {e}")
+        } else {
+            "rank 0 did not upload it".to_string()
+        };
     if rank == 0 && final_checkpoint_error.is_empty() {
         // Local copies are no longer needed once the coordinator holds the final checkpoint.
         let _ = std::fs::remove_dir_all(&job_dir);
@@ -406,9 +425,9 @@ pub fn scratch_dir(cache_dir: &Path, worker_id: &str) -> PathBuf {
 fn dataset_fetch_failure(e: &transfer::TransferError) -> Failure {
     let text = format!("fetching the dataset from the coordinator: {e}");
     match e {
-        transfer::TransferError::Rpc { code: tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument, .. } => {
-            Failure { text, kind: FailureKind::Data }
-        }
+        transfer::TransferError::Rpc {
+            code: tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument, ..
+        } => Failure { text, kind: FailureKind::Data },
         _ => Failure::retry(text),
     }
 }

@@ -5,8 +5,10 @@ pub mod job;
 pub mod transfer;
 
 use cvdist_common::client::{connect, error_chain};
+use cvdist_common::proto::{
+    coordinator_message, worker_message, Heartbeat, RegisterRequest, WorkerCapabilities, WorkerMessage,
+};
 use cvdist_common::text::printable;
-use cvdist_common::proto::{coordinator_message, worker_message, Heartbeat, RegisterRequest, WorkerCapabilities, WorkerMessage};
 use cvdist_common::version::PROTOCOL_VERSION;
 use job::{JobControl, JobEnv};
 use std::net::SocketAddr;
@@ -73,7 +75,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// Serves the coordinator until a fatal error or until `stop` resolves (SIGTERM, Ctrl-C):
 /// then the running job is stopped, the session closed, and `Ok` returned. Reconnects
 /// after every other failure.
-pub async fn run(cfg: WorkerConfig, stop: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
+pub async fn run(
+    cfg: WorkerConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
     let listener = std::net::TcpListener::bind(cfg.data_listen)
         .map_err(|e| AgentError::Fatal(format!("cannot listen for peers on {}: {e}", cfg.data_listen)))?;
     let bound = listener.local_addr().map_err(|e| AgentError::Fatal(e.to_string()))?;
@@ -155,9 +160,7 @@ async fn session(
                 tonic::Code::FailedPrecondition
                 | tonic::Code::InvalidArgument
                 | tonic::Code::Unauthenticated
-                | tonic::Code::PermissionDenied => {
-                    AgentError::Fatal(text)
-                }
+                | tonic::Code::PermissionDenied => AgentError::Fatal(text),
                 _ => AgentError::Retry(text),
             });
         }
@@ -167,7 +170,10 @@ async fn session(
     let heartbeat = tokio::spawn(async move {
         loop {
             tokio::time::sleep(HEARTBEAT_EVERY).await;
-            if heartbeat_tx.send(WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat::default())) }).is_err() {
+            if heartbeat_tx
+                .send(WorkerMessage { msg: Some(worker_message::Msg::Heartbeat(Heartbeat::default())) })
+                .is_err()
+            {
                 return;
             }
         }

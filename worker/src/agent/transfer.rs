@@ -49,10 +49,16 @@ pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf,
     let mut files = 0;
     while let Some(chunk) = stream.message().await.map_err(|s| TransferError::rpc(&s))? {
         if !cvdist_common::spec::valid_name(&chunk.file) {
-            return Err(TransferError::Corrupt { what: "dataset".into(), reason: format!("bad file name {:?}", chunk.file) });
+            return Err(TransferError::Corrupt {
+                what: "dataset".into(),
+                reason: format!("bad file name {:?}", chunk.file),
+            });
         }
         if hex::encode(Sha256::digest(&chunk.data)) != chunk.chunk_sha256 {
-            return Err(TransferError::Corrupt { what: chunk.file.clone(), reason: format!("chunk at offset {} fails its checksum", chunk.offset) });
+            return Err(TransferError::Corrupt {
+                what: chunk.file.clone(),
+                reason: format!("chunk at offset {} fails its checksum", chunk.offset),
+            });
         }
         if current.as_ref().map(|c| c.0 != chunk.file).unwrap_or(true) {
             // Per process: workers sharing a cache dir may fetch at the same time, and one
@@ -67,7 +73,10 @@ pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf,
         if chunk.last_of_file {
             let got = hex::encode(hasher.clone().finalize());
             if got != chunk.file_sha256 {
-                return Err(TransferError::Corrupt { what: name.clone(), reason: format!("file checksum {got} != {}", chunk.file_sha256) });
+                return Err(TransferError::Corrupt {
+                    what: name.clone(),
+                    reason: format!("file checksum {got} != {}", chunk.file_sha256),
+                });
             }
             file.sync_all().map_err(io(tmp))?;
             let dest = batches.join(&*name);
@@ -77,7 +86,10 @@ pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf,
         }
     }
     if files != cifar::TRAIN_FILES.len() + 1 {
-        return Err(TransferError::Corrupt { what: "dataset".into(), reason: format!("stream ended after {files} files") });
+        return Err(TransferError::Corrupt {
+            what: "dataset".into(),
+            reason: format!("stream ended after {files} files"),
+        });
     }
     std::fs::write(&marker, b"").map_err(io(&marker))?;
     Ok(root)
@@ -94,28 +106,37 @@ pub async fn upload_checkpoint(
 ) -> Result<(), TransferError> {
     let data_path = json_path.with_extension("safetensors");
     let bytes = tokio::fs::read(&data_path).await.map_err(io(&data_path))?;
-    let state_json = serde_json::to_string(state).map_err(|e| TransferError::Corrupt { what: "state".into(), reason: e.to_string() })?;
+    let state_json = serde_json::to_string(state)
+        .map_err(|e| TransferError::Corrupt { what: "state".into(), reason: e.to_string() })?;
     let name = state.name();
     let job_id = job_id.to_string();
     let mut chunks: Vec<CheckpointChunk> = bytes
         .chunks(version::CHUNK_BYTES)
-        .map(|c| CheckpointChunk { job_id: job_id.clone(), name: name.clone(), data: c.to_vec(), attempt, ..Default::default() })
+        .map(|c| CheckpointChunk {
+            job_id: job_id.clone(),
+            name: name.clone(),
+            data: c.to_vec(),
+            attempt,
+            ..Default::default()
+        })
         .collect();
     if chunks.is_empty() {
         chunks.push(CheckpointChunk { job_id: job_id.clone(), name: name.clone(), attempt, ..Default::default() });
     }
     chunks[0].state_json = state_json;
     chunks[0].session_key = session_key.to_string();
-    client
-        .upload_checkpoint(tokio_stream::iter(chunks))
-        .await
-        .map_err(|s| TransferError::rpc(&s))?;
+    client.upload_checkpoint(tokio_stream::iter(chunks)).await.map_err(|s| TransferError::rpc(&s))?;
     Ok(())
 }
 
 /// Downloads a checkpoint into `dir`; returns the path of its JSON record. The tensor
 /// file's checksum is verified when the trainer loads it.
-pub async fn download_checkpoint(client: &mut Client, job_id: &str, name: &str, dir: &Path) -> Result<PathBuf, TransferError> {
+pub async fn download_checkpoint(
+    client: &mut Client,
+    job_id: &str,
+    name: &str,
+    dir: &Path,
+) -> Result<PathBuf, TransferError> {
     // The name becomes a file name here: the same check as on the coordinator's side.
     cvdist_common::names::parse_checkpoint_name(name)
         .map_err(|e| TransferError::Corrupt { what: "checkpoint name".into(), reason: e.to_string() })?;

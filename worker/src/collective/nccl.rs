@@ -187,8 +187,7 @@ fn resolve(lib: Library, path: String) -> Result<Api, String> {
     macro_rules! sym {
         ($name:literal) => {
             // SAFETY: the signature matches nccl.h for NCCL 2.x.
-            *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
-                .map_err(|e| format!("{path} lacks {}: {e}", $name))?
+            *unsafe { lib.get(concat!($name, "\0").as_bytes()) }.map_err(|e| format!("{path} lacks {}: {e}", $name))?
         };
     }
     Ok(Api {
@@ -252,7 +251,8 @@ pub fn unique_id_to_hex(id: &[u8; UNIQUE_ID_BYTES]) -> String {
 }
 
 pub fn unique_id_from_hex(s: &str) -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
-    let bytes = hex::decode(s.trim()).map_err(|e| CollectiveError::Config(format!("NCCL unique id is not hex: {e}")))?;
+    let bytes =
+        hex::decode(s.trim()).map_err(|e| CollectiveError::Config(format!("NCCL unique id is not hex: {e}")))?;
     bytes.try_into().map_err(|b: Vec<u8>| {
         CollectiveError::Config(format!("NCCL unique id has {} bytes, expected {UNIQUE_ID_BYTES}", b.len()))
     })
@@ -289,7 +289,8 @@ impl NcclComm {
         if world == 0 || rank >= world {
             return Err(CollectiveError::Config(format!("NCCL rank {rank} out of range for world size {world}")));
         }
-        let nranks = c_int::try_from(world).map_err(|_| CollectiveError::Config(format!("world size {world} too large")))?;
+        let nranks =
+            c_int::try_from(world).map_err(|_| CollectiveError::Config(format!("world size {world} too large")))?;
         available()?;
         let api = api()?;
         let id = RawUniqueId { internal: unique_id.map(|b| b as c_char) };
@@ -366,7 +367,8 @@ impl NcclComm {
         if root >= self.world {
             return Err(CollectiveError::Config(format!("broadcast root {root} >= world size {}", self.world)));
         }
-        let code = (self.api.broadcast)(ptr, ptr, count, dtype as c_int, root as c_int, self.comm, std::ptr::null_mut());
+        let code =
+            (self.api.broadcast)(ptr, ptr, count, dtype as c_int, root as c_int, self.comm, std::ptr::null_mut());
         self.after_call("ncclBroadcast", code)
     }
 
@@ -387,7 +389,11 @@ impl NcclComm {
 
     fn tensor_args(&self, t: &tch::Tensor) -> Result<(*mut c_void, usize, NcclDataType), CollectiveError> {
         if t.device() != tch::Device::Cuda(self.device) {
-            return Err(CollectiveError::Config(format!("tensor on {:?}, NCCL comm on cuda:{}", t.device(), self.device)));
+            return Err(CollectiveError::Config(format!(
+                "tensor on {:?}, NCCL comm on cuda:{}",
+                t.device(),
+                self.device
+            )));
         }
         if !t.is_contiguous() {
             return Err(CollectiveError::Config("NCCL needs a contiguous tensor".into()));

@@ -207,11 +207,9 @@ impl IoCtx<'_> {
             return self.abort.error();
         }
         match e.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => CollectiveError::Timeout {
-                op: self.op,
-                peer: self.peer,
-                secs: self.timeout.as_secs_f64(),
-            },
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                CollectiveError::Timeout { op: self.op, peer: self.peer, secs: self.timeout.as_secs_f64() }
+            }
             ErrorKind::UnexpectedEof
             | ErrorKind::ConnectionReset
             | ErrorKind::ConnectionAborted
@@ -359,9 +357,7 @@ impl Ring {
             *lock(&stop.linger_until) = Some(Instant::now() + SETUP_LINGER);
             stop.flag.store(true, Ordering::SeqCst);
         }
-        let recv = acceptor
-            .join()
-            .map_err(|_| CollectiveError::Protocol("ring acceptor thread panicked".into()))?;
+        let recv = acceptor.join().map_err(|_| CollectiveError::Protocol("ring acceptor thread panicked".into()))?;
         let (send, recv) = (sent?, recv?);
 
         let mut abort_ids = [0u64; 2];
@@ -546,10 +542,7 @@ impl Ring {
             }
         }
         if kind == wire::op::BARRIER && buf.first().is_some_and(|&v| v != n as f32) {
-            return Err(CollectiveError::Protocol(format!(
-                "barrier counted {:?} ranks, expected {n}",
-                buf.first()
-            )));
+            return Err(CollectiveError::Protocol(format!("barrier counted {:?} ranks, expected {n}", buf.first())));
         }
         Ok(())
     }
@@ -660,9 +653,7 @@ struct ReplyGuard<'a> {
 impl ReplyGuard<'_> {
     fn wait(&mut self) -> Result<(), CollectiveError> {
         self.done = true;
-        self.replies
-            .recv()
-            .unwrap_or_else(|_| Err(CollectiveError::Broken("ring sender thread exited mid-op".into())))
+        self.replies.recv().unwrap_or_else(|_| Err(CollectiveError::Broken("ring sender thread exited mid-op".into())))
     }
 }
 
@@ -1013,17 +1004,13 @@ fn handshake_connector(
     deadline: Instant,
 ) -> Result<TcpStream, HandshakeFail> {
     let io_t = Some(handshake_timeout(deadline));
-    let retry = |what: &str, e: std::io::Error| HandshakeFail::Retry(format!("handshake with rank {next}: {what}: {e}"));
+    let retry =
+        |what: &str, e: std::io::Error| HandshakeFail::Retry(format!("handshake with rank {next}: {what}: {e}"));
     s.set_read_timeout(io_t).and_then(|_| s.set_write_timeout(io_t)).map_err(|e| retry("socket options", e))?;
     let mut nonce_c = [0u8; wire::NONCE_LEN];
     rand::thread_rng().fill_bytes(&mut nonce_c);
-    let hello = Hello {
-        version: wire::VERSION,
-        world: me.world as u32,
-        from: me.rank as u32,
-        to: next as u32,
-        nonce: nonce_c,
-    };
+    let hello =
+        Hello { version: wire::VERSION, world: me.world as u32, from: me.rank as u32, to: next as u32, nonce: nonce_c };
     wire::write_all(&mut s, &hello.encode()).map_err(|e| retry("sending hello", e))?;
     let ack_bytes = wire::read_array::<{ wire::ACK_LEN }>(&mut s).map_err(|e| retry("reading ack", e))?;
     let ack = Ack::decode(&ack_bytes).map_err(|_| {
@@ -1049,11 +1036,13 @@ fn handshake_connector(
             me.world, ack.rank, ack.world
         ))));
     }
-    let expect = wire::link_mac(&me.secret, Role::Acceptor, me.world as u32, me.rank as u32, next as u32, &nonce_c, &ack.nonce);
+    let expect =
+        wire::link_mac(&me.secret, Role::Acceptor, me.world as u32, me.rank as u32, next as u32, &nonce_c, &ack.nonce);
     if !constant_time_eq(&expect, &ack.mac) {
         return Err(HandshakeFail::Fatal(CollectiveError::Auth { peer: next }));
     }
-    let proof = wire::link_mac(&me.secret, Role::Connector, me.world as u32, me.rank as u32, next as u32, &nonce_c, &ack.nonce);
+    let proof =
+        wire::link_mac(&me.secret, Role::Connector, me.world as u32, me.rank as u32, next as u32, &nonce_c, &ack.nonce);
     wire::write_all(&mut s, &proof).map_err(|e| retry("sending proof", e))?;
     let verdict = wire::read_array::<{ wire::VERDICT_LEN }>(&mut s).map_err(|e| retry("reading verdict", e))?;
     match u32::from_le_bytes(verdict) {
@@ -1070,7 +1059,10 @@ fn handshake_connector(
 enum Incoming {
     Accepted(TcpStream),
     /// Rejected; `auth` when it claimed to be our predecessor but failed the MAC.
-    Rejected { reason: String, auth: bool },
+    Rejected {
+        reason: String,
+        auth: bool,
+    },
 }
 
 /// Acceptor side: accept connections until one completes the handshake as `prev`.
@@ -1119,7 +1111,9 @@ fn accept_link(
             return Err(match last_reject {
                 Some((_, true)) => CollectiveError::Auth { peer: prev },
                 Some((reason, false)) => CollectiveError::Io {
-                    context: format!("waiting for rank {prev} to connect (timed out; last rejected connection: {reason})"),
+                    context: format!(
+                        "waiting for rank {prev} to connect (timed out; last rejected connection: {reason})"
+                    ),
                     source: std::io::Error::new(ErrorKind::TimedOut, "ring accept timed out"),
                 },
                 None => CollectiveError::Io {
@@ -1135,7 +1129,11 @@ fn accept_link(
                 let full = pending.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES;
                 if full || from_ip >= MAX_PENDING_PER_SOURCE {
                     if dropped_logged.insert(ip) {
-                        let why = if full { "too many pending data-plane handshakes" } else { "too many pending handshakes from one address" };
+                        let why = if full {
+                            "too many pending data-plane handshakes"
+                        } else {
+                            "too many pending handshakes from one address"
+                        };
                         tracing::warn!(rank = me.rank, %from, "{why}; dropping connections (logged once per address)");
                     }
                     continue;
@@ -1231,14 +1229,20 @@ fn read_array_by<const N: usize>(s: &mut TcpStream, until: Instant) -> std::io::
 
 /// Returns the stream or (reason, was-auth-failure). The whole exchange must finish by
 /// `until` (see [`ACCEPT_HANDSHAKE_DEADLINE`]).
-fn handshake_acceptor(me: &LinkSpec, prev: usize, mut s: TcpStream, until: Instant) -> Result<TcpStream, (String, bool)> {
+fn handshake_acceptor(
+    me: &LinkSpec,
+    prev: usize,
+    mut s: TcpStream,
+    until: Instant,
+) -> Result<TcpStream, (String, bool)> {
     let io_t = Some(handshake_timeout(until));
     let io = |what: &str, e: std::io::Error| (format!("{what}: {e}"), false);
     // Accepted sockets may inherit O_NONBLOCK from the listener on some platforms.
     s.set_nonblocking(false).map_err(|e| io("socket options", e))?;
     s.set_read_timeout(io_t).and_then(|_| s.set_write_timeout(io_t)).map_err(|e| io("socket options", e))?;
     let hello_bytes = read_array_by::<{ wire::HELLO_LEN }>(&mut s, until).map_err(|e| io("reading hello", e))?;
-    let hello = Hello::decode(&hello_bytes).map_err(|_| ("not a cvdist ring handshake (bad magic)".to_string(), false))?;
+    let hello =
+        Hello::decode(&hello_bytes).map_err(|_| ("not a cvdist ring handshake (bad magic)".to_string(), false))?;
     let mut nonce_a = [0u8; wire::NONCE_LEN];
     rand::thread_rng().fill_bytes(&mut nonce_a);
     let reply = |s: &mut TcpStream, code: u32, mac: [u8; wire::MAC_LEN]| {

@@ -47,10 +47,7 @@ impl Block {
         }
         let shortcut = match self.pad {
             None => xs.shallow_clone(),
-            Some(p) => xs
-                .slice(2, 0, None, 2)
-                .slice(3, 0, None, 2)
-                .constant_pad_nd([0, 0, 0, 0, p, p]),
+            Some(p) => xs.slice(2, 0, None, 2).slice(3, 0, None, 2).constant_pad_nd([0, 0, 0, 0, p, p]),
         };
         (out + shortcut).relu_()
     }
@@ -80,12 +77,7 @@ impl CifarResNet {
             }
         }
         let linear = linear(vs / "linear", c_in, num_classes);
-        CifarResNet {
-            conv1,
-            bn1,
-            blocks,
-            linear,
-        }
+        CifarResNet { conv1, bn1, blocks, linear }
     }
 }
 

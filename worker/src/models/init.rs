@@ -35,10 +35,7 @@ pub(crate) fn count_macs(batch: i64, f: impl FnOnce()) -> u64 {
 /// PyTorch's `kaiming_uniform_(a=√5)` and its bias rule both reduce to U(±1/√fan_in).
 fn fan_in_uniform(fan_in: i64) -> nn::Init {
     let bound = 1.0 / (fan_in as f64).sqrt();
-    nn::Init::Uniform {
-        lo: -bound,
-        up: bound,
-    }
+    nn::Init::Uniform { lo: -bound, up: bound }
 }
 
 /// A 2-D convolution that reports its multiply-adds to the counter.
@@ -71,10 +68,7 @@ pub fn conv2d(
         bs_init: fan_in_uniform(fan_in),
         ..Default::default()
     };
-    Conv2d {
-        inner: nn::conv2d(vs, c_in, c_out, k, cfg),
-        macs_per_output: fan_in as u64,
-    }
+    Conv2d { inner: nn::conv2d(vs, c_in, c_out, k, cfg), macs_per_output: fan_in as u64 }
 }
 
 impl Module for Conv2d {
@@ -94,16 +88,8 @@ pub struct Linear {
 }
 
 pub fn linear(vs: nn::Path, in_dim: i64, out_dim: i64) -> Linear {
-    let cfg = nn::LinearConfig {
-        ws_init: fan_in_uniform(in_dim),
-        bs_init: Some(fan_in_uniform(in_dim)),
-        bias: true,
-    };
-    Linear {
-        inner: nn::linear(vs, in_dim, out_dim, cfg),
-        in_dim,
-        out_dim,
-    }
+    let cfg = nn::LinearConfig { ws_init: fan_in_uniform(in_dim), bs_init: Some(fan_in_uniform(in_dim)), bias: true };
+    Linear { inner: nn::linear(vs, in_dim, out_dim, cfg), in_dim, out_dim }
 }
 
 impl Module for Linear {

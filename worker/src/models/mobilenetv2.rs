@@ -8,15 +8,8 @@ use tch::Tensor;
 
 /// (expansion t, output channels, repeats n, first stride), from the paper's Table 2 with
 /// the CIFAR stride changes.
-const CFG: [(i64, i64, usize, i64); 7] = [
-    (1, 16, 1, 1),
-    (6, 24, 2, 1),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
-];
+const CFG: [(i64, i64, usize, i64); 7] =
+    [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)];
 
 #[derive(Debug)]
 struct Block {
@@ -35,10 +28,7 @@ impl Block {
         let planes = t * c_in;
         let shortcut = (stride == 1 && c_in != c_out).then(|| {
             let sc = vs / "shortcut";
-            (
-                conv2d(&sc / "0", c_in, c_out, 1, 1, 0, 1, false),
-                batch_norm2d(&sc / "1", c_out),
-            )
+            (conv2d(&sc / "0", c_in, c_out, 1, 1, 0, 1, false), batch_norm2d(&sc / "1", c_out))
         });
         Block {
             // Expand even when t = 1: the reference keeps the 1×1 conv there too.
@@ -95,14 +85,7 @@ impl MobileNetV2 {
         let conv2 = conv2d(vs / "conv2", c_in, 1280, 1, 1, 0, 1, false);
         let bn2 = batch_norm2d(vs / "bn2", 1280);
         let linear = linear(vs / "linear", 1280, num_classes);
-        MobileNetV2 {
-            conv1,
-            bn1,
-            layers,
-            conv2,
-            bn2,
-            linear,
-        }
+        MobileNetV2 { conv1, bn1, layers, conv2, bn2, linear }
     }
 }
 

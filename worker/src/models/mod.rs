@@ -39,9 +39,7 @@ pub enum ModelError {
 }
 
 fn valid_names() -> String {
-    cvdist_common::models::names()
-        .collect::<Vec<_>>()
-        .join(", ")
+    cvdist_common::models::names().collect::<Vec<_>>().join(", ")
 }
 
 enum Arch {
@@ -57,10 +55,7 @@ fn arch(name: &str) -> Option<Arch> {
     if !cvdist_common::models::is_known(name) {
         return None;
     }
-    let depth = |prefix: &str| {
-        name.strip_prefix(prefix)
-            .and_then(|d| d.parse::<u32>().ok())
-    };
+    let depth = |prefix: &str| name.strip_prefix(prefix).and_then(|d| d.parse::<u32>().ok());
     if name == "mobilenetv2" {
         return Some(Arch::MobileNetV2);
     }
@@ -78,11 +73,7 @@ fn arch(name: &str) -> Option<Arch> {
 }
 
 /// Builds `name` under `vs` (pass the VarStore root to get bare state_dict keys).
-pub fn build(
-    name: &str,
-    vs: &tch::nn::Path,
-    num_classes: i64,
-) -> Result<Box<dyn tch::nn::ModuleT + Send>, ModelError> {
+pub fn build(name: &str, vs: &tch::nn::Path, num_classes: i64) -> Result<Box<dyn tch::nn::ModuleT + Send>, ModelError> {
     if num_classes <= 0 {
         return Err(ModelError::InvalidNumClasses(num_classes));
     }
@@ -104,22 +95,14 @@ pub fn info(name: &str) -> Result<ModelInfo, ModelError> {
         .ok_or_else(|| ModelError::UnknownModel(name.to_string()))?;
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let model = build(name, &vs.root(), 10)?;
-    let params = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as u64)
-        .sum();
+    let params = vs.trainable_variables().iter().map(|t| t.numel() as u64).sum();
     let macs = tch::no_grad(|| {
         let x = tch::Tensor::zeros([1, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
         init::count_macs(1, || {
             let _ = model.forward_t(&x, false);
         })
     });
-    Ok(ModelInfo {
-        name: static_name,
-        params,
-        macs,
-    })
+    Ok(ModelInfo { name: static_name, params, macs })
 }
 
 /// `info` for every model, in the control plane's order.

@@ -42,19 +42,8 @@ struct ConvBn {
 }
 
 impl ConvBn {
-    fn new(
-        vs: &nn::Path,
-        conv: &str,
-        bn: &str,
-        c_in: i64,
-        c_out: i64,
-        k: i64,
-        stride: i64,
-    ) -> Self {
-        ConvBn {
-            conv: conv2d(vs / conv, c_in, c_out, k, stride, k / 2, 1, false),
-            bn: batch_norm2d(vs / bn, c_out),
-        }
+    fn new(vs: &nn::Path, conv: &str, bn: &str, c_in: i64, c_out: i64, k: i64, stride: i64) -> Self {
+        ConvBn { conv: conv2d(vs / conv, c_in, c_out, k, stride, k / 2, 1, false), bn: batch_norm2d(vs / bn, c_out) }
     }
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
@@ -84,8 +73,8 @@ impl Block {
                 ConvBn::new(vs, "conv3", "bn3", planes, c_out, 1, 1),
             ],
         };
-        let shortcut = (stride != 1 || c_in != c_out)
-            .then(|| ConvBn::new(&(vs / "shortcut"), "0", "1", c_in, c_out, 1, stride));
+        let shortcut =
+            (stride != 1 || c_in != c_out).then(|| ConvBn::new(&(vs / "shortcut"), "0", "1", c_in, c_out, 1, stride));
         Block { convs, shortcut }
     }
 
@@ -122,11 +111,7 @@ impl ResNet {
         let stem = ConvBn::new(vs, "conv1", "bn1", 3, 64, 3, 1);
         let mut layers = Vec::new();
         let mut c_in = 64;
-        for (stage, ((planes, n), stride)) in [64, 128, 256, 512]
-            .into_iter()
-            .zip(blocks)
-            .zip([1, 2, 2, 2])
-            .enumerate()
+        for (stage, ((planes, n), stride)) in [64, 128, 256, 512].into_iter().zip(blocks).zip([1, 2, 2, 2]).enumerate()
         {
             let stage_vs = vs / format!("layer{}", stage + 1);
             for k in 0..n {
@@ -136,11 +121,7 @@ impl ResNet {
             }
         }
         let linear = linear(vs / "linear", c_in, num_classes);
-        ResNet {
-            stem,
-            layers,
-            linear,
-        }
+        ResNet { stem, layers, linear }
     }
 }
 

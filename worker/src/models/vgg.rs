@@ -78,10 +78,7 @@ impl Vgg {
             }
         }
         let classifier = linear(vs / "classifier", c_in, num_classes);
-        Vgg {
-            features,
-            classifier,
-        }
+        Vgg { features, classifier }
     }
 }
 

@@ -211,10 +211,16 @@ pub fn write_snapshot(
     for (n, t) in &snap.named {
         let dtype = dtype_name(t.kind()).ok_or_else(|| CheckpointError::Write {
             path: tmp.clone(),
-            source: std::io::Error::other(format!("tensor {n:?} has kind {:?}, which safetensors cannot store", t.kind())),
+            source: std::io::Error::other(format!(
+                "tensor {n:?} has kind {:?}, which safetensors cannot store",
+                t.kind()
+            )),
         })?;
         let len = tensor_bytes(t).len();
-        header.insert(n.clone(), serde_json::json!({"dtype": dtype, "shape": t.size(), "data_offsets": [offset, offset + len]}));
+        header.insert(
+            n.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.size(), "data_offsets": [offset, offset + len]}),
+        );
         offset += len;
     }
     let mut header = serde_json::to_vec(&header).expect("header serialises");
@@ -253,7 +259,8 @@ pub fn write_snapshot(
 
 /// Reads and verifies the checkpoint whose JSON record is `json_path`.
 pub fn load(json_path: &Path) -> Result<Checkpoint, CheckpointError> {
-    let text = std::fs::read(json_path).map_err(|source| CheckpointError::Read { path: json_path.to_path_buf(), source })?;
+    let text =
+        std::fs::read(json_path).map_err(|source| CheckpointError::Read { path: json_path.to_path_buf(), source })?;
     let state: CheckpointState = serde_json::from_slice(&text)
         .map_err(|e| CheckpointError::Corrupt { path: json_path.to_path_buf(), reason: e.to_string() })?;
     if state.format_version != FORMAT_VERSION {
@@ -263,12 +270,18 @@ pub fn load(json_path: &Path) -> Result<Checkpoint, CheckpointError> {
         });
     }
     let tensors_path = json_path.with_extension("safetensors");
-    let bytes = std::fs::read(&tensors_path).map_err(|source| CheckpointError::Read { path: tensors_path.clone(), source })?;
+    let bytes =
+        std::fs::read(&tensors_path).map_err(|source| CheckpointError::Read { path: tensors_path.clone(), source })?;
     let sha = hex::encode(Sha256::digest(&bytes));
     if sha != state.sha256 || bytes.len() as u64 != state.bytes {
         return Err(CheckpointError::Corrupt {
             path: tensors_path,
-            reason: format!("checksum {sha} ({} bytes) does not match recorded {} ({} bytes)", bytes.len(), state.sha256, state.bytes),
+            reason: format!(
+                "checksum {sha} ({} bytes) does not match recorded {} ({} bytes)",
+                bytes.len(),
+                state.sha256,
+                state.bytes
+            ),
         });
     }
     let tensors = Tensor::read_safetensors(&tensors_path)
@@ -328,10 +341,8 @@ pub fn restore_into(
     }
     tch::no_grad(|| {
         for (name, var) in variables {
-            let (_, src) = saved
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| mismatch(format!("missing tensor {name:?}")))?;
+            let (_, src) =
+                saved.iter().find(|(n, _)| n == name).ok_or_else(|| mismatch(format!("missing tensor {name:?}")))?;
             if src.size() != var.size() {
                 return Err(mismatch(format!("{name:?} has shape {:?}, model expects {:?}", src.size(), var.size())));
             }
@@ -360,7 +371,10 @@ mod tests {
     fn written_snapshot_loads_back_with_scaler_state() {
         let dir = tempfile::tempdir().unwrap();
         // channels_last strides, an odd-sized tensor and an i64 buffer, as in the zoo.
-        let conv = Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu)).permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        let conv = Tensor::randn([4, 3, 3, 3], (Kind::Float, Device::Cpu))
+            .permute([0, 2, 3, 1])
+            .contiguous()
+            .permute([0, 3, 1, 2]);
         let model = vec![
             ("conv.weight".to_string(), conv),
             ("bn.num_batches_tracked".to_string(), Tensor::from_slice(&[7i64])),
@@ -373,7 +387,9 @@ mod tests {
         let loaded = load(&json).unwrap();
         assert_eq!(loaded.state, written);
         assert_eq!(loaded.state.grad_scaler, Some(ScalerState { scale: 4096.0, growth_tracker: 17 }));
-        let find = |set: &[(String, Tensor)], n: &str| set.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone()).unwrap();
+        let find = |set: &[(String, Tensor)], n: &str| {
+            set.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone()).unwrap()
+        };
         for (n, t) in &model {
             let got = find(&loaded.model, n);
             assert_eq!(got.kind(), t.kind(), "{n}");

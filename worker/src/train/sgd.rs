@@ -87,7 +87,11 @@ impl Sgd {
                 .ok_or_else(|| format!("momentum buffer for unknown parameter {name:?}"))?;
             let p = &self.params[idx].1;
             if p.size() != tensor.size() {
-                return Err(format!("momentum buffer {name:?} has shape {:?}, parameter has {:?}", tensor.size(), p.size()));
+                return Err(format!(
+                    "momentum buffer {name:?} has shape {:?}, parameter has {:?}",
+                    tensor.size(),
+                    p.size()
+                ));
             }
             self.momentum_buffers[idx] = Some(tensor.to_device(p.device()).to_kind(p.kind()));
         }
@@ -142,7 +146,8 @@ mod tests {
             for (k, lr) in [0.1, 0.05, 0.02].into_iter().enumerate() {
                 sgd.zero_grad();
                 // d(sum(p * c))/dp = c: a known gradient, different every step.
-                let c = Tensor::linspace(0.5, -0.3 * (k as f64 + 1.0), 48, (Kind::Float, Device::Cpu)).view([2, 3, 2, 4]);
+                let c =
+                    Tensor::linspace(0.5, -0.3 * (k as f64 + 1.0), 48, (Kind::Float, Device::Cpu)).view([2, 3, 2, 4]);
                 (&p * &c).sum(Kind::Float).backward();
                 sgd.step(lr);
                 steps.push((values(&c), lr));

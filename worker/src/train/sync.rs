@@ -243,7 +243,8 @@ fn unpack_f64(buf: &[f32], world: usize) -> Vec<Vec<f64>> {
         .map(|rank| {
             rank.chunks(PIECES)
                 .map(|slot| {
-                    let bits = slot.iter().enumerate().fold(0u64, |acc, (k, &p)| acc | ((p as u64 & 0xffff) << (16 * k)));
+                    let bits =
+                        slot.iter().enumerate().fold(0u64, |acc, (k, &p)| acc | ((p as u64 & 0xffff) << (16 * k)));
                     f64::from_bits(bits)
                 })
                 .collect()
@@ -268,7 +269,10 @@ mod tests {
         let got = unpack_f64(&sum, 2);
         assert_eq!(got.len(), 2);
         for (want, have) in [a, b].iter().zip(&got) {
-            assert_eq!(want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), have.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                have.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 }

@@ -67,7 +67,13 @@ impl Datasets {
                 (train, test)
             }
         };
-        let cut = |split: CifarSplit, n: u64| if n == 0 || n as usize >= split.len() { split } else { split.take(n as usize) };
+        let cut = |split: CifarSplit, n: u64| {
+            if n == 0 || n as usize >= split.len() {
+                split
+            } else {
+                split.take(n as usize)
+            }
+        };
         Ok(Datasets { train: Arc::new(cut(train, spec.train_samples)), test: Arc::new(cut(test, spec.test_samples)) })
     }
 }
@@ -235,7 +241,8 @@ impl Engine {
 
     /// Parameters then buffers, sorted by name.
     pub fn variables(&self) -> Vec<(String, Tensor)> {
-        let mut all: Vec<(String, Tensor)> = self.sgd.params().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        let mut all: Vec<(String, Tensor)> =
+            self.sgd.params().iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         all.extend(self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
@@ -304,8 +311,8 @@ impl Engine {
                 }
                 let x = self.prepare(&batch.images);
                 let y = batch.labels.to_device(self.device);
-                let logits =
-                    precision::autocast(self.device, self.precision, || self.model.forward_t(&x, false)).to_kind(Kind::Float);
+                let logits = precision::autocast(self.device, self.precision, || self.model.forward_t(&x, false))
+                    .to_kind(Kind::Float);
                 let n = y.size()[0] as f64;
                 loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * n;
                 correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]) as f64;
@@ -335,10 +342,10 @@ pub fn train(
     if let Some(path) = &cfg.resume {
         let ckpt = checkpoint::load(path)?;
         checkpoint::restore_into(path, &ckpt.model, &engine.variables())?;
-        engine.sgd.load_momentum_buffers(ckpt.momentum).map_err(|reason| checkpoint::CheckpointError::Mismatch {
-            path: path.clone(),
-            reason,
-        })?;
+        engine
+            .sgd
+            .load_momentum_buffers(ckpt.momentum)
+            .map_err(|reason| checkpoint::CheckpointError::Mismatch { path: path.clone(), reason })?;
         // An fp16 run continues with the saved scale and growth tracker (bit-identical
         // resume). Checkpoints written before the tracker was saved carry the scale alone
         // (the tracker restarts at 0); ones from an fp32/bf16 run (or imported ones) carry
@@ -346,7 +353,9 @@ pub fn train(
         if let Some(scaler) = engine.scaler.as_mut() {
             let saved = match ckpt.state.grad_scaler {
                 Some(state) => Some(state),
-                None if ckpt.state.loss_scale > 1.0 => Some(ScalerState { scale: ckpt.state.loss_scale, growth_tracker: 0 }),
+                None if ckpt.state.loss_scale > 1.0 => {
+                    Some(ScalerState { scale: ckpt.state.loss_scale, growth_tracker: 0 })
+                }
                 None => None,
             };
             if let Some(state) = saved {
@@ -381,7 +390,8 @@ pub fn train(
     }
 
     let train_len = data.train.len();
-    let steps_per_epoch = sampler::samples_per_rank(train_len, cfg.world_size).div_ceil(spec.batch_size as usize) as u64;
+    let steps_per_epoch =
+        sampler::samples_per_rank(train_len, cfg.world_size).div_ceil(spec.batch_size as usize) as u64;
     let scale = if spec.scale_lr { cfg.world_size as f64 } else { 1.0 };
     let mut history = Vec::new();
     let mut final_checkpoint_error = None;
