@@ -10,8 +10,12 @@
 //! [`CollectiveError::Broken`]) because its peers can no longer agree on where in the
 //! byte stream they are. Recovery is the caller's job: tear down and rendezvous again.
 
+mod executor;
+mod io_error;
+mod link;
 pub mod nccl;
 pub mod ring;
+mod schedule;
 pub mod wire;
 
 use std::net::{Shutdown, TcpStream};

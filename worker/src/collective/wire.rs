@@ -11,6 +11,8 @@
 //! recorded handshake cannot be replayed. Everything before the acceptor has checked
 //! the magic is treated as untrusted: fixed sizes, no length fields to trust.
 //!
+//! The dialling, accepting and checking around these messages is in `link.rs`.
+//!
 //! After the handshake the stream carries, per op, a 32-byte [`OpHeader`] followed by
 //! raw little-endian f32 payload whose layout both sides derive from the header.
 
