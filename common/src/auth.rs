@@ -8,6 +8,7 @@
 //! ("Threat model") describes who holds which.
 
 use std::path::Path;
+use subtle::ConstantTimeEq;
 
 /// gRPC metadata key carrying the token.
 pub const TOKEN_METADATA_KEY: &str = "authorization";
@@ -51,12 +52,10 @@ fn env_token(var: &str) -> Option<String> {
 }
 
 /// Compares two secrets in time that depends only on their lengths, so a peer cannot
-/// learn a prefix of the token from response timing.
+/// learn a prefix of the token from response timing (`subtle`'s `ct_eq`, which also
+/// keeps the compiler from turning the comparison into an early-exit loop).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 /// The value sent in the `authorization` metadata entry.
@@ -73,6 +72,8 @@ mod tests {
         assert!(constant_time_eq(b"secret", b"secret"));
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"secret", b""));
+        assert!(constant_time_eq(b"", b""));
     }
 
     #[test]

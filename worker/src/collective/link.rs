@@ -7,7 +7,6 @@
 
 use super::wire::{self, status, Ack, Hello, Role};
 use super::{lock, AbortHandle, CollectiveError};
-use cvdist_common::auth::constant_time_eq;
 use rand::RngCore;
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -230,8 +229,7 @@ fn handshake_connector(
         ))));
     }
     let (world, c, a) = (me.world as u32, me.rank as u32, next as u32);
-    let expect = wire::link_mac(&me.secret, Role::Acceptor, world, c, a, &nonce_c, &ack.nonce);
-    if !constant_time_eq(&expect, &ack.mac) {
+    if !wire::verify_link_mac(&me.secret, Role::Acceptor, world, c, a, &nonce_c, &ack.nonce, &ack.mac) {
         return Err(HandshakeFail::Fatal(CollectiveError::Auth { peer: next }));
     }
     let proof = wire::link_mac(&me.secret, Role::Connector, world, c, a, &nonce_c, &ack.nonce);
@@ -478,8 +476,7 @@ fn handshake_acceptor(
     let mac_a = wire::link_mac(&me.secret, Role::Acceptor, world, c, a, &hello.nonce, &nonce_a);
     reply(&mut s, status::OK, mac_a).map_err(|e| io("sending ack", e))?;
     let proof = read_array_by::<{ wire::PROOF_LEN }>(&mut s, until).map_err(|e| io("reading proof", e))?;
-    let expect = wire::link_mac(&me.secret, Role::Connector, world, c, a, &hello.nonce, &nonce_a);
-    if !constant_time_eq(&expect, &proof) {
+    if !wire::verify_link_mac(&me.secret, Role::Connector, world, c, a, &hello.nonce, &nonce_a, &proof) {
         let _ = wire::write_all(&mut s, &status::AUTH_FAILED.to_le_bytes());
         return Err((format!("rank {prev} failed authentication (wrong job secret)"), true));
     }

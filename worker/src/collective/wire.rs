@@ -16,7 +16,8 @@
 //! After the handshake the stream carries, per op, a 32-byte [`OpHeader`] followed by
 //! raw little-endian f32 payload whose layout both sides derive from the header.
 
-use sha2::{Digest, Sha256};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use std::io::{Read, Write};
 
 #[cfg(not(target_endian = "little"))]
@@ -31,6 +32,8 @@ pub const HELLO_LEN: usize = 8 + 4 * 4 + NONCE_LEN;
 pub const ACK_LEN: usize = 8 + 4 * 4 + NONCE_LEN + MAC_LEN;
 pub const PROOF_LEN: usize = MAC_LEN;
 pub const VERDICT_LEN: usize = 4;
+
+type HmacSha256 = Hmac<Sha256>;
 
 /// Acceptor's status codes in `Ack` and `Verdict`.
 pub mod status {
@@ -153,38 +156,51 @@ pub fn link_mac(
     nonce_c: &[u8; NONCE_LEN],
     nonce_a: &[u8; NONCE_LEN],
 ) -> [u8; MAC_LEN] {
+    link_mac_state(secret, role, world, connector, acceptor, nonce_c, nonce_a).finalize().into_bytes().into()
+}
+
+/// Whether `tag` is the MAC [`link_mac`] would compute, compared in constant time
+/// (`hmac`'s `verify_slice`), so a forger learns nothing from how long a rejection took.
+#[allow(clippy::too_many_arguments)]
+pub fn verify_link_mac(
+    secret: &[u8],
+    role: Role,
+    world: u32,
+    connector: u32,
+    acceptor: u32,
+    nonce_c: &[u8; NONCE_LEN],
+    nonce_a: &[u8; NONCE_LEN],
+    tag: &[u8],
+) -> bool {
+    link_mac_state(secret, role, world, connector, acceptor, nonce_c, nonce_a).verify_slice(tag).is_ok()
+}
+
+/// HMAC-SHA256 keyed with the secret over: role label, [`MAGIC`], [`VERSION`], world,
+/// connector and acceptor rank (u32 little-endian each), connector nonce, acceptor nonce.
+fn link_mac_state(
+    secret: &[u8],
+    role: Role,
+    world: u32,
+    connector: u32,
+    acceptor: u32,
+    nonce_c: &[u8; NONCE_LEN],
+    nonce_a: &[u8; NONCE_LEN],
+) -> HmacSha256 {
     let label: &[u8] = match role {
         Role::Acceptor => b"cvdist-ring acceptor",
         Role::Connector => b"cvdist-ring connector",
     };
-    let mut msg = Vec::with_capacity(64 + 2 * NONCE_LEN);
-    msg.extend_from_slice(label);
-    msg.extend_from_slice(&MAGIC);
+    // HMAC takes keys of any length (longer ones are hashed first, RFC 2104), so this
+    // cannot fail whatever secret the coordinator handed out.
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    mac.update(label);
+    mac.update(&MAGIC);
     for v in [VERSION, world, connector, acceptor] {
-        msg.extend_from_slice(&v.to_le_bytes());
+        mac.update(&v.to_le_bytes());
     }
-    msg.extend_from_slice(nonce_c);
-    msg.extend_from_slice(nonce_a);
-    hmac_sha256(secret, &msg)
-}
-
-/// HMAC-SHA256 (RFC 2104) over `sha2`, to avoid another dependency for ~10 lines.
-pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; MAC_LEN] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let mut ipad = [0x36u8; BLOCK];
-    let mut opad = [0x5cu8; BLOCK];
-    for i in 0..BLOCK {
-        ipad[i] ^= k[i];
-        opad[i] ^= k[i];
-    }
-    let inner = Sha256::new().chain_update(ipad).chain_update(msg).finalize();
-    Sha256::new().chain_update(opad).chain_update(inner).finalize().into()
+    mac.update(nonce_c);
+    mac.update(nonce_a);
+    mac
 }
 
 /// Op kinds in [`OpHeader::kind`].
@@ -258,18 +274,32 @@ pub fn write_all(w: &mut impl Write, b: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The MACs are the wire format: these values were computed independently (Python's
+    /// `hmac` module over the documented message layout) and must never change, or ranks
+    /// of different builds stop recognising each other.
     #[test]
-    fn hmac_matches_rfc4231_case_2() {
-        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(hex::encode(mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
-    }
-
-    #[test]
-    fn hmac_long_key_is_hashed() {
-        // RFC 4231 case 6: 131-byte key of 0xaa.
-        let key = [0xaau8; 131];
-        let mac = hmac_sha256(&key, b"Test Using Larger Than Block-Size Key - Hash Key First");
-        assert_eq!(hex::encode(mac), "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+    fn link_macs_are_stable_and_verify() {
+        let (nc, na) = ([1u8; NONCE_LEN], [2u8; NONCE_LEN]);
+        let a = link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na);
+        let c = link_mac(b"job-secret", Role::Connector, 3, 1, 2, &nc, &na);
+        assert_eq!(hex::encode(a), "5c320f53d480e535446beac0a30f7ebeaa706c6dfc6d4d844b3799a2812682cd");
+        assert_eq!(hex::encode(c), "a95f5e1fdcd285f17d49d16294166df211ab4999bd53e1d291ba8b630003c79f");
+        assert!(verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na, &a));
+        assert!(verify_link_mac(b"job-secret", Role::Connector, 3, 1, 2, &nc, &na, &c));
+        // Wrong role, secret, rank, nonce, a flipped bit, a truncated or empty tag: all refused.
+        assert!(!verify_link_mac(b"job-secret", Role::Connector, 3, 1, 2, &nc, &na, &a));
+        assert!(!verify_link_mac(b"job-secreT", Role::Acceptor, 3, 1, 2, &nc, &na, &a));
+        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 0, 2, &nc, &na, &a));
+        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &na, &na, &a));
+        let mut flipped = a;
+        flipped[31] ^= 1;
+        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na, &flipped));
+        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na, &a[..16]));
+        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na, &[]));
+        // Secrets longer than SHA-256's 64-byte block are valid keys too.
+        let long = [0xaau8; 131];
+        let m = link_mac(&long, Role::Acceptor, 3, 1, 2, &nc, &na);
+        assert!(verify_link_mac(&long, Role::Acceptor, 3, 1, 2, &nc, &na, &m));
     }
 
     #[test]
