@@ -15,7 +15,7 @@
 //! chunking, so ranks may even use different chunk sizes.
 
 use super::io_error::{failure_or_abort, IoCtx};
-use super::schedule::{items_through, AllReduce, Broadcast, Layout};
+use super::schedule::{AllReduce, Broadcast, Item, Layout};
 use super::wire::{self, OpHeader};
 use super::{AbortHandle, CollectiveError};
 use bytemuck::{cast_slice, cast_slice_mut};
@@ -242,23 +242,16 @@ impl Executor {
     /// Runs the op that `header` describes (`root` for a broadcast) on `buf`, which all
     /// ranks pass with the same length.
     pub fn run(&mut self, header: &OpHeader, root: usize, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        let (kind, op) = (header.kind, wire::op::name(header.kind));
         if std::mem::size_of_val(buf) <= INLINE_MAX_BYTES {
-            self.run_inline(op, header, kind, root, buf)
+            self.run_inline(header, root, buf)
         } else {
-            self.run_pipelined(op, header, kind, root, buf)
+            self.run_pipelined(header, root, buf)
         }
     }
 
     /// Small ops: both directions from the calling thread, step by step.
-    fn run_inline(
-        &mut self,
-        op: &'static str,
-        header: &OpHeader,
-        kind: u32,
-        root: usize,
-        buf: &mut [f32],
-    ) -> Result<(), CollectiveError> {
+    fn run_inline(&mut self, header: &OpHeader, root: usize, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let (kind, op) = (header.kind, wire::op::name(header.kind));
         let (n, r, prev) = (self.world, self.rank, self.prev);
         let tx = IoCtx { op, peer: self.next, timeout: self.op_timeout, abort: &self.abort };
         let rx = IoCtx { op, peer: prev, timeout: self.op_timeout, abort: &self.abort };
@@ -284,18 +277,16 @@ impl Executor {
             }
             return Ok(());
         }
-        let sched = AllReduce::new(r, n);
-        let lay = Layout::new(n, buf.len(), usize::MAX);
-        for s in 0..sched.steps() {
-            let (so, sl) = lay.seg(sched.send_segment(s));
-            let first = if s == 0 { &hdr[..] } else { &[] };
-            tx.write_full(send, first, cast_slice(&buf[so..so + sl]))?;
-            if s == 0 {
+        // One item per step: no chunking, the calling thread does both directions.
+        let (sched, lay) = (AllReduce::new(r, n), Layout::new(n, buf.len(), usize::MAX));
+        for (out, inc) in sched.send_items(lay).zip(sched.recv_items(lay)) {
+            let first = if out.step == 0 { &hdr[..] } else { &[] };
+            tx.write_full(send, first, cast_slice(&buf[out.start..out.start + out.len]))?;
+            if out.step == 0 {
                 check_header(recv)?;
             }
-            let (ro, rl) = lay.seg(sched.recv_segment(s));
-            let dst = &mut buf[ro..ro + rl];
-            if sched.reduces(s) {
+            let dst = &mut buf[inc.start..inc.start + inc.len];
+            if inc.reduces {
                 // A segment can exceed the scratch when chunk_bytes was set very small.
                 for piece in dst.chunks_mut(scratch.len()) {
                     let tmp = &mut scratch[..piece.len()];
@@ -313,14 +304,8 @@ impl Executor {
     }
 
     /// Large ops: the sender thread writes while this thread reads and sums.
-    fn run_pipelined(
-        &mut self,
-        op: &'static str,
-        header: &OpHeader,
-        kind: u32,
-        root: usize,
-        buf: &mut [f32],
-    ) -> Result<(), CollectiveError> {
+    fn run_pipelined(&mut self, header: &OpHeader, root: usize, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let (kind, op) = (header.kind, wire::op::name(header.kind));
         let job_kind = if kind == wire::op::BROADCAST { JobKind::Broadcast { root } } else { JobKind::AllReduce };
         self.shared.recv_done.store(0, Ordering::SeqCst);
         self.shared.sent_done.store(0, Ordering::SeqCst);
@@ -447,53 +432,55 @@ fn receive(
 ) -> Result<(), CollectiveError> {
     let bytes = rx.read_full_arr::<{ wire::OP_HEADER_LEN }>(stream)?;
     check_header_bytes(&bytes, header, rx.op, rx.peer, rank)?;
+    let io = PipeIo { shared, buf, other: sender };
     match kind {
         JobKind::Broadcast { root } => {
-            if !Broadcast::new(rank, root, n).receives() {
-                return Ok(());
-            }
-            let lay = Broadcast::layout(len, chunk_elems);
-            for c in 0..lay.chunks {
-                let (o, l) = lay.chunk(0, c);
-                // SAFETY: chunk c is written only here and read by the sender only after
-                // recv_done > c; `buf` outlives the op (ReplyGuard).
-                let dst = unsafe { std::slice::from_raw_parts_mut(buf.0.add(o), l) };
-                rx.read_full(stream, cast_slice_mut(dst))?;
-                shared.recv_done.store(items_through(0, c, lay.chunks), Ordering::Release);
-                sender.unpark();
-            }
-            Ok(())
+            let items = Broadcast::new(rank, root, n).recv_items(Broadcast::layout(len, chunk_elems));
+            receive_items(items, stream, scratch, &rx, &io)
         }
         JobKind::AllReduce => {
-            let sched = AllReduce::new(rank, n);
-            let lay = Layout::new(n, len, chunk_elems);
-            let cpc = lay.chunks;
-            for s in 0..sched.steps() {
-                let seg = sched.recv_segment(s);
-                for c in 0..cpc {
-                    if let Some(target) = sched.recv_waits_for_sent(s, c, cpc) {
-                        if !wait_for(&shared.sent_done, target, shared, rx.abort) {
-                            return Err(failure_or_abort(rx.abort));
-                        }
-                    }
-                    let (o, l) = lay.chunk(seg, c);
-                    // SAFETY: the counters above keep this range disjoint from what the
-                    // sender thread is reading; `buf` outlives the op (ReplyGuard).
-                    let dst = unsafe { std::slice::from_raw_parts_mut(buf.0.add(o), l) };
-                    if sched.reduces(s) {
-                        let tmp = &mut scratch[..l];
-                        rx.read_full(stream, cast_slice_mut(tmp))?;
-                        add_into(dst, tmp);
-                    } else {
-                        rx.read_full(stream, cast_slice_mut(dst))?;
-                    }
-                    shared.recv_done.store(items_through(s, c, cpc), Ordering::Release);
-                    sender.unpark();
-                }
-            }
-            Ok(())
+            let items = AllReduce::new(rank, n).recv_items(Layout::new(n, len, chunk_elems));
+            receive_items(items, stream, scratch, &rx, &io)
         }
     }
+}
+
+/// What both halves of a pipelined op share: the progress counters, the caller's
+/// buffer and the thread to wake after each item.
+struct PipeIo<'a> {
+    shared: &'a Shared,
+    buf: BufPtr,
+    other: &'a Thread,
+}
+
+fn receive_items(
+    items: impl Iterator<Item = Item>,
+    stream: &mut TcpStream,
+    scratch: &mut [f32],
+    rx: &IoCtx<'_>,
+    io: &PipeIo<'_>,
+) -> Result<(), CollectiveError> {
+    let shared = io.shared;
+    for it in items {
+        if let Some(target) = it.after_other {
+            if !wait_for(&shared.sent_done, target, shared, rx.abort) {
+                return Err(failure_or_abort(rx.abort));
+            }
+        }
+        // SAFETY: the counters keep this range disjoint from what the sender thread is
+        // reading (`after_other`); `buf` outlives the op (ReplyGuard).
+        let dst = unsafe { std::slice::from_raw_parts_mut(io.buf.0.add(it.start), it.len) };
+        if it.reduces {
+            let tmp = &mut scratch[..it.len];
+            rx.read_full(stream, cast_slice_mut(tmp))?;
+            add_into(dst, tmp);
+        } else {
+            rx.read_full(stream, cast_slice_mut(dst))?;
+        }
+        shared.recv_done.store(it.done, Ordering::Release);
+        io.other.unpark();
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -533,55 +520,49 @@ fn send_job(
     rank: usize,
     n: usize,
 ) -> Result<(), CollectiveError> {
-    let mut pending_hdr: &[u8] = &job.header;
-    let buf = job.buf;
-    let chunk_src = |o: usize, l: usize| {
-        // SAFETY: the counters guarantee the receiver isn't writing this range now, and
-        // the caller keeps `buf` alive until we reply.
-        unsafe { std::slice::from_raw_parts(buf.0.add(o) as *const f32, l) }
-    };
+    let io = PipeIo { shared, buf: job.buf, other: &job.caller };
     match job.kind {
         JobKind::Broadcast { root } => {
-            let role = Broadcast::new(rank, root, n);
-            if role.forwards() {
-                let lay = Broadcast::layout(job.len, job.chunk_elems);
-                for c in 0..lay.chunks {
-                    if role.receives() {
-                        // Header goes out first so the next rank can validate early.
-                        if !pending_hdr.is_empty() {
-                            tx.write_full(stream, pending_hdr, &[])?;
-                            pending_hdr = &[];
-                        }
-                        if !wait_for(&shared.recv_done, items_through(0, c, lay.chunks), shared, tx.abort) {
-                            return Err(failure_or_abort(tx.abort));
-                        }
-                    }
-                    let (o, l) = lay.chunk(0, c);
-                    tx.write_full(stream, pending_hdr, cast_slice(chunk_src(o, l)))?;
-                    pending_hdr = &[];
-                }
-            }
+            let items = Broadcast::new(rank, root, n).send_items(Broadcast::layout(job.len, job.chunk_elems));
+            send_items(items, stream, &job.header, &tx, &io)
         }
         JobKind::AllReduce => {
-            let sched = AllReduce::new(rank, n);
-            let lay = Layout::new(n, job.len, job.chunk_elems);
-            let cpc = lay.chunks;
-            for s in 0..sched.steps() {
-                let seg = sched.send_segment(s);
-                for c in 0..cpc {
-                    if let Some(target) = sched.send_waits_for_received(s, c, cpc) {
-                        if !wait_for(&shared.recv_done, target, shared, tx.abort) {
-                            return Err(failure_or_abort(tx.abort));
-                        }
-                    }
-                    let (o, l) = lay.chunk(seg, c);
-                    tx.write_full(stream, pending_hdr, cast_slice(chunk_src(o, l)))?;
-                    pending_hdr = &[];
-                    shared.sent_done.store(items_through(s, c, cpc), Ordering::Release);
-                    job.caller.unpark();
-                }
+            let items = AllReduce::new(rank, n).send_items(Layout::new(n, job.len, job.chunk_elems));
+            send_items(items, stream, &job.header, &tx, &io)
+        }
+    }
+}
+
+/// Sends the op header and then `items`. The header rides with the first chunk, unless
+/// that chunk must wait for data to arrive (a broadcast's middle ranks): then it goes out
+/// alone first, so the next rank can validate the op early. A rank with nothing to send
+/// still sends the header.
+fn send_items(
+    items: impl Iterator<Item = Item>,
+    stream: &mut TcpStream,
+    header: &[u8],
+    tx: &IoCtx<'_>,
+    io: &PipeIo<'_>,
+) -> Result<(), CollectiveError> {
+    let shared = io.shared;
+    let mut pending_hdr = header;
+    for it in items {
+        if let Some(target) = it.after_other {
+            if !pending_hdr.is_empty() {
+                tx.write_full(stream, pending_hdr, &[])?;
+                pending_hdr = &[];
+            }
+            if !wait_for(&shared.recv_done, target, shared, tx.abort) {
+                return Err(failure_or_abort(tx.abort));
             }
         }
+        // SAFETY: the counters guarantee the receiver isn't writing this range now
+        // (`after_other`), and the caller keeps `buf` alive until we reply.
+        let src = unsafe { std::slice::from_raw_parts(io.buf.0.add(it.start) as *const f32, it.len) };
+        tx.write_full(stream, pending_hdr, cast_slice(src))?;
+        pending_hdr = &[];
+        shared.sent_done.store(it.done, Ordering::Release);
+        io.other.unpark();
     }
     if !pending_hdr.is_empty() {
         tx.write_full(stream, pending_hdr, &[])?;

@@ -36,6 +36,24 @@ pub(super) fn items_through(step: usize, c: usize, chunks: usize) -> usize {
     step * chunks + c + 1
 }
 
+/// One chunk's turn on one of a rank's two links, in schedule order: what to send or
+/// receive, and the progress the rank's other thread must have made first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Item {
+    pub step: usize,
+    pub chunk: usize,
+    /// Start and length in elements of the buffer range sent or received.
+    pub start: usize,
+    pub len: usize,
+    /// Received data is added to ours (reduce-scatter) rather than copied over it.
+    pub reduces: bool,
+    /// The other thread's progress counter must reach this before the item may start
+    /// (the pipelining dependencies of the module docs); `None`: no shared memory.
+    pub after_other: Option<usize>,
+    /// This thread's progress counter once the item is done ([`items_through`]).
+    pub done: usize,
+}
+
 /// How a buffer of `len` elements is cut into `n` segments of `chunks` chunks each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Layout {
@@ -123,6 +141,39 @@ impl AllReduce {
     pub fn recv_waits_for_sent(&self, step: usize, c: usize, chunks: usize) -> Option<usize> {
         (step + 1 >= self.n).then(|| items_through(step + 1 - self.n, c, chunks))
     }
+
+    /// What this rank sends to `next`, chunk by chunk, for a buffer cut as `lay`.
+    pub fn send_items(self, lay: Layout) -> impl Iterator<Item = Item> {
+        self.items(lay, Self::send_segment, Self::send_waits_for_received)
+    }
+
+    /// What this rank receives from `prev`, chunk by chunk, for a buffer cut as `lay`.
+    pub fn recv_items(self, lay: Layout) -> impl Iterator<Item = Item> {
+        self.items(lay, Self::recv_segment, Self::recv_waits_for_sent)
+    }
+
+    fn items(
+        self,
+        lay: Layout,
+        segment: fn(&Self, usize) -> usize,
+        waits: fn(&Self, usize, usize, usize) -> Option<usize>,
+    ) -> impl Iterator<Item = Item> {
+        (0..self.steps()).flat_map(move |step| {
+            let seg = segment(&self, step);
+            (0..lay.chunks).map(move |chunk| {
+                let (start, len) = lay.chunk(seg, chunk);
+                Item {
+                    step,
+                    chunk,
+                    start,
+                    len,
+                    reduces: self.reduces(step),
+                    after_other: waits(&self, step, chunk, lay.chunks),
+                    done: items_through(step, chunk, lay.chunks),
+                }
+            })
+        })
+    }
 }
 
 /// One rank's place in a broadcast from `root` in a ring of `n`.
@@ -158,6 +209,35 @@ impl Broadcast {
     /// `chunk_elems` elements.
     pub fn layout(len: usize, chunk_elems: usize) -> Layout {
         Layout::new(1, len, chunk_elems)
+    }
+
+    /// What this rank sends on, chunk by chunk (nothing at the root's predecessor). A
+    /// non-root rank forwards chunk c only once it has received it.
+    pub fn send_items(self, lay: Layout) -> impl Iterator<Item = Item> {
+        let chunks = if self.forwards() { lay.chunks } else { 0 };
+        (0..chunks).map(move |chunk| Item {
+            after_other: self.receives().then(|| items_through(0, chunk, lay.chunks)),
+            ..Self::item(lay, chunk)
+        })
+    }
+
+    /// What this rank receives, chunk by chunk (nothing at the root).
+    pub fn recv_items(self, lay: Layout) -> impl Iterator<Item = Item> {
+        let chunks = if self.receives() { lay.chunks } else { 0 };
+        (0..chunks).map(move |chunk| Self::item(lay, chunk))
+    }
+
+    fn item(lay: Layout, chunk: usize) -> Item {
+        let (start, len) = lay.chunk(0, chunk);
+        Item {
+            step: 0,
+            chunk,
+            start,
+            len,
+            reduces: false,
+            after_other: None,
+            done: items_through(0, chunk, lay.chunks),
+        }
     }
 }
 
@@ -317,6 +397,59 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn items_walk_the_schedule_in_order() {
+        for n in WORLDS {
+            for rank in 0..n {
+                let s = AllReduce::new(rank, n);
+                let lay = Layout::new(n, 1001, 100);
+                let (sent, recvd): (Vec<Item>, Vec<Item>) = (s.send_items(lay).collect(), s.recv_items(lay).collect());
+                assert_eq!(sent.len(), s.steps() * lay.chunks);
+                assert_eq!(recvd.len(), sent.len());
+                for (k, (o, i)) in sent.iter().zip(&recvd).enumerate() {
+                    let (step, c) = (k / lay.chunks, k % lay.chunks);
+                    assert_eq!((o.step, o.chunk, i.step, i.chunk), (step, c, step, c));
+                    assert_eq!((o.start, o.len), lay.chunk(s.send_segment(step), c));
+                    assert_eq!((i.start, i.len), lay.chunk(s.recv_segment(step), c));
+                    assert_eq!(i.reduces, s.reduces(step));
+                    assert_eq!(o.after_other, s.send_waits_for_received(step, c, lay.chunks));
+                    assert_eq!(i.after_other, s.recv_waits_for_sent(step, c, lay.chunks));
+                    // Progress counts every item once, in order.
+                    assert_eq!((o.done, i.done), (k + 1, k + 1));
+                }
+            }
+        }
+        // Inline ops use one chunk per segment: one item per step, the whole segment.
+        let s = AllReduce::new(1, 3);
+        let lay = Layout::new(3, 10, usize::MAX);
+        let recv: Vec<(usize, usize, bool)> = s.recv_items(lay).map(|i| (i.start, i.len, i.reduces)).collect();
+        assert_eq!(recv, [(0, 4, true), (7, 3, true), (4, 3, false), (0, 4, false)]);
+    }
+
+    #[test]
+    fn broadcast_items_send_only_what_arrived() {
+        let lay = Broadcast::layout(1000, 256);
+        for n in 2..=5 {
+            for rank in 0..n {
+                let b = Broadcast::new(rank, 1 % n, n);
+                let (sent, recvd): (Vec<Item>, Vec<Item>) = (b.send_items(lay).collect(), b.recv_items(lay).collect());
+                assert_eq!(sent.len(), if b.forwards() { lay.chunks } else { 0 }, "n={n} rank {rank}");
+                assert_eq!(recvd.len(), if b.receives() { lay.chunks } else { 0 });
+                for (c, it) in sent.iter().enumerate() {
+                    assert_eq!((it.start, it.len), lay.chunk(0, c));
+                    // The root sends at once; the others forward chunk c once it is in.
+                    assert_eq!(it.after_other, b.receives().then_some(c + 1));
+                }
+                for (c, it) in recvd.iter().enumerate() {
+                    assert_eq!(
+                        (it.start, it.len, it.reduces, it.after_other, it.done),
+                        (lay.chunk(0, c).0, lay.chunk(0, c).1, false, None, c + 1)
+                    );
                 }
             }
         }
