@@ -5,7 +5,7 @@
 //! the data-plane port from stalling setup (per-handshake deadline, bounded concurrent
 //! handshakes overall and per source address).
 
-use super::wire::{self, status, Ack, Hello, Role};
+use super::wire::{self, status, Ack, Hello, LinkBinding, Role};
 use super::{lock, AbortHandle, CollectiveError};
 use rand::RngCore;
 use std::io::{ErrorKind, Read};
@@ -228,11 +228,17 @@ fn handshake_connector(
             me.world, ack.rank, ack.world
         ))));
     }
-    let (world, c, a) = (me.world as u32, me.rank as u32, next as u32);
-    if !wire::verify_link_mac(&me.secret, Role::Acceptor, world, c, a, &nonce_c, &ack.nonce, &ack.mac) {
+    let bind = LinkBinding {
+        world: me.world as u32,
+        connector: me.rank as u32,
+        acceptor: next as u32,
+        nonce_c: &nonce_c,
+        nonce_a: &ack.nonce,
+    };
+    if !bind.verify(&me.secret, Role::Acceptor, &ack.mac) {
         return Err(HandshakeFail::Fatal(CollectiveError::Auth { peer: next }));
     }
-    let proof = wire::link_mac(&me.secret, Role::Connector, world, c, a, &nonce_c, &ack.nonce);
+    let proof = bind.mac(&me.secret, Role::Connector);
     wire::write_all(&mut s, &proof).map_err(|e| retry("sending proof", e))?;
     let verdict = wire::read_array::<{ wire::VERDICT_LEN }>(&mut s).map_err(|e| retry("reading verdict", e))?;
     match u32::from_le_bytes(verdict) {
@@ -471,12 +477,16 @@ fn handshake_acceptor(
             false,
         ));
     }
-    let world = me.world as u32;
-    let (c, a) = (prev as u32, me.rank as u32);
-    let mac_a = wire::link_mac(&me.secret, Role::Acceptor, world, c, a, &hello.nonce, &nonce_a);
-    reply(&mut s, status::OK, mac_a).map_err(|e| io("sending ack", e))?;
+    let bind = LinkBinding {
+        world: me.world as u32,
+        connector: prev as u32,
+        acceptor: me.rank as u32,
+        nonce_c: &hello.nonce,
+        nonce_a: &nonce_a,
+    };
+    reply(&mut s, status::OK, bind.mac(&me.secret, Role::Acceptor)).map_err(|e| io("sending ack", e))?;
     let proof = read_array_by::<{ wire::PROOF_LEN }>(&mut s, until).map_err(|e| io("reading proof", e))?;
-    if !wire::verify_link_mac(&me.secret, Role::Connector, world, c, a, &hello.nonce, &nonce_a, &proof) {
+    if !bind.verify(&me.secret, Role::Connector, &proof) {
         let _ = wire::write_all(&mut s, &status::AUTH_FAILED.to_le_bytes());
         return Err((format!("rank {prev} failed authentication (wrong job secret)"), true));
     }

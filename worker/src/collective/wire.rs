@@ -146,61 +146,48 @@ pub enum Role {
     Connector,
 }
 
-/// The MAC one side of a link sends. Binds world, both ranks and both nonces.
-pub fn link_mac(
-    secret: &[u8],
-    role: Role,
-    world: u32,
-    connector: u32,
-    acceptor: u32,
-    nonce_c: &[u8; NONCE_LEN],
-    nonce_a: &[u8; NONCE_LEN],
-) -> [u8; MAC_LEN] {
-    link_mac_state(secret, role, world, connector, acceptor, nonce_c, nonce_a).finalize().into_bytes().into()
+/// What both MACs of one link's handshake bind: the world size, both ranks and both
+/// nonces (fresh per handshake, so a recorded handshake cannot be replayed).
+#[derive(Clone, Copy, Debug)]
+pub struct LinkBinding<'a> {
+    pub world: u32,
+    pub connector: u32,
+    pub acceptor: u32,
+    pub nonce_c: &'a [u8; NONCE_LEN],
+    pub nonce_a: &'a [u8; NONCE_LEN],
 }
 
-/// Whether `tag` is the MAC [`link_mac`] would compute, compared in constant time
-/// (`hmac`'s `verify_slice`), so a forger learns nothing from how long a rejection took.
-#[allow(clippy::too_many_arguments)]
-pub fn verify_link_mac(
-    secret: &[u8],
-    role: Role,
-    world: u32,
-    connector: u32,
-    acceptor: u32,
-    nonce_c: &[u8; NONCE_LEN],
-    nonce_a: &[u8; NONCE_LEN],
-    tag: &[u8],
-) -> bool {
-    link_mac_state(secret, role, world, connector, acceptor, nonce_c, nonce_a).verify_slice(tag).is_ok()
-}
-
-/// HMAC-SHA256 keyed with the secret over: role label, [`MAGIC`], [`VERSION`], world,
-/// connector and acceptor rank (u32 little-endian each), connector nonce, acceptor nonce.
-fn link_mac_state(
-    secret: &[u8],
-    role: Role,
-    world: u32,
-    connector: u32,
-    acceptor: u32,
-    nonce_c: &[u8; NONCE_LEN],
-    nonce_a: &[u8; NONCE_LEN],
-) -> HmacSha256 {
-    let label: &[u8] = match role {
-        Role::Acceptor => b"cvdist-ring acceptor",
-        Role::Connector => b"cvdist-ring connector",
-    };
-    // HMAC takes keys of any length (longer ones are hashed first, RFC 2104), so this
-    // cannot fail whatever secret the coordinator handed out.
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
-    mac.update(label);
-    mac.update(&MAGIC);
-    for v in [VERSION, world, connector, acceptor] {
-        mac.update(&v.to_le_bytes());
+impl LinkBinding<'_> {
+    /// The MAC the `role` side of the link sends.
+    pub fn mac(&self, secret: &[u8], role: Role) -> [u8; MAC_LEN] {
+        self.hmac(secret, role).finalize().into_bytes().into()
     }
-    mac.update(nonce_c);
-    mac.update(nonce_a);
-    mac
+
+    /// Whether `tag` is the MAC the `role` side must send, compared in constant time
+    /// (`hmac`'s `verify_slice`), so a forger learns nothing from how long a rejection took.
+    pub fn verify(&self, secret: &[u8], role: Role, tag: &[u8]) -> bool {
+        self.hmac(secret, role).verify_slice(tag).is_ok()
+    }
+
+    /// HMAC-SHA256 keyed with the secret over: role label, [`MAGIC`], [`VERSION`], world,
+    /// connector and acceptor rank (u32 little-endian each), connector nonce, acceptor nonce.
+    fn hmac(&self, secret: &[u8], role: Role) -> HmacSha256 {
+        let label: &[u8] = match role {
+            Role::Acceptor => b"cvdist-ring acceptor",
+            Role::Connector => b"cvdist-ring connector",
+        };
+        // HMAC takes keys of any length (longer ones are hashed first, RFC 2104), so this
+        // cannot fail whatever secret the coordinator handed out.
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
+        mac.update(label);
+        mac.update(&MAGIC);
+        for v in [VERSION, self.world, self.connector, self.acceptor] {
+            mac.update(&v.to_le_bytes());
+        }
+        mac.update(self.nonce_c);
+        mac.update(self.nonce_a);
+        mac
+    }
 }
 
 /// Op kinds in [`OpHeader::kind`].
@@ -280,26 +267,26 @@ mod tests {
     #[test]
     fn link_macs_are_stable_and_verify() {
         let (nc, na) = ([1u8; NONCE_LEN], [2u8; NONCE_LEN]);
-        let a = link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na);
-        let c = link_mac(b"job-secret", Role::Connector, 3, 1, 2, &nc, &na);
-        assert_eq!(hex::encode(a), "5c320f53d480e535446beac0a30f7ebeaa706c6dfc6d4d844b3799a2812682cd");
-        assert_eq!(hex::encode(c), "a95f5e1fdcd285f17d49d16294166df211ab4999bd53e1d291ba8b630003c79f");
-        assert!(verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na, &a));
-        assert!(verify_link_mac(b"job-secret", Role::Connector, 3, 1, 2, &nc, &na, &c));
+        let bind = LinkBinding { world: 3, connector: 1, acceptor: 2, nonce_c: &nc, nonce_a: &na };
+        let (key, a, c) = (b"job-secret", Role::Acceptor, Role::Connector);
+        let (mac_a, mac_c) = (bind.mac(key, a), bind.mac(key, c));
+        assert_eq!(hex::encode(mac_a), "5c320f53d480e535446beac0a30f7ebeaa706c6dfc6d4d844b3799a2812682cd");
+        assert_eq!(hex::encode(mac_c), "a95f5e1fdcd285f17d49d16294166df211ab4999bd53e1d291ba8b630003c79f");
+        assert!(bind.verify(key, a, &mac_a));
+        assert!(bind.verify(key, c, &mac_c));
         // Wrong role, secret, rank, nonce, a flipped bit, a truncated or empty tag: all refused.
-        assert!(!verify_link_mac(b"job-secret", Role::Connector, 3, 1, 2, &nc, &na, &a));
-        assert!(!verify_link_mac(b"job-secreT", Role::Acceptor, 3, 1, 2, &nc, &na, &a));
-        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 0, 2, &nc, &na, &a));
-        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &na, &na, &a));
-        let mut flipped = a;
+        assert!(!bind.verify(key, c, &mac_a));
+        assert!(!bind.verify(b"job-secreT", a, &mac_a));
+        assert!(!LinkBinding { connector: 0, ..bind }.verify(key, a, &mac_a));
+        assert!(!LinkBinding { nonce_c: &na, ..bind }.verify(key, a, &mac_a));
+        let mut flipped = mac_a;
         flipped[31] ^= 1;
-        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na, &flipped));
-        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na, &a[..16]));
-        assert!(!verify_link_mac(b"job-secret", Role::Acceptor, 3, 1, 2, &nc, &na, &[]));
+        assert!(!bind.verify(key, a, &flipped));
+        assert!(!bind.verify(key, a, &mac_a[..16]));
+        assert!(!bind.verify(key, a, &[]));
         // Secrets longer than SHA-256's 64-byte block are valid keys too.
         let long = [0xaau8; 131];
-        let m = link_mac(&long, Role::Acceptor, 3, 1, 2, &nc, &na);
-        assert!(verify_link_mac(&long, Role::Acceptor, 3, 1, 2, &nc, &na, &m));
+        assert!(bind.verify(&long, a, &bind.mac(&long, a)));
     }
 
     #[test]
@@ -319,9 +306,10 @@ mod tests {
     #[test]
     fn macs_differ_by_role_and_secret() {
         let (n1, n2) = ([1u8; 32], [2u8; 32]);
-        let a = link_mac(b"s", Role::Acceptor, 2, 0, 1, &n1, &n2);
-        let c = link_mac(b"s", Role::Connector, 2, 0, 1, &n1, &n2);
-        let a2 = link_mac(b"t", Role::Acceptor, 2, 0, 1, &n1, &n2);
+        let bind = LinkBinding { world: 2, connector: 0, acceptor: 1, nonce_c: &n1, nonce_a: &n2 };
+        let a = bind.mac(b"s", Role::Acceptor);
+        let c = bind.mac(b"s", Role::Connector);
+        let a2 = bind.mac(b"t", Role::Acceptor);
         assert_ne!(a, c);
         assert_ne!(a, a2);
     }
