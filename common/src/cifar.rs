@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
@@ -202,9 +202,7 @@ pub fn write_split(path: &Path, split: &CifarSplit) -> Result<(), CifarError> {
         out.push(split.label(i));
         out.extend_from_slice(split.image(i));
     }
-    let mut file = fs::File::create(path).map_err(err)?;
-    file.write_all(&out).map_err(err)?;
-    file.sync_all().map_err(err)
+    crate::atomic_file::write(path, &out).map_err(err)
 }
 
 /// A learnable synthetic data set for smoke runs without the real data.
