@@ -68,12 +68,14 @@ impl AtomicFile {
     }
 }
 
+// Straight to the file: `NamedTempFile`'s own `Write` appends the temp path to every error,
+// and callers already name the path in theirs.
 impl Write for AtomicFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tmp.write(buf)
+        self.tmp.as_file_mut().write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.tmp.flush()
+        self.tmp.as_file_mut().flush()
     }
 }
 
