@@ -9,6 +9,10 @@
 //! The official files hold 10,000 records each, but the reader accepts **any whole number
 //! of records** per file: tests and tools write small files in the same layout. A file
 //! whose size is not a whole number of records is rejected as truncated.
+//!
+//! Kept as our own code rather than a dataset crate: the format is fixed-size records read
+//! with one `chunks_exact`, and owning the reader keeps the images in exactly the planar
+//! `u8` layout the augmentation reads, with errors that name the file and record.
 
 use std::fmt;
 use std::fs;

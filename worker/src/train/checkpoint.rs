@@ -166,6 +166,8 @@ fn tensor_bytes(t: &Tensor) -> &[u8] {
     if len == 0 {
         return &[];
     }
+    // FFI, not a byte cast: libtorch's storage behind a raw pointer, which `bytemuck` cannot
+    // view (tch's own `copy_data_u8` would copy the whole model once more).
     // SAFETY: `snapshot` made `t` a contiguous CPU tensor this Snapshot owns alone; its
     // storage holds `numel × element size` bytes and lives as long as the borrow of `t`.
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
