@@ -112,7 +112,7 @@ mod tests {
         write(&p, b"first").unwrap();
         write(&p, b"second").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"second");
-        assert_eq!(names(&p.parent().unwrap().to_path_buf()), ["a.json"]);
+        assert_eq!(names(p.parent().unwrap()), ["a.json"]);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
