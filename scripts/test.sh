@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
 # Runs the whole cvdist test suite on a fresh machine: sets up the libtorch venv (cached),
-# installs the font the charts need, builds every binary, then runs the Rust tests, the
+# builds every binary, then runs the Rust tests, the
 # Python gRPC client test, the deployment checks and the Slurm smoke test (a real one-node
 # Slurm cluster; installs slurm-wlm and munge when absent).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-
-if [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && apt-get install -y -qq fonts-dejavu-core) >/dev/null 2>&1 || echo "warning: could not install fonts-dejavu-core; charts will have no text" >&2
-fi
 
 scripts/build.sh
 # shellcheck source=scripts/env.sh

@@ -9,10 +9,14 @@
 //! The official files hold 10,000 records each, but the reader accepts **any whole number
 //! of records** per file: tests and tools write small files in the same layout. A file
 //! whose size is not a whole number of records is rejected as truncated.
+//!
+//! Kept as our own code rather than a dataset crate: the format is fixed-size records read
+//! with one `chunks_exact`, and owning the reader keeps the images in exactly the planar
+//! `u8` layout the augmentation reads, with errors that name the file and record.
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use rand::{Rng, SeedableRng};
@@ -202,9 +206,7 @@ pub fn write_split(path: &Path, split: &CifarSplit) -> Result<(), CifarError> {
         out.push(split.label(i));
         out.extend_from_slice(split.image(i));
     }
-    let mut file = fs::File::create(path).map_err(err)?;
-    file.write_all(&out).map_err(err)?;
-    file.sync_all().map_err(err)
+    crate::atomic_file::write(path, &out).map_err(err)
 }
 
 /// A learnable synthetic data set for smoke runs without the real data.

@@ -1,6 +1,7 @@
 //! Types shared by the cvdist coordinator, workers and CLI. Nothing here links libtorch,
 //! so the control plane stays small.
 
+pub mod atomic_file;
 pub mod auth;
 pub mod cifar;
 pub mod client;
@@ -11,6 +12,7 @@ pub mod nonfinite;
 pub mod run_dir;
 pub mod sampler;
 pub mod spec;
+pub mod tensorboard;
 pub mod term;
 pub mod text;
 pub mod version;

@@ -4,6 +4,7 @@
 //! RUN/job.json          the job spec
 //! RUN/metrics.jsonl     one EpochMetrics object per line, in order
 //! RUN/summary.json      final and best accuracy, wall time, outcome
+//! RUN/events.out.tfevents.0.cvdist   the metrics as TensorBoard scalars (crate::tensorboard)
 //! RUN/checkpoints/      ckpt-eEEEE-sSSSSSS.safetensors + .json (see worker checkpoint)
 //! ```
 //!
@@ -11,13 +12,13 @@
 
 use crate::proto::{EpochMetrics, JobSpec};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const JOB_FILE: &str = "job.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const CHECKPOINT_DIR: &str = "checkpoints";
+pub const EVENTS_FILE: &str = crate::tensorboard::RUN_EVENTS_FILE;
 
 /// `summary.json`. Non-finite numbers follow [`crate::nonfinite`]; fields added later
 /// default when absent, so older summaries stay readable.
@@ -110,26 +111,10 @@ pub enum RunDirError {
 }
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename,
-/// so a crash leaves either the old or the new file, never a torn one.
+/// so a crash leaves either the old or the new file, never a torn one
+/// ([`crate::atomic_file::write`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::atomic_file::write(path, bytes)
 }
 
 pub fn write_job(dir: &Path, spec: &JobSpec) -> Result<(), RunDirError> {
@@ -144,7 +129,10 @@ pub fn write_summary(dir: &Path, summary: &Summary) -> Result<(), RunDirError> {
     write_atomic(&path, &text).map_err(|source| RunDirError::Write { path, source })
 }
 
-/// Rewrites metrics.jsonl from the full history (atomic, so a reader never sees half a line).
+/// Rewrites metrics.jsonl from the full history (atomic, so a reader never sees half a line),
+/// and the TensorBoard events file with the same epochs
+/// ([`crate::tensorboard::write_run_events`]), so `tensorboard --logdir` over run directories
+/// shows every run.
 pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<(), RunDirError> {
     let path = dir.join(METRICS_FILE);
     let mut text = Vec::new();
@@ -152,7 +140,9 @@ pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<(), RunDirE
         serde_json::to_writer(&mut text, m).expect("EpochMetrics serialises");
         text.push(b'\n');
     }
-    write_atomic(&path, &text).map_err(|source| RunDirError::Write { path, source })
+    write_atomic(&path, &text).map_err(|source| RunDirError::Write { path, source })?;
+    crate::tensorboard::write_run_events(dir, history)
+        .map_err(|source| RunDirError::Write { path: dir.join(EVENTS_FILE), source })
 }
 
 pub fn read_metrics(dir: &Path) -> Result<Vec<EpochMetrics>, RunDirError> {

@@ -1,6 +1,6 @@
 //! Runs the coordinator: gRPC service with token checks (client and worker roles), optional (mutual) TLS, the
-//! standard health service for Kubernetes probes, the scheduler tick, and a Prometheus
-//! text endpoint.
+//! standard health service for Kubernetes probes, the scheduler tick, and the Prometheus
+//! endpoint (`GET /metrics`, encoded by `prometheus-client`, served by hyper).
 
 use crate::service::Service;
 use crate::state::{Coordinator, StateConfig};
@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 use tracing::{info, warn};
@@ -241,49 +240,154 @@ pub async fn serve(
     Ok(())
 }
 
-/// Minimal Prometheus text exposition over HTTP/1.1 (one request per connection).
+/// How long a metrics connection may take to send its request head; a silent connection is
+/// closed after this (as the hand-written server before it did).
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `GET /metrics` over HTTP/1.1 with hyper, one request per connection (the response
+/// says `connection: close`, so scrapers and `curl` see the end of the body at EOF).
 async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<Coordinator>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics on /metrics");
     }
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // Out of file descriptors, say: wait a little rather than spin on accept.
+                warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let state = state.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
-            let body = render_metrics(&state);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let response = metrics_response(&state, req.method(), req.uri().path());
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+            // Bad requests get hyper's 400 and the connection closes; nothing to log.
+            let _ = tokio::time::timeout(METRICS_HEADER_TIMEOUT * 6, conn).await;
         });
     }
 }
 
-pub fn render_metrics(state: &Coordinator) -> String {
-    let s = state.stats();
-    let mut out = String::new();
-    out.push_str("# HELP cvdist_jobs Jobs by state.\n# TYPE cvdist_jobs gauge\n");
-    for st in ["queued", "running", "recovering", "succeeded", "failed", "cancelled"] {
-        out.push_str(&format!("cvdist_jobs{{state=\"{st}\"}} {}\n", s.jobs_by_state.get(st).copied().unwrap_or(0)));
+/// Content type of the OpenMetrics text format `prometheus-client` encodes (Prometheus
+/// scrapes it natively).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The answer to one HTTP request on the metrics port: `GET` (or `HEAD`) `/metrics` gets the
+/// metrics, any other path 404, any other method on `/metrics` 405 with `allow: GET, HEAD`.
+pub fn metrics_response(
+    state: &Coordinator,
+    method: &hyper::Method,
+    path: &str,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    use hyper::{header, Method, Response, StatusCode};
+    let plain = |status: StatusCode, text: &'static str| {
+        let mut r = Response::new(http_body_util::Full::new(hyper::body::Bytes::from_static(text.as_bytes())));
+        *r.status_mut() = status;
+        r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+        r
+    };
+    if path != "/metrics" {
+        return plain(StatusCode::NOT_FOUND, "not found: metrics are served on /metrics\n");
     }
-    out.push_str(&format!(
-        "# HELP cvdist_workers Registered workers.\n# TYPE cvdist_workers gauge\ncvdist_workers {}\n",
-        s.workers
-    ));
-    out.push_str(&format!(
-        "# HELP cvdist_workers_busy Workers in a job.\n# TYPE cvdist_workers_busy gauge\ncvdist_workers_busy {}\n",
-        s.busy_workers
-    ));
-    out.push_str(&format!("# HELP cvdist_restarts_total Job attempts lost to failures.\n# TYPE cvdist_restarts_total counter\ncvdist_restarts_total {}\n", s.restarts));
-    out.push_str(&format!("# HELP cvdist_images_per_second Training throughput of running jobs.\n# TYPE cvdist_images_per_second gauge\ncvdist_images_per_second {}\n", s.images_per_sec));
-    out.push_str(&format!(
-        "# HELP cvdist_step_seconds Latest step time.\n# TYPE cvdist_step_seconds gauge\ncvdist_step_seconds {}\n",
-        s.step_seconds
-    ));
-    out.push_str(&format!("# HELP cvdist_allreduce_seconds Latest all-reduce time per step.\n# TYPE cvdist_allreduce_seconds gauge\ncvdist_allreduce_seconds {}\n", s.allreduce_seconds));
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: use GET /metrics\n");
+        r.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let mut r = Response::new(http_body_util::Full::new(hyper::body::Bytes::from(render_metrics(state))));
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(METRICS_CONTENT_TYPE));
+    r
+}
+
+/// The coordinator's metrics in the OpenMetrics text format, from a snapshot of
+/// [`Coordinator::stats`]. A fresh `prometheus-client` registry per scrape: every value is a
+/// snapshot the state already keeps, so nothing needs to be updated between scrapes.
+pub fn render_metrics(state: &Coordinator) -> String {
+    render_stats(&state.stats())
+}
+
+fn render_stats(s: &crate::state::Stats) -> String {
+    use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+    use std::sync::atomic::AtomicU64;
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct JobLabels {
+        state: &'static str,
+    }
+    let mut reg = prometheus_client::registry::Registry::default();
+    let jobs = Family::<JobLabels, Gauge<u64, AtomicU64>>::default();
+    // Every state is listed, also at 0, so a dashboard's series never vanish.
+    for st in ["queued", "running", "recovering", "succeeded", "failed", "cancelled"] {
+        jobs.get_or_create(&JobLabels { state: st }).set(s.jobs_by_state.get(st).copied().unwrap_or(0));
+    }
+    reg.register("cvdist_jobs", "Jobs by state", jobs);
+    let gauge = |v: u64| {
+        let g = Gauge::<u64, AtomicU64>::default();
+        g.set(v);
+        g
+    };
+    let float = |v: f64| {
+        let g = Gauge::<f64, AtomicU64>::default();
+        g.set(v);
+        g
+    };
+    reg.register("cvdist_workers", "Registered workers", gauge(s.workers));
+    reg.register("cvdist_workers_busy", "Workers in a job", gauge(s.busy_workers));
+    // Registered as `cvdist_restarts`; the encoder adds the `_total` counters carry.
+    let restarts = Counter::<u64>::default();
+    restarts.inc_by(s.restarts);
+    reg.register("cvdist_restarts", "Job attempts lost to failures", restarts);
+    reg.register("cvdist_images_per_second", "Training throughput of running jobs", float(s.images_per_sec));
+    reg.register("cvdist_step_seconds", "Latest step time", float(s.step_seconds));
+    reg.register("cvdist_allreduce_seconds", "Latest all-reduce time per step", float(s.allreduce_seconds));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_text_names_and_values() {
+        let mut s = crate::state::Stats::default();
+        s.jobs_by_state.insert("running", 2);
+        s.jobs_by_state.insert("succeeded", 5);
+        s.workers = 3;
+        s.busy_workers = 2;
+        s.restarts = 4;
+        s.images_per_sec = 1234.5;
+        s.step_seconds = 0.25;
+        s.allreduce_seconds = 0.0;
+        let text = render_stats(&s);
+        for line in [
+            "# TYPE cvdist_jobs gauge",
+            "cvdist_jobs{state=\"queued\"} 0",
+            "cvdist_jobs{state=\"running\"} 2",
+            "cvdist_jobs{state=\"succeeded\"} 5",
+            "cvdist_jobs{state=\"cancelled\"} 0",
+            "# HELP cvdist_workers Registered workers.",
+            "cvdist_workers 3",
+            "cvdist_workers_busy 2",
+            "# TYPE cvdist_restarts counter",
+            "cvdist_restarts_total 4",
+            "cvdist_images_per_second 1234.5",
+            "cvdist_step_seconds 0.25",
+            "cvdist_allreduce_seconds 0.0",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+        }
+    }
 }

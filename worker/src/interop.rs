@@ -44,85 +44,81 @@ fn file_err(path: &Path, reason: impl ToString) -> InteropError {
 }
 
 // ---------------------------------------------------------------------------------------
-// safetensors with metadata (tch's writer cannot set `__metadata__`).
+// safetensors with metadata, through the `safetensors` crate (tch's writer cannot set
+// `__metadata__`).
 
-fn dtype_name(kind: Kind) -> Option<&'static str> {
+fn dtype_of(kind: Kind) -> Option<safetensors::Dtype> {
+    use safetensors::Dtype;
     Some(match kind {
-        Kind::Bool => "BOOL",
-        Kind::Uint8 => "U8",
-        Kind::Int8 => "I8",
-        Kind::Int16 => "I16",
-        Kind::Int => "I32",
-        Kind::Int64 => "I64",
-        Kind::Half => "F16",
-        Kind::BFloat16 => "BF16",
-        Kind::Float => "F32",
-        Kind::Double => "F64",
+        Kind::Bool => Dtype::BOOL,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Int8 => Dtype::I8,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int => Dtype::I32,
+        Kind::Int64 => Dtype::I64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
         _ => return None,
     })
 }
 
-/// Writes `tensors` (sorted by name, as `safetensors.torch.save_file` does) with string
-/// `metadata` in the header, atomically (temp file + rename).
+/// One tensor's bytes (copied out of libtorch) as the `safetensors` crate serialises them.
+struct HostTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &HostTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Writes `tensors` with string `metadata` in the header (the crate orders them as
+/// `safetensors.torch.save_file` does and pads the header to 8 bytes), atomically.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> Result<(), InteropError> {
-    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings serialise"));
-    }
-    let mut data: Vec<u8> = Vec::new();
-    for (name, t) in sorted {
+    let mut host = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
         let t = t.detach().to_device(Device::Cpu).contiguous();
-        let dtype = dtype_name(t.kind())
+        let dtype = dtype_of(t.kind())
             .ok_or_else(|| file_err(path, format!("tensor {name:?} has unsupported kind {:?}", t.kind())))?;
         let numel = t.numel();
-        let start = data.len();
-        data.resize(start + numel * t.kind().elt_size_in_bytes(), 0);
-        t.f_copy_data_u8(&mut data[start..], numel).map_err(|e| file_err(path, e))?;
-        header.insert(
-            name.clone(),
-            serde_json::json!({ "dtype": dtype, "shape": t.size(), "data_offsets": [start, data.len()] }),
-        );
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel).map_err(|e| file_err(path, e))?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        host.push((name.as_str(), HostTensor { dtype, shape, bytes }));
     }
-    let mut header = serde_json::to_vec(&serde_json::Value::Object(header)).expect("header serialises");
-    // Pad the header with spaces so the data starts 8-byte aligned, as the reference writer does.
-    let padded = header.len().div_ceil(8) * 8;
-    header.resize(padded, b' ');
-    let mut bytes = Vec::with_capacity(8 + header.len() + data.len());
-    bytes.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&header);
-    bytes.extend_from_slice(&data);
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, format!("cannot create directory: {e}")))?;
-    }
-    cvdist_common::run_dir::write_atomic(path, &bytes).map_err(|e| file_err(path, format!("cannot write: {e}")))
+    let meta: Option<std::collections::HashMap<String, String>> =
+        (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    let bytes = safetensors::serialize(host.iter().map(|(n, t)| (*n, t)), &meta)
+        .map_err(|e| file_err(path, format!("cannot serialise: {e:?}")))?;
+    cvdist_common::atomic_file::write(path, &bytes).map_err(|e| file_err(path, format!("cannot write: {e}")))
 }
 
-/// The `__metadata__` of a safetensors file's header (empty if it has none).
+/// The `__metadata__` of a safetensors file's header (empty if it has none). The whole file
+/// is checked by the `safetensors` crate: a header that does not parse, or tensors that do
+/// not cover the file exactly, make it "not a safetensors file".
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>, InteropError> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|_| file_err(path, "not a safetensors file (shorter than 8 bytes)"))?;
-    let len = u64::from_le_bytes(len);
-    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len > 100_000_000 || len + 8 > size {
-        return Err(file_err(path, format!("not a safetensors file (header length {len} for {size} bytes)")));
-    }
-    let mut header = vec![0u8; len as usize];
-    f.read_exact(&mut header).map_err(|e| file_err(path, format!("cannot read header: {e}")))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&header).map_err(|e| file_err(path, format!("not a safetensors file (header: {e})")))?;
-    Ok(header
-        .get("__metadata__")
-        .and_then(|m| m.as_object())
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-        .unwrap_or_default())
+    let bytes = std::fs::read(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| file_err(path, format!("not a safetensors file ({e:?})")))?;
+    Ok(meta.metadata().clone().unwrap_or_default().into_iter().collect())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -305,6 +301,14 @@ mod tests {
         meta.insert("format".to_string(), "pt".to_string());
         write_safetensors(&path, &sd, &meta).unwrap();
         assert_eq!(read_metadata(&path).unwrap(), meta);
+        // A truncated file or one that is no safetensors at all is named as such.
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = dir.join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
+        let e = read_metadata(&cut).unwrap_err().to_string();
+        assert!(e.contains("cut.safetensors: not a safetensors file"), "{e}");
+        std::fs::write(&cut, b"{}").unwrap();
+        assert!(read_metadata(&cut).unwrap_err().to_string().contains("not a safetensors file"));
         let back = Tensor::read_safetensors(&path).unwrap();
         assert_eq!(back.len(), sd.len());
         let matched = match_state_dict(&path, "resnet20", back).unwrap();

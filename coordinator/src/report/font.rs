@@ -1,38 +1,30 @@
-//! Finding a font for chart text at runtime.
+//! The font chart text is drawn with.
 //!
 //! plotters is built with its pure-Rust `ab_glyph` text renderer rather than `ttf` (font-kit),
 //! which would link fontconfig and freetype into the `cvdist` binary. ab_glyph draws only fonts
-//! registered with it, so we look for a TrueType/OpenType file in the usual places
-//! (on Debian: `apt-get install fonts-dejavu-core`), or in `$CVDIST_FONT`. Without one, charts
-//! are still drawn (lines, axes, grid) but carry no text, and the caller gets a warning.
+//! registered with it, so the binary carries one: DejaVu Sans (regular, 2.37, from Debian's
+//! `fonts-dejavu-core`; its licence, the Bitstream Vera licence with the DejaVu changes in the
+//! public domain, allows redistribution and is in `coordinator/assets/fonts/LICENSE`). Charts
+//! therefore always have text, on any host and in the minimal container images.
+//! `$CVDIST_FONT` may name another .ttf/.otf file (a bold sibling named `<stem>-Bold.<ext>`
+//! is used for titles when it exists); if it cannot be used, the built-in font is, with a
+//! warning.
 
 use plotters::style::{register_font, FontStyle};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// Environment variable naming a .ttf/.otf file to use instead of the system search.
+/// Environment variable naming a .ttf/.otf file to use instead of the built-in font.
 pub const FONT_ENV: &str = "CVDIST_FONT";
 
-/// The family name chart code asks plotters for; we register the found font under it.
+/// The family name chart code asks plotters for; we register the chosen font under it.
 pub(crate) const FAMILY: &str = "sans-serif";
 
-/// Regular-weight sans fonts in the places common systems install them, most preferred first.
-const CANDIDATES: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", // Debian/Ubuntu: fonts-dejavu-core
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",          // older Fedora/RHEL
-    "/usr/share/fonts/dejavu-sans-fonts/DejaVuSans.ttf", // Fedora
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",             // Arch
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf", // Debian: fonts-liberation
-    "/usr/share/fonts/truetype/liberation2/LiberationSans-Regular.ttf",
-    "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf", // Fedora
-    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
-    "/System/Library/Fonts/Supplemental/Arial.ttf", // macOS
-    "/Library/Fonts/Arial.ttf",
-    "C:\\Windows\\Fonts\\arial.ttf",
-];
+/// DejaVu Sans, regular (about 740 KiB).
+static BUILT_IN: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
-/// Directories scanned when no candidate exists, e.g. a distribution that puts fonts elsewhere.
-const SCAN_DIRS: &[&str] = &["/usr/share/fonts", "/usr/local/share/fonts"];
+/// What [`FontStatus::Loaded`] names when the built-in font is used.
+pub const BUILT_IN_NAME: &str = "DejaVu Sans (built in)";
 
 /// Fonts are a few MB at most; anything bigger is not worth loading for chart labels.
 const MAX_FONT_BYTES: u64 = 32 << 20;
@@ -40,9 +32,11 @@ const MAX_FONT_BYTES: u64 = 32 << 20;
 /// Whether chart text can be drawn, and with what.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FontStatus {
-    /// Text is drawn with this font. `warning` is set when `$CVDIST_FONT` could not be used.
-    Loaded { path: PathBuf, warning: Option<String> },
-    /// No usable font: charts have no text. The string says why and how to fix it.
+    /// Text is drawn with this font: the file named by `$CVDIST_FONT`, or [`BUILT_IN_NAME`].
+    /// `warning` is set when `$CVDIST_FONT` could not be used.
+    Loaded { font: String, warning: Option<String> },
+    /// No usable font: charts have no text. The string says why. Only reachable if the
+    /// built-in font itself were refused by the renderer.
     Missing(String),
 }
 
@@ -61,39 +55,36 @@ impl FontStatus {
 
 static STATUS: OnceLock<FontStatus> = OnceLock::new();
 
-/// Finds and registers a font the first time it is asked; later calls return the same answer.
+/// Registers the font the first time it is asked; later calls return the same answer.
 pub fn font_status() -> &'static FontStatus {
-    STATUS.get_or_init(find_and_register)
+    STATUS.get_or_init(|| choose(std::env::var_os(FONT_ENV).filter(|p| !p.is_empty()).map(PathBuf::from)))
 }
 
-fn find_and_register() -> FontStatus {
+/// Registers `env_font` if given and usable, else the built-in font.
+fn choose(env_font: Option<PathBuf>) -> FontStatus {
     let mut warning = None;
-    if let Some(path) = std::env::var_os(FONT_ENV).filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(path);
-        match register(&path) {
-            Ok(()) => return FontStatus::Loaded { path, warning: None },
-            Err(why) => warning = Some(format!("{FONT_ENV}={}: {why}; using a system font instead", path.display())),
+    if let Some(path) = env_font {
+        match register_file(&path) {
+            Ok(()) => return FontStatus::Loaded { font: path.display().to_string(), warning: None },
+            Err(why) => {
+                warning = Some(format!("{FONT_ENV}={}: {why}; using the built-in font instead", path.display()))
+            }
         }
     }
-    let scanned = SCAN_DIRS.iter().flat_map(|d| scan(Path::new(d)));
-    for path in CANDIDATES.iter().map(PathBuf::from).chain(scanned) {
-        if path.is_file() && register(&path).is_ok() {
-            return FontStatus::Loaded { path, warning };
+    match register_font(FAMILY, FontStyle::Normal, BUILT_IN) {
+        Ok(()) => FontStatus::Loaded { font: BUILT_IN_NAME.to_string(), warning },
+        Err(_) => {
+            let why = "the built-in font could not be loaded: charts are drawn without text".to_string();
+            FontStatus::Missing(match warning {
+                Some(w) => format!("{w}; {why}"),
+                None => why,
+            })
         }
     }
-    let mut msg = format!(
-        "no font found (looked for DejaVuSans.ttf and other sans fonts under /usr/share/fonts): \
-         charts are drawn without text; install one (Debian/Ubuntu: apt-get install fonts-dejavu-core) \
-         or set {FONT_ENV} to a .ttf file"
-    );
-    if let Some(w) = warning {
-        msg = format!("{w}; {msg}");
-    }
-    FontStatus::Missing(msg)
 }
 
 /// Registers `path` as the regular face, and a bold sibling (for titles) if there is one.
-fn register(path: &Path) -> Result<(), String> {
+fn register_file(path: &Path) -> Result<(), String> {
     register_face(path, FontStyle::Normal)?;
     if let Some(bold) = bold_sibling(path) {
         // Optional: plotters falls back to the regular face for bold text.
@@ -123,48 +114,6 @@ fn bold_sibling(path: &Path) -> Option<PathBuf> {
     bold.is_file().then_some(bold)
 }
 
-/// Font files under `dir` (a few levels deep), plainest sans faces first: a regular sans is
-/// what chart labels want, and bold/italic/mono faces read worse.
-fn scan(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    walk(dir, 4, &mut found);
-    found.sort_by_key(|p| (plainness_penalty(p), p.clone()));
-    found
-}
-
-fn walk(dir: &Path, depth: u32, found: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            if depth > 0 {
-                walk(&path, depth - 1, found);
-            }
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| e.eq_ignore_ascii_case("ttf") || e.eq_ignore_ascii_case("otf"))
-        {
-            found.push(path);
-        }
-    }
-}
-
-fn plainness_penalty(path: &Path) -> u32 {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-    let mut penalty = 0;
-    if !name.contains("sans") {
-        penalty += 10;
-    }
-    for styled in ["bold", "italic", "oblique", "mono", "light", "thin", "condensed", "black", "serif"] {
-        // "sans" contains no style word; "serif" alone (not "sans-serif") marks a serif face.
-        if name.contains(styled) && !(styled == "serif" && name.contains("sans")) {
-            penalty += 1;
-        }
-    }
-    penalty
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,15 +132,28 @@ mod tests {
     }
 
     #[test]
-    fn plain_sans_ranks_first() {
-        let mut v = [
-            PathBuf::from("/f/DejaVuSerif.ttf"),
-            PathBuf::from("/f/DejaVuSans-Bold.ttf"),
-            PathBuf::from("/f/DejaVuSansMono.ttf"),
-            PathBuf::from("/f/DejaVuSans.ttf"),
-        ];
-        v.sort_by_key(|p| (plainness_penalty(p), p.clone()));
-        assert_eq!(v[0], PathBuf::from("/f/DejaVuSans.ttf"));
-        assert_eq!(v[3], PathBuf::from("/f/DejaVuSerif.ttf"));
+    fn built_in_font_is_used_without_or_despite_a_bad_override() {
+        assert_eq!(choose(None), FontStatus::Loaded { font: BUILT_IN_NAME.to_string(), warning: None });
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.ttf");
+        std::fs::write(&bad, b"not a font").unwrap();
+        let status = choose(Some(bad.clone()));
+        assert!(status.is_loaded());
+        let w = status.warning().unwrap();
+        assert!(
+            w.contains(&format!("{FONT_ENV}={}: not a TrueType/OpenType font; using the built-in font", bad.display())),
+            "{w}"
+        );
+        let missing = choose(Some(dir.path().join("nope.ttf")));
+        assert!(missing.is_loaded() && missing.warning().unwrap().contains("nope.ttf"));
+    }
+
+    #[test]
+    fn override_font_is_used_when_it_loads() {
+        // The built-in bytes written to a file stand in for a user's font.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("Mine.ttf");
+        std::fs::write(&path, BUILT_IN).unwrap();
+        assert_eq!(choose(Some(path.clone())), FontStatus::Loaded { font: path.display().to_string(), warning: None });
     }
 }

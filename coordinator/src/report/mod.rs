@@ -43,7 +43,7 @@ pub enum ReportError {
 }
 
 /// What a render produced: the files written, and anything the user should know about them
-/// (e.g. no font was found, so the charts have no text).
+/// (e.g. `$CVDIST_FONT` could not be used, so the built-in font was).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rendered {
     pub files: Vec<PathBuf>,

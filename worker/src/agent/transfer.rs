@@ -3,6 +3,7 @@
 //! Every chunk and every file is checked against its SHA-256.
 
 use crate::train::checkpoint::CheckpointState;
+use cvdist_common::atomic_file::AtomicFile;
 use cvdist_common::client::Client;
 use cvdist_common::proto::{CheckpointChunk, DownloadCheckpointRequest, FetchDatasetRequest};
 use cvdist_common::{cifar, version};
@@ -45,7 +46,7 @@ pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf,
         .await
         .map_err(|s| TransferError::rpc(&s))?
         .into_inner();
-    let mut current: Option<(String, std::fs::File, Sha256, PathBuf)> = None;
+    let mut current: Option<(String, AtomicFile, Sha256)> = None;
     let mut files = 0;
     while let Some(chunk) = stream.message().await.map_err(|s| TransferError::rpc(&s))? {
         if !cvdist_common::spec::valid_name(&chunk.file) {
@@ -61,14 +62,15 @@ pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf,
             });
         }
         if current.as_ref().map(|c| c.0 != chunk.file).unwrap_or(true) {
-            // Per process: workers sharing a cache dir may fetch at the same time, and one
-            // temp name would interleave their writes into one file.
-            let tmp = batches.join(format!(".{}.part-{}", chunk.file, std::process::id()));
-            let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-            current = Some((chunk.file.clone(), f, Sha256::new(), tmp));
+            // Unique temp names: workers sharing a cache dir may fetch at the same time, and
+            // one temp name would interleave their writes into one file. A file left
+            // unfinished (stream broken, bad checksum) is deleted when it is dropped.
+            let dest = batches.join(&chunk.file);
+            let f = AtomicFile::create(&dest).map_err(io(&dest))?;
+            current = Some((chunk.file.clone(), f, Sha256::new()));
         }
-        let Some((name, file, hasher, tmp)) = current.as_mut() else { continue };
-        file.write_all(&chunk.data).map_err(io(tmp))?;
+        let Some((name, file, hasher)) = current.as_mut() else { continue };
+        file.write_all(&chunk.data).map_err(|e| io(file.temp_path())(e))?;
         hasher.update(&chunk.data);
         if chunk.last_of_file {
             let got = hex::encode(hasher.clone().finalize());
@@ -78,11 +80,10 @@ pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf,
                     reason: format!("file checksum {got} != {}", chunk.file_sha256),
                 });
             }
-            file.sync_all().map_err(io(tmp))?;
-            let dest = batches.join(&*name);
-            std::fs::rename(&*tmp, &dest).map_err(io(&dest))?;
+            if let Some((name, file, _)) = current.take() {
+                file.commit().map_err(io(&batches.join(name)))?;
+            }
             files += 1;
-            current = None;
         }
     }
     if files != cifar::TRAIN_FILES.len() + 1 {
@@ -148,7 +149,9 @@ pub async fn download_checkpoint(
         .into_inner();
     let data_path = dir.join(format!("{name}.safetensors"));
     let json_path = dir.join(format!("{name}.json"));
-    let mut file = std::fs::File::create(&data_path).map_err(io(&data_path))?;
+    // Both files appear whole or not at all: a broken stream leaves no half checkpoint that
+    // a later resume could pick up.
+    let mut file = AtomicFile::create(&data_path).map_err(io(&data_path))?;
     let mut state_json = String::new();
     while let Some(chunk) = stream.message().await.map_err(|s| TransferError::rpc(&s))? {
         if !chunk.state_json.is_empty() {
@@ -156,10 +159,10 @@ pub async fn download_checkpoint(
         }
         file.write_all(&chunk.data).map_err(io(&data_path))?;
     }
-    file.sync_all().map_err(io(&data_path))?;
     if state_json.is_empty() {
         return Err(TransferError::Corrupt { what: name.into(), reason: "no checkpoint state received".into() });
     }
-    std::fs::write(&json_path, state_json).map_err(io(&json_path))?;
+    file.commit().map_err(io(&data_path))?;
+    cvdist_common::atomic_file::write(&json_path, state_json.as_bytes()).map_err(io(&json_path))?;
     Ok(json_path)
 }

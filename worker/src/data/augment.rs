@@ -1,4 +1,7 @@
 //! CIFAR-10 training augmentation with torchvision semantics, in plain Rust.
+//! Our own rather than an image crate's transforms or libtorch ops: it must match
+//! torchvision bit for bit and draw its randomness per sample (below), neither of which
+//! those give.
 //!
 //! Equivalent to `RandomCrop(32, padding=4)`, `RandomHorizontalFlip()`, `ToTensor()`,
 //! `Normalize(MEAN, STD)`:

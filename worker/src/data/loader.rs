@@ -69,6 +69,8 @@ impl Loader {
             .spawn(move || {
                 for (number, chunk) in indices.chunks(batch_size).enumerate().skip(first) {
                     let (images, labels) = new_batch_tensors(chunk.len());
+                    // FFI, not a byte cast: the producer fills libtorch's own storage in
+                    // place (no copy per batch); `bytemuck` cannot view a raw pointer.
                     // SAFETY: both tensors were just created by `new_batch_tensors`:
                     // contiguous CPU tensors of exactly these element counts and types,
                     // not shared with anything yet, and they outlive the slices.

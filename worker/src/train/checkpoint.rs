@@ -166,6 +166,8 @@ fn tensor_bytes(t: &Tensor) -> &[u8] {
     if len == 0 {
         return &[];
     }
+    // FFI, not a byte cast: libtorch's storage behind a raw pointer, which `bytemuck` cannot
+    // view (tch's own `copy_data_u8` would copy the whole model once more).
     // SAFETY: `snapshot` made `t` a contiguous CPU tensor this Snapshot owns alone; its
     // storage holds `numel × element size` bytes and lives as long as the borrow of `t`.
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, len) }
@@ -203,9 +205,18 @@ pub fn write_snapshot(
     std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Write { path: dir.to_path_buf(), source })?;
     let name = state.name();
     let tensors_path = dir.join(format!("{name}.safetensors"));
-    let tmp = dir.join(format!(".{name}.safetensors.tmp"));
+    let werr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| CheckpointError::Write { path, source }
+    };
+    // Temp file next to the destination, removed if anything below fails (a partial file
+    // would keep a full disk full for the next attempt).
+    let file = cvdist_common::atomic_file::AtomicFile::create(&tensors_path).map_err(werr(&tensors_path))?;
+    let tmp = file.temp_path().to_path_buf();
     // The safetensors layout: u64 little-endian header length, a JSON header naming each
-    // tensor's dtype, shape and byte range, then the tensors' bytes back to back.
+    // tensor's dtype, shape and byte range, then the tensors' bytes back to back. Written
+    // here rather than with the `safetensors` crate so the bytes stream from the snapshot
+    // through the hash into the file without a second in-memory copy of the model.
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     for (n, t) in &snap.named {
@@ -226,28 +237,17 @@ pub fn write_snapshot(
     let mut header = serde_json::to_vec(&header).expect("header serialises");
     // Padded with spaces to 8 bytes so the data is aligned, as the reference writer does.
     header.resize(header.len().div_ceil(8) * 8, b' ');
-    let werr = |source: std::io::Error| CheckpointError::Write { path: tmp.clone(), source };
-    let written = (|| -> Result<(String, u64), CheckpointError> {
-        let file = std::fs::File::create(&tmp).map_err(werr)?;
-        let mut out =
-            HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hash: Sha256::new(), bytes: 0 };
-        out.write_all(&(header.len() as u64).to_le_bytes()).map_err(werr)?;
-        out.write_all(&header).map_err(werr)?;
-        for (_, t) in &snap.named {
-            out.write_all(tensor_bytes(t)).map_err(werr)?;
-        }
-        let HashingWriter { inner, hash, bytes } = out;
-        let file = inner.into_inner().map_err(|e| werr(e.into_error()))?;
-        file.sync_all().map_err(werr)?;
-        drop(file);
-        std::fs::rename(&tmp, &tensors_path)
-            .map_err(|source| CheckpointError::Write { path: tensors_path.clone(), source })?;
-        Ok((hex::encode(hash.finalize()), bytes))
-    })();
-    // A partial temp file (disk full, say) would keep the disk full for the next attempt.
-    let (sha, bytes) = written.inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })?;
+    let mut out =
+        HashingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), hash: Sha256::new(), bytes: 0 };
+    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(werr(&tmp))?;
+    out.write_all(&header).map_err(werr(&tmp))?;
+    for (_, t) in &snap.named {
+        out.write_all(tensor_bytes(t)).map_err(werr(&tmp))?;
+    }
+    let HashingWriter { inner, hash, bytes } = out;
+    let file = inner.into_inner().map_err(|e| werr(&tmp)(e.into_error()))?;
+    file.commit().map_err(werr(&tensors_path))?;
+    let sha = hex::encode(hash.finalize());
     state.sha256 = sha;
     state.bytes = bytes;
     let json_path = dir.join(format!("{name}.json"));

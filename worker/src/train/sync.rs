@@ -134,6 +134,8 @@ impl GradSync {
 fn host_slice(t: &mut Tensor, numel: usize) -> &mut [f32] {
     assert!(t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous());
     assert_eq!(t.numel(), numel);
+    // FFI, not a byte cast: the memory is libtorch's, reached only through a raw pointer, so
+    // `bytemuck` (which casts between Rust slices) cannot express this view.
     // SAFETY: the tensor is a contiguous CPU float tensor of `numel` elements that we own
     // exclusively for the lifetime of the returned borrow (`&mut Tensor`).
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, numel) }
