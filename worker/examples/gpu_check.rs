@@ -10,8 +10,10 @@
 //! * the watchdog on real NCCL: with a peer that never joins an all-reduce, the op must
 //!   end in a `Deadline` error at the collective timeout instead of hanging.
 //!
-//!   gpu_check [--device K] [--batch 128] [--steps 20] [--warmup 5]
-//!             [--models resnet18,resnet50] [--precisions fp32,bf16] [--skip-two-ranks]
+//! ```text
+//! gpu_check [--device K] [--batch 128] [--steps 20] [--warmup 5]
+//!           [--models resnet18,resnet50] [--precisions fp32,bf16] [--skip-two-ranks]
+//! ```
 //!
 //! Exits 1 if any part failed (each part still runs); the failing line says why.
 

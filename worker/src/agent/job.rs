@@ -258,7 +258,7 @@ fn choose_backend(
             if let Some(why) = why {
                 warn!(%why, "--collective auto: gradients via the ring, not NCCL");
             }
-            Ok(Box::new(ring))
+            Ok(ring as Box<dyn Collective>)
         }
         // Every rank reaches this verdict from the same vote, and a restart on the same
         // workers would vote the same way: a configuration error, not retried.

@@ -75,7 +75,7 @@ impl NcclInit for SystemNccl {
 pub enum Chosen<C> {
     /// Gradients go over the ring; `why` says why not NCCL when `auto` fell back.
     Ring {
-        ring: Ring,
+        ring: Box<Ring>,
         why: Option<String>,
     },
     Nccl(C),
@@ -110,7 +110,7 @@ pub fn choose<F: NcclInit>(
 ) -> Result<Chosen<F::Comm>, BackendError> {
     ring.set_op_timeout(timeout).map_err(BackendError::Ring)?;
     if wanted == "ring" {
-        return Ok(Chosen::Ring { ring, why: None });
+        return Ok(Chosen::Ring { ring: Box::new(ring), why: None });
     }
     let (rank, world) = (ring.rank(), ring.world_size());
 
@@ -124,7 +124,7 @@ pub fn choose<F: NcclInit>(
         }
         return match wanted {
             "nccl" => Err(BackendError::Unusable(local.unwrap_or(why))),
-            _ => Ok(Chosen::Ring { ring, why: Some(why) }),
+            _ => Ok(Chosen::Ring { ring: Box::new(ring), why: Some(why) }),
         };
     }
 
@@ -175,7 +175,7 @@ pub fn choose<F: NcclInit>(
 fn fallback<C>(ring: Ring, wanted: &str, why: String) -> Result<Chosen<C>, BackendError> {
     match wanted {
         "nccl" => Err(BackendError::Init(why)),
-        _ => Ok(Chosen::Ring { ring, why: Some(why) }),
+        _ => Ok(Chosen::Ring { ring: Box::new(ring), why: Some(why) }),
     }
 }
 
