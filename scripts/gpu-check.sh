@@ -38,7 +38,10 @@ info="$("$python" - <<'EOF'
 import os, torch
 lib = os.path.join(os.path.dirname(torch.__file__), "lib")
 name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "?"
+try:
+    nccl = ".".join(map(str, torch.cuda.nccl.version()))
+except Exception:  # a build without NCCL: the check itself says more
+    nccl = "?"
 print(torch.__version__.split("+")[0], lib, torch.version.cuda, nccl, name, sep="\t")
 EOF
 )" || { echo "gpu-check: $python cannot import torch"; exit 2; }
