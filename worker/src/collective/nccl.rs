@@ -870,6 +870,21 @@ mod tests {
         assert_eq!(version_string(None), "?");
     }
 
+    /// The config prefix must match nccl.h's `ncclConfig_t` field for field (x86_64): NCCL
+    /// copies it byte for byte.
+    #[test]
+    fn config_layout_matches_nccl_h() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(offset_of!(NcclConfig, blocking), 16);
+        assert_eq!(offset_of!(NcclConfig, max_ctas), 28);
+        assert_eq!(offset_of!(NcclConfig, net_name), 32);
+        assert_eq!(offset_of!(NcclConfig, split_share), 40);
+        assert_eq!(offset_of!(NcclConfig, traffic_class), 44);
+        assert_eq!(size_of::<NcclConfig>(), 48);
+        let c = NcclConfig::non_blocking();
+        assert_eq!((c.size, c.magic, c.blocking, c.cga_cluster_size), (48, 0xcafe_beef, 0, i32::MIN));
+    }
+
     #[test]
     fn bad_rank_is_a_config_error() {
         assert!(matches!(NcclComm::new(3, 2, [0; UNIQUE_ID_BYTES]), Err(CollectiveError::Config(_))));
