@@ -46,6 +46,26 @@ pub enum SpecError {
     Precision(String),
     #[error("--amp means --precision fp16 and cannot be combined with --precision {0}")]
     AmpConflict(String),
+    #[error("collective timeout must be between 1 and {MAX_COLLECTIVE_TIMEOUT_S} seconds, got {0}")]
+    CollectiveTimeout(u32),
+}
+
+/// Seconds a rank waits for one collective (or for NCCL's initialisation) before it gives
+/// the communicator up (`--collective-timeout`). PyTorch's ProcessGroupNCCL uses the same
+/// default, 10 minutes: long enough for a first step that compiles kernels or a slow
+/// checkpoint on another rank, short enough that a stalled peer does not hold a job for hours.
+pub const DEFAULT_COLLECTIVE_TIMEOUT_S: u32 = 600;
+/// Upper bound for `--collective-timeout` (one day): anything longer is a typo.
+pub const MAX_COLLECTIVE_TIMEOUT_S: u32 = 86_400;
+
+/// The collective timeout of `spec`; specs from clients that predate the field (0) get the
+/// default.
+pub fn collective_timeout(spec: &JobSpec) -> std::time::Duration {
+    let secs = match spec.collective_timeout_s {
+        0 => DEFAULT_COLLECTIVE_TIMEOUT_S,
+        s => s,
+    };
+    std::time::Duration::from_secs(secs as u64)
 }
 
 /// The precisions a job can train in (`--precision`).
@@ -107,6 +127,7 @@ pub fn default_spec(model: &str, epochs: u32) -> JobSpec {
         channels_last: true,
         rendezvous_timeout_s: 0,
         collective: "auto".into(),
+        collective_timeout_s: DEFAULT_COLLECTIVE_TIMEOUT_S,
     }
 }
 
@@ -207,6 +228,10 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if spec.amp && !matches!(spec.precision.as_str(), "" | "fp16") {
         return Err(SpecError::AmpConflict(spec.precision.clone()));
     }
+    // 0 is what older clients send (the field did not exist): it means the default.
+    if spec.collective_timeout_s > MAX_COLLECTIVE_TIMEOUT_S {
+        return Err(SpecError::CollectiveTimeout(spec.collective_timeout_s));
+    }
     check_shard(spec, spec.max_workers)
 }
 
@@ -248,6 +273,7 @@ mod tests {
             (JobSpec { warmup_epochs: 1, scale_lr: false, ..base.clone() }, "--warmup-epochs 1 needs --scale-lr"),
             (JobSpec { precision: "fp8".into(), ..base.clone() }, "precision must be"),
             (JobSpec { precision: "bf16".into(), amp: true, ..base.clone() }, "--amp means --precision fp16"),
+            (JobSpec { collective_timeout_s: 86_401, ..base.clone() }, "collective timeout must be between 1 and"),
         ];
         for (spec, needle) in cases {
             let err = validate(&spec).unwrap_err().to_string();
@@ -273,6 +299,18 @@ mod tests {
         assert_eq!((precision(&legacy), validate(&legacy)), ("fp16", Ok(())));
         let legacy = JobSpec { precision: String::new(), ..default_spec("resnet20", 1) };
         assert_eq!(precision(&legacy), "fp32");
+    }
+
+    /// Default 600 s; 0 (a spec from a client without the field) reads as the default.
+    #[test]
+    fn collective_timeout_default_and_legacy_zero() {
+        let s = default_spec("resnet20", 1);
+        assert_eq!(s.collective_timeout_s, 600);
+        assert_eq!(collective_timeout(&s), std::time::Duration::from_secs(600));
+        let legacy = JobSpec { collective_timeout_s: 0, ..s.clone() };
+        assert_eq!((collective_timeout(&legacy).as_secs(), validate(&legacy)), (600, Ok(())));
+        let short = JobSpec { collective_timeout_s: 5, ..s };
+        assert_eq!(collective_timeout(&short).as_secs(), 5);
     }
 
     #[test]

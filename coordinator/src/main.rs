@@ -235,6 +235,10 @@ struct JobArgs {
     /// "auto" (NCCL when every rank is on CUDA, else ring), "ring" or "nccl".
     #[arg(long, default_value = "auto")]
     collective: String,
+    /// Seconds a rank waits for one collective (or NCCL's start) before it aborts the
+    /// communicator and the attempt fails (a dead or stalled peer); also the ring's timeout.
+    #[arg(long, value_name = "SECONDS", default_value_t = spec::DEFAULT_COLLECTIVE_TIMEOUT_S)]
+    collective_timeout: u32,
     /// Job name (letters, digits, '.', '_', '-').
     #[arg(long, default_value = "")]
     name: String,
@@ -265,6 +269,7 @@ impl JobArgs {
         spec::set_precision(&mut s, self.precision.as_deref(), self.amp)?;
         s.channels_last = self.channels_last;
         s.collective = self.collective.clone();
+        s.collective_timeout_s = self.collective_timeout;
         s.threads_per_worker = self.threads_per_worker;
         s.min_workers = min;
         s.max_workers = max;

@@ -3,6 +3,7 @@
 //! On a machine without CUDA it prints why NCCL is unavailable and exits 1.
 
 use cvdist_worker::collective::nccl::{self, NcclComm};
+use cvdist_worker::collective::Collective;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -18,14 +19,14 @@ fn main() {
     let before = t.copy();
     comm.all_reduce_sum_tensor(&t).expect("all-reduce");
     comm.broadcast_tensor(&t, 0).expect("broadcast");
-    tch::Cuda::synchronize(0);
+    comm.wait().expect("wait");
     assert!(t.equal(&before), "world-size-1 all-reduce must be the identity");
     let big = Tensor::ones([23_520_842], (Kind::Float, Device::Cuda(0)));
     let mut times = Vec::new();
     for _ in 0..10 {
         let start = Instant::now();
         comm.all_reduce_sum_tensor(&big).expect("all-reduce");
-        tch::Cuda::synchronize(0);
+        comm.wait().expect("wait");
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);

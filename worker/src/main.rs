@@ -204,6 +204,10 @@ struct TrainArgs {
     channels_last: bool,
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u32,
+    /// Seconds to wait for one collective before aborting the communicator (kept in the
+    /// run's job.json; a single process only waits on itself).
+    #[arg(long, value_name = "SECONDS", default_value_t = spec::DEFAULT_COLLECTIVE_TIMEOUT_S)]
+    collective_timeout: u32,
     /// Resume from this checkpoint's JSON record.
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -465,6 +469,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     spec::set_precision(&mut s, a.precision.as_deref(), a.amp)?;
     s.channels_last = a.channels_last;
     s.checkpoint_every_steps = a.checkpoint_every;
+    s.collective_timeout_s = a.collective_timeout;
     spec::validate(&s)?;
     let data = Datasets::for_spec(&s, a.data.as_deref())?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;

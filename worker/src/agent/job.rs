@@ -2,7 +2,8 @@
 //! reports. Runs on its own OS thread because libtorch calls block.
 
 use super::transfer;
-use crate::collective::{nccl, ring::Ring, AbortHandle, Collective, Solo};
+use crate::collective::backend::{self, BackendError, Chosen};
+use crate::collective::{ring::Ring, AbortHandle, Collective, Solo};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::ckpt_writer::CheckpointStore;
 use crate::train::{self, Datasets, Observer, TrainerConfig};
@@ -233,48 +234,37 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
     control.done.store(true, Ordering::SeqCst);
 }
 
-/// Agrees on the gradient backend over the freshly formed ring: NCCL only when every rank
-/// can use it (all on CUDA with libnccl loadable), otherwise the ring itself. Rank 0 then
-/// creates the NCCL id and the ring carries it to the others.
+/// Agrees on the gradient backend over the freshly formed ring (`collective::backend`):
+/// NCCL only when every rank confirmed its communicator works, otherwise (`auto`) every
+/// rank stays on the ring and the log says why.
 fn choose_backend(
-    mut ring: Ring,
-    wanted: &str,
+    ring: Ring,
+    spec: &cvdist_common::proto::JobSpec,
     device: Device,
     control: &JobControl,
 ) -> Result<Box<dyn Collective>, Failure> {
-    let world = ring.world_size();
-    let local_ok = device.is_cuda() && nccl::available().is_ok();
-    let mut votes = [if local_ok { 1.0f32 } else { 0.0 }];
-    ring.all_reduce_sum(&mut votes).map_err(|e| Failure::retry(format!("agreeing on a backend: {e}")))?;
-    let all_ok = votes[0] as usize == world;
-    match (wanted, all_ok) {
-        ("ring", _) | ("auto", false) => return Ok(Box::new(ring)),
-        ("nccl", false) => {
-            let why =
-                nccl::available().err().map(|e| e.to_string()).unwrap_or_else(|| "not every rank is on CUDA".into());
-            // Every rank reaches this verdict from the same vote, and a restart on the same
-            // workers would vote the same way: a configuration error, not retried.
-            return Err(Failure::config(format!("--collective nccl requested but unusable on some rank: {why}")));
-        }
-        _ => {}
-    }
-    let mut id = [0f32; nccl::UNIQUE_ID_BYTES];
-    if ring.rank() == 0 {
-        let raw = nccl::unique_id().map_err(|e| Failure::retry(e.to_string()))?;
-        for (dst, b) in id.iter_mut().zip(raw) {
-            *dst = b as f32;
-        }
-    }
-    ring.broadcast(&mut id, 0).map_err(|e| Failure::retry(format!("sharing the NCCL id: {e}")))?;
-    let bytes: [u8; nccl::UNIQUE_ID_BYTES] = std::array::from_fn(|i| id[i] as u8);
-    // ncclCommInitRank is one blocking C call that nothing here can interrupt; at least
-    // do not enter it once the attempt is over.
+    // Creating a communicator waits for the peers; do not start once the attempt is over.
     if let Some(reason) = control.stop_reason() {
         return Err(Failure::retry(format!("stopped: {reason}")));
     }
-    let comm = nccl::NcclComm::new(ring.rank(), world, bytes).map_err(|e| Failure::retry(format!("NCCL init: {e}")))?;
-    info!(world, "gradients via NCCL");
-    Ok(Box::new(comm))
+    let world = ring.world_size();
+    let timeout = cvdist_common::spec::collective_timeout(spec);
+    match backend::choose(ring, &spec.collective, timeout, &backend::SystemNccl { device }) {
+        Ok(Chosen::Nccl(comm)) => {
+            info!(world, "gradients via NCCL");
+            Ok(Box::new(comm))
+        }
+        Ok(Chosen::Ring { ring, why }) => {
+            if let Some(why) = why {
+                warn!(%why, "--collective auto: gradients via the ring, not NCCL");
+            }
+            Ok(ring as Box<dyn Collective>)
+        }
+        // Every rank reaches this verdict from the same vote, and a restart on the same
+        // workers would vote the same way: a configuration error, not retried.
+        Err(e @ BackendError::Unusable(_)) => Err(Failure::config(e.to_string())),
+        Err(e) => Err(Failure::retry(e.to_string())),
+    }
 }
 
 /// Checks every name and address in an assignment with the same functions the
@@ -359,7 +349,7 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         let ring =
             Ring::connect_with_abort(rank, world, &peers, listener, &a.session_secret, RENDEZVOUS_TIMEOUT, abort)
                 .map_err(|e| Failure::retry(format!("forming the data-plane ring: {e}")))?;
-        let comm = choose_backend(ring, &spec.collective, env.device, control)?;
+        let comm = choose_backend(ring, &spec, env.device, control)?;
         control.install_abort(comm.abort_handle());
         comm
     };
@@ -381,6 +371,11 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     let mut observer =
         ReportingObserver { assignment: a, env, control: control.clone(), confirmed: None, upload_error: None };
     let outcome = train::train(&cfg, &data, comm.as_mut(), &mut observer)?;
+    // A clean end lets a device communicator shut down gracefully; otherwise its drop
+    // aborts it, which never waits for peers.
+    if let Err(e) = comm.finish() {
+        warn!(error = %e, "the communicator did not shut down cleanly; aborted instead");
+    }
     if let Ok(mut slot) = control.abort.lock() {
         *slot = None;
     }

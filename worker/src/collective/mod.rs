@@ -10,12 +10,14 @@
 //! [`CollectiveError::Broken`]) because its peers can no longer agree on where in the
 //! byte stream they are. Recovery is the caller's job: tear down and rendezvous again.
 
+pub mod backend;
 mod executor;
 mod io_error;
 mod link;
 pub mod nccl;
 pub mod ring;
 mod schedule;
+pub mod watchdog;
 pub mod wire;
 
 use std::net::{Shutdown, TcpStream};
@@ -52,6 +54,10 @@ pub enum CollectiveError {
     NcclUnavailable(String),
     #[error("NCCL {call} failed: {message} (ncclResult_t {code})")]
     Nccl { call: &'static str, code: i32, message: String },
+    /// A device collective did not complete within `--collective-timeout`; the
+    /// communicator was aborted (a peer is dead or stalled).
+    #[error("{op} not complete after {secs:.0}s (--collective-timeout); communicator aborted")]
+    Deadline { op: &'static str, secs: f64 },
 }
 
 impl CollectiveError {
@@ -75,6 +81,20 @@ pub trait Collective: Send {
     fn barrier(&mut self) -> Result<(), CollectiveError>;
     /// A handle that can make in-flight and future ops fail fast from another thread.
     fn abort_handle(&self) -> AbortHandle;
+
+    /// Waits until every op enqueued so far has completed, or fails once the
+    /// communicator's watchdog gave it up (deadline, abort, peer failure). Host
+    /// collectives complete before they return, so the default has nothing to wait for.
+    fn wait(&mut self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
+    /// Called once when the job ended cleanly on this rank: a device communicator waits
+    /// (bounded) for its last ops so that dropping it tears it down gracefully; without
+    /// this call a drop aborts it, which never waits for peers.
+    fn finish(&mut self) -> Result<(), CollectiveError> {
+        self.wait()
+    }
 
     /// In-place sum of a contiguous f32 tensor across ranks. The default works on host
     /// memory (CPU tensors in place, others staged through a host copy); NCCL overrides it

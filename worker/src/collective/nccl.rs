@@ -7,14 +7,21 @@
 //! the first hit is normally the copy already mapped into the process.
 //!
 //! Device ops enqueue on the legacy default stream (stream 0, which is also where tch
-//! launches its kernels unless told otherwise); callers synchronise before reading the
-//! result on the host.
+//! launches its kernels unless told otherwise). Nothing here waits on the device without a
+//! bound: the communicator is created non-blocking (`ncclCommInitRankConfig` with
+//! `blocking = 0`) and polled under the collective timeout, a CUDA event is recorded after
+//! every op, and a [`Watchdog`] thread polls those events and `ncclCommGetAsyncError`,
+//! calling `ncclCommAbort` on a deadline, an error or the job's abort. Callers wait
+//! through [`Collective::wait`], never through a device-wide synchronise. The CUDA runtime
+//! (`libcudart`) is loaded at run time like NCCL: the copy libtorch_cuda already mapped.
 
+use super::watchdog::{self, Fault, Pending, Watchdog, Watched};
 use super::{AbortHandle, Collective, CollectiveError};
 use libloading::Library;
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 pub const UNIQUE_ID_BYTES: usize = 128;
 
@@ -68,6 +75,48 @@ struct RawUniqueId {
 type Comm = *mut c_void;
 type Stream = *mut c_void;
 
+/// The leading fields of `ncclConfig_t` as NCCL 2.17 laid them out (nccl.h). NCCL copies
+/// `min(size, its own sizeof)` bytes over its defaults and ignores fields newer than
+/// `version`, so this prefix is valid for every NCCL ≥ 2.17, including the 2.29 of the
+/// current wheels. `NCCL_CONFIG_UNDEF_INT` (`INT_MIN`) and null mean "NCCL's default".
+#[repr(C)]
+struct NcclConfig {
+    size: usize,
+    magic: c_uint,
+    version: c_uint,
+    blocking: c_int,
+    cga_cluster_size: c_int,
+    min_ctas: c_int,
+    max_ctas: c_int,
+    net_name: *const c_char,
+    split_share: c_int,
+    /// Fills what would otherwise be padding (NCCL ≥ 2.19 has `trafficClass` here), so no
+    /// uninitialised byte reaches NCCL's copy.
+    traffic_class: c_int,
+}
+
+/// `NCCL_CONFIG_UNDEF_INT` from nccl.h.
+const NCCL_CONFIG_UNDEF_INT: c_int = c_int::MIN;
+
+impl NcclConfig {
+    /// `NCCL_CONFIG_INITIALIZER` with `blocking = 0`.
+    fn non_blocking() -> Self {
+        NcclConfig {
+            size: std::mem::size_of::<NcclConfig>(),
+            magic: 0xcafe_beef,
+            // NCCL_VERSION(2, 18, 0): the release that added split_share, our last field.
+            version: 21800,
+            blocking: 0,
+            cga_cluster_size: NCCL_CONFIG_UNDEF_INT,
+            min_ctas: NCCL_CONFIG_UNDEF_INT,
+            max_ctas: NCCL_CONFIG_UNDEF_INT,
+            net_name: std::ptr::null(),
+            split_share: NCCL_CONFIG_UNDEF_INT,
+            traffic_class: NCCL_CONFIG_UNDEF_INT,
+        }
+    }
+}
+
 /// Resolved entry points. The `Library` is kept alive for the whole process (the
 /// struct lives in a static), so the function pointers never dangle.
 struct Api {
@@ -75,7 +124,8 @@ struct Api {
     path: String,
     get_version: unsafe extern "C" fn(*mut c_int) -> c_int,
     get_unique_id: unsafe extern "C" fn(*mut RawUniqueId) -> c_int,
-    comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, RawUniqueId, c_int) -> c_int,
+    comm_init_rank_config: unsafe extern "C" fn(*mut Comm, c_int, RawUniqueId, c_int, *mut NcclConfig) -> c_int,
+    comm_finalize: unsafe extern "C" fn(Comm) -> c_int,
     all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int,
     broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int,
     comm_abort: unsafe extern "C" fn(Comm) -> c_int,
@@ -193,7 +243,9 @@ fn resolve(lib: Library, path: String) -> Result<Api, String> {
     Ok(Api {
         get_version: sym!("ncclGetVersion"),
         get_unique_id: sym!("ncclGetUniqueId"),
-        comm_init_rank: sym!("ncclCommInitRank"),
+        // Both since NCCL 2.14; torch wheels ship 2.2x.
+        comm_init_rank_config: sym!("ncclCommInitRankConfig"),
+        comm_finalize: sym!("ncclCommFinalize"),
         all_reduce: sym!("ncclAllReduce"),
         broadcast: sym!("ncclBroadcast"),
         comm_abort: sym!("ncclCommAbort"),
@@ -258,34 +310,285 @@ pub fn unique_id_from_hex(s: &str) -> Result<[u8; UNIQUE_ID_BYTES], CollectiveEr
     })
 }
 
-/// One rank's NCCL communicator, bound to the CUDA device current at creation (device
-/// 0 unless the thread selected another).
-pub struct NcclComm {
+/// The CUDA runtime entry points the watchdog needs, from the `libcudart` this process
+/// already mapped (libtorch_cuda links it; the wheel's copy is
+/// `nvidia/cu13/lib/libcudart.so.13`, a libtorch zip's is `lib/libcudart-<hash>.so.*`),
+/// else by soname.
+struct Cudart {
+    _lib: Library,
+    set_device: unsafe extern "C" fn(c_int) -> c_int,
+    event_create_with_flags: unsafe extern "C" fn(*mut CudaEvent, c_uint) -> c_int,
+    event_record: unsafe extern "C" fn(CudaEvent, Stream) -> c_int,
+    event_query: unsafe extern "C" fn(CudaEvent) -> c_int,
+    event_destroy: unsafe extern "C" fn(CudaEvent) -> c_int,
+    get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+}
+
+type CudaEvent = *mut c_void;
+const CUDA_SUCCESS: c_int = 0;
+/// `cudaErrorNotReady`: the event's work has not completed yet.
+const CUDA_ERROR_NOT_READY: c_int = 600;
+/// `cudaEventDisableTiming`: completion markers only, the cheapest kind of event.
+const CUDA_EVENT_DISABLE_TIMING: c_uint = 0x02;
+
+impl Cudart {
+    fn error_string(&self, code: c_int) -> String {
+        // SAFETY: cudaGetErrorString returns a static NUL-terminated string (or null).
+        let p = unsafe { (self.get_error_string)(code) };
+        if p.is_null() {
+            return format!("CUDA error {code}");
+        }
+        // SAFETY: non-null static C string from the CUDA runtime.
+        format!("{} (cudaError_t {code})", unsafe { CStr::from_ptr(p) }.to_string_lossy())
+    }
+
+    fn check(&self, call: &str, code: c_int) -> Result<(), CollectiveError> {
+        if code == CUDA_SUCCESS {
+            Ok(())
+        } else {
+            Err(CollectiveError::Broken(format!("{call}: {}", self.error_string(code))))
+        }
+    }
+
+    /// Makes `device` current on the calling thread (CUDA's current device is per thread).
+    fn use_device(&self, device: usize) -> Result<(), CollectiveError> {
+        let d = c_int::try_from(device).map_err(|_| CollectiveError::Config(format!("CUDA device {device}")))?;
+        // SAFETY: plain call with an int.
+        self.check("cudaSetDevice", unsafe { (self.set_device)(d) })
+    }
+}
+
+static CUDART: OnceLock<Result<Cudart, String>> = OnceLock::new();
+
+fn cudart() -> Result<&'static Cudart, CollectiveError> {
+    CUDART.get_or_init(load_cudart).as_ref().map_err(|e| CollectiveError::NcclUnavailable(e.clone()))
+}
+
+fn load_cudart() -> Result<Cudart, String> {
+    let mut cands: Vec<PathBuf> = Vec::new();
+    if let Ok(maps) = std::fs::read_to_string("/proc/self/maps") {
+        for path in maps.lines().filter_map(|l| l.split_whitespace().nth(5)) {
+            let file = Path::new(path).file_name().and_then(|f| f.to_str()).unwrap_or("");
+            if file.starts_with("libcudart") && !cands.iter().any(|c| c == Path::new(path)) {
+                cands.push(PathBuf::from(path));
+            }
+        }
+    }
+    cands.extend(["libcudart.so.13", "libcudart.so.12", "libcudart.so"].map(PathBuf::from));
+    let mut tried = Vec::new();
+    for cand in cands {
+        // SAFETY: the CUDA runtime's initialisers are well-behaved; normally this only
+        // takes another reference to the copy already mapped.
+        let lib = match unsafe { Library::new(&cand) } {
+            Ok(lib) => lib,
+            Err(e) => {
+                tried.push(format!("{}: {e}", cand.display()));
+                continue;
+            }
+        };
+        macro_rules! sym {
+            ($name:literal) => {
+                // SAFETY: the signature matches cuda_runtime_api.h (CUDA 11-13).
+                *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
+                    .map_err(|e| format!("{} lacks {}: {e}", cand.display(), $name))?
+            };
+        }
+        return Ok(Cudart {
+            set_device: sym!("cudaSetDevice"),
+            event_create_with_flags: sym!("cudaEventCreateWithFlags"),
+            event_record: sym!("cudaEventRecord"),
+            event_query: sym!("cudaEventQuery"),
+            event_destroy: sym!("cudaEventDestroy"),
+            get_error_string: sym!("cudaGetErrorString"),
+            _lib: lib,
+        });
+    }
+    Err(format!("the CUDA runtime (libcudart) is not loadable; tried {}", tried.join("; ")))
+}
+
+/// A CUDA event recorded on stream 0 right after a collective: complete exactly when the
+/// collective is.
+struct EventMarker {
+    rt: &'static Cudart,
+    event: CudaEvent,
+}
+
+// SAFETY: CUDA events may be queried and destroyed from any host thread.
+unsafe impl Send for EventMarker {}
+
+impl EventMarker {
+    /// Records a marker after everything enqueued so far on the legacy default stream.
+    fn record(rt: &'static Cudart) -> Result<EventMarker, CollectiveError> {
+        let mut event: CudaEvent = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; flags from cuda_runtime_api.h.
+        rt.check("cudaEventCreateWithFlags", unsafe {
+            (rt.event_create_with_flags)(&mut event, CUDA_EVENT_DISABLE_TIMING)
+        })?;
+        let marker = EventMarker { rt, event };
+        // SAFETY: live event; null is the legacy default stream the collectives use.
+        rt.check("cudaEventRecord", unsafe { (rt.event_record)(event, std::ptr::null_mut()) })?;
+        Ok(marker)
+    }
+}
+
+impl Pending for EventMarker {
+    fn poll(&self) -> Result<bool, String> {
+        // SAFETY: live event owned by self.
+        match unsafe { (self.rt.event_query)(self.event) } {
+            CUDA_SUCCESS => Ok(true),
+            CUDA_ERROR_NOT_READY => Ok(false),
+            code => Err(self.rt.error_string(code)),
+        }
+    }
+}
+
+impl Drop for EventMarker {
+    fn drop(&mut self) {
+        // SAFETY: live event, destroyed once; CUDA releases it after pending work completes.
+        unsafe { (self.rt.event_destroy)(self.event) };
+    }
+}
+
+/// The raw communicator, shared by the owning thread (which enqueues) and the watchdog
+/// (which checks and aborts). The mutex makes an abort and an enqueue never overlap, and
+/// the null pointer after an abort or destroy makes every later call a clean error.
+struct Handle {
     api: &'static Api,
-    comm: Comm,
+    rt: &'static Cudart,
+    device: usize,
+    comm: Mutex<usize>,
+}
+
+impl Handle {
+    /// Runs `f` on the live communicator under the lock; `Broken` once it is gone.
+    fn with<R>(&self, f: impl FnOnce(Comm) -> R) -> Result<R, CollectiveError> {
+        let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        if *guard == 0 {
+            return Err(CollectiveError::Broken("NCCL communicator was aborted".into()));
+        }
+        Ok(f(*guard as Comm))
+    }
+
+    /// `ncclCommGetAsyncError`: Ok(true) while an operation of a non-blocking communicator
+    /// is still being set up (`ncclInProgress`), Ok(false) when idle and healthy.
+    fn in_progress(&self) -> Result<bool, CollectiveError> {
+        let mut state: c_int = NCCL_SUCCESS;
+        // SAFETY: live comm (checked under the lock), valid out-pointer.
+        let code = self.with(|c| unsafe { (self.api.comm_get_async_error)(c, &mut state) })?;
+        self.api.check("ncclCommGetAsyncError", code)?;
+        match state {
+            NCCL_SUCCESS => Ok(false),
+            NCCL_IN_PROGRESS => Ok(true),
+            code => Err(CollectiveError::Nccl { call: "async", code, message: self.api.error_string(code) }),
+        }
+    }
+
+    /// Ends the communicator: `ncclCommDestroy` when `graceful` (every op complete and
+    /// finalized), else `ncclCommAbort`, which never waits for peers. Idempotent.
+    fn close(&self, graceful: bool) {
+        let mut guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let comm = std::mem::take(&mut *guard) as Comm;
+        if comm.is_null() {
+            return;
+        }
+        // SAFETY: live comm, taken out of the handle so nothing uses it afterwards.
+        unsafe {
+            if graceful {
+                (self.api.comm_destroy)(comm);
+            } else {
+                (self.api.comm_abort)(comm);
+            }
+        }
+    }
+}
+
+impl Watched for Handle {
+    fn async_error(&self) -> Result<(), CollectiveError> {
+        match self.in_progress() {
+            // Gone means an abort that the watchdog already accounts for.
+            Err(CollectiveError::Broken(_)) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+    fn abort(&self) {
+        self.close(false);
+    }
+    fn bind_thread(&self) {
+        // A failure here also shows in the first event query, which is then a fault.
+        let _ = self.rt.use_device(self.device);
+    }
+}
+
+/// How an [`NcclComm`] is created.
+#[derive(Debug, Clone)]
+pub struct NcclOptions {
+    /// The rank's CUDA device index; made current on the calling thread and the watchdog.
+    pub device: usize,
+    /// Longest wait for the communicator's creation and for each collective
+    /// (`--collective-timeout`); the communicator is aborted when it passes.
+    pub timeout: Duration,
+    /// The job's abort handle: firing it aborts the communicator (also during creation).
+    pub abort: AbortHandle,
+}
+
+impl Default for NcclOptions {
+    fn default() -> Self {
+        NcclOptions {
+            device: 0,
+            timeout: Duration::from_secs(cvdist_common::spec::DEFAULT_COLLECTIVE_TIMEOUT_S as u64),
+            abort: AbortHandle::new(),
+        }
+    }
+}
+
+/// One rank's NCCL communicator on its CUDA device, guarded by a [`Watchdog`].
+pub struct NcclComm {
+    handle: Arc<Handle>,
+    watchdog: Watchdog,
     rank: usize,
     world: usize,
     device: usize,
     abort: AbortHandle,
-    /// Set once the comm was aborted or hit an async error; it must then be aborted,
-    /// not destroyed, and never used again.
-    failed: bool,
+    /// Set by [`Collective::finish`] once every op completed and the communicator was
+    /// finalized: only then does dropping it destroy rather than abort it.
+    finished: bool,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls are not
-// concurrent, which `&mut self` on every op guarantees.
+// concurrent, which `&mut self` on every op and the handle's mutex guarantee.
 unsafe impl Send for NcclComm {}
+unsafe impl Send for Handle {}
+unsafe impl Sync for Handle {}
 
 impl std::fmt::Debug for NcclComm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NcclComm").field("rank", &self.rank).field("world", &self.world).finish()
+        f.debug_struct("NcclComm")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("device", &self.device)
+            .finish()
     }
 }
 
 impl NcclComm {
-    /// Joins the communicator; blocks until all `world` ranks have called this with the
-    /// same `unique_id`.
+    /// [`NcclComm::init`] on device 0 with the default timeout and a fresh abort handle.
     pub fn new(rank: usize, world: usize, unique_id: [u8; UNIQUE_ID_BYTES]) -> Result<Self, CollectiveError> {
+        Self::init(rank, world, unique_id, &NcclOptions::default())
+    }
+
+    /// Joins the communicator of `world` ranks that call this with the same `unique_id`.
+    /// Makes `opts.device` the calling thread's CUDA device, creates the communicator
+    /// non-blocking and polls it until ready, for at most `opts.timeout`.
+    ///
+    /// Errors: `Config` (rank or device out of range), `NcclUnavailable`, `Nccl` (NCCL
+    /// refused), `Deadline` (a peer never joined), `Aborted` (the abort handle fired). On
+    /// every error the half-made communicator is aborted, never left waiting.
+    pub fn init(
+        rank: usize,
+        world: usize,
+        unique_id: [u8; UNIQUE_ID_BYTES],
+        opts: &NcclOptions,
+    ) -> Result<Self, CollectiveError> {
         if world == 0 || rank >= world {
             return Err(CollectiveError::Config(format!("NCCL rank {rank} out of range for world size {world}")));
         }
@@ -293,47 +596,92 @@ impl NcclComm {
             c_int::try_from(world).map_err(|_| CollectiveError::Config(format!("world size {world} too large")))?;
         available()?;
         let api = api()?;
+        let rt = cudart()?;
+        let count = tch::Cuda::device_count().max(0) as usize;
+        if opts.device >= count {
+            return Err(CollectiveError::Config(format!(
+                "CUDA device {} requested for NCCL but {count} device(s) are visible",
+                opts.device
+            )));
+        }
+        // NCCL binds the communicator to the device current on this thread.
+        rt.use_device(opts.device)?;
         let id = RawUniqueId { internal: unique_id.map(|b| b as c_char) };
+        let mut config = NcclConfig::non_blocking();
         let mut comm: Comm = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; id passed by value as nccl.h declares.
-        let code = unsafe { (api.comm_init_rank)(&mut comm, nranks, id, rank as c_int) };
-        api.check("ncclCommInitRank", code)?;
+        // SAFETY: valid out-pointer and config; id passed by value as nccl.h declares.
+        let code = unsafe { (api.comm_init_rank_config)(&mut comm, nranks, id, rank as c_int, &mut config) };
+        let handle = Arc::new(Handle { api, rt, device: opts.device, comm: Mutex::new(comm as usize) });
+        if code != NCCL_SUCCESS && code != NCCL_IN_PROGRESS {
+            handle.close(false);
+            return Err(CollectiveError::Nccl {
+                call: "ncclCommInitRankConfig",
+                code,
+                message: api.error_string(code),
+            });
+        }
         if comm.is_null() {
             return Err(CollectiveError::Nccl {
-                call: "ncclCommInitRank",
+                call: "ncclCommInitRankConfig",
                 code,
                 message: "returned a null communicator".into(),
             });
         }
-        Ok(NcclComm { api, comm, rank, world, device: 0, abort: AbortHandle::new(), failed: false })
+        let ready = watchdog::wait_until("ncclCommInitRankConfig", opts.timeout, &opts.abort, || {
+            handle.in_progress().map(|busy| !busy)
+        });
+        if let Err(e) = ready {
+            handle.close(false);
+            return Err(e);
+        }
+        let watchdog = match Watchdog::spawn(handle.clone(), opts.timeout, opts.abort.clone()) {
+            Ok(w) => w,
+            Err(e) => {
+                handle.close(false);
+                return Err(e);
+            }
+        };
+        Ok(NcclComm { handle, watchdog, rank, world, device: opts.device, abort: opts.abort.clone(), finished: false })
+    }
+
+    /// The CUDA device this communicator's ops run on.
+    pub fn device(&self) -> usize {
+        self.device
     }
 
     fn usable(&self) -> Result<(), CollectiveError> {
-        self.abort.check()?;
-        if self.failed {
-            return Err(CollectiveError::Broken("NCCL communicator failed earlier".into()));
-        }
-        Ok(())
+        self.watchdog.check()
     }
 
-    /// Checks the communicator's asynchronous error state (e.g. a peer died).
+    /// Checks the communicator's health now (errors the watchdog would act on).
     pub fn async_error(&mut self) -> Result<(), CollectiveError> {
-        let mut code: c_int = NCCL_SUCCESS;
-        // SAFETY: live comm, valid out-pointer.
-        self.api.check("ncclCommGetAsyncError", unsafe { (self.api.comm_get_async_error)(self.comm, &mut code) })?;
-        if code != NCCL_SUCCESS && code != NCCL_IN_PROGRESS {
-            self.failed = true;
-            return Err(CollectiveError::Nccl { call: "async", code, message: self.api.error_string(code) });
-        }
-        Ok(())
-    }
-
-    fn after_call(&mut self, call: &'static str, code: c_int) -> Result<(), CollectiveError> {
-        if let Err(e) = self.api.check(call, code) {
-            self.failed = true;
+        self.usable()?;
+        if let Err(e) = Watched::async_error(&*self.handle) {
+            self.watchdog.fail(Fault::Failed(e.to_string()));
             return Err(e);
         }
-        self.async_error()
+        Ok(())
+    }
+
+    /// Enqueues one NCCL call, lets a non-blocking communicator finish setting it up
+    /// (bounded), then records its completion marker for the watchdog.
+    fn enqueue(&mut self, call: &'static str, f: impl FnOnce(Comm) -> c_int) -> Result<(), CollectiveError> {
+        self.usable()?;
+        let code = self.handle.with(f)?;
+        let result = if code == NCCL_IN_PROGRESS || code == NCCL_SUCCESS {
+            let handle = &self.handle;
+            watchdog::wait_until(call, self.watchdog.timeout(), &self.abort, || handle.in_progress().map(|b| !b))
+        } else {
+            Err(CollectiveError::Nccl { call, code, message: self.handle.api.error_string(code) })
+        };
+        let marked = result.and_then(|()| EventMarker::record(self.handle.rt));
+        match marked {
+            Ok(marker) => self.watchdog.watch(call, Box::new(marker)),
+            Err(e) => {
+                self.watchdog.fail(Fault::Failed(e.to_string()));
+                Err(e)
+            }
+        }
     }
 
     /// In-place sum of `count` elements at device pointer `ptr`, enqueued on stream 0.
@@ -347,9 +695,10 @@ impl NcclComm {
         count: usize,
         dtype: NcclDataType,
     ) -> Result<(), CollectiveError> {
-        self.usable()?;
-        let code = (self.api.all_reduce)(ptr, ptr, count, dtype as c_int, NCCL_SUM, self.comm, std::ptr::null_mut());
-        self.after_call("ncclAllReduce", code)
+        let api = self.handle.api;
+        self.enqueue("ncclAllReduce", |comm| {
+            (api.all_reduce)(ptr, ptr, count, dtype as c_int, NCCL_SUM, comm, std::ptr::null_mut())
+        })
     }
 
     /// In-place broadcast from `root` of `count` elements at device pointer `ptr`.
@@ -363,20 +712,21 @@ impl NcclComm {
         dtype: NcclDataType,
         root: usize,
     ) -> Result<(), CollectiveError> {
-        self.usable()?;
         if root >= self.world {
             return Err(CollectiveError::Config(format!("broadcast root {root} >= world size {}", self.world)));
         }
-        let code =
-            (self.api.broadcast)(ptr, ptr, count, dtype as c_int, root as c_int, self.comm, std::ptr::null_mut());
-        self.after_call("ncclBroadcast", code)
+        let api = self.handle.api;
+        self.enqueue("ncclBroadcast", |comm| {
+            (api.broadcast)(ptr, ptr, count, dtype as c_int, root as c_int, comm, std::ptr::null_mut())
+        })
     }
 
-    /// Sums a contiguous CUDA tensor in place (enqueued; synchronise before reading).
+    /// Sums a contiguous CUDA tensor in place (enqueued; [`Collective::wait`] before
+    /// reading it on the host).
     pub fn all_reduce_sum_tensor(&mut self, t: &tch::Tensor) -> Result<(), CollectiveError> {
         let (ptr, n, dt) = self.tensor_args(t)?;
         // SAFETY: `t` is a contiguous tensor on this device with `n` elements of `dt`;
-        // the caller keeps it alive until the stream is synchronised.
+        // the caller keeps it alive until the op completed.
         unsafe { self.all_reduce_sum_device(ptr, n, dt) }
     }
 
@@ -404,19 +754,14 @@ impl NcclComm {
         Ok((t.data_ptr(), t.numel(), dt))
     }
 
-    /// Aborts the communicator (unblocks peers' pending NCCL work); it can't be used
-    /// afterwards.
+    /// Aborts the communicator (unblocks this rank's and peers' pending NCCL work); it
+    /// can't be used afterwards.
     pub fn abort(&mut self) {
-        if !self.comm.is_null() {
-            // SAFETY: live comm; nulled right after so it's never used again.
-            unsafe { (self.api.comm_abort)(self.comm) };
-            self.comm = std::ptr::null_mut();
-        }
-        self.failed = true;
+        self.watchdog.fail(Fault::Failed("aborted by its owner".into()));
     }
 
-    /// Host-buffer op staged through a device tensor; the trainer's gradient path should
-    /// use the tensor/device ops directly instead.
+    /// Host-buffer op staged through a device tensor; the trainer's gradient path uses the
+    /// tensor ops directly instead.
     fn staged(&mut self, buf: &mut [f32], root: Option<usize>) -> Result<(), CollectiveError> {
         self.usable()?;
         let dev = tch::Device::Cuda(self.device);
@@ -426,8 +771,8 @@ impl NcclComm {
             None => self.all_reduce_sum_tensor(&t)?,
             Some(r) => self.broadcast_tensor(&t, r)?,
         }
-        tch::Cuda::synchronize(self.device as i64);
-        self.async_error()?;
+        // Bounded: the watchdog cuts this short; the copy below then finds the op done.
+        self.watchdog.wait()?;
         let n = buf.len();
         t.f_to_device(tch::Device::Cpu).and_then(|h| h.f_copy_data(buf, n)).map_err(stage)
     }
@@ -450,8 +795,8 @@ impl Collective for NcclComm {
         let mut one = [1.0f32];
         self.staged(&mut one, None)
     }
-    /// Makes later ops fail fast; an op already blocked inside CUDA is not interrupted
-    /// (use [`NcclComm::abort`] from the owning thread for that).
+    /// The job's abort handle: firing it makes the watchdog abort the communicator within
+    /// [`watchdog::WATCH_INTERVAL`], which also ends ops already running on the device.
     fn abort_handle(&self) -> AbortHandle {
         self.abort.clone()
     }
@@ -460,23 +805,45 @@ impl Collective for NcclComm {
     fn reduce_tensor_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
         NcclComm::all_reduce_sum_tensor(self, t)
     }
+    fn wait(&mut self) -> Result<(), CollectiveError> {
+        self.watchdog.wait()
+    }
+    /// Waits for the last ops, then `ncclCommFinalize` (which syncs with the peers) under
+    /// the collective timeout; on success a drop destroys the communicator gracefully.
+    fn finish(&mut self) -> Result<(), CollectiveError> {
+        self.watchdog.wait()?;
+        let api = self.handle.api;
+        // SAFETY: live comm under the handle's lock.
+        let code = self.handle.with(|c| unsafe { (api.comm_finalize)(c) })?;
+        let handle = &self.handle;
+        let done = if code == NCCL_SUCCESS || code == NCCL_IN_PROGRESS {
+            watchdog::wait_until("ncclCommFinalize", self.watchdog.timeout(), &self.abort, || {
+                handle.in_progress().map(|b| !b)
+            })
+        } else {
+            Err(CollectiveError::Nccl { call: "ncclCommFinalize", code, message: api.error_string(code) })
+        };
+        match done {
+            Ok(()) => {
+                self.finished = true;
+                Ok(())
+            }
+            Err(e) => {
+                self.watchdog.fail(Fault::Failed(e.to_string()));
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Drop for NcclComm {
+    /// Destroys the communicator only after a clean [`Collective::finish`]; in every other
+    /// case (an error, an abort, a job that ended early) it aborts it, because
+    /// `ncclCommDestroy` may wait for peers that will never answer.
     fn drop(&mut self) {
-        if self.comm.is_null() {
-            return;
-        }
-        // A failed comm may have peers that will never answer, and ncclCommDestroy
-        // would wait for them; abort doesn't.
-        // SAFETY: live comm, not used after this.
-        unsafe {
-            if self.failed || self.abort.is_aborted() {
-                (self.api.comm_abort)(self.comm);
-            } else {
-                (self.api.comm_destroy)(self.comm);
-            }
-        }
+        let graceful = self.finished && self.watchdog.is_clean();
+        self.watchdog.shutdown();
+        self.handle.close(graceful);
     }
 }
 
@@ -501,6 +868,21 @@ mod tests {
         assert_eq!(version_string(Some(22907)), "2.29.7");
         assert_eq!(version_string(Some(2708)), "2.7.8");
         assert_eq!(version_string(None), "?");
+    }
+
+    /// The config prefix must match nccl.h's `ncclConfig_t` field for field (x86_64): NCCL
+    /// copies it byte for byte.
+    #[test]
+    fn config_layout_matches_nccl_h() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(offset_of!(NcclConfig, blocking), 16);
+        assert_eq!(offset_of!(NcclConfig, max_ctas), 28);
+        assert_eq!(offset_of!(NcclConfig, net_name), 32);
+        assert_eq!(offset_of!(NcclConfig, split_share), 40);
+        assert_eq!(offset_of!(NcclConfig, traffic_class), 44);
+        assert_eq!(size_of::<NcclConfig>(), 48);
+        let c = NcclConfig::non_blocking();
+        assert_eq!((c.size, c.magic, c.blocking, c.cga_cluster_size), (48, 0xcafe_beef, 0, i32::MIN));
     }
 
     #[test]

@@ -95,10 +95,10 @@ impl GradSync {
                 comm.reduce_tensor_sum(&mut bucket)?;
                 offset += len;
             }
-            if let Device::Cuda(k) = device {
-                // Only to measure the reduction; the stream already orders what follows.
-                tch::Cuda::synchronize(k as i64);
-            }
+            // Waits for the device collectives (host ones return complete) so `wire` measures
+            // the reduction; bounded, because the communicator's watchdog ends the wait with
+            // an error when a peer is dead or stalled, where a device sync would block forever.
+            comm.wait()?;
         }
         let wire = start.elapsed().as_secs_f64();
         let summed_flag = flat.f_double_value(&[numel])?;
