@@ -12,23 +12,26 @@ fn main() {
             println!("cargo:rustc-link-arg=-ltorch_cuda");
         }
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
-        build_autocast_shim(std::path::Path::new(&lib));
+        build_shims(std::path::Path::new(&lib));
     }
 }
 
-/// Compiles csrc/autocast_shim.cpp (per-device autocast dtype, see its header comment)
-/// against the libtorch headers next to the library directory torch-sys found, with the
-/// flags torch-sys uses for its own C++ (C++17, the wheel's C++11 ABI).
-fn build_autocast_shim(lib: &std::path::Path) {
+/// Compiles the C++ shims in csrc/ (per-device autocast dtype; gradients as views into
+/// bucket buffers; see each file's header comment) against the libtorch headers next to
+/// the library directory torch-sys found, with the flags torch-sys uses for its own C++
+/// (C++17, the wheel's C++11 ABI).
+fn build_shims(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=csrc/autocast_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/grad_view_shim.cpp");
     let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
     cc::Build::new()
         .cpp(true)
         .file("csrc/autocast_shim.cpp")
+        .file("csrc/grad_view_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag_if_supported("-w")
-        .compile("cvdist_autocast_shim");
+        .compile("cvdist_torch_shims");
 }

@@ -127,7 +127,7 @@ fn skipped_fp16_step_leaves_weights_and_momentum_unchanged() {
     assert_eq!(engine.precision, Precision::Fp32);
     // fp16 autocast itself needs CUDA; the scaler logic is device-independent.
     engine.scaler = Some(GradScaler::new(Device::Cpu));
-    let mut sync = GradSync::new(engine.sgd.params());
+    let mut sync = GradSync::new();
     let mut solo = Solo::new();
     let (x, y) = small_batch();
 

@@ -1,5 +1,6 @@
 //! Training: the per-rank loop, optimizer, schedule, checkpoints and rank synchronisation.
 
+pub mod buckets;
 pub mod checkpoint;
 pub mod ckpt_writer;
 pub mod precision;

@@ -68,11 +68,20 @@ impl GradScaler {
     /// the buffer holds summed gradients) in one fused call, and records whether any
     /// element is non-finite.
     pub fn unscale(&mut self, flat: &mut Tensor, extra: f64) -> Result<(), TchError> {
+        self.unscale_all(std::slice::from_mut(flat), extra)
+    }
+
+    /// [`GradScaler::unscale`] over several flat buffers (the gradient buckets): one fused
+    /// call each, all recording into the same `found_inf` (the kernel only ever sets it).
+    pub fn unscale_all(&mut self, flats: &mut [Tensor], extra: f64) -> Result<(), TchError> {
         tch::no_grad(|| {
             let _ = self.found_inf.f_zero_()?;
             // As GradScaler: the reciprocal is taken in double, then rounded to f32.
             let inv = (self.scale.f_to_kind(Kind::Double)?.f_reciprocal()? * extra).f_to_kind(Kind::Float)?;
-            flat.f_internal_amp_non_finite_check_and_unscale(&mut self.found_inf, &inv)
+            for flat in flats {
+                flat.f_internal_amp_non_finite_check_and_unscale(&mut self.found_inf, &inv)?;
+            }
+            Ok(())
         })
     }
 

@@ -7,78 +7,104 @@
 //! d = grad + wd * p;  buf = d (first step) else momentum * buf + d;  p -= lr * buf
 //! ```
 
+use super::buckets::{BucketError, Buckets, BUCKET_ELEMS};
 use tch::Tensor;
 
 pub struct Sgd {
     /// Trainable parameters in a fixed (name-sorted) order shared by every rank.
     params: Vec<(String, Tensor)>,
-    momentum_buffers: Vec<Option<Tensor>>,
+    /// The parameters and their gradients, as views into flat buckets: the update runs
+    /// over whole buckets, a few operations each instead of a few per parameter.
+    buckets: Buckets,
+    /// One flat buffer per bucket, laid out like its values; absent before the first step
+    /// (torch.optim.SGD creates the buffer from the first gradient).
+    momentum_buffers: Option<Vec<Tensor>>,
     pub momentum: f64,
     pub weight_decay: f64,
 }
 
 impl Sgd {
-    pub fn new(params: Vec<(String, Tensor)>, momentum: f64, weight_decay: f64) -> Sgd {
-        let n = params.len();
-        Sgd { params, momentum_buffers: (0..n).map(|_| None).collect(), momentum, weight_decay }
+    /// Moves `params` into flat buckets of at most [`BUCKET_ELEMS`] elements (see
+    /// [`Buckets::new`] for what that does to them and its errors).
+    pub fn new(params: Vec<(String, Tensor)>, momentum: f64, weight_decay: f64) -> Result<Sgd, BucketError> {
+        let buckets = Buckets::new(&params, BUCKET_ELEMS, BUCKET_ELEMS)?;
+        Ok(Sgd { params, buckets, momentum_buffers: None, momentum, weight_decay })
     }
 
     pub fn params(&self) -> &[(String, Tensor)] {
         &self.params
     }
 
+    /// The flat buffers the parameters and gradients live in (the all-reduce sums them).
+    pub fn buckets_mut(&mut self) -> &mut Buckets {
+        &mut self.buckets
+    }
+
+    /// Zeroes every gradient: one call per bucket.
     pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
-        }
+        self.buckets.zero_grads();
     }
 
     pub fn step(&mut self, lr: f64) {
         // A 0-dim factor lets `addcmul_` fold weight decay into the gradient in one pass
         // with no temporary. The final `p -= lr * buf` stays a multiply then a subtract:
         // a fused version rounds differently and measurably widened the gap between 1 ×
-        // 2b and 2 × b training (worker/tests/equivalence.rs).
+        // 2b and 2 × b training (worker/tests/equivalence.rs). Every operation is
+        // elementwise, so running it over a whole bucket gives each element exactly what
+        // the per-parameter loop gave.
         let wd = Tensor::from(self.weight_decay as f32);
+        let first = self.momentum_buffers.is_none() && self.momentum != 0.0;
         tch::no_grad(|| {
-            for ((_, p), buf) in self.params.iter_mut().zip(self.momentum_buffers.iter_mut()) {
-                let mut d = p.grad();
-                if !d.defined() {
-                    continue;
-                }
+            let mut new_buffers = Vec::new();
+            for b in 0..self.buckets.len() {
+                let mut p = self.buckets.values(b);
                 // In place on the gradient: it is consumed here and cleared before the
                 // next backward, exactly as torch.optim.SGD's out-of-place `add` would be.
+                let mut d = self.buckets.grads(b);
                 if self.weight_decay != 0.0 {
-                    let _ = d.addcmul_(p, &wd);
+                    let _ = d.addcmul_(&p, &wd);
                 }
-                let update = match buf {
-                    Some(b) => {
-                        let _ = b.g_mul_scalar_(self.momentum).g_add_(&d);
-                        b.shallow_clone()
+                let update = match self.momentum_buffers.as_mut() {
+                    Some(bufs) => {
+                        let _ = bufs[b].g_mul_scalar_(self.momentum).g_add_(&d);
+                        bufs[b].shallow_clone()
                     }
-                    None if self.momentum != 0.0 => {
-                        let b = d.detach().copy();
-                        *buf = Some(b.shallow_clone());
-                        b
+                    None if first => {
+                        let buf = d.detach().copy();
+                        new_buffers.push(buf.shallow_clone());
+                        buf
                     }
                     None => d,
                 };
                 let _ = p.g_sub_(&(update * lr));
             }
+            if first {
+                self.momentum_buffers = Some(new_buffers);
+            }
         });
     }
 
-    /// Momentum buffers by parameter name, for checkpoints (absent before the first step).
+    /// Momentum buffers by parameter name, for checkpoints (absent before the first step):
+    /// views into the flat buffers, with each parameter's shape and strides.
     pub fn momentum_buffers(&self) -> Vec<(String, Tensor)> {
+        let Some(bufs) = &self.momentum_buffers else { return Vec::new() };
         self.params
             .iter()
-            .zip(&self.momentum_buffers)
-            .filter_map(|((name, _), b)| b.as_ref().map(|b| (name.clone(), b.shallow_clone())))
+            .enumerate()
+            .filter_map(|(i, (name, _))| self.buckets.param_view(bufs, i).ok().map(|t| (name.clone(), t)))
             .collect()
     }
 
-    /// Restores momentum buffers saved by [`Sgd::momentum_buffers`]; unknown names or
-    /// shape mismatches are errors because they mean the checkpoint is for another model.
+    /// Restores momentum buffers saved by [`Sgd::momentum_buffers`]: all of them, or none
+    /// (a checkpoint from before the first step, or an imported model). Unknown names,
+    /// shape mismatches and partial sets are errors because they mean the checkpoint is
+    /// for another model.
     pub fn load_momentum_buffers(&mut self, saved: Vec<(String, Tensor)>) -> Result<(), String> {
+        if saved.is_empty() {
+            return Ok(());
+        }
+        let mut seen = vec![false; self.params.len()];
+        let bufs: Vec<Tensor> = (0..self.buckets.len()).map(|b| self.buckets.values(b).zeros_like()).collect();
         for (name, tensor) in saved {
             let idx = self
                 .params
@@ -93,8 +119,19 @@ impl Sgd {
                     p.size()
                 ));
             }
-            self.momentum_buffers[idx] = Some(tensor.to_device(p.device()).to_kind(p.kind()));
+            let mut dst = self.buckets.param_view(&bufs, idx).map_err(|e| e.to_string())?;
+            tch::no_grad(|| dst.f_copy_(&tensor)).map_err(|e| format!("momentum buffer {name:?}: {e}"))?;
+            seen[idx] = true;
         }
+        if let Some(missing) = seen.iter().position(|s| !s) {
+            let have = seen.iter().filter(|s| **s).count();
+            return Err(format!(
+                "momentum buffers for {have} of {} parameters (none for {:?}); a checkpoint holds all or none",
+                self.params.len(),
+                self.params[missing].0
+            ));
+        }
+        self.momentum_buffers = Some(bufs);
         Ok(())
     }
 }
@@ -141,7 +178,7 @@ mod tests {
             let data = if channels_last { init.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]) } else { init };
             let p = data.set_requires_grad(true);
             let p0 = values(&p);
-            let mut sgd = Sgd::new(vec![("w".into(), p.shallow_clone())], MOMENTUM, WD);
+            let mut sgd = Sgd::new(vec![("w".into(), p.shallow_clone())], MOMENTUM, WD).unwrap();
             let mut steps = Vec::new();
             for (k, lr) in [0.1, 0.05, 0.02].into_iter().enumerate() {
                 sgd.zero_grad();
@@ -158,5 +195,34 @@ mod tests {
             assert_eq!(saved.len(), 1);
             assert_close(&format!("momentum (channels_last={channels_last})"), &values(&saved[0].1), &want_buf);
         }
+    }
+
+    /// Saved momentum restores into the flat buffers (a resumed run continues exactly);
+    /// a set that covers only some parameters is refused.
+    #[test]
+    fn momentum_round_trips_and_partial_sets_are_refused() {
+        let make = || {
+            let a = Tensor::linspace(-1.0, 1.0, 6, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let b = Tensor::linspace(2.0, 3.0, 4, (Kind::Float, Device::Cpu)).view([2, 2]).set_requires_grad(true);
+            let params = vec![("a".to_string(), a.shallow_clone()), ("b".to_string(), b.shallow_clone())];
+            (Sgd::new(params, MOMENTUM, WD).unwrap(), a, b)
+        };
+        let (mut one, a, b) = make();
+        one.zero_grad();
+        ((&a * 3.0).sum(Kind::Float) + (&b * &b).sum(Kind::Float)).backward();
+        one.step(0.1);
+        let saved: Vec<(String, Tensor)> = one.momentum_buffers().into_iter().map(|(n, t)| (n, t.copy())).collect();
+        let (mut two, _, _) = make();
+        assert!(two.momentum_buffers().is_empty(), "no buffers before the first step");
+        two.load_momentum_buffers(saved.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()).unwrap();
+        for ((n1, t1), (n2, t2)) in saved.iter().zip(two.momentum_buffers()) {
+            assert_eq!(n1, &n2);
+            assert_eq!(values(t1), values(&t2));
+        }
+        let (mut three, _, _) = make();
+        let err = three.load_momentum_buffers(vec![(saved[0].0.clone(), saved[0].1.shallow_clone())]).unwrap_err();
+        assert!(err.contains("1 of 2 parameters"), "{err}");
+        let err = three.load_momentum_buffers(vec![("zz".into(), saved[0].1.shallow_clone())]).unwrap_err();
+        assert!(err.contains("unknown parameter \"zz\""), "{err}");
     }
 }

@@ -1,27 +1,19 @@
 //! Keeping ranks consistent: gradient averaging every step, the initial weight broadcast,
 //! and BatchNorm running statistics before evaluation and checkpoints.
 //!
-//! Gradients are packed into one flat host buffer and reduced in ~25 MB buckets. The
-//! buffer is allocated once and reused: the per-step cost is two memcpys plus the wire.
-//! The same buffer carries each rank's divergence flag, and under fp16 it is what the
-//! loss scaler checks and unscales in one fused call.
+//! Gradients already live in flat ~25 MB bucket buffers ([`super::buckets`]): the
+//! all-reduce sums each bucket in place, with no pack or unpack copy. The last bucket's
+//! trailing slot carries each rank's divergence flag through the same all-reduce, and
+//! under fp16 the loss scaler checks and unscales the buckets with one fused call each.
 
+use super::buckets::Buckets;
 use super::scaler::GradScaler;
 use crate::collective::{Collective, CollectiveError};
 use tch::{Device, Kind, Tensor};
 
-/// Elements per all-reduce bucket (25 MB of f32, as in PyTorch DDP's default).
-pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
-
-pub struct GradSync {
-    /// Packed gradients on the parameters' device (host memory for the ring, device
-    /// memory for NCCL, so neither path copies more than it must), plus one trailing
-    /// element that carries the rank's divergence flag through the same all-reduce.
-    /// Allocated on first use: a single fp32/bf16 worker never packs.
-    flat: Option<Tensor>,
-    numel: usize,
-    device: Device,
-}
+/// Reduces a step's gradients over the ranks (see [`GradSync::reduce`]).
+#[derive(Debug, Default)]
+pub struct GradSync {}
 
 /// What one step's gradient reduction found, identical on every rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,56 +36,35 @@ pub enum SyncError {
 }
 
 impl GradSync {
-    pub fn new(params: &[(String, Tensor)]) -> GradSync {
-        let numel: usize = params.iter().map(|(_, p)| p.numel()).sum();
-        let device = params.first().map(|(_, p)| p.device()).unwrap_or(Device::Cpu);
-        GradSync { flat: None, numel, device }
+    pub fn new() -> GradSync {
+        GradSync::default()
     }
 
-    /// Replaces every gradient by its mean over the ranks, unscales it when `scaler` is
-    /// given (one fused check on the flat buffer), and agrees over the ranks whether any
-    /// rank's `loss` was non-finite — all in the one all-reduce the step already does: the
-    /// buffer's last element holds this rank's loss if it is non-finite and 0 otherwise,
-    /// so the sum is non-finite exactly when some rank diverged.
+    /// Replaces every gradient in `buckets` by its mean over the ranks, unscales it when
+    /// `scaler` is given (one fused check per bucket), and agrees over the ranks whether
+    /// any rank's `loss` was non-finite — all in the one all-reduce the step already does:
+    /// the flag slot after the last gradient holds this rank's loss if it is non-finite
+    /// and 0 otherwise, so the sum is non-finite exactly when some rank diverged.
     pub fn reduce(
         &mut self,
-        params: &[(String, Tensor)],
+        buckets: &mut Buckets,
         comm: &mut dyn Collective,
         loss: f64,
         scaler: Option<&mut GradScaler>,
     ) -> Result<Reduced, SyncError> {
         let world = comm.world_size();
         let flag = if loss.is_finite() { 0.0 } else { loss };
-        if world == 1 && scaler.is_none() {
+        let (Some(mut flag_slot), false) = (buckets.flag_slot(), world == 1 && scaler.is_none()) else {
             let diverged_loss = (!loss.is_finite()).then_some(loss);
             return Ok(Reduced { wire: 0.0, apply: true, diverged_loss });
-        }
-        let numel = self.numel as i64;
-        let (device, total) = (self.device, self.numel + 1);
-        let flat = self.flat.get_or_insert_with(|| Tensor::zeros([total as i64], (Kind::Float, device)));
-        tch::no_grad(|| {
-            let mut offset = 0i64;
-            for (_, p) in params {
-                let n = p.numel() as i64;
-                let g = p.grad();
-                let mut dst = flat.narrow(0, offset, n);
-                if g.defined() {
-                    dst.copy_(&g.reshape([-1]).to_kind(Kind::Float));
-                } else {
-                    let _ = dst.zero_();
-                }
-                offset += n;
-            }
-            let _ = flat.narrow(0, numel, 1).fill_(flag);
-        });
+        };
+        let _ = tch::no_grad(|| flag_slot.f_fill_(flag))?;
         let start = std::time::Instant::now();
         if world > 1 {
-            let mut offset = 0i64;
-            while offset < total as i64 {
-                let len = (BUCKET_ELEMS as i64).min(total as i64 - offset);
-                let mut bucket = flat.narrow(0, offset, len);
-                comm.reduce_tensor_sum(&mut bucket)?;
-                offset += len;
+            let mut device = Device::Cpu;
+            for bucket in buckets.reduce_buffers() {
+                device = bucket.device();
+                comm.reduce_tensor_sum(bucket)?;
             }
             // Waits for the device collectives (host ones return complete) so `wire` measures
             // the reduction; bounded, because the communicator's watchdog ends the wait with
@@ -101,31 +72,21 @@ impl GradSync {
             comm.wait()?;
         }
         let wire = start.elapsed().as_secs_f64();
-        let summed_flag = flat.f_double_value(&[numel])?;
+        let summed_flag = flag_slot.f_double_value(&[0])?;
         let diverged_loss = (!summed_flag.is_finite()).then_some(summed_flag);
-        let mut grads = flat.narrow(0, 0, numel);
+        let mut grads: Vec<Tensor> = (0..buckets.len()).map(|b| buckets.grads(b)).collect();
         let apply = match scaler {
             Some(scaler) => {
-                scaler.unscale(&mut grads, 1.0 / world as f64)?;
+                scaler.unscale_all(&mut grads, 1.0 / world as f64)?;
                 scaler.update()?
             }
             None => {
-                let _ = tch::no_grad(|| grads.f_mul_scalar_(1.0 / world as f64))?;
+                for g in &mut grads {
+                    let _ = tch::no_grad(|| g.f_mul_scalar_(1.0 / world as f64))?;
+                }
                 true
             }
         };
-        tch::no_grad(|| {
-            let mut offset = 0i64;
-            for (_, p) in params {
-                let n = p.numel() as i64;
-                let mut g = p.grad();
-                if g.defined() {
-                    let src = grads.narrow(0, offset, n).view_as(&g).to_kind(g.kind());
-                    g.copy_(&src);
-                }
-                offset += n;
-            }
-        });
         Ok(Reduced { wire, apply, diverged_loss })
     }
 }

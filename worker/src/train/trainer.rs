@@ -220,7 +220,7 @@ impl Engine {
                 }
             });
         }
-        let sgd = Sgd::new(params, spec.momentum, spec.weight_decay);
+        let sgd = Sgd::new(params, spec.momentum, spec.weight_decay).map_err(|e| TrainError::Model(e.to_string()))?;
         let asked = Precision::parse(cvdist_common::spec::precision(spec));
         let precision = asked.effective(device);
         if precision != asked {
@@ -286,7 +286,7 @@ impl Engine {
         lr: f64,
         at: (u32, u64),
     ) -> Result<(f64, bool), TrainError> {
-        let reduced = grad_sync.reduce(self.sgd.params(), comm, loss, self.scaler.as_mut())?;
+        let reduced = grad_sync.reduce(self.sgd.buckets_mut(), comm, loss, self.scaler.as_mut())?;
         if let Some(loss) = reduced.diverged_loss {
             return Err(TrainError::Diverged { epoch: at.0, step: at.1, what: "loss", loss });
         }
@@ -334,7 +334,7 @@ pub fn train(
     let started = Instant::now();
     let mut engine = Engine::new(spec, cfg.device)?;
     engine.freeze_bn = cfg.freeze_bn;
-    let mut grad_sync = GradSync::new(engine.sgd.params());
+    let mut grad_sync = GradSync::new();
 
     // This rank's sums of the partially trained epoch: loss·samples, correct, samples,
     // seconds, all-reduce seconds.
