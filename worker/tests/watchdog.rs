@@ -8,6 +8,7 @@
 
 use cvdist_worker::collective::watchdog::{self, Fault, Pending, Watchdog, Watched};
 use cvdist_worker::collective::{AbortHandle, Collective, CollectiveError};
+use cvdist_worker::train::buckets::{Buckets, BUCKET_ELEMS};
 use cvdist_worker::train::sync::{GradSync, SyncError};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -245,11 +246,14 @@ impl Collective for FakeDeviceComm {
     }
 }
 
-fn params_with_grads() -> Vec<(String, Tensor)> {
+/// Two parameters in flat buckets, with gradients from one backward.
+fn buckets_with_grads() -> Buckets {
     let w = Tensor::ones([4, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let b = Tensor::zeros([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let params = vec![("w".to_string(), w.shallow_clone()), ("b".to_string(), b.shallow_clone())];
+    let buckets = Buckets::new(&params, BUCKET_ELEMS, BUCKET_ELEMS).expect("buckets");
     (w.sum(Kind::Float) + b.sum(Kind::Float)).backward();
-    vec![("w".into(), w), ("b".into(), b)]
+    buckets
 }
 
 /// The trainer-facing call: one step's gradient reduction against a peer that never
@@ -260,16 +264,16 @@ fn the_gradient_reduction_returns_an_error_instead_of_blocking() {
     let abort = AbortHandle::new();
     let (comm, dog) = spawn(timeout, &abort);
     let mut fake = FakeDeviceComm { comm: comm.clone(), dog, abort };
-    let params = params_with_grads();
-    let mut sync = GradSync::new(&params);
+    let mut buckets = buckets_with_grads();
+    let mut sync = GradSync::new();
     let start = Instant::now();
-    let err = sync.reduce(&params, &mut fake, 0.5, None).unwrap_err();
+    let err = sync.reduce(&mut buckets, &mut fake, 0.5, None).unwrap_err();
     let took = start.elapsed();
     assert!(matches!(err, SyncError::Collective(CollectiveError::Deadline { op: "ncclAllReduce", .. })), "{err:?}");
     assert!(took >= timeout && took < timeout + SLACK, "took {took:?}");
     assert_eq!(comm.aborts(), 1);
     let again = Instant::now();
-    assert!(matches!(sync.reduce(&params, &mut fake, 0.5, None), Err(SyncError::Collective(_))));
+    assert!(matches!(sync.reduce(&mut buckets, &mut fake, 0.5, None), Err(SyncError::Collective(_))));
     assert!(again.elapsed() < SLACK);
 }
 
@@ -283,9 +287,9 @@ fn the_gradient_reduction_ends_at_the_coordinators_abort() {
         std::thread::sleep(Duration::from_millis(200));
         abort.abort("job cancelled");
     });
-    let params = params_with_grads();
+    let mut buckets = buckets_with_grads();
     let start = Instant::now();
-    let err = GradSync::new(&params).reduce(&params, &mut fake, 0.5, None).unwrap_err();
+    let err = GradSync::new().reduce(&mut buckets, &mut fake, 0.5, None).unwrap_err();
     fire.join().unwrap();
     assert!(start.elapsed() < SLACK, "took {:?}", start.elapsed());
     assert!(matches!(err, SyncError::Collective(CollectiveError::Aborted(ref r)) if r == "job cancelled"), "{err:?}");

@@ -61,9 +61,7 @@ impl GradSync {
         let _ = tch::no_grad(|| flag_slot.f_fill_(flag))?;
         let start = std::time::Instant::now();
         if world > 1 {
-            let mut device = Device::Cpu;
             for bucket in buckets.reduce_buffers() {
-                device = bucket.device();
                 comm.reduce_tensor_sum(bucket)?;
             }
             // Waits for the device collectives (host ones return complete) so `wire` measures
