@@ -280,7 +280,7 @@ mod tests {
         }
         assert_eq!(nhwc.stride(), vec![12, 1, 6, 3], "channels_last strides kept");
         // The parameter is the bucket: writing the bucket shows through the handle.
-        tch::no_grad(|| buckets.values(0).narrow(0, 24, 3).fill_(1.5));
+        let _ = tch::no_grad(|| buckets.values(0).narrow(0, 24, 3).fill_(1.5));
         assert_eq!(Vec::<f32>::try_from(&b).unwrap(), vec![1.5; 3]);
 
         for round in 1..=2 {
