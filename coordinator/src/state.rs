@@ -133,34 +133,35 @@ impl Inner {
         let mut slot: Option<Batch> = None;
         let mut wake = false;
         for effect in t.effects {
+            let info = &entry.job.info;
             match effect {
                 Effect::Assign { worker, assignment } => workers.assign(&worker, assignment),
                 Effect::Abort { worker, abort } => workers.release(&worker, id, Some(abort)),
                 Effect::Release { worker } => workers.release(&worker, id, None),
                 Effect::Wake => wake = true,
+                Effect::WriteSpec => {
+                    let spec = info.spec.clone().unwrap_or_default();
+                    new_batch(&mut slot, next_seq, id).writes.push(Write::Spec(spec))
+                }
+                Effect::WriteMetrics => {
+                    new_batch(&mut slot, next_seq, id).writes.push(Write::Metrics(info.history.clone()))
+                }
+                Effect::Persist => new_batch(&mut slot, next_seq, id).writes.push(Write::Job(Box::new(info.clone()))),
+                Effect::Finish => {
+                    let b = new_batch(&mut slot, next_seq, id);
+                    b.writes.push(Write::Job(Box::new(info.clone())));
+                    b.writes.push(Write::Summary(Box::new(summary(info)), info.history.clone()));
+                    b.retire = true;
+                    if entry.events.is_some() {
+                        entry.publish(job_event::Event::Snapshot(entry.job.info.clone()), b);
+                    }
+                }
                 // No one watches: nothing to send, and no channel is made for it.
                 Effect::Publish(_) | Effect::PublishSnapshot if entry.events.is_none() => {}
-                other => {
-                    let b = new_batch(&mut slot, next_seq, id);
-                    match other {
-                        Effect::WriteSpec => {
-                            b.writes.push(Write::Spec(entry.job.info.spec.clone().unwrap_or_default()))
-                        }
-                        Effect::WriteMetrics => b.writes.push(Write::Metrics(entry.job.info.history.clone())),
-                        Effect::Persist => b.writes.push(Write::Job(Box::new(entry.job.info.clone()))),
-                        Effect::Finish => {
-                            let info = &entry.job.info;
-                            b.writes.push(Write::Job(Box::new(info.clone())));
-                            b.writes.push(Write::Summary(Box::new(summary(info)), info.history.clone()));
-                            if entry.events.is_some() {
-                                entry.publish(job_event::Event::Snapshot(entry.job.info.clone()), b);
-                            }
-                            b.retire = true;
-                        }
-                        Effect::Publish(event) => entry.publish(event, b),
-                        Effect::PublishSnapshot => entry.publish(job_event::Event::Snapshot(entry.job.info.clone()), b),
-                        Effect::Assign { .. } | Effect::Abort { .. } | Effect::Release { .. } | Effect::Wake => {}
-                    }
+                Effect::Publish(event) => entry.publish(event, new_batch(&mut slot, next_seq, id)),
+                Effect::PublishSnapshot => {
+                    let snapshot = job_event::Event::Snapshot(info.clone());
+                    entry.publish(snapshot, new_batch(&mut slot, next_seq, id))
                 }
             }
         }

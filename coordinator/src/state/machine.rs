@@ -1,19 +1,28 @@
 //! A job's life as one pure function: [`step`] takes a job and an [`Event`] and returns the
 //! job's next state (changed in place) and the [`Effect`]s the caller must carry out. It does no
-//! I/O, takes no lock and reads no clock (the time comes in [`Now`]), so unit tests drive every
+//! I/O (beyond a tracing line per event-log line), takes no lock and reads no clock (the time
+//! comes in [`Now`]), so unit tests drive every
 //! edge below without a server, a store or sockets. Every change of a job's state goes through
 //! [`step`]; the guards that decide whether an event applies at all (a stale attempt, a job that
 //! already ended) live here and nowhere else.
 //!
 //! ```text
-//!            submit                 enough idle workers
-//!   ───────▶ QUEUED ──────────────────────────────▶ RUNNING ──all ranks finished──▶ SUCCEEDED
-//!            │  │                                   │   ▲   └─permanent failure, budget─┐
-//!            │  │ cancel                 worker lost│   │ group re-formed from         │ spent, no final
-//!            │  ▼                        or failed  ▼   │ the newest checkpoint        ▼ checkpoint
-//!            │ CANCELLED ◀─────cancel──────────── RECOVERING ──rendezvous timeout────▶ FAILED
-//!            └──rendezvous timeout, or the world size cannot shard the data─────────▶ FAILED
+//!            submit                  enough idle workers
+//!   ───────▶ QUEUED ─────────────────────────────────▶ RUNNING ──every rank finished──▶ SUCCEEDED
+//!             │ │                                      │  ▲   (final checkpoint stored)
+//!             │ │ cancel                   worker lost │  │ group re-formed, resume from
+//!             │ ▼                          or failed   ▼  │ the newest checkpoint
+//!             │ CANCELLED ◀─────cancel────────────── RECOVERING
+//!             │                                          │
+//!             │ rendezvous timeout, or                   │ rendezvous timeout, data cannot be
+//!             │ the data cannot be sharded               ▼ sharded, late permanent failure
+//!             └────────────────────────────────────▶ FAILED
 //! ```
+//!
+//! RUNNING also goes straight to CANCELLED (cancel) and to FAILED (a permanent failure, the
+//! restart budget spent, or no final checkpoint); a coordinator restart sends RUNNING and
+//! RECOVERING jobs to RECOVERING in a new attempt. An ended job refuses cancel, reports and
+//! checkpoint uploads, and ignores everything else.
 //!
 //! The caller (`state.rs`) holds the job and the worker registry under one lock, applies the
 //! effects that change the registry or send a message to a worker there (so their order is
