@@ -475,7 +475,7 @@ fn on_report(
     match report.kind {
         Some(Kind::Progress(p)) => {
             job.attempt_reached = job.attempt_reached.max(p.epoch);
-            job.info.progress = Some(p.clone());
+            job.info.progress = Some(p);
             t.effects.push(Effect::Publish(job_event::Event::Progress(p)));
         }
         Some(Kind::Epoch(mut m)) => {
@@ -483,7 +483,7 @@ fn on_report(
             m.attempt = job.info.attempt;
             // After a restart an epoch may be trained again; the newer record replaces it.
             job.info.history.retain(|h| h.epoch < m.epoch);
-            job.info.history.push(m.clone());
+            job.info.history.push(m);
             t.effects.push(Effect::WriteMetrics);
             t.effects.push(Effect::Persist);
             t.effects.push(Effect::Publish(job_event::Event::Epoch(m)));

@@ -190,7 +190,7 @@ impl Registry {
     /// Frees the worker if it still works on `job_id`, telling it to abort when `abort` is set.
     pub fn release(&mut self, worker: &str, job_id: &str, abort: Option<Abort>) {
         let Some(w) = self.workers.get_mut(worker) else { return };
-        if !w.job.as_ref().is_some_and(|(j, _)| j == job_id) {
+        if w.job.as_ref().is_none_or(|(j, _)| j != job_id) {
             return;
         }
         w.job = None;
