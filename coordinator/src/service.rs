@@ -2,11 +2,11 @@
 //! moves checkpoints and the dataset in checksummed chunks.
 
 use crate::server::Role;
-use crate::state::{is_terminal, Coordinator};
+use crate::state::{is_terminal, Coordinator, CoordinatorError};
 use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
 use cvdist_common::proto::{
-    coordinator_message, job_event, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage,
-    DatasetChunk, DownloadCheckpointRequest, FetchDatasetRequest, GetJobRequest, JobEvent, JobInfo, ListJobsRequest,
+    job_event, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage, DatasetChunk,
+    DownloadCheckpointRequest, FetchDatasetRequest, GetJobRequest, JobEvent, JobInfo, ListJobsRequest,
     ListJobsResponse, ListWorkersRequest, ListWorkersResponse, SubmitJobRequest, SubmitJobResponse,
     UploadCheckpointResponse, WatchJobRequest, WorkerMessage,
 };
@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,6 +71,31 @@ async fn next_chunk(
     tokio::time::timeout(idle, chunks.message()).await.map_err(|_| {
         Status::deadline_exceeded(format!("checkpoint upload sent nothing for {:.0} s; dropped", idle.as_secs_f64()))
     })?
+}
+
+/// The one place a refusal of the coordinator's state becomes a gRPC status: the variant
+/// picks the code, its text is the message.
+impl From<CoordinatorError> for Status {
+    fn from(e: CoordinatorError) -> Status {
+        use CoordinatorError as E;
+        let code = match &e {
+            E::InvalidSpec(_)
+            | E::InvalidWorker(_)
+            | E::EpochOutOfRange { .. }
+            | E::EmptyReport
+            | E::BadCheckpointName(_) => Code::InvalidArgument,
+            E::NameTaken(_) | E::DuplicateWorker(_) => Code::AlreadyExists,
+            E::NoSuchJob(_) => Code::NotFound,
+            E::AlreadyEnded { .. } | E::ReportAfterEnd(_) | E::ProtocolMismatch { .. } | E::UnknownModel { .. } => {
+                Code::FailedPrecondition
+            }
+            E::ShuttingDown => Code::Unavailable,
+            E::SessionClosedWhileRegistering => Code::Cancelled,
+            E::ClosedSession(_) | E::CheckpointRefused { .. } => Code::PermissionDenied,
+            E::Storage(_) | E::RunDir(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
 }
 
 fn checkpoint_name(name: &str) -> Result<(u32, u64), Status> {
@@ -181,7 +206,7 @@ impl CoordinatorApi for Service {
                     Ok(Some(WorkerMessage { msg: Some(worker_message::Msg::Report(r)) })) => {
                         state.heartbeat(&id, session);
                         if let Err(e) = state.report(&id, session, r) {
-                            warn!(worker = %id, error = %e.message(), "report refused");
+                            warn!(worker = %id, error = %e, "report refused");
                         }
                     }
                     Ok(Some(_)) => break "protocol error: unexpected message".to_string(),
