@@ -847,7 +847,6 @@ impl Coordinator {
                 start_step,
                 checkpoint: job.info.latest_checkpoint.clone(),
                 session_secret: secret.clone(),
-                nccl_unique_id: String::new(),
             };
             let _ = w.tx.send(Ok(CoordinatorMessage { msg: Some(coordinator_message::Msg::Assignment(assignment)) }));
         }
