@@ -1,10 +1,14 @@
 //! Types shared by the cvdist coordinator, workers and CLI. Nothing here links libtorch,
 //! so the control plane stays small.
 
+pub mod args;
 pub mod atomic_file;
 pub mod auth;
+pub mod checkpoint;
+pub mod choices;
 pub mod cifar;
 pub mod client;
+pub mod convert;
 pub mod download;
 pub mod models;
 pub mod names;

@@ -1,6 +1,7 @@
 //! Job specification defaults and validation. Every field a user controls is checked here,
 //! once, before the coordinator stores anything.
 
+use crate::choices::{Collective, Dataset, Precision};
 use crate::proto::JobSpec;
 
 /// Training-set and test-set sizes of CIFAR-10, used to check subsets and shard sizes.
@@ -68,16 +69,13 @@ pub fn collective_timeout(spec: &JobSpec) -> std::time::Duration {
     std::time::Duration::from_secs(secs as u64)
 }
 
-/// The precisions a job can train in (`--precision`).
-pub const PRECISIONS: [&str; 3] = ["fp32", "bf16", "fp16"];
-
 /// The precision `spec` trains in: its `precision` field, or for specs from clients that
 /// predate the field, "fp16" when the legacy `amp` flag is set and "fp32" otherwise.
 /// `validate` has checked the field, so anything else cannot reach here; it reads as fp32.
 pub fn precision(spec: &JobSpec) -> &str {
     match spec.precision.as_str() {
-        "" if spec.amp => "fp16",
-        "" => "fp32",
+        "" if spec.amp => Precision::Fp16.as_str(),
+        "" => Precision::Fp32.as_str(),
         p => p,
     }
 }
@@ -85,18 +83,15 @@ pub fn precision(spec: &JobSpec) -> &str {
 /// Sets the precision from the command line: `--precision P` and the `--amp` alias
 /// (= fp16). The legacy `amp` field is kept equal to "fp16 or not" so that an older worker
 /// reading the spec trains in the same mode.
-pub fn set_precision(spec: &mut JobSpec, precision: Option<&str>, amp: bool) -> Result<(), SpecError> {
+pub fn set_precision(spec: &mut JobSpec, precision: Option<Precision>, amp: bool) -> Result<(), SpecError> {
     let chosen = match (precision, amp) {
-        (Some(p), true) if p != "fp16" => return Err(SpecError::AmpConflict(p.to_string())),
+        (Some(p), true) if p != Precision::Fp16 => return Err(SpecError::AmpConflict(p.to_string())),
         (Some(p), _) => p,
-        (None, true) => "fp16",
-        (None, false) => "fp32",
+        (None, true) => Precision::Fp16,
+        (None, false) => Precision::Fp32,
     };
-    if !PRECISIONS.contains(&chosen) {
-        return Err(SpecError::Precision(chosen.to_string()));
-    }
     spec.precision = chosen.to_string();
-    spec.amp = chosen == "fp16";
+    spec.amp = chosen == Precision::Fp16;
     Ok(())
 }
 
@@ -112,7 +107,7 @@ pub fn default_spec(model: &str, epochs: u32) -> JobSpec {
         weight_decay: 5e-4,
         min_workers: 1,
         max_workers: 1,
-        dataset: "cifar10".into(),
+        dataset: Dataset::Cifar10.to_string(),
         train_samples: 0,
         test_samples: 0,
         seed: 0,
@@ -123,10 +118,10 @@ pub fn default_spec(model: &str, epochs: u32) -> JobSpec {
         threads_per_worker: 0,
         augment: true,
         amp: false,
-        precision: "fp32".into(),
+        precision: Precision::Fp32.to_string(),
         channels_last: true,
         rendezvous_timeout_s: 0,
-        collective: "auto".into(),
+        collective: Collective::Auto.to_string(),
         collective_timeout_s: DEFAULT_COLLECTIVE_TIMEOUT_S,
     }
 }
@@ -149,9 +144,14 @@ pub fn parse_workers(text: &str) -> Result<(u32, u32), SpecError> {
 
 pub use crate::names::valid_name;
 
+/// The dataset `spec` names; `validate` has checked it, so anything else reads as CIFAR-10.
+fn dataset(spec: &JobSpec) -> Dataset {
+    spec.dataset.parse().unwrap_or_default()
+}
+
 /// Number of training samples a job uses.
 pub fn train_len(spec: &JobSpec) -> u64 {
-    let full = if spec.dataset == "synthetic" { SYNTHETIC_TRAIN } else { CIFAR10_TRAIN };
+    let full = dataset(spec).sizes().0;
     if spec.train_samples == 0 {
         full
     } else {
@@ -161,7 +161,7 @@ pub fn train_len(spec: &JobSpec) -> u64 {
 
 /// Number of test samples a job uses.
 pub fn test_len(spec: &JobSpec) -> u64 {
-    let full = if spec.dataset == "synthetic" { SYNTHETIC_TEST } else { CIFAR10_TEST };
+    let full = dataset(spec).sizes().1;
     if spec.test_samples == 0 {
         full
     } else {
@@ -199,20 +199,14 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if spec.min_workers == 0 || spec.min_workers > spec.max_workers || spec.max_workers > MAX_WORKERS {
         return Err(SpecError::Workers(format!("{}:{}", spec.min_workers, spec.max_workers)));
     }
-    let (full_train, full_test) = match spec.dataset.as_str() {
-        "cifar10" => (CIFAR10_TRAIN, CIFAR10_TEST),
-        "synthetic" => (SYNTHETIC_TRAIN, SYNTHETIC_TEST),
-        other => return Err(SpecError::Dataset(other.to_string())),
-    };
+    let (full_train, full_test) = spec.dataset.parse::<Dataset>()?.sizes();
     if spec.train_samples > full_train {
         return Err(SpecError::Samples { what: "--train-samples", got: spec.train_samples, max: full_train });
     }
     if spec.test_samples > full_test {
         return Err(SpecError::Samples { what: "--test-samples", got: spec.test_samples, max: full_test });
     }
-    if !matches!(spec.collective.as_str(), "auto" | "ring" | "nccl") {
-        return Err(SpecError::Collective(spec.collective.clone()));
-    }
+    spec.collective.parse::<Collective>()?;
     if spec.warmup_epochs >= spec.epochs && spec.warmup_epochs > 0 {
         return Err(SpecError::Warmup { warmup: spec.warmup_epochs, epochs: spec.epochs });
     }
@@ -222,8 +216,9 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if spec.threads_per_worker > 1024 {
         return Err(SpecError::Threads(spec.threads_per_worker));
     }
-    if !spec.precision.is_empty() && !PRECISIONS.contains(&spec.precision.as_str()) {
-        return Err(SpecError::Precision(spec.precision.clone()));
+    // Empty: a spec from a client that predates the field (see [`precision`]).
+    if !spec.precision.is_empty() {
+        spec.precision.parse::<Precision>()?;
     }
     if spec.amp && !matches!(spec.precision.as_str(), "" | "fp16") {
         return Err(SpecError::AmpConflict(spec.precision.clone()));
@@ -287,14 +282,17 @@ mod tests {
     fn precision_flags_and_the_amp_alias() {
         let mut s = default_spec("resnet20", 1);
         assert_eq!(precision(&s), "fp32");
-        set_precision(&mut s, Some("bf16"), false).unwrap();
+        set_precision(&mut s, Some(Precision::Bf16), false).unwrap();
         assert_eq!((precision(&s), s.amp), ("bf16", false));
         set_precision(&mut s, None, true).unwrap();
         assert_eq!((precision(&s), s.amp), ("fp16", true));
-        set_precision(&mut s, Some("fp16"), true).unwrap();
+        set_precision(&mut s, Some(Precision::Fp16), true).unwrap();
         assert_eq!(precision(&s), "fp16");
-        assert_eq!(set_precision(&mut s, Some("bf16"), true), Err(SpecError::AmpConflict("bf16".into())));
-        assert_eq!(set_precision(&mut s, Some("half"), false), Err(SpecError::Precision("half".into())));
+        assert_eq!(set_precision(&mut s, Some(Precision::Bf16), true), Err(SpecError::AmpConflict("bf16".into())));
+        assert_eq!(
+            validate(&JobSpec { precision: "half".into(), ..s.clone() }),
+            Err(SpecError::Precision("half".into()))
+        );
         let legacy = JobSpec { precision: String::new(), amp: true, ..default_spec("resnet20", 1) };
         assert_eq!((precision(&legacy), validate(&legacy)), ("fp16", Ok(())));
         let legacy = JobSpec { precision: String::new(), ..default_spec("resnet20", 1) };

@@ -1,6 +1,7 @@
 //! Wire protocol version exchanged at worker registration. Bump it whenever a change to
 //! `proto/cvdist.proto` or to the data-plane framing is not understood by older peers.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: checkpoint state as a message (`CheckpointChunk.state`) instead of JSON text.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Maximum size of one gRPC message in either direction (chunks are far smaller).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

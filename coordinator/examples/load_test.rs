@@ -185,7 +185,7 @@ async fn main() {
     // The watched job: a small real one on two workers, or one that waits for more
     // workers than exist (so every worker stays idle and registered).
     let mut s = spec::default_spec("resnet20", 1000);
-    s.dataset = "cifar10".into();
+    s.dataset = cvdist_common::choices::Dataset::Cifar10.to_string();
     s.train_samples = 1024;
     s.test_samples = 128;
     s.batch_size = 32;

@@ -2,7 +2,6 @@
 //! and a final summary. A dropped stream (coordinator restarting, say) is re-opened with
 //! backoff, so `--follow` survives what the job itself survives.
 
-use crate::state::is_terminal;
 use cvdist_common::client::{connect, error_chain};
 use cvdist_common::proto::{job_event, EpochMetrics, JobInfo, JobState, WatchJobRequest, WorkerInfo, WorkerState};
 use cvdist_common::term::stderr_line;
@@ -166,7 +165,7 @@ pub async fn follow(conn: &Connection, job_id: &str, quiet: bool) -> anyhow::Res
                             say(epoch_line(m, epochs));
                         }
                     }
-                    let done = is_terminal(info.state());
+                    let done = info.state().is_terminal();
                     last = Some(info);
                     if done {
                         bar.finish_and_clear();

@@ -9,6 +9,7 @@
 use crate::follow::{follow, print_summary, Connection};
 use crate::server::{serve, CoordinatorConfig};
 use anyhow::{bail, Context};
+use cvdist_common::choices::DeviceRequest;
 use cvdist_common::proto::{JobSpec, SubmitJobRequest};
 use cvdist_common::run_dir;
 use cvdist_common::term::stderr_line;
@@ -23,7 +24,7 @@ pub struct LocalRun {
     pub data: Option<PathBuf>,
     pub out: PathBuf,
     pub threads_per_worker: u32,
-    pub device: String,
+    pub device: DeviceRequest,
     pub worker_bin: PathBuf,
     pub quiet: bool,
     /// See [`CoordinatorConfig::keep_checkpoints`].
@@ -132,7 +133,7 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
     if run.out.join(run_dir::SUMMARY_FILE).exists() {
         bail!("{} already holds a finished run; choose another --out", run.out.display());
     }
-    check_device(&run.worker_bin, &run.device)?;
+    check_device(&run.worker_bin, run.device)?;
     std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
     let state_dir = run.out.join(".coordinator");
     // Two credentials, as on a cluster: the client token for this process, the worker
@@ -169,7 +170,7 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
         tokio::spawn(supervise(children.clone(), run.spec.max_restarts, run.spec.min_workers.max(1), {
             let (out, url, token) = (run.out.clone(), url.clone(), worker_token.clone());
             let (bin, data, device, threads) =
-                (run.worker_bin.clone(), run.data.clone(), run.device.clone(), run.threads_per_worker);
+                (run.worker_bin.clone(), run.data.clone(), run.device, run.threads_per_worker);
             move |k| {
                 let r = LocalRun {
                     spec: JobSpec::default(),
@@ -177,7 +178,7 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
                     data: data.clone(),
                     out: out.clone(),
                     threads_per_worker: threads,
-                    device: device.clone(),
+                    device,
                     worker_bin: bin.clone(),
                     quiet: true,
                     keep_checkpoints: 0,
@@ -233,12 +234,12 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
 /// Refuses a CUDA device this machine does not have before anything starts (otherwise
 /// every worker would exit at once, be restarted and exit again). `cpu` and `auto` cannot
 /// fail, so they skip the check and its libtorch start-up.
-fn check_device(worker_bin: &Path, device: &str) -> anyhow::Result<()> {
-    if device == "cpu" || device == "auto" {
+fn check_device(worker_bin: &Path, device: DeviceRequest) -> anyhow::Result<()> {
+    if matches!(device, DeviceRequest::Cpu | DeviceRequest::Auto) {
         return Ok(());
     }
     let out = std::process::Command::new(worker_bin)
-        .args(["check-device", "--device", device])
+        .args(["check-device", "--device", &device.to_string()])
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("starting {}", worker_bin.display()))?;
@@ -308,7 +309,7 @@ fn spawn_worker(run: &LocalRun, url: &str, worker_token: &str, k: u32) -> anyhow
         .arg("--threads")
         .arg(run.threads_per_worker.to_string())
         .arg("--device")
-        .arg(&run.device)
+        .arg(run.device.to_string())
         .arg("--cache-dir")
         .arg(run.out.join(".cache"))
         .env(cvdist_common::auth::WORKER_TOKEN_ENV, worker_token)

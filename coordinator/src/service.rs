@@ -2,7 +2,8 @@
 //! moves checkpoints and the dataset in checksummed chunks.
 
 use crate::server::Role;
-use crate::state::{is_terminal, Coordinator, CoordinatorError};
+use crate::state::{Coordinator, CoordinatorError};
+use cvdist_common::checkpoint::CheckpointState;
 use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
 use cvdist_common::proto::{
     job_event, worker_message, CancelJobRequest, CheckpointChunk, CoordinatorMessage, DatasetChunk,
@@ -140,7 +141,7 @@ impl CoordinatorApi for Service {
         let closing = self.state.closing();
         tokio::spawn(async move {
             tokio::pin!(closing);
-            let done = is_terminal(snapshot.state());
+            let done = snapshot.state().is_terminal();
             if tx.send(Ok(JobEvent { event: Some(job_event::Event::Snapshot(snapshot)) })).await.is_err() || done {
                 return;
             }
@@ -157,7 +158,7 @@ impl CoordinatorApi for Service {
                 };
                 match next {
                     Ok(ev) => {
-                        let end = matches!(&ev.event, Some(job_event::Event::Snapshot(s)) if is_terminal(s.state()));
+                        let end = matches!(&ev.event, Some(job_event::Event::Snapshot(s)) if s.state().is_terminal());
                         if tx.send(Ok(ev)).await.is_err() || end {
                             return;
                         }
@@ -269,9 +270,12 @@ impl CoordinatorApi for Service {
         self.state.get(&req.job_id)?;
         let dir = self.state.store().checkpoint_dir(&req.job_id);
         let json_path = dir.join(format!("{}.json", req.name));
-        let state_json = tokio::fs::read_to_string(&json_path).await.map_err(|e| {
+        let json = tokio::fs::read(&json_path).await.map_err(|e| {
             Status::not_found(format!("checkpoint {} of job {}: {e}", req.name, text::quoted(&req.job_id)))
         })?;
+        let state = CheckpointState::from_json(&json)
+            .map_err(|e| Status::data_loss(format!("{}: {e}", json_path.display())))?;
+        let state = cvdist_common::proto::CheckpointState::from(&state);
         let data_path = dir.join(format!("{}.safetensors", req.name));
         let file = tokio::fs::File::open(&data_path).await.map_err(|e| io_status(&data_path, e))?;
         let (tx, rx) = mpsc::channel(4);
@@ -291,7 +295,7 @@ impl CoordinatorApi for Service {
                 let chunk = CheckpointChunk {
                     job_id: req.job_id.clone(),
                     name: req.name.clone(),
-                    state_json: if first { state_json.clone() } else { String::new() },
+                    state: if first { Some(state.clone()) } else { None },
                     data: buf,
                     attempt: 0,
                     session_key: String::new(),
@@ -396,24 +400,22 @@ impl Service {
             next_chunk(&mut chunks, idle).await?.ok_or_else(|| Status::invalid_argument("empty checkpoint upload"))?;
         *label = UploadLabel { job_id: first.job_id.clone(), name: first.name.clone(), attempt: first.attempt };
         let pos = checkpoint_name(&first.name)?;
-        if first.state_json.len() > MAX_STATE_JSON {
+        let state_bytes = first.state.as_ref().map_or(0, prost::Message::encoded_len);
+        if state_bytes > MAX_STATE_JSON {
             return Err(Status::invalid_argument(format!(
-                "checkpoint state of {} bytes exceeds {MAX_STATE_JSON}",
-                first.state_json.len()
+                "checkpoint state of {state_bytes} bytes exceeds {MAX_STATE_JSON}"
             )));
         }
-        let state_json: serde_json::Value = serde_json::from_str(&first.state_json)
-            .map_err(|e| Status::invalid_argument(format!("checkpoint state is not JSON: {e}")))?;
-        let declared =
-            (state_json.get("epoch").and_then(|v| v.as_u64()), state_json.get("step").and_then(|v| v.as_u64()));
-        if declared != (Some(pos.0 as u64), Some(pos.1)) {
+        let state =
+            CheckpointState::try_from(first.state.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if (state.epoch, state.step) != pos {
             return Err(Status::invalid_argument(format!(
-                "checkpoint {} declares epoch {:?} step {:?}, not the position its name encodes",
-                first.name, declared.0, declared.1
+                "checkpoint {} declares epoch {} step {}, not the position its name encodes",
+                first.name, state.epoch, state.step
             )));
         }
         let limit = self.state.accepts_checkpoint(&first.job_id, first.attempt, &first.session_key, pos, 2)?;
-        let want_sha = state_json.get("sha256").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let want_sha = state.sha256.clone();
         let dir = self.state.store().checkpoint_dir(&first.job_id);
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io_status(&dir, e))?;
         // One temp file per upload: two uploads of one name must not write into each other.
@@ -463,7 +465,7 @@ impl Service {
         let final_path = dir.join(format!("{}.safetensors", first.name));
         tokio::fs::rename(&tmp, &final_path).await.map_err(|e| io_status(&final_path, e))?;
         let json_path = dir.join(format!("{}.json", first.name));
-        let json_bytes = first.state_json.clone().into_bytes();
+        let json_bytes = state.to_json();
         let jp = json_path.clone();
         let written = tokio::task::spawn_blocking(move || cvdist_common::run_dir::write_atomic(&jp, &json_bytes))
             .await

@@ -21,7 +21,7 @@ pub mod record;
 pub mod registry;
 
 pub use error::CoordinatorError;
-pub use machine::{checkpoint_position, is_terminal};
+pub use machine::checkpoint_position;
 pub use registry::WorkerTx;
 
 use crate::store::{Store, StoreError};
@@ -297,7 +297,7 @@ impl Coordinator {
                     resumed.push(entry.job.info.id.clone());
                 }
             }
-            if is_terminal(entry.job.state()) {
+            if entry.job.state().is_terminal() {
                 entry.retire();
             }
             jobs.insert(entry.job.info.id.clone(), entry);

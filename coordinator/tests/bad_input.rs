@@ -301,7 +301,9 @@ async fn running_as_rank0(
 /// position follows the name (epoch 0 step 1 when the name has none).
 fn checkpoint_chunks(job: &str, name: &str, key: &str, data: &[u8], declared_sha: &str) -> Vec<CheckpointChunk> {
     let (epoch, step) = cvdist_common::names::parse_checkpoint_name(name).unwrap_or((0, 1));
-    let state = serde_json::json!({ "format_version": 1, "epoch": epoch, "step": step, "sha256": declared_sha, "bytes": data.len() });
+    let mut state = cvdist_common::checkpoint::CheckpointState::new("resnet20", epoch, step, 0, 1);
+    state.sha256 = declared_sha.into();
+    state.bytes = data.len() as u64;
     let mut chunks: Vec<CheckpointChunk> = data
         .chunks(cvdist_common::version::CHUNK_BYTES)
         .map(|d| CheckpointChunk { job_id: job.into(), name: name.into(), data: d.to_vec(), ..Default::default() })
@@ -309,7 +311,7 @@ fn checkpoint_chunks(job: &str, name: &str, key: &str, data: &[u8], declared_sha
     if chunks.is_empty() {
         chunks.push(CheckpointChunk { job_id: job.into(), name: name.into(), ..Default::default() });
     }
-    chunks[0].state_json = state.to_string();
+    chunks[0].state = Some((&state).into());
     chunks[0].session_key = key.into();
     chunks
 }
@@ -327,7 +329,7 @@ async fn wait_terminal(c: &Coord, id: &str, within: Duration) -> JobInfo {
     let start = Instant::now();
     loop {
         let info = get_job(c, id).await;
-        if cvdist_coordinator::state::is_terminal(info.state()) {
+        if info.state().is_terminal() {
             return info;
         }
         assert!(start.elapsed() < within, "job {id} did not finish\n{}", c.all_logs());
@@ -712,7 +714,6 @@ async fn oversized_message_is_refused() {
     let chunk = CheckpointChunk {
         job_id: job.clone(),
         name: "ckpt-e0000-s000001".into(),
-        state_json: "{}".into(),
         data: vec![7u8; MAX_MESSAGE_BYTES + 1],
         ..Default::default()
     };
@@ -835,7 +836,7 @@ async fn checkpoint_with_a_wrong_sha256_is_refused() {
             vec![CheckpointChunk {
                 job_id: job.clone(),
                 name: "ckpt-e0001-s000000".into(),
-                state_json: "not json".into(),
+                state: None,
                 data: vec![1],
                 attempt: 0,
                 session_key: key.clone(),
@@ -843,7 +844,17 @@ async fn checkpoint_with_a_wrong_sha256_is_refused() {
         )
         .await,
         Code::InvalidArgument,
-        "checkpoint state is not JSON: expected ident at line 1 column 2",
+        "checkpoint state is missing",
+    );
+    // More per-rank sums than the ranks it declares.
+    let mut swollen = checkpoint_chunks(&job, "ckpt-e0001-s000000", &key, &data, &got);
+    if let Some(state) = swollen[0].state.as_mut() {
+        state.rank_partials = vec![Default::default(); 2];
+    }
+    refused(
+        upload(&c, swollen).await,
+        Code::InvalidArgument,
+        "checkpoint state has 2 per-rank sums but the job ran on 1 ranks",
     );
     refused(
         upload(

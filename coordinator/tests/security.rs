@@ -88,8 +88,9 @@ fn report(a: &Assignment, kind: job_report::Kind) -> WorkerMessage {
 fn chunks(job: &str, attempt: u32, name: &str, key: &str, data: &[u8]) -> Vec<CheckpointChunk> {
     let (epoch, step) = cvdist_common::names::parse_checkpoint_name(name).unwrap();
     let sha = hex::encode(Sha256::digest(data));
-    let state =
-        serde_json::json!({ "format_version": 1, "epoch": epoch, "step": step, "sha256": sha, "bytes": data.len() });
+    let mut state = cvdist_common::checkpoint::CheckpointState::new("resnet20", epoch, step, 0, 1);
+    state.sha256 = sha;
+    state.bytes = data.len() as u64;
     let mut out: Vec<CheckpointChunk> = data
         .chunks(cvdist_common::version::CHUNK_BYTES)
         .map(|d| CheckpointChunk {
@@ -103,7 +104,7 @@ fn chunks(job: &str, attempt: u32, name: &str, key: &str, data: &[u8]) -> Vec<Ch
     if out.is_empty() {
         out.push(CheckpointChunk { job_id: job.into(), name: name.into(), attempt, ..Default::default() });
     }
-    out[0].state_json = state.to_string();
+    out[0].state = Some((&state).into());
     out[0].session_key = key.into();
     out
 }
@@ -480,7 +481,7 @@ async fn wait_state_terminal(c: &Cluster, id: &str) -> JobInfo {
     let start = Instant::now();
     loop {
         let info = get_job(c, id).await;
-        if cvdist_coordinator::state::is_terminal(info.state()) {
+        if info.state().is_terminal() {
             return info;
         }
         assert!(start.elapsed() < Duration::from_secs(240), "job {id} did not finish\n{}", c.logs());

@@ -13,15 +13,9 @@
 
 use tch::Device;
 
-/// What the user asked for with `--device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceRequest {
-    /// The local rank's GPU when CUDA is available, else the CPU.
-    Auto,
-    Cpu,
-    /// `cuda` (None: the local rank's GPU) or `cuda:K`.
-    Cuda(Option<usize>),
-}
+/// What the user asked for with `--device` (parsed in `cvdist_common::choices`, so the
+/// libtorch-free `cvdist` front end reads the flag the same way).
+pub use cvdist_common::choices::DeviceRequest;
 
 /// Environment variables that carry the process's rank on its node, in priority order.
 pub const LOCAL_RANK_VARS: [&str; 2] = ["LOCAL_RANK", "SLURM_LOCALID"];
@@ -41,16 +35,7 @@ pub enum DeviceError {
 
 /// Parses a `--device` value.
 pub fn parse(text: &str) -> Result<DeviceRequest, DeviceError> {
-    match text {
-        "auto" => Ok(DeviceRequest::Auto),
-        "cpu" => Ok(DeviceRequest::Cpu),
-        "cuda" => Ok(DeviceRequest::Cuda(None)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|k| k.parse::<usize>().ok())
-            .map(|k| DeviceRequest::Cuda(Some(k)))
-            .ok_or_else(|| DeviceError::Syntax(other.to_string())),
-    }
+    text.parse().map_err(|e: cvdist_common::choices::DeviceSyntaxError| DeviceError::Syntax(e.0))
 }
 
 /// The local rank from the first of [`LOCAL_RANK_VARS`] that `lookup` finds set and
@@ -84,10 +69,14 @@ pub fn resolve(request: DeviceRequest, cuda_count: usize, local_rank: Option<usi
     }
 }
 
-/// `--device TEXT` for this process: parses it, reads the local rank from the environment
-/// only when the choice depends on it, and checks the index against the visible devices.
+/// `--device TEXT` for this process: parses it, then as [`for_request`].
 pub fn from_cli(text: &str) -> Result<Device, DeviceError> {
-    let request = parse(text)?;
+    for_request(parse(text)?)
+}
+
+/// The device for `request` in this process: reads the local rank from the environment
+/// only when the choice depends on it, and checks the index against the visible devices.
+pub fn for_request(request: DeviceRequest) -> Result<Device, DeviceError> {
     let count = match request {
         DeviceRequest::Cpu => 0,
         _ => visible_cuda_devices(),

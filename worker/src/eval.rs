@@ -4,11 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cvdist_common::choices::Dataset;
 use cvdist_common::cifar::{CifarSplit, NUM_CLASSES};
 use serde::{Deserialize, Serialize};
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
+use crate::data::datasets;
 use crate::data::loader::Loader;
 use crate::models::{self, Model};
 use crate::train::checkpoint::{self, CheckpointState};
@@ -64,36 +66,18 @@ pub fn load_model(checkpoint: &Path, device: Device) -> Result<LoadedModel, Eval
 }
 
 /// The test split to evaluate on, cut to the first `test_samples` images (0 = all), the same
-/// images training evaluates on for this dataset.
-pub fn test_split(dataset: &str, data: Option<&Path>, test_samples: u64) -> Result<Arc<CifarSplit>, EvalError> {
-    let split = match dataset {
-        "synthetic" => {
-            // Through the trainer's own loader so the synthetic test set is the same one.
-            let mut spec = cvdist_common::spec::default_spec("resnet20", 1);
-            spec.dataset = "synthetic".into();
-            spec.test_samples = test_samples;
-            let d = crate::train::Datasets::for_spec(&spec, None).map_err(|e| EvalError::Data(e.to_string()))?;
-            return Ok(d.test);
-        }
-        "cifar10" => {
-            let dir = data.ok_or_else(|| {
-                EvalError::Data(
-                    "evaluating on CIFAR-10 needs its directory (--data DIR), or use --dataset synthetic".into(),
-                )
-            })?;
-            cvdist_common::cifar::load_test(dir).map_err(|e| EvalError::Data(e.to_string()))?
-        }
-        other => return Err(EvalError::Data(format!("unknown dataset {other:?}; expected cifar10 or synthetic"))),
-    };
-    let split = if test_samples == 0 || test_samples as usize >= split.len() {
-        split
-    } else {
-        split.take(test_samples as usize)
-    };
+/// images training evaluates on for this dataset (`crate::data::datasets`).
+pub fn test_split(dataset: Dataset, data: Option<&Path>, test_samples: u64) -> Result<Arc<CifarSplit>, EvalError> {
+    if dataset == Dataset::Cifar10 && data.is_none() {
+        return Err(EvalError::Data(
+            "evaluating on CIFAR-10 needs its directory (--data DIR), or use --dataset synthetic".into(),
+        ));
+    }
+    let split = datasets::test_split(dataset, data, test_samples).map_err(|e| EvalError::Data(e.to_string()))?;
     if split.is_empty() {
         return Err(EvalError::Data("the test set is empty".into()));
     }
-    Ok(Arc::new(split))
+    Ok(split)
 }
 
 /// Eval-mode logits (f32, CPU) of already normalised `images` (`[B, 3, 32, 32]`).
@@ -173,7 +157,7 @@ impl EvalReport {
 /// Loads `checkpoint` and evaluates it on the test split.
 pub fn evaluate_checkpoint(
     checkpoint: &Path,
-    dataset: &str,
+    dataset: Dataset,
     data: Option<&Path>,
     test_samples: u64,
     device: Device,

@@ -179,7 +179,7 @@ fn export_to_pytorch_and_import_back() {
 
     // 4. The Rust model's logits on the test images, as eval feeds them.
     let loaded = eval::load_model(&ckpt, Device::Cpu).unwrap();
-    let split = eval::test_split("synthetic", None, TEST_SAMPLES as u64).unwrap();
+    let split = eval::test_split(cvdist_common::choices::Dataset::Synthetic, None, TEST_SAMPLES as u64).unwrap();
     let (images, labels) = eval::images(&split, (0..TEST_SAMPLES).collect());
     let rust_logits = eval::logits(loaded.model.as_ref(), &images, Device::Cpu);
     let rust_pred = argmax(&rust_logits);

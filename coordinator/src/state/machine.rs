@@ -148,10 +148,6 @@ pub struct Transition {
     pub holds_queue: bool,
 }
 
-pub fn is_terminal(s: JobState) -> bool {
-    matches!(s, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
-}
-
 /// The lower-case name of a state, as `summary.json`, the metrics and messages show it.
 pub fn state_name(s: JobState) -> &'static str {
     match s {
@@ -249,7 +245,7 @@ pub fn step(job: &mut Job, event: Event<'_>, now: Now) -> Result<Transition, Coo
             t.effects.push(Effect::Persist);
         }
         Event::CheckpointRefused { attempt, name, reason } => {
-            if attempt == job.info.attempt && !is_terminal(job.state()) {
+            if attempt == job.info.attempt && !job.state().is_terminal() {
                 job.log(format!("checkpoint {name} refused: {reason}"), now, &mut t);
                 job.refused_upload = Some((name, reason));
             }
@@ -321,7 +317,6 @@ fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now
             start_step,
             checkpoint: job.info.latest_checkpoint.clone(),
             session_secret: secret.clone(),
-            nccl_unique_id: String::new(),
         };
         t.effects.push(Effect::Assign { worker: w.id.clone(), assignment });
     }
@@ -351,7 +346,7 @@ fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now
 
 /// Any state but an ended one → CANCELLED; the members are told to abort.
 fn cancel(job: &mut Job, now: Now, t: &mut Transition) -> Result<(), CoordinatorError> {
-    if is_terminal(job.state()) {
+    if job.state().is_terminal() {
         return Err(CoordinatorError::AlreadyEnded { id: job.info.id.clone(), state: state_name(job.state()) });
     }
     release_members(job, "cancelled by user", t);
@@ -434,7 +429,7 @@ fn on_report(
     now: Now,
     t: &mut Transition,
 ) -> Result<(), CoordinatorError> {
-    if is_terminal(job.state()) {
+    if job.state().is_terminal() {
         return Err(CoordinatorError::ReportAfterEnd(report.job_id));
     }
     let failure_kind = FailureKind::try_from(report.failure_kind).unwrap_or(FailureKind::Unspecified);

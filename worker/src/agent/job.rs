@@ -7,6 +7,7 @@ use crate::collective::{ring::Ring, AbortHandle, Collective, Solo};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::ckpt_writer::CheckpointStore;
 use crate::train::{self, Datasets, Observer, TrainerConfig};
+use cvdist_common::choices::Dataset;
 use cvdist_common::client::Client;
 use cvdist_common::proto::{
     job_report, worker_message, Assignment, EpochMetrics, FailureKind, Finished, JobReport, Progress, WorkerMessage,
@@ -308,8 +309,8 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     // done; a shared folder would lose another rank's checkpoint being written.
     let job_dir = scratch_dir(&env.cache_dir, &env.worker_id).join("jobs").join(&a.job_id);
 
-    let data_dir = match (&env.data, spec.dataset.as_str()) {
-        (_, "synthetic") => None,
+    let data_dir = match (&env.data, spec.dataset.parse::<Dataset>()) {
+        (_, Ok(Dataset::Synthetic)) => None,
         (Some(d), _) => Some(d.clone()),
         (None, _) => {
             let mut client = env.client.clone();
@@ -320,7 +321,7 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
             Some(dir)
         }
     };
-    let data = Datasets::for_spec(&spec, data_dir.as_deref())?;
+    let data = Datasets::for_spec(&spec, data_dir.as_deref()).map_err(train::TrainError::from)?;
 
     let resume = if a.checkpoint.is_empty() {
         None

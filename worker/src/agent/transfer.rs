@@ -4,6 +4,7 @@
 
 use crate::train::checkpoint::CheckpointState;
 use cvdist_common::atomic_file::AtomicFile;
+use cvdist_common::choices::Dataset;
 use cvdist_common::client::Client;
 use cvdist_common::proto::{CheckpointChunk, DownloadCheckpointRequest, FetchDatasetRequest};
 use cvdist_common::{cifar, version};
@@ -34,7 +35,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
 /// Fetches CIFAR-10 from the coordinator into `cache/cifar10` unless a verified copy is
 /// already there; returns the directory to load from.
 pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf, TransferError> {
-    let root = cache.join("cifar10");
+    let root = cache.join(Dataset::Cifar10.as_str());
     let batches = cifar::batches_dir(&root);
     let marker = batches.join(".complete");
     if marker.is_file() {
@@ -42,7 +43,7 @@ pub async fn fetch_dataset(client: &mut Client, cache: &Path) -> Result<PathBuf,
     }
     std::fs::create_dir_all(&batches).map_err(io(&batches))?;
     let mut stream = client
-        .fetch_dataset(FetchDatasetRequest { dataset: "cifar10".into() })
+        .fetch_dataset(FetchDatasetRequest { dataset: Dataset::Cifar10.to_string() })
         .await
         .map_err(|s| TransferError::rpc(&s))?
         .into_inner();
@@ -107,8 +108,6 @@ pub async fn upload_checkpoint(
 ) -> Result<(), TransferError> {
     let data_path = json_path.with_extension("safetensors");
     let bytes = tokio::fs::read(&data_path).await.map_err(io(&data_path))?;
-    let state_json = serde_json::to_string(state)
-        .map_err(|e| TransferError::Corrupt { what: "state".into(), reason: e.to_string() })?;
     let name = state.name();
     let job_id = job_id.to_string();
     let mut chunks: Vec<CheckpointChunk> = bytes
@@ -124,7 +123,7 @@ pub async fn upload_checkpoint(
     if chunks.is_empty() {
         chunks.push(CheckpointChunk { job_id: job_id.clone(), name: name.clone(), attempt, ..Default::default() });
     }
-    chunks[0].state_json = state_json;
+    chunks[0].state = Some(state.into());
     chunks[0].session_key = session_key.to_string();
     client.upload_checkpoint(tokio_stream::iter(chunks)).await.map_err(|s| TransferError::rpc(&s))?;
     Ok(())
@@ -152,17 +151,19 @@ pub async fn download_checkpoint(
     // Both files appear whole or not at all: a broken stream leaves no half checkpoint that
     // a later resume could pick up.
     let mut file = AtomicFile::create(&data_path).map_err(io(&data_path))?;
-    let mut state_json = String::new();
+    let mut state = None;
     while let Some(chunk) = stream.message().await.map_err(|s| TransferError::rpc(&s))? {
-        if !chunk.state_json.is_empty() {
-            state_json = chunk.state_json;
+        if chunk.state.is_some() {
+            state = chunk.state;
         }
         file.write_all(&chunk.data).map_err(io(&data_path))?;
     }
-    if state_json.is_empty() {
+    let Some(state) = state else {
         return Err(TransferError::Corrupt { what: name.into(), reason: "no checkpoint state received".into() });
-    }
+    };
+    let state = CheckpointState::try_from(state)
+        .map_err(|e| TransferError::Corrupt { what: name.into(), reason: e.to_string() })?;
     file.commit().map_err(io(&data_path))?;
-    cvdist_common::atomic_file::write(&json_path, state_json.as_bytes()).map_err(io(&json_path))?;
+    cvdist_common::atomic_file::write(&json_path, &state.to_json()).map_err(io(&json_path))?;
     Ok(json_path)
 }

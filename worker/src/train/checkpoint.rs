@@ -6,77 +6,15 @@
 //! skips. A checkpoint whose tensor file does not match its recorded checksum is skipped
 //! too, with a warning, and the previous one is used.
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-pub const FORMAT_VERSION: u32 = 1;
+// The JSON record is shared with the coordinator, which stores and serves it.
+pub use cvdist_common::checkpoint::{CheckpointState, FORMAT_VERSION};
+
 const MODEL_PREFIX: &str = "model.";
 const MOMENTUM_PREFIX: &str = "momentum.";
-
-/// Where training resumes and what it had accumulated: enough for a bit-identical resume.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CheckpointState {
-    pub format_version: u32,
-    pub model: String,
-    /// Epoch to resume in (0-based) and the number of its steps already taken.
-    pub epoch: u32,
-    pub step: u64,
-    pub seed: u64,
-    pub world_size: u32,
-    /// Running sums of the partially trained epoch over all ranks: loss·samples, correct,
-    /// samples, seconds (rank 0's clock). For readers; resuming uses `rank_partials`.
-    /// (With mixed precision an overflowed step's loss can make the first one non-finite;
-    /// such values are written as `cvdist_common::nonfinite` describes.)
-    #[serde(with = "cvdist_common::nonfinite::array")]
-    pub partial: [f64; 4],
-    /// Each rank's own running sums of the partially trained epoch, by rank: loss·samples,
-    /// correct, samples, seconds, all-reduce seconds. A resumed rank continues from its own
-    /// entry, so the epoch's totals equal the uninterrupted run's bit for bit. Empty in
-    /// checkpoints written before this field existed (and at epoch boundaries).
-    #[serde(default, with = "cvdist_common::nonfinite::vec_of_arrays")]
-    pub rank_partials: Vec<[f64; 5]>,
-    /// The fp16 loss scale (1.0 for fp32/bf16 runs); kept for readers, resuming uses
-    /// `grad_scaler`.
-    #[serde(with = "cvdist_common::nonfinite")]
-    pub loss_scale: f64,
-    /// The fp16 loss scaler's scale and growth tracker; absent for fp32/bf16 runs and in
-    /// checkpoints written before the tracker was saved.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grad_scaler: Option<super::scaler::ScalerState>,
-    pub sha256: String,
-    pub bytes: u64,
-    pub created_unix: f64,
-}
-
-impl CheckpointState {
-    /// A record for a checkpoint about to be written; `save` fills in the checksum.
-    pub fn new(model: &str, epoch: u32, step: u64, seed: u64, world_size: u32) -> CheckpointState {
-        CheckpointState {
-            format_version: FORMAT_VERSION,
-            model: model.to_string(),
-            epoch,
-            step,
-            seed,
-            world_size,
-            partial: [0.0; 4],
-            rank_partials: Vec::new(),
-            loss_scale: 1.0,
-            grad_scaler: None,
-            sha256: String::new(),
-            bytes: 0,
-            created_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-        }
-    }
-
-    pub fn name(&self) -> String {
-        name_for(self.epoch, self.step)
-    }
-}
 
 pub fn name_for(epoch: u32, step: u64) -> String {
     cvdist_common::names::checkpoint_name(epoch, step)
@@ -251,8 +189,7 @@ pub fn write_snapshot(
     state.sha256 = sha;
     state.bytes = bytes;
     let json_path = dir.join(format!("{name}.json"));
-    let text = serde_json::to_vec_pretty(&state).expect("state serialises");
-    cvdist_common::run_dir::write_atomic(&json_path, &text)
+    cvdist_common::run_dir::write_atomic(&json_path, &state.to_json())
         .map_err(|source| CheckpointError::Write { path: json_path.clone(), source })?;
     Ok((json_path, state))
 }
@@ -261,7 +198,7 @@ pub fn write_snapshot(
 pub fn load(json_path: &Path) -> Result<Checkpoint, CheckpointError> {
     let text =
         std::fs::read(json_path).map_err(|source| CheckpointError::Read { path: json_path.to_path_buf(), source })?;
-    let state: CheckpointState = serde_json::from_slice(&text)
+    let state = CheckpointState::from_json(&text)
         .map_err(|e| CheckpointError::Corrupt { path: json_path.to_path_buf(), reason: e.to_string() })?;
     if state.format_version != FORMAT_VERSION {
         return Err(CheckpointError::Corrupt {
@@ -309,7 +246,8 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
         .map(|e| e.path())
         .filter(|p| {
             p.extension().is_some_and(|e| e == "json")
-                && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ckpt-e"))
+                && p.file_stem()
+                    .is_some_and(|n| n.to_str().is_some_and(|n| cvdist_common::names::parse_checkpoint_name(n).is_ok()))
         })
         .collect();
     // Names sort by (epoch, step) because both fields are zero-padded.

@@ -24,13 +24,8 @@ pub const BACKOFF_FACTOR: f64 = 0.5;
 /// Consecutive clean steps before the scale grows (GradScaler's `growth_interval`).
 pub const GROWTH_INTERVAL: i64 = 2000;
 
-/// What a checkpoint keeps of a scaler: enough for a bit-identical resume.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ScalerState {
-    pub scale: f64,
-    /// Consecutive clean steps since the last growth or overflow.
-    pub growth_tracker: i64,
-}
+/// What a checkpoint keeps of a scaler (part of the checkpoint record in `cvdist_common`).
+pub use cvdist_common::checkpoint::ScalerState;
 
 pub struct GradScaler {
     /// One-element f32 tensors on the training device, as GradScaler keeps them.

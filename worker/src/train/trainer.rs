@@ -43,40 +43,8 @@ pub struct TrainerConfig {
     pub freeze_bn: bool,
 }
 
-/// Train and test splits, already cut to the job's subset sizes.
-#[derive(Clone)]
-pub struct Datasets {
-    pub train: Arc<CifarSplit>,
-    pub test: Arc<CifarSplit>,
-}
-
-impl Datasets {
-    /// Loads what `spec` asks for: CIFAR-10 from `data_dir`, or generated synthetic data.
-    pub fn for_spec(spec: &JobSpec, data_dir: Option<&Path>) -> Result<Datasets, TrainError> {
-        let (train, test) = match spec.dataset.as_str() {
-            "synthetic" => (
-                cvdist_common::cifar::synthetic(cvdist_common::spec::SYNTHETIC_TRAIN as usize, 1),
-                cvdist_common::cifar::synthetic(cvdist_common::spec::SYNTHETIC_TEST as usize, 2),
-            ),
-            _ => {
-                let dir = data_dir.ok_or_else(|| {
-                    TrainError::Data("the job uses CIFAR-10 but no data directory was given (--data DIR)".into())
-                })?;
-                let train = cvdist_common::cifar::load_train(dir).map_err(|e| TrainError::Data(e.to_string()))?;
-                let test = cvdist_common::cifar::load_test(dir).map_err(|e| TrainError::Data(e.to_string()))?;
-                (train, test)
-            }
-        };
-        let cut = |split: CifarSplit, n: u64| {
-            if n == 0 || n as usize >= split.len() {
-                split
-            } else {
-                split.take(n as usize)
-            }
-        };
-        Ok(Datasets { train: Arc::new(cut(train, spec.train_samples)), test: Arc::new(cut(test, spec.test_samples)) })
-    }
-}
+// Kept here under its old path for callers of `train::Datasets`.
+pub use crate::data::Datasets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -94,6 +62,12 @@ pub enum TrainError {
     Diverged { epoch: u32, step: u64, what: &'static str, loss: f64 },
     #[error("stopped: {0}")]
     Stopped(String),
+}
+
+impl From<crate::data::DataError> for TrainError {
+    fn from(e: crate::data::DataError) -> TrainError {
+        TrainError::Data(e.to_string())
+    }
 }
 
 impl From<sync::SyncError> for TrainError {
