@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole cvdist test suite on a fresh machine: sets up the libtorch venv (cached),
-# builds every binary, then runs the Rust tests, the
-# Python gRPC client test, the deployment checks and the Slurm smoke test (a real one-node
-# Slurm cluster; installs slurm-wlm and munge when absent).
+# builds every binary, checks formatting (rustfmt.toml) and lints (clippy, -D warnings),
+# then runs the Rust tests, the Python gRPC client test, the deployment checks and the
+# Slurm smoke test (a real one-node Slurm cluster; installs slurm-wlm and munge when absent).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,6 +15,8 @@ source scripts/env.sh
 # each train, and this machine class has two cores.
 # --no-fail-fast, and every stage runs even after one fails: a failure must never hide another.
 failed=()
+cargo fmt --all -- --check || failed+=("cargo fmt --check")
+cargo clippy --release --workspace --all-targets --locked -- -D warnings || failed+=("cargo clippy")
 cargo test --release --workspace --locked --no-fail-fast -- --test-threads=1 || failed+=("cargo test")
 "$CVDIST_PYTHON" -m pytest -q tests/python || failed+=("pytest tests/python")
 scripts/check-deploy.sh || failed+=("scripts/check-deploy.sh")

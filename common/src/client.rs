@@ -127,7 +127,10 @@ pub fn plaintext_token_warning(url: &str, token: Option<&str>) -> Option<String>
 pub const CLIENT_CERT_ENV: &str = "CVDIST_TLS_CLIENT_CERT";
 pub const CLIENT_KEY_ENV: &str = "CVDIST_TLS_CLIENT_KEY";
 
-fn client_identity() -> Result<Option<(Vec<u8>, Vec<u8>)>, ConnectError> {
+/// A PEM certificate chain and its private key.
+type PemIdentity = (Vec<u8>, Vec<u8>);
+
+fn client_identity() -> Result<Option<PemIdentity>, ConnectError> {
     let read = |var: &'static str| -> Result<Option<Vec<u8>>, ConnectError> {
         match std::env::var_os(var).filter(|v| !v.is_empty()) {
             None => Ok(None),

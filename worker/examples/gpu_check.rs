@@ -115,6 +115,7 @@ fn time_steps(
     steps: usize,
 ) -> Result<f64, String> {
     let mut spec = cvdist_common::spec::default_spec(model, 1);
+    let precision = precision.parse::<cvdist_common::choices::Precision>().map_err(|e| e.to_string())?;
     cvdist_common::spec::set_precision(&mut spec, Some(precision), false).map_err(|e| e.to_string())?;
     let dev = Device::Cuda(device);
     let mut engine = Engine::new(&spec, dev).map_err(|e| e.to_string())?;

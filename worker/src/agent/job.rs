@@ -153,12 +153,12 @@ impl ReportingObserver<'_> {
 
 impl Observer for ReportingObserver<'_> {
     fn progress(&mut self, p: &Progress) {
-        self.send(job_report::Kind::Progress(p.clone()));
+        self.send(job_report::Kind::Progress(*p));
     }
 
     fn epoch(&mut self, m: &EpochMetrics) {
         if self.assignment.rank == 0 {
-            self.send(job_report::Kind::Epoch(m.clone()));
+            self.send(job_report::Kind::Epoch(*m));
         }
     }
 

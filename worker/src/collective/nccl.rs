@@ -697,7 +697,9 @@ impl NcclComm {
     ) -> Result<(), CollectiveError> {
         let api = self.handle.api;
         self.enqueue("ncclAllReduce", |comm| {
-            (api.all_reduce)(ptr, ptr, count, dtype as c_int, NCCL_SUM, comm, std::ptr::null_mut())
+            // SAFETY: the caller guarantees `ptr` holds `count` elements of `dtype` on this
+            // communicator's device until the stream has run the op.
+            unsafe { (api.all_reduce)(ptr, ptr, count, dtype as c_int, NCCL_SUM, comm, std::ptr::null_mut()) }
         })
     }
 
@@ -717,7 +719,8 @@ impl NcclComm {
         }
         let api = self.handle.api;
         self.enqueue("ncclBroadcast", |comm| {
-            (api.broadcast)(ptr, ptr, count, dtype as c_int, root as c_int, comm, std::ptr::null_mut())
+            // SAFETY: as for `all_reduce_sum_device`, guaranteed by the caller.
+            unsafe { (api.broadcast)(ptr, ptr, count, dtype as c_int, root as c_int, comm, std::ptr::null_mut()) }
         })
     }
 
