@@ -317,9 +317,10 @@ impl CoordinatorApi for Service {
     ) -> Result<Response<Self::FetchDatasetStream>, Status> {
         require(&req, Role::Worker)?;
         let req = req.into_inner();
-        if req.dataset != "cifar10" {
+        let served = cvdist_common::choices::Dataset::Cifar10.as_str();
+        if req.dataset != served {
             return Err(Status::invalid_argument(format!(
-                "unknown dataset {}; only \"cifar10\" is served",
+                "unknown dataset {}; only \"{served}\" is served",
                 text::quoted(&req.dataset)
             )));
         }

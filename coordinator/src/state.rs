@@ -258,11 +258,6 @@ fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// The checkpoint name for a position: `ckpt-eEEEE-sSSSSSS` (as the worker writes it).
-pub fn checkpoint_name(epoch: u32, step: u64) -> String {
-    names::checkpoint_name(epoch, step)
-}
-
 impl Coordinator {
     /// Loads every stored job. Jobs that were running when the coordinator stopped go back
     /// to recovery: their workers will reconnect and they resume from the newest checkpoint.

@@ -148,11 +148,8 @@ pub fn steps_taken(json_path: &Path, state: &CheckpointState) -> Option<u64> {
     if spec.model != state.model || spec.batch_size == 0 {
         return None;
     }
-    let full = if spec.dataset == "synthetic" {
-        cvdist_common::spec::SYNTHETIC_TRAIN
-    } else {
-        cvdist_common::spec::CIFAR10_TRAIN
-    };
+    let dataset: cvdist_common::choices::Dataset = spec.dataset.parse().ok()?;
+    let (full, _) = dataset.sizes();
     let len = cvdist_common::spec::train_len(&spec).min(full) as usize;
     let per_rank = cvdist_common::sampler::samples_per_rank(len, state.world_size.max(1) as usize);
     let steps_per_epoch = per_rank.div_ceil(spec.batch_size as usize) as u64;
