@@ -24,12 +24,18 @@ fn parent_of(path: &Path) -> &Path {
 impl AtomicFile {
     /// Creates the temp file next to `dest` (creating the directory if needed).
     pub fn create(dest: &Path) -> io::Result<AtomicFile> {
+        AtomicFile::create_with_suffix(dest, ".tmp")
+    }
+
+    /// As [`AtomicFile::create`], with the temp name ending in `suffix` (the coordinator's
+    /// checkpoint uploads use `.upload`, so an operator can tell them apart).
+    pub fn create_with_suffix(dest: &Path, suffix: &str) -> io::Result<AtomicFile> {
         let dir = parent_of(dest);
         std::fs::create_dir_all(dir)?;
         let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let prefix = format!(".{name}.");
         let mut builder = tempfile::Builder::new();
-        builder.prefix(&prefix).suffix(".tmp");
+        builder.prefix(&prefix).suffix(suffix);
         // tempfile creates 0600 files; ours get what `File::create` gives (0666 less the umask),
         // so run directories and checkpoints stay readable as before.
         #[cfg(unix)]

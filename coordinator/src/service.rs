@@ -3,6 +3,7 @@
 
 use crate::server::Role;
 use crate::state::{Coordinator, CoordinatorError};
+use cvdist_common::atomic_file::AtomicFile;
 use cvdist_common::checkpoint::CheckpointState;
 use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
 use cvdist_common::proto::{
@@ -13,11 +14,12 @@ use cvdist_common::proto::{
 };
 use cvdist_common::{cifar, names, text, version};
 use sha2::{Digest, Sha256};
+use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::Stream;
@@ -419,14 +421,16 @@ impl Service {
         let want_sha = state.sha256.clone();
         let dir = self.state.store().checkpoint_dir(&first.job_id);
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io_status(&dir, e))?;
-        // One temp file per upload: two uploads of one name must not write into each other.
-        let tmp = dir.join(format!(".{}.{:016x}.upload", first.name, rand::random::<u64>()));
-        let mut file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .await
-            .map_err(|e| io_status(&tmp, e))?;
+        // One temp file per upload (`.NAME.safetensors.<random>.upload`): two uploads of one
+        // name must not write into each other. Dropped uncommitted, it is deleted.
+        let final_path = dir.join(format!("{}.safetensors", first.name));
+        let dest = final_path.clone();
+        let mut file = Some(
+            tokio::task::spawn_blocking(move || AtomicFile::create_with_suffix(&dest, ".upload"))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| io_status(&dir, e))?,
+        );
         let mut hasher = Sha256::new();
         let mut total = 0u64;
         let mut chunk = Some(first.clone());
@@ -440,10 +444,17 @@ impl Service {
                     )));
                 }
                 hasher.update(&c.data);
-                file.write_all(&c.data).await.map_err(|e| io_status(&tmp, e))?;
+                let Some(mut f) = file.take() else { return Err(Status::internal("upload file lost")) };
+                let (f, written) = tokio::task::spawn_blocking(move || {
+                    let r = f.write_all(&c.data);
+                    (f, r)
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+                written.map_err(|e| io_status(f.temp_path(), e))?;
+                file = Some(f);
                 chunk = next_chunk(&mut chunks, idle).await?;
             }
-            file.sync_all().await.map_err(|e| io_status(&tmp, e))?;
             let got = hex::encode(hasher.finalize_reset());
             if got != want_sha {
                 return Err(Status::data_loss(format!(
@@ -455,20 +466,21 @@ impl Service {
             // The uploader must still hold rank 0 of this attempt, and by now its report of
             // the epoch's last step has arrived.
             self.state.accepts_checkpoint(&first.job_id, first.attempt, &first.session_key, pos, 1)?;
-            Ok(())
+            let Some(f) = file.take() else { return Err(Status::internal("upload file lost")) };
+            let tmp = f.temp_path().to_path_buf();
+            tokio::task::spawn_blocking(move || f.commit())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| io_status(&tmp, e))
         }
         .await;
+        // On an error the uncommitted temp file is deleted here.
         drop(file);
-        if let Err(e) = result {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
-        }
-        let final_path = dir.join(format!("{}.safetensors", first.name));
-        tokio::fs::rename(&tmp, &final_path).await.map_err(|e| io_status(&final_path, e))?;
+        result?;
         let json_path = dir.join(format!("{}.json", first.name));
         let json_bytes = state.to_json();
         let jp = json_path.clone();
-        let written = tokio::task::spawn_blocking(move || cvdist_common::run_dir::write_atomic(&jp, &json_bytes))
+        let written = tokio::task::spawn_blocking(move || cvdist_common::atomic_file::write(&jp, &json_bytes))
             .await
             .map_err(|e| Status::internal(e.to_string()))
             .and_then(|r| r.map_err(|e| io_status(&json_path, e)));

@@ -145,9 +145,7 @@ impl Store {
                 });
             deleted.push((name, result.err().map(|e| e.to_string())));
         }
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
+        cvdist_common::atomic_file::sync_dir(&dir);
         deleted
     }
 
