@@ -181,11 +181,15 @@ async fn a_recovery_reports_its_cause_replayed_steps_and_downtime() {
     let reached = (record.reached_epoch, record.reached_step);
     assert!(reached >= killed_at, "reached {reached:?}, killed after {killed_at:?}");
     let resumed = cvdist_common::names::parse_checkpoint_name(&r.resumed_from).unwrap();
-    assert!(resumed < reached, "resumed from {} at or past {reached:?}", r.resumed_from);
+    assert!(resumed <= reached, "resumed from {} past {reached:?}", r.resumed_from);
     let implied =
         (u64::from(reached.0) * steps_per_epoch + reached.1) - (u64::from(resumed.0) * steps_per_epoch + resumed.1);
-    assert!(implied > 0);
     assert_eq!(r.steps_replayed, implied, "{r:?}, reached {reached:?}");
+    // The checkpoint it resumed from precedes the kill (the usual case; one stored between
+    // the progress report and the loss would make it 0): the steps in between are trained again.
+    if resumed < killed_at {
+        assert!(r.steps_replayed > 0, "{r:?}");
+    }
     let down = r.downtime_seconds.expect("the new group completed a step");
     // Generous: the 2 s grace, a ring, a checkpoint load and up to a 2 s progress interval.
     assert!(down.is_finite() && down > 0.0 && down < 120.0, "downtime {down}");
