@@ -615,8 +615,9 @@ fn resume_recovery(job: &mut Job, new_world_size: u32, start: (u32, u64)) {
     let start_step = if stored_by == new_world_size { start.1 } else { 0 };
     // In steps of the failed group: its epochs are what it trained.
     let per_epoch = spec::steps_per_epoch(&spec, r.old_world_size);
-    let reached = u64::from(r.reached_epoch) * per_epoch + r.reached_step;
-    let resumed = u64::from(start.0) * per_epoch + start_step;
+    // Saturating: the step of a progress report comes from a peer and is not range-checked.
+    let reached = u64::from(r.reached_epoch).saturating_mul(per_epoch).saturating_add(r.reached_step);
+    let resumed = u64::from(start.0).saturating_mul(per_epoch).saturating_add(start_step);
     r.steps_replayed = reached.saturating_sub(resumed);
     job.awaiting_first_step = true;
 }
