@@ -4,7 +4,7 @@
 mod cluster;
 
 use cluster::{small_spec, watch_until_done, Cluster};
-use cvdist_common::proto::{job_event, JobEvent, JobSpec, JobState};
+use cvdist_common::proto::{job_event, GetJobRequest, JobEvent, JobSpec, JobState};
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -208,5 +208,15 @@ async fn a_recovery_reports_its_cause_replayed_steps_and_downtime() {
     let metrics = c.metrics();
     assert!(metrics.lines().any(|l| l == "cvdist_recoveries_total 1"), "{metrics}");
     let replayed = format!("cvdist_steps_replayed_total {}", r.steps_replayed);
+    assert!(metrics.lines().any(|l| l == replayed), "{replayed:?} not in {metrics}");
+
+    // The record is stored: a restarted coordinator still has the recovery and counts it.
+    c.kill_coordinator();
+    c.start_coordinator();
+    let mut client = c.client().await;
+    let again = client.get_job(GetJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
+    assert_eq!(again.recoveries, info.recoveries);
+    let metrics = c.metrics();
+    assert!(metrics.lines().any(|l| l == "cvdist_recoveries_total 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l == replayed), "{replayed:?} not in {metrics}");
 }
