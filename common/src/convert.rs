@@ -1,5 +1,6 @@
 //! Conversions between the generated protocol types (`crate::proto`) and the domain types
-//! both sides use, in one place: the checkpoint record, and what a job state means. (The
+//! both sides use, in one place: the checkpoint record, a recovery's cost as `summary.json`
+//! shows it, and what a job state means. (The
 //! job-spec fields that stay strings on the wire are read and written by the enums in
 //! `crate::choices`.)
 
@@ -11,6 +12,20 @@ impl proto::JobState {
     /// nothing changes it any more.
     pub fn is_terminal(self) -> bool {
         matches!(self, proto::JobState::Succeeded | proto::JobState::Failed | proto::JobState::Cancelled)
+    }
+}
+
+impl From<&proto::Recovery> for crate::run_dir::Recovery {
+    fn from(r: &proto::Recovery) -> crate::run_dir::Recovery {
+        crate::run_dir::Recovery {
+            attempt: r.attempt,
+            cause: r.cause.clone(),
+            downtime_seconds: r.downtime_seconds,
+            steps_replayed: r.steps_replayed,
+            old_world_size: r.old_world_size,
+            new_world_size: r.new_world_size,
+            resumed_from: r.resumed_from.clone(),
+        }
     }
 }
 

@@ -47,6 +47,33 @@ pub struct Summary {
     pub wall_seconds: f64,
     #[serde(with = "crate::nonfinite")]
     pub mean_epoch_seconds: f64,
+    /// What each recovery of the run cost, oldest first (empty when none happened).
+    pub recoveries: Vec<Recovery>,
+}
+
+/// One entry of [`Summary::recoveries`]: a failed attempt re-formed from the newest stored
+/// checkpoint (from `JobInfo.recoveries`, converted in `crate::convert`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
+pub struct Recovery {
+    /// The attempt that failed (0 for the first).
+    pub attempt: u32,
+    /// Why it failed, as the job log says it (e.g. "worker w1 lost (session closed)").
+    pub cause: String,
+    /// Seconds from the coordinator learning of the failure to the new group's first
+    /// progress report past its start position; `None` (null) when the job ended or failed
+    /// again before that. Rank 0 reports progress at an interval (2 s for `cvdist worker`),
+    /// so this is an upper bound by up to that interval.
+    pub downtime_seconds: Option<f64>,
+    /// Steps of the failed group between the checkpoint the new group resumed from and the
+    /// newest position the failed group reported (a lower bound when reports lag). 0 when
+    /// the failure came right after a stored checkpoint.
+    pub steps_replayed: u64,
+    pub old_world_size: u32,
+    /// 0 when no new group started (the job ended while recovering).
+    pub new_world_size: u32,
+    /// The checkpoint the new group loaded; empty when it started from scratch.
+    pub resumed_from: String,
 }
 
 /// Values of [`Summary::outcome`] (and `JobInfo.outcome`) beyond the state names.

@@ -159,6 +159,17 @@ pub fn train_len(spec: &JobSpec) -> u64 {
     }
 }
 
+/// Optimizer steps per epoch on each rank at `world_size` ranks: the rank's shard
+/// (`sampler::samples_per_rank`, DistributedSampler's padding) in batches, the last one
+/// partial. 0 for a world of 0 or a batch of 0.
+pub fn steps_per_epoch(spec: &JobSpec, world_size: u32) -> u64 {
+    if spec.batch_size == 0 {
+        return 0;
+    }
+    let shard = crate::sampler::samples_per_rank(train_len(spec) as usize, world_size as usize) as u64;
+    shard.div_ceil(spec.batch_size as u64)
+}
+
 /// Number of test samples a job uses.
 pub fn test_len(spec: &JobSpec) -> u64 {
     let full = dataset(spec).sizes().1;

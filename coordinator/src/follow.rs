@@ -66,6 +66,10 @@ pub fn printable_info(info: &JobInfo) -> JobInfo {
     fix(&mut info.latest_checkpoint);
     info.events.iter_mut().for_each(fix);
     info.worker_ids.iter_mut().for_each(fix);
+    for r in info.recoveries.iter_mut() {
+        fix(&mut r.cause);
+        fix(&mut r.resumed_from);
+    }
     if let Some(spec) = info.spec.as_mut() {
         for f in [&mut spec.name, &mut spec.model, &mut spec.dataset, &mut spec.collective] {
             fix(f);

@@ -347,6 +347,12 @@ fn render_stats(s: &crate::state::Stats) -> String {
     let restarts = Counter::<u64>::default();
     restarts.inc_by(s.restarts);
     reg.register("cvdist_restarts", "Job attempts lost to failures", restarts);
+    let recoveries = Counter::<u64>::default();
+    recoveries.inc_by(s.recoveries);
+    reg.register("cvdist_recoveries", "Failed attempts re-formed from the newest checkpoint", recoveries);
+    let replayed = Counter::<u64>::default();
+    replayed.inc_by(s.steps_replayed);
+    reg.register("cvdist_steps_replayed", "Training steps computed again after recoveries", replayed);
     reg.register("cvdist_images_per_second", "Training throughput of running jobs", float(s.images_per_sec));
     reg.register("cvdist_step_seconds", "Latest step time", float(s.step_seconds));
     reg.register("cvdist_allreduce_seconds", "Latest all-reduce time per step", float(s.allreduce_seconds));
@@ -367,6 +373,8 @@ mod tests {
         s.workers = 3;
         s.busy_workers = 2;
         s.restarts = 4;
+        s.recoveries = 3;
+        s.steps_replayed = 17;
         s.images_per_sec = 1234.5;
         s.step_seconds = 0.25;
         s.allreduce_seconds = 0.0;
@@ -382,6 +390,9 @@ mod tests {
             "cvdist_workers_busy 2",
             "# TYPE cvdist_restarts counter",
             "cvdist_restarts_total 4",
+            "# TYPE cvdist_recoveries counter",
+            "cvdist_recoveries_total 3",
+            "cvdist_steps_replayed_total 17",
             "cvdist_images_per_second 1234.5",
             "cvdist_step_seconds 0.25",
             "cvdist_allreduce_seconds 0.0",

@@ -195,6 +195,7 @@ fn summary(info: &JobInfo) -> run_dir::Summary {
     summary.outcome = info.outcome.clone();
     summary.message = info.message.clone();
     summary.restarts = info.restarts;
+    summary.recoveries = info.recoveries.iter().map(run_dir::Recovery::from).collect();
     if info.started_unix > 0.0 {
         summary.wall_seconds = info.finished_unix - info.started_unix;
     }
@@ -249,6 +250,9 @@ pub struct Stats {
     pub workers: u64,
     pub busy_workers: u64,
     pub restarts: u64,
+    /// Recoveries of every job (`JobInfo.recoveries`), and the steps they trained again.
+    pub recoveries: u64,
+    pub steps_replayed: u64,
     pub images_per_sec: f64,
     pub step_seconds: f64,
     pub allreduce_seconds: f64,
@@ -517,13 +521,32 @@ impl Coordinator {
             let mut inner = self.lock();
             let Some(entry) = inner.workers.remove_session(worker, session) else { return };
             warn!(worker, why, "worker session ended");
+            let reason = format!("worker {worker} lost ({why})");
             if let Some((job_id, attempt)) = entry.job {
-                let reason = format!("worker {worker} lost ({why})");
                 self.step_job(&mut inner, &job_id, Event::MemberLost { attempt, reason }, &mut pending);
+            } else {
+                self.lost_after_abort(&mut inner, worker, reason, &mut pending);
             }
         }
         self.run_logged(pending);
         self.wake.notify_one();
+    }
+
+    /// A worker without a job was lost: if it was a member of an attempt that already failed
+    /// (a survivor reported the broken ring first, and every member was aborted), the job's
+    /// recovery learns which worker was lost.
+    fn lost_after_abort(&self, inner: &mut Inner, worker: &str, reason: String, pending: &mut Pending<'_>) {
+        let found = inner.jobs.iter().find_map(|(id, e)| match &e.job.failed_attempt {
+            Some((attempt, members))
+                if e.job.state() == JobState::Recovering && members.iter().any(|m| m == worker) =>
+            {
+                Some((id.clone(), *attempt))
+            }
+            _ => None,
+        });
+        if let Some((job_id, attempt)) = found {
+            self.step_job(inner, &job_id, Event::MemberLost { attempt, reason }, pending);
+        }
     }
 
     /// Feeds an event that cannot be refused to a job, if the job exists.
@@ -641,9 +664,11 @@ impl Coordinator {
                 let Some(w) = inner.workers.drop_worker(&id, Status::deadline_exceeded("heartbeat timeout")) else {
                     continue;
                 };
+                let reason = format!("worker {id} missed heartbeats");
                 if let Some((job, attempt)) = w.job {
-                    let reason = format!("worker {id} missed heartbeats");
                     self.step_job(inner, &job, Event::MemberLost { attempt, reason }, &mut pending);
+                } else {
+                    self.lost_after_abort(inner, &id, reason, &mut pending);
                 }
             }
             schedule(inner, &mut pending);
@@ -657,6 +682,8 @@ impl Coordinator {
         for j in inner.jobs.values().filter(|j| j.stored).map(|j| &j.job) {
             *s.jobs_by_state.entry(state_name(j.state())).or_default() += 1;
             s.restarts += j.info.restarts as u64;
+            s.recoveries += j.info.recoveries.len() as u64;
+            s.steps_replayed += j.info.recoveries.iter().map(|r| r.steps_replayed).sum::<u64>();
             if j.state() == JobState::Running {
                 if let Some(p) = &j.info.progress {
                     s.images_per_sec += p.images_per_sec;

@@ -4,7 +4,7 @@
 mod cluster;
 
 use cluster::{small_spec, watch_until_done, Cluster};
-use cvdist_common::proto::{job_event, JobEvent, JobSpec, JobState};
+use cvdist_common::proto::{job_event, GetJobRequest, JobEvent, JobSpec, JobState};
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -138,4 +138,85 @@ async fn coordinator_restart_resumes_the_job_bit_identically() {
         assert!(text.contains(&format!("epoch {e:>3}/{EPOCHS}")), "{text}");
     }
     assert_eq!(final_weights_sha(&c, &job), reference, "resumed run differs from the uninterrupted one");
+}
+
+/// Issue 14 item 6: a SIGKILLed worker's recovery is one entry in `summary.json`, one line in
+/// the job log and two Prometheus counters, with the steps the positions imply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_reports_its_cause_replayed_steps_and_downtime() {
+    let mut c = Cluster::new(256, 100);
+    c.start_worker(0, true);
+    c.start_worker(1, true);
+    // 768 samples on 2 ranks in batches of 32: 12 steps per epoch; a checkpoint every 5
+    // steps, so a kill at a step that is no multiple of 5 comes after a checkpoint.
+    let mut s = spec((2, 2));
+    s.checkpoint_every_steps = 5;
+    let steps_per_epoch = cvdist_common::spec::steps_per_epoch(&s, 2);
+    assert_eq!(steps_per_epoch, 12);
+    let job = c.submit(s).await;
+    let url = c.url();
+    let mut killed_at = None;
+    let (info, _) = watch_until_done(&url, &job, TIMEOUT, |ev| {
+        if let Some(job_event::Event::Progress(p)) = &ev.event {
+            if killed_at.is_none() && p.epoch >= 1 && p.step % 5 != 0 {
+                c.kill_worker(1);
+                c.start_worker(2, true);
+                killed_at = Some((p.epoch, p.step));
+            }
+        }
+        false
+    })
+    .await;
+    let killed_at = killed_at.expect("the job ended before the kill");
+    assert_eq!(info.state(), JobState::Succeeded, "{}\n{}", info.message, c.logs());
+
+    let summary = cvdist_common::run_dir::read_summary(&c.state_dir().join("jobs").join(&job)).unwrap();
+    assert_eq!(summary.recoveries.len(), 1, "{:?}\n{:?}", summary.recoveries, info.events);
+    let r = &summary.recoveries[0];
+    assert!(r.cause.contains("worker w1 lost"), "{r:?}");
+    assert_eq!((r.attempt, r.old_world_size, r.new_world_size), (0, 2, 2), "{r:?}");
+    // The positions: what the failed group reached (at least the progress the kill followed)
+    // and the checkpoint the new group resumed from.
+    let record = &info.recoveries[0];
+    let reached = (record.reached_epoch, record.reached_step);
+    assert!(reached >= killed_at, "reached {reached:?}, killed after {killed_at:?}");
+    let resumed = cvdist_common::names::parse_checkpoint_name(&r.resumed_from).unwrap();
+    assert!(resumed <= reached, "resumed from {} past {reached:?}", r.resumed_from);
+    let implied =
+        (u64::from(reached.0) * steps_per_epoch + reached.1) - (u64::from(resumed.0) * steps_per_epoch + resumed.1);
+    assert_eq!(r.steps_replayed, implied, "{r:?}, reached {reached:?}");
+    // The checkpoint it resumed from precedes the kill (the usual case; one stored between
+    // the progress report and the loss would make it 0): the steps in between are trained again.
+    if resumed < killed_at {
+        assert!(r.steps_replayed > 0, "{r:?}");
+    }
+    let down = r.downtime_seconds.expect("the new group completed a step");
+    // Generous: the 2 s grace, a ring, a checkpoint load and up to a 2 s progress interval.
+    assert!(down.is_finite() && down > 0.0 && down < 120.0, "downtime {down}");
+    eprintln!(
+        "recovery measured: cause {:?}; killed after {killed_at:?}, reached {reached:?}, resumed from {}, {} steps replayed, down {down:.2} s",
+        r.cause, r.resumed_from, r.steps_replayed
+    );
+
+    let line = format!(
+        "recovery 1: {}; 2 -> 2 workers; resumed from {}; {} steps replayed; down for {down:.1} s",
+        r.cause, r.resumed_from, r.steps_replayed
+    );
+    assert_eq!(info.events.iter().filter(|e| e.contains("recovery 1:")).count(), 1, "{:?}", info.events);
+    assert!(info.events.iter().any(|e| e.ends_with(&line)), "{line:?} not in {:?}", info.events);
+
+    let metrics = c.metrics();
+    assert!(metrics.lines().any(|l| l == "cvdist_recoveries_total 1"), "{metrics}");
+    let replayed = format!("cvdist_steps_replayed_total {}", r.steps_replayed);
+    assert!(metrics.lines().any(|l| l == replayed), "{replayed:?} not in {metrics}");
+
+    // The record is stored: a restarted coordinator still has the recovery and counts it.
+    c.kill_coordinator();
+    c.start_coordinator();
+    let mut client = c.client().await;
+    let again = client.get_job(GetJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
+    assert_eq!(again.recoveries, info.recoveries);
+    let metrics = c.metrics();
+    assert!(metrics.lines().any(|l| l == "cvdist_recoveries_total 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == replayed), "{replayed:?} not in {metrics}");
 }

@@ -32,7 +32,9 @@
 use super::error::CoordinatorError;
 use super::record;
 use cvdist_common::proto::job_report::Kind;
-use cvdist_common::proto::{job_event, Abort, Assignment, FailureKind, JobInfo, JobReport, JobSpec, JobState, Peer};
+use cvdist_common::proto::{
+    job_event, Abort, Assignment, FailureKind, JobInfo, JobReport, JobSpec, JobState, Peer, Recovery,
+};
 use cvdist_common::run_dir::outcome;
 use cvdist_common::{names, spec, text};
 use std::collections::BTreeSet;
@@ -42,6 +44,9 @@ use tracing::info;
 /// After a failed attempt, wait this long before re-forming the group, so that the
 /// session of a worker that died (and caused the failure) is noticed first.
 pub const RECOVERY_GRACE: Duration = Duration::from_secs(2);
+/// Recoveries kept per job record (the oldest go first): `max_restarts` is not bounded, and
+/// every entry carries a cause of up to `text::MAX_REPORT_TEXT` bytes.
+pub const MAX_RECOVERIES_KEPT: usize = 256;
 /// Appended to the reason of a failure that a restart would only repeat.
 pub const NOT_RESTARTED: &str = "not restarted: the same failure would repeat";
 
@@ -84,6 +89,17 @@ pub struct Job {
     /// a checkpoint must lie between them (see [`check_upload_position`]).
     pub attempt_start: (u32, u64),
     pub attempt_reached: u32,
+    /// The newest position (epoch, steps done in it) the current attempt reported: a progress
+    /// report's, or the start of the epoch after an epoch report. What a recovery replays
+    /// is measured up to here.
+    pub attempt_position: (u32, u64),
+    /// The world size of the group that stored `info.latest_checkpoint`, when this
+    /// coordinator saw it stored (0: unknown). A group of another size restarts that
+    /// checkpoint's epoch from its first step (the worker's resume rule).
+    pub checkpoint_world_size: u32,
+    /// The current attempt is a recovery (the last of `info.recoveries`) whose downtime
+    /// ends at the attempt's first reported step past its start.
+    pub awaiting_first_step: bool,
 }
 
 /// An idle worker the scheduler may place in a group: its id and data-plane address.
@@ -179,6 +195,9 @@ impl Job {
             final_checkpoint_error: String::new(),
             attempt_start: (0, 0),
             attempt_reached: 0,
+            attempt_position: (0, 0),
+            checkpoint_world_size: 0,
+            awaiting_first_step: false,
         }
     }
 
@@ -242,6 +261,7 @@ pub fn step(job: &mut Job, event: Event<'_>, now: Now) -> Result<Transition, Coo
         Event::CheckpointStored { attempt, name } => {
             check_upload_attempt(job, attempt)?;
             job.info.latest_checkpoint = name;
+            job.checkpoint_world_size = job.info.world_size;
             t.effects.push(Effect::Persist);
         }
         Event::CheckpointRefused { attempt, name, reason } => {
@@ -328,6 +348,8 @@ fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now
     job.final_checkpoint_error.clear();
     job.attempt_start = (start_epoch, start_step);
     job.attempt_reached = start_epoch;
+    job.attempt_position = (start_epoch, start_step);
+    resume_recovery(job, ids.len() as u32, (start_epoch, start_step));
     job.info.set_state(JobState::Running);
     job.info.world_size = ids.len() as u32;
     job.info.worker_ids = ids.clone();
@@ -350,6 +372,7 @@ fn cancel(job: &mut Job, now: Now, t: &mut Transition) -> Result<(), Coordinator
         return Err(CoordinatorError::AlreadyEnded { id: job.info.id.clone(), state: state_name(job.state()) });
     }
     release_members(job, "cancelled by user", t);
+    end_recovery(job, now, t);
     job.info.set_state(JobState::Cancelled);
     job.info.finished_unix = now.unix;
     job.info.message = "cancelled by user".into();
@@ -363,9 +386,16 @@ fn cancel(job: &mut Job, now: Now, t: &mut Transition) -> Result<(), Coordinator
 /// re-forms the group later, or RUNNING → FAILED once the restart budget is spent. Ignored
 /// for any other attempt or state.
 fn fail_attempt(job: &mut Job, attempt: u32, reason: String, now: Now, t: &mut Transition) {
+    if job.state() == JobState::Recovering && job.failed_attempt.as_ref().is_some_and(|(a, _)| *a == attempt) {
+        note_lost_member(job, &reason);
+        return;
+    }
     if job.info.attempt != attempt || job.state() != JobState::Running {
         return;
     }
+    // A recovery whose new group failed before completing a step ends unmeasured.
+    end_recovery(job, now, t);
+    let old_world_size = job.members.len() as u32;
     job.failed_attempt = Some((attempt, job.members.clone()));
     release_members(job, &reason, t);
     let spec = job.spec();
@@ -376,6 +406,7 @@ fn fail_attempt(job: &mut Job, attempt: u32, reason: String, now: Now, t: &mut T
         fail_job(job, msg, outcome::FAILED, now, t);
         return;
     }
+    begin_recovery(job, attempt, &reason, old_world_size, now);
     job.info.set_state(JobState::Recovering);
     job.info.message = text::bound(&reason, text::MAX_REPORT_TEXT);
     job.waiting_since = now.instant;
@@ -396,6 +427,7 @@ fn fail_attempt(job: &mut Job, attempt: u32, reason: String, now: Now, t: &mut T
 
 /// → FAILED; `why` is its one-word outcome (`run_dir::outcome`).
 fn fail_job(job: &mut Job, reason: String, why: &str, now: Now, t: &mut Transition) {
+    end_recovery(job, now, t);
     job.info.set_state(JobState::Failed);
     job.info.message = text::bound(&reason, text::MAX_REPORT_TEXT);
     job.info.outcome = why.to_string();
@@ -444,6 +476,9 @@ fn on_report(
             // RECOVERING → FAILED: the restart being prepared does not happen.
             job.info.restarts = job.info.restarts.saturating_sub(1);
             job.info.attempt = report.attempt;
+            if job.info.recoveries.last().is_some_and(|r| r.attempt == report.attempt && r.new_world_size == 0) {
+                job.info.recoveries.pop();
+            }
             let reason = format!("rank {} on {worker} failed: {text}; {NOT_RESTARTED}", report.rank);
             fail_job(job, reason, outcome::of_failure(failure_kind), now, t);
             t.effects.push(Effect::Wake);
@@ -470,11 +505,15 @@ fn on_report(
     match report.kind {
         Some(Kind::Progress(p)) => {
             job.attempt_reached = job.attempt_reached.max(p.epoch);
+            job.attempt_position = job.attempt_position.max((p.epoch, p.step));
             job.info.progress = Some(p);
             t.effects.push(Effect::Publish(job_event::Event::Progress(p)));
+            first_step_check(job, now, t);
         }
         Some(Kind::Epoch(mut m)) => {
             job.attempt_reached = job.attempt_reached.max(m.epoch + 1);
+            job.attempt_position = job.attempt_position.max((m.epoch + 1, 0));
+            first_step_check(job, now, t);
             m.attempt = job.info.attempt;
             // After a restart an epoch may be trained again; the newer record replaces it.
             job.info.history.retain(|h| h.epoch < m.epoch);
@@ -495,6 +534,7 @@ fn on_report(
                     fail_job(job, why, outcome::FINAL_CHECKPOINT_MISSING, now, t);
                 } else {
                     // RUNNING → SUCCEEDED.
+                    end_recovery(job, now, t);
                     job.info.set_state(JobState::Succeeded);
                     job.info.finished_unix = now.unix;
                     // From the recorded history: a group that resumed from the final
@@ -527,6 +567,99 @@ fn on_report(
         None => return Err(CoordinatorError::EmptyReport),
     }
     Ok(())
+}
+
+/// A recovery starts: the attempt `attempt` of `old_world_size` members failed for `cause`.
+/// Records where it had got to (its newest reported position, or the newest stored
+/// checkpoint if that is further).
+fn begin_recovery(job: &mut Job, attempt: u32, cause: &str, old_world_size: u32, now: Now) {
+    let stored = checkpoint_position(&job.info.latest_checkpoint).unwrap_or((0, 0));
+    let (reached_epoch, reached_step) = job.attempt_position.max(stored);
+    job.info.recoveries.push(Recovery {
+        attempt,
+        cause: text::bound(cause, text::MAX_REPORT_TEXT),
+        lost_unix: now.unix,
+        old_world_size,
+        reached_epoch,
+        reached_step,
+        ..Default::default()
+    });
+    let len = job.info.recoveries.len();
+    if len > MAX_RECOVERIES_KEPT {
+        job.info.recoveries.drain(..len - MAX_RECOVERIES_KEPT);
+    }
+}
+
+/// A member of the failed attempt was lost while the group waits to be re-formed: a survivor's
+/// report of the broken ring often arrives before the dead worker's session is noticed, so
+/// the recovery's cause names the lost worker too.
+fn note_lost_member(job: &mut Job, reason: &str) {
+    if let Some(r) = job.info.recoveries.last_mut() {
+        if r.new_world_size == 0 && !r.cause.contains(reason) {
+            r.cause = text::bound(&format!("{}; {reason}", r.cause), text::MAX_REPORT_TEXT);
+        }
+    }
+}
+
+/// The new group of a pending recovery starts with `new_world_size` members from `start`:
+/// counts the steps of the failed group it will train again.
+fn resume_recovery(job: &mut Job, new_world_size: u32, start: (u32, u64)) {
+    let spec = job.spec();
+    let checkpoint_world_size = job.checkpoint_world_size;
+    let Some(r) = job.info.recoveries.last_mut().filter(|r| r.new_world_size == 0) else { return };
+    r.new_world_size = new_world_size;
+    r.resumed_from = job.info.latest_checkpoint.clone();
+    // The worker resumes mid-epoch only at the checkpoint's own world size (unknown: assume
+    // the failed group stored it); otherwise it restarts that epoch.
+    let stored_by = if checkpoint_world_size == 0 { r.old_world_size } else { checkpoint_world_size };
+    let start_step = if stored_by == new_world_size { start.1 } else { 0 };
+    // In steps of the failed group: its epochs are what it trained.
+    let per_epoch = spec::steps_per_epoch(&spec, r.old_world_size);
+    // Saturating: the step of a progress report comes from a peer and is not range-checked.
+    let reached = u64::from(r.reached_epoch).saturating_mul(per_epoch).saturating_add(r.reached_step);
+    let resumed = u64::from(start.0).saturating_mul(per_epoch).saturating_add(start_step);
+    r.steps_replayed = reached.saturating_sub(resumed);
+    job.awaiting_first_step = true;
+}
+
+/// Ends a pending recovery's downtime at the current attempt's first step past its start.
+fn first_step_check(job: &mut Job, now: Now, t: &mut Transition) {
+    if job.awaiting_first_step && job.attempt_position > job.attempt_start {
+        let lost = job.info.recoveries.last().map(|r| r.lost_unix).unwrap_or(now.unix);
+        close_recovery(job, Some((now.unix - lost).max(0.0)), now, t);
+        t.effects.push(Effect::Persist);
+    }
+}
+
+/// The job ends or its new group failed again: a recovery still waiting for its first step
+/// (or for its group) ends with no downtime measured.
+fn end_recovery(job: &mut Job, now: Now, t: &mut Transition) {
+    let waiting_for_group = job.info.recoveries.last().is_some_and(|r| r.new_world_size == 0);
+    if job.awaiting_first_step || waiting_for_group {
+        close_recovery(job, None, now, t);
+    }
+}
+
+/// Writes the last recovery's one line in the job log.
+fn close_recovery(job: &mut Job, downtime: Option<f64>, now: Now, t: &mut Transition) {
+    job.awaiting_first_step = false;
+    let n = job.info.recoveries.len();
+    let Some(r) = job.info.recoveries.last_mut() else { return };
+    r.downtime_seconds = downtime;
+    let line = if r.new_world_size == 0 {
+        format!("recovery {n}: {}; {} workers; not resumed", r.cause, r.old_world_size)
+    } else {
+        let from = if r.resumed_from.is_empty() { "the start" } else { r.resumed_from.as_str() };
+        let down = match downtime {
+            Some(s) => format!("down for {s:.1} s"),
+            None => "no step completed".to_string(),
+        };
+        format!(
+            "recovery {n}: {}; {} -> {} workers; resumed from {from}; {} steps replayed; {down}",
+            r.cause, r.old_world_size, r.new_world_size, r.steps_replayed
+        )
+    };
+    job.log(line, now, t);
 }
 
 /// The name of the job's final checkpoint (the one after its last epoch).
@@ -841,7 +974,10 @@ mod tests {
         assert_eq!(job.state(), JobState::Failed);
         assert_eq!(job.info.outcome, outcome::FAILED);
         assert_eq!(job.info.message, "worker w1 lost (session closed); restart budget of 1 exhausted");
-        assert_eq!(kinds(&t), ["abort", "abort", "log", "finish"]);
+        // First the line of the recovery whose group never completed a step.
+        assert_eq!(kinds(&t), ["log", "abort", "abort", "log", "finish"]);
+        assert_eq!(job.info.recoveries.len(), 1, "the failure that spent the budget is no recovery");
+        assert_eq!(job.info.recoveries[0].downtime_seconds, None);
     }
 
     #[test]
@@ -896,7 +1032,15 @@ mod tests {
         let t = schedule(&mut job, &idle(1), later(now(), Duration::from_secs(10)));
         assert_eq!(job.state(), JobState::Failed);
         assert_eq!(job.info.message, "rendezvous timed out after 5s: 1 of at least 2 workers available");
-        assert_eq!(kinds(&t), ["log", "finish"]);
+        assert_eq!(kinds(&t), ["log", "log", "finish"], "the recovery's line, then the failure's");
+        assert!(
+            job.info
+                .events
+                .iter()
+                .any(|e| e.ends_with("recovery 1: worker w1 lost (session closed); 2 workers; not resumed")),
+            "{:?}",
+            job.info.events
+        );
     }
 
     #[test]
@@ -944,7 +1088,7 @@ mod tests {
         lose_member(&mut job);
         let t = step(&mut job, Event::Cancel, now()).unwrap();
         assert_eq!(job.state(), JobState::Cancelled);
-        assert_eq!(kinds(&t), ["log", "finish"], "no members left to abort");
+        assert_eq!(kinds(&t), ["log", "log", "finish"], "the recovery's line; no members left to abort");
     }
 
     #[test]
@@ -1086,5 +1230,128 @@ mod tests {
         let t = step(&mut job, Event::MemberLost { attempt: 5, reason: "old".into() }, now()).unwrap();
         assert!(t.effects.is_empty());
         assert_eq!(job.state(), JobState::Running);
+    }
+
+    /// A job of 2 epochs on 2 workers, `steps` steps per epoch on 2 ranks (256 samples,
+    /// batch 32: 128 per rank, 4 steps).
+    fn small_running() -> Job {
+        let mut job = queued(JobSpec { train_samples: 256, batch_size: 32, ..spec(2, 2) });
+        schedule(&mut job, &idle(2), now());
+        assert_eq!(spec::steps_per_epoch(&job.spec(), 2), 4);
+        job
+    }
+
+    fn progress(epoch: u32, step: u64) -> Kind {
+        Kind::Progress(Progress { epoch, step, steps_per_epoch: 4, ..Default::default() })
+    }
+
+    #[test]
+    fn a_recovery_records_its_cause_sizes_replayed_steps_and_downtime() {
+        let t0 = now();
+        let mut job = small_running();
+        step(&mut job, Event::CheckpointStored { attempt: 0, name: names::checkpoint_name(0, 2) }, t0).unwrap();
+        report(&mut job, "w0", 0, progress(1, 1), false);
+        report(&mut job, "w0", 0, progress(0, 3), false);
+        // Lost at epoch 1, step 1; the newest checkpoint is epoch 0, step 2.
+        let lost = later(t0, Duration::from_secs(10));
+        step(&mut job, Event::MemberLost { attempt: 0, reason: "worker w1 lost (eof)".into() }, lost).unwrap();
+        let r = job.info.recoveries.last().cloned().unwrap();
+        assert_eq!(
+            (r.attempt, r.cause.as_str(), r.old_world_size, r.new_world_size),
+            (0, "worker w1 lost (eof)", 2, 0)
+        );
+        assert_eq!((r.reached_epoch, r.reached_step, r.lost_unix), (1, 1, lost.unix));
+
+        let restart = later(lost, RECOVERY_GRACE * 2);
+        let others = [
+            IdleWorker { id: "w0".into(), data_addr: "a".into() },
+            IdleWorker { id: "w2".into(), data_addr: "b".into() },
+        ];
+        step(&mut job, Event::Schedule { idle: &others, secret: "s".into() }, restart).unwrap();
+        assert_eq!(job.state(), JobState::Running);
+        let r = job.info.recoveries.last().cloned().unwrap();
+        // (1·4 + 1) − (0·4 + 2) = 3 steps of the failed group are trained again.
+        assert_eq!((r.new_world_size, r.resumed_from.as_str(), r.steps_replayed), (2, "ckpt-e0000-s000002", 3));
+        assert_eq!(r.downtime_seconds, None, "no step of the new group yet");
+
+        // A report at the start position is no step of the new group; the next one is.
+        let t = report(&mut job, "w0", 0, progress(0, 2), false);
+        assert_eq!(kinds(&t), ["publish"]);
+        let first = later(restart, Duration::from_secs(5));
+        let r = JobReport { job_id: ID.into(), attempt: 1, rank: 0, kind: Some(progress(0, 3)), failure_kind: 0 };
+        let t =
+            step(&mut job, Event::Report { worker: "w0", report: r, final_checkpoint_on_disk: false }, first).unwrap();
+        assert_eq!(kinds(&t), ["publish", "log", "persist"]);
+        let r = job.info.recoveries.last().cloned().unwrap();
+        let down = r.downtime_seconds.expect("measured at the first step");
+        assert!((down - (first.unix - lost.unix)).abs() < 1e-9, "{down}");
+        assert!(
+            job.info.events.last().unwrap().ends_with(
+                "recovery 1: worker w1 lost (eof); 2 -> 2 workers; resumed from ckpt-e0000-s000002; 3 steps replayed; down for 9.0 s"
+            ),
+            "{:?}",
+            job.info.events
+        );
+        // Later progress changes nothing more; the summary carries the entry.
+        let t = report(&mut job, "w0", 0, progress(1, 1), false);
+        assert_eq!(kinds(&t), ["publish"]);
+        assert_eq!(job.info.recoveries.len(), 1);
+        let summary = cvdist_common::run_dir::Recovery::from(&job.info.recoveries[0]);
+        assert_eq!((summary.steps_replayed, summary.old_world_size, summary.new_world_size), (3, 2, 2));
+    }
+
+    #[test]
+    fn replayed_steps_count_from_the_epoch_start_when_the_world_size_changes() {
+        let mut job = queued(JobSpec { train_samples: 256, batch_size: 32, ..spec(1, 2) });
+        schedule(&mut job, &idle(2), now());
+        step(&mut job, Event::CheckpointStored { attempt: 0, name: names::checkpoint_name(1, 2) }, now()).unwrap();
+        report(&mut job, "w0", 0, progress(1, 3), false);
+        lose_member(&mut job);
+        schedule(&mut job, &idle(1), later(now(), RECOVERY_GRACE * 2));
+        let r = &job.info.recoveries[0];
+        // One worker restarts epoch 1 from its first step: 3 steps of the 2-worker group again.
+        assert_eq!((r.old_world_size, r.new_world_size, r.steps_replayed), (2, 1, 3));
+    }
+
+    #[test]
+    fn an_epoch_report_or_a_stored_checkpoint_past_the_reports_is_the_reached_position() {
+        let mut job = small_running();
+        report(&mut job, "w0", 0, Kind::Epoch(EpochMetrics { epoch: 0, ..Default::default() }), false);
+        step(&mut job, Event::CheckpointStored { attempt: 0, name: names::checkpoint_name(1, 2) }, now()).unwrap();
+        lose_member(&mut job);
+        let r = &job.info.recoveries[0];
+        assert_eq!((r.reached_epoch, r.reached_step), (1, 2));
+        schedule(&mut job, &idle(2), later(now(), RECOVERY_GRACE * 2));
+        assert_eq!(job.info.recoveries[0].steps_replayed, 0, "lost right after a stored checkpoint");
+        // The epoch report of the new group ends the downtime too.
+        report(&mut job, "w0", 0, Kind::Epoch(EpochMetrics { epoch: 1, ..Default::default() }), false);
+        assert!(job.info.recoveries[0].downtime_seconds.is_some());
+    }
+
+    #[test]
+    fn the_lost_worker_joins_the_cause_when_a_survivor_reported_first() {
+        let mut job = running();
+        report_kind(&mut job, "w0", 0, Kind::Failed("ring broke".into()), FailureKind::Retryable, false).unwrap();
+        let t = step(&mut job, Event::MemberLost { attempt: 0, reason: "worker w1 lost (eof)".into() }, now()).unwrap();
+        assert!(t.effects.is_empty());
+        assert_eq!(job.state(), JobState::Recovering);
+        assert_eq!(job.info.recoveries[0].cause, "rank 0 on w0 failed: ring broke; worker w1 lost (eof)");
+        assert_eq!(job.info.restarts, 1, "the same failure, not a second one");
+    }
+
+    #[test]
+    fn a_late_permanent_failure_takes_back_the_recovery_being_prepared() {
+        let mut job = running();
+        lose_member(&mut job);
+        let late = JobReport {
+            job_id: ID.into(),
+            attempt: 0,
+            rank: 0,
+            kind: Some(Kind::Failed("loss is NaN".into())),
+            failure_kind: FailureKind::Diverged as i32,
+        };
+        step(&mut job, Event::Report { worker: "w0", report: late, final_checkpoint_on_disk: false }, now()).unwrap();
+        assert_eq!(job.state(), JobState::Failed);
+        assert!(job.info.recoveries.is_empty());
     }
 }

@@ -24,6 +24,13 @@ pub fn bound_record(info: &mut JobInfo) {
     trim_events(info);
     let epochs = info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
     info.history.retain(|h| h.epoch < epochs);
+    let kept = super::machine::MAX_RECOVERIES_KEPT;
+    if info.recoveries.len() > kept {
+        info.recoveries.drain(..info.recoveries.len() - kept);
+    }
+    for r in info.recoveries.iter_mut() {
+        r.cause = text::bound(&r.cause, text::MAX_REPORT_TEXT);
+    }
 }
 
 /// Cuts a job record to what a listing shows (`ListJobs`): the newest epoch's metrics and no
