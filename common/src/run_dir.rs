@@ -137,23 +137,16 @@ pub enum RunDirError {
     Parse { path: PathBuf, line: usize, source: serde_json::Error },
 }
 
-/// Writes `bytes` to `path` atomically: temp file in the same directory, fsync, rename,
-/// so a crash leaves either the old or the new file, never a torn one
-/// ([`crate::atomic_file::write`]).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    crate::atomic_file::write(path, bytes)
-}
-
 pub fn write_job(dir: &Path, spec: &JobSpec) -> Result<(), RunDirError> {
     let path = dir.join(JOB_FILE);
     let text = serde_json::to_vec_pretty(spec).expect("JobSpec serialises");
-    write_atomic(&path, &text).map_err(|source| RunDirError::Write { path, source })
+    crate::atomic_file::write(&path, &text).map_err(|source| RunDirError::Write { path, source })
 }
 
 pub fn write_summary(dir: &Path, summary: &Summary) -> Result<(), RunDirError> {
     let path = dir.join(SUMMARY_FILE);
     let text = serde_json::to_vec_pretty(summary).expect("Summary serialises");
-    write_atomic(&path, &text).map_err(|source| RunDirError::Write { path, source })
+    crate::atomic_file::write(&path, &text).map_err(|source| RunDirError::Write { path, source })
 }
 
 /// Rewrites metrics.jsonl from the full history (atomic, so a reader never sees half a line),
@@ -167,7 +160,7 @@ pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<(), RunDirE
         serde_json::to_writer(&mut text, m).expect("EpochMetrics serialises");
         text.push(b'\n');
     }
-    write_atomic(&path, &text).map_err(|source| RunDirError::Write { path, source })?;
+    crate::atomic_file::write(&path, &text).map_err(|source| RunDirError::Write { path, source })?;
     crate::tensorboard::write_run_events(dir, history)
         .map_err(|source| RunDirError::Write { path: dir.join(EVENTS_FILE), source })
 }

@@ -131,7 +131,7 @@ fn old_save(
     state.sha256 = hex::encode(sha2::Sha256::digest(&bytes));
     state.bytes = bytes.len() as u64;
     let text = serde_json::to_vec_pretty(&state).expect("json");
-    cvdist_common::run_dir::write_atomic(&dir.join(format!("{name}.json")), &text).expect("record");
+    cvdist_common::atomic_file::write(&dir.join(format!("{name}.json")), &text).expect("record");
 }
 
 fn tempfile_dir() -> std::path::PathBuf {

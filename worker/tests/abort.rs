@@ -114,7 +114,8 @@ impl cvdist_worker::train::Observer for StopDuringEval {
 
 #[test]
 fn a_stop_during_the_test_pass_ends_training_without_finishing_the_epoch() {
-    use cvdist_worker::train::{self, Datasets, TrainError, TrainerConfig};
+    use cvdist_worker::data::Datasets;
+    use cvdist_worker::train::{self, TrainError, TrainerConfig};
     let dir = tempfile::tempdir().unwrap();
     let mut spec = cvdist_common::spec::default_spec("resnet20", 2);
     spec.dataset = "synthetic".into();

@@ -15,9 +15,9 @@ mod tolerance;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cvdist_common::tensorboard;
 use cvdist_worker::eval::{self, EvalReport};
 use cvdist_worker::interop;
-use cvdist_worker::train::tensorboard;
 use tch::{Device, Kind, Tensor};
 
 /// Largest allowed `max|Δ| / max(max|logit|, 1)` between cvdist's and PyTorch's logits on

@@ -6,10 +6,11 @@
 use cvdist_common::cifar;
 use cvdist_common::proto::EpochMetrics;
 use cvdist_worker::collective::{ring::Ring, Collective, Solo};
+use cvdist_worker::data::Datasets;
 use cvdist_worker::train::precision::Precision;
 use cvdist_worker::train::scaler::{GradScaler, ScalerState, BACKOFF_FACTOR, INIT_SCALE};
 use cvdist_worker::train::sync::GradSync;
-use cvdist_worker::train::{self, Datasets, Engine, Observer, TrainError, TrainerConfig};
+use cvdist_worker::train::{self, Engine, Observer, TrainError, TrainerConfig};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -4,9 +4,10 @@
 use super::transfer;
 use crate::collective::backend::{self, BackendError, Chosen};
 use crate::collective::{ring::Ring, AbortHandle, Collective, Solo};
+use crate::data::Datasets;
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::ckpt_writer::CheckpointStore;
-use crate::train::{self, Datasets, Observer, TrainerConfig};
+use crate::train::{self, Observer, TrainerConfig};
 use cvdist_common::choices::Dataset;
 use cvdist_common::client::Client;
 use cvdist_common::proto::{

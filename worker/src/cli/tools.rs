@@ -4,7 +4,6 @@
 use super::{EvalArgs, ExportArgs, ImportArgs};
 use anyhow::Context;
 use cvdist_common::choices::DeviceRequest;
-use cvdist_common::run_dir;
 use tch::Device;
 
 use crate::{device, eval, interop, models};
@@ -60,7 +59,7 @@ pub(super) fn eval(a: EvalArgs) -> anyhow::Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        run_dir::write_atomic(path, &text).with_context(|| format!("writing {}", path.display()))?;
+        cvdist_common::atomic_file::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 use crate::collective::Solo;
 use crate::data::Datasets;
 use crate::train::checkpoint::{self, CheckpointState};
-use crate::train::{self, tensorboard, Observer, TrainerConfig};
+use crate::train::{self, Observer, TrainerConfig};
+use cvdist_common::tensorboard;
 
 /// Progress bar and run-directory writer for the bare trainer.
 struct LocalObserver {

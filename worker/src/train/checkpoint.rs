@@ -189,7 +189,7 @@ pub fn write_snapshot(
     state.sha256 = sha;
     state.bytes = bytes;
     let json_path = dir.join(format!("{name}.json"));
-    cvdist_common::run_dir::write_atomic(&json_path, &state.to_json())
+    cvdist_common::atomic_file::write(&json_path, &state.to_json())
         .map_err(|source| CheckpointError::Write { path: json_path.clone(), source })?;
     Ok((json_path, state))
 }

@@ -8,7 +8,6 @@ pub mod scaler;
 pub mod schedule;
 pub mod sgd;
 pub mod sync;
-pub mod tensorboard;
 pub mod trainer;
 
-pub use trainer::{train, Datasets, Engine, NoObserver, Observer, TrainError, TrainOutcome, TrainerConfig};
+pub use trainer::{train, Engine, NoObserver, Observer, TrainError, TrainOutcome, TrainerConfig};

@@ -43,8 +43,7 @@ pub struct TrainerConfig {
     pub freeze_bn: bool,
 }
 
-// Kept here under its old path for callers of `train::Datasets`.
-pub use crate::data::Datasets;
+use crate::data::Datasets;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
