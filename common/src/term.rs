@@ -39,3 +39,20 @@ mod tests {
         assert!(color_allowed(Some(OsStr::new("")), true));
     }
 }
+
+/// One finished epoch as both binaries print it (`cvdist train` on its progress bar,
+/// `cvdist local`/`--follow` with the world size after it): 1-based epoch of `epochs`,
+/// train and test loss and accuracy (percent), learning rate, seconds, images per second.
+pub fn epoch_line(m: &crate::proto::EpochMetrics, epochs: u32) -> String {
+    format!(
+        "epoch {:>3}/{epochs}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s  {:.0} img/s",
+        m.epoch + 1,
+        m.train_loss,
+        m.train_acc * 100.0,
+        m.test_loss,
+        m.test_acc * 100.0,
+        m.lr,
+        m.seconds,
+        m.images_per_sec,
+    )
+}

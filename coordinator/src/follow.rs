@@ -36,19 +36,8 @@ pub fn state_label(s: JobState) -> &'static str {
 }
 
 pub fn epoch_line(m: &EpochMetrics, epochs: u32) -> String {
-    format!(
-        "epoch {:>3}/{epochs}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s  {:.0} img/s  x{} workers{}",
-        m.epoch + 1,
-        m.train_loss,
-        m.train_acc * 100.0,
-        m.test_loss,
-        m.test_acc * 100.0,
-        m.lr,
-        m.seconds,
-        m.images_per_sec,
-        m.world_size,
-        if m.attempt > 0 { format!("  (attempt {})", m.attempt) } else { String::new() }
-    )
+    let attempt = if m.attempt > 0 { format!("  (attempt {})", m.attempt) } else { String::new() };
+    format!("{}  x{} workers{attempt}", cvdist_common::term::epoch_line(m, epochs), m.world_size)
 }
 
 /// A copy of `info` whose text fields are safe to print: everything in a job record may

@@ -40,18 +40,7 @@ impl Observer for LocalObserver {
     }
 
     fn epoch(&mut self, m: &EpochMetrics) {
-        self.bar.println(format!(
-            "epoch {:>3}/{}  train loss {:.4} acc {:6.2}%  test loss {:.4} acc {:6.2}%  lr {:.5}  {:.1}s  {:.0} img/s",
-            m.epoch + 1,
-            self.epochs,
-            m.train_loss,
-            m.train_acc * 100.0,
-            m.test_loss,
-            m.test_acc * 100.0,
-            m.lr,
-            m.seconds,
-            m.images_per_sec
-        ));
+        self.bar.println(cvdist_common::term::epoch_line(m, self.epochs));
         self.history.retain(|h| h.epoch < m.epoch);
         self.history.push(*m);
         if let Err(e) = run_dir::write_metrics(&self.out, &self.history) {
