@@ -25,21 +25,6 @@ pub fn color_allowed(no_color: Option<&std::ffi::OsStr>, is_terminal: bool) -> b
     is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::ffi::OsStr;
-
-    #[test]
-    fn colour_needs_a_terminal_and_no_no_color() {
-        assert!(color_allowed(None, true));
-        assert!(!color_allowed(None, false));
-        assert!(!color_allowed(Some(OsStr::new("1")), true));
-        // The spec says an empty NO_COLOR does not count.
-        assert!(color_allowed(Some(OsStr::new("")), true));
-    }
-}
-
 /// One finished epoch as both binaries print it (`cvdist train` on its progress bar,
 /// `cvdist local`/`--follow` with the world size after it): 1-based epoch of `epochs`,
 /// train and test loss and accuracy (percent), learning rate, seconds, images per second.
@@ -55,4 +40,19 @@ pub fn epoch_line(m: &crate::proto::EpochMetrics, epochs: u32) -> String {
         m.seconds,
         m.images_per_sec,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_needs_a_terminal_and_no_no_color() {
+        assert!(color_allowed(None, true));
+        assert!(!color_allowed(None, false));
+        assert!(!color_allowed(Some(OsStr::new("1")), true));
+        // The spec says an empty NO_COLOR does not count.
+        assert!(color_allowed(Some(OsStr::new("")), true));
+    }
 }
