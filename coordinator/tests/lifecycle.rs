@@ -423,6 +423,30 @@ async fn worker_stops_on_sigterm_and_ctrl_c_mid_job() {
     }
 }
 
+/// A second signal while the first one's stop is under way ends the worker at once with
+/// exit code 130, not with a crash: exiting ran libtorch's static destructors under the
+/// training thread and died of SIGSEGV (found by scripts/bench-net.sh's cleanup).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_mid_job_exits_130_without_crashing() {
+    let mut c = Cluster::new(16, 16);
+    let job = c.submit(long_spec(1)).await;
+    c.start_worker(0, true);
+    wait_state(&c, &job, JobState::Running, Duration::from_secs(60)).await;
+    let start = Instant::now();
+    while job_state(&c, &job).await.progress.is_none_or(|p| p.step == 0 && p.epoch == 0) {
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut child = c.workers[0].take().unwrap();
+    signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(20));
+    signal(&child, libc::SIGTERM);
+    let (status, took) = wait_exit(&mut child, STOP_WITHIN, &|| c.logs());
+    eprintln!("worker exited {took:?} after the second signal: {status:?}");
+    // 0 only if the first stop finished within 20 ms, which a training job never does.
+    assert_eq!(status.code(), Some(130), "{status:?}\n{}", c.logs());
+}
+
 /// `cvdist local` with two workers training: SIGTERM, Ctrl-C (SIGINT) and SIGKILL each end
 /// it, and no worker process is left behind.
 #[test]

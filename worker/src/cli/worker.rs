@@ -105,7 +105,11 @@ async fn stop_signal() {
                 _ = int.recv() => {}
             }
             stderr_line(format_args!("second signal: exiting at once"));
-            std::process::exit(130);
+            // `_exit`, not `std::process::exit`: the latter runs libtorch's static
+            // destructors (atexit) while the training thread is still inside libtorch,
+            // which crashed the process with SIGSEGV instead of exiting 130.
+            // SAFETY: `_exit` only ends the process; nothing after it runs.
+            unsafe { libc::_exit(130) }
         });
     }
     #[cfg(not(unix))]
