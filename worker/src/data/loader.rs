@@ -260,6 +260,30 @@ mod tests {
         assert_eq!(Loader::new(split.clone(), indices.clone(), 6, 9, 4, true, 99).count(), 0);
     }
 
+    /// A CUDA run's loader pins its batches; where that is impossible (this CPU machine:
+    /// no driver) it falls back to ordinary memory with the same batches, not an error.
+    #[test]
+    fn a_loader_for_a_cuda_device_yields_the_same_batches_pinned_or_not() {
+        let split = Arc::new(synthetic(40, 2));
+        let indices = rank_indices(40, 1, 0, 5, 1);
+        let plain: Vec<Batch> = Loader::new(split.clone(), indices.clone(), 16, 5, 1, true, 0).collect();
+        let cuda = tch::Device::Cuda(0);
+        let pinned: Vec<Batch> = Loader::for_device(cuda, split.clone(), indices.clone(), 16, 5, 1, true, 0).collect();
+        assert_eq!(plain.len(), pinned.len());
+        for (a, b) in plain.iter().zip(&pinned) {
+            assert_eq!(a.indices, b.indices);
+            assert_eq!(images_of(a), images_of(b));
+            assert_eq!(Vec::<i64>::try_from(&a.labels).unwrap(), Vec::<i64>::try_from(&b.labels).unwrap());
+            assert_eq!(b.images.device(), tch::Device::Cpu);
+            if tch::Cuda::is_available() {
+                assert!(b.images.is_pinned(cuda) && b.labels.is_pinned(cuda), "a CUDA run's batches are pinned");
+            }
+        }
+        // A CPU run's loader never pins.
+        let cpu: Vec<Batch> = Loader::for_device(tch::Device::Cpu, split, indices, 16, 5, 1, true, 0).collect();
+        assert_eq!(images_of(&cpu[0]), images_of(&plain[0]));
+    }
+
     #[test]
     fn empty_index_list_yields_nothing() {
         let split = Arc::new(synthetic(3, 2));
