@@ -44,17 +44,13 @@ fn config(spec: JobSpec, rank: usize, world: usize, progress: Duration, ckpt: Op
 #[derive(Default)]
 struct Watch {
     progress: Vec<Progress>,
-    epochs: Vec<EpochMetrics>,
     last_step: Option<u64>,
     poison: Option<(u32, u64)>,
 }
 
 impl Observer for Watch {
     fn progress(&mut self, p: &Progress) {
-        self.progress.push(p.clone());
-    }
-    fn epoch(&mut self, m: &EpochMetrics) {
-        self.epochs.push(m.clone());
+        self.progress.push(*p);
     }
     fn batch_indices(&mut self, _epoch: u32, step: u64, _indices: &[usize]) {
         self.last_step = Some(step);

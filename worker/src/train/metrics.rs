@@ -77,14 +77,14 @@ mod tests {
             state ^= state >> 27;
             state.wrapping_mul(0x2545_f491_4f6c_dd1d)
         };
-        let (start_loss, start_correct) = (1234.567_890_123_4_f64, 777.0);
+        let (start_loss, start_correct) = (1_234.567_890_123_4_f64, 777.0);
         let mut sums = DeviceSums::new(Device::Cpu, start_loss, start_correct).unwrap();
         let (mut host_loss, mut host_correct) = (start_loss, start_correct);
         for step in 0..5000 {
             let r = next();
             let mantissa = (r >> 40) as f32 / (1u64 << 24) as f32;
             let loss = match step % 4 {
-                0 => 2.302_585_1_f32 * (1.0 + mantissa),
+                0 => std::f32::consts::LN_10 * (1.0 + mantissa),
                 1 => mantissa * 1e-6,
                 2 => mantissa * 1e4,
                 _ => f32::from_bits(0x3f80_0000 | (r as u32 & 0x007f_ffff)),

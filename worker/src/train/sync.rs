@@ -64,7 +64,7 @@ impl GradSync {
         let (Some(mut flag_slot), false) = (buckets.flag_slot(), world == 1 && scaler.is_none()) else {
             return Ok(Reduced { wire: 0.0, apply: true, flag });
         };
-        let _ = tch::no_grad(|| flag_slot.f_copy_(&flag))?;
+        tch::no_grad(|| flag_slot.f_copy_(&flag))?;
         let start = std::time::Instant::now();
         if world > 1 {
             for bucket in buckets.reduce_buffers() {
