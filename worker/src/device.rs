@@ -88,6 +88,19 @@ pub fn for_request(request: DeviceRequest) -> Result<Device, DeviceError> {
     resolve(request, count, rank)
 }
 
+/// Process-wide libtorch settings for training on `device`; called whenever an engine is
+/// built for it. On CUDA: cuDNN benchmark mode, as `torch.backends.cudnn.benchmark = True`
+/// — cuDNN times its convolution algorithms for each new input shape once and keeps the
+/// fastest (a training run sees only two or three shapes: the batch, the last partial
+/// batch, the evaluation batch). It makes the chosen algorithm, and so the last bits of a
+/// GPU run's results, depend on those timings; GPU runs are not bit-reproducible anyway
+/// (cuDNN's backward kernels accumulate with atomics). CPU runs are untouched.
+pub fn configure(device: Device) {
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+}
+
 /// CUDA devices libtorch can use in this process (0 without CUDA).
 pub fn visible_cuda_devices() -> usize {
     if tch::Cuda::is_available() {

@@ -98,18 +98,25 @@ pub fn images(split: &Arc<CifarSplit>, indices: Vec<usize>) -> (Tensor, Tensor) 
 }
 
 /// `confusion[true][predicted]` counts over the whole split, in batches of [`EVAL_BATCH`].
+/// The counts are kept on `device` (a `bincount` per batch) and read back once at the end,
+/// so the device is not waited for after every batch.
 pub fn confusion(model: &dyn ModuleT, split: &Arc<CifarSplit>, device: Device) -> Vec<Vec<u64>> {
-    let mut m = vec![vec![0u64; NUM_CLASSES]; NUM_CLASSES];
-    let loader = Loader::new(split.clone(), (0..split.len()).collect(), EVAL_BATCH, 0, 0, false, 0);
-    for batch in loader {
-        let pred = logits(model, &batch.images, device).argmax(-1, false);
-        let pred = Vec::<i64>::try_from(&pred).expect("int64 predictions");
-        let truth = Vec::<i64>::try_from(&batch.labels).expect("int64 labels");
-        for (t, p) in truth.iter().zip(&pred) {
-            m[*t as usize][*p as usize] += 1;
+    const CELLS: i64 = (NUM_CLASSES * NUM_CLASSES) as i64;
+    let mut counts = Tensor::zeros([CELLS], (Kind::Int64, device));
+    let loader = Loader::for_device(device, split.clone(), (0..split.len()).collect(), EVAL_BATCH, 0, 0, false, 0);
+    let non_blocking = device.is_cuda();
+    tch::no_grad(|| {
+        for batch in loader {
+            let images = batch.images.to_device_(device, Kind::Float, non_blocking, false);
+            let truth = batch.labels.to_device_(device, Kind::Int64, non_blocking, false);
+            let pred = model.forward_t(&images, false).argmax(-1, false);
+            // Cell true·10 + predicted of the row-major matrix.
+            let cells = truth * NUM_CLASSES as i64 + pred;
+            counts += cells.bincount(None::<Tensor>, CELLS);
         }
-    }
-    m
+    });
+    let flat = Vec::<i64>::try_from(&counts.to_device(Device::Cpu)).expect("int64 counts");
+    flat.chunks(NUM_CLASSES).map(|row| row.iter().map(|&c| c.max(0) as u64).collect()).collect()
 }
 
 /// What `cvdist-worker eval --json-out` writes (`cvdist eval` parses it).

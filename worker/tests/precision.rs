@@ -133,21 +133,21 @@ fn skipped_fp16_step_leaves_weights_and_momentum_unchanged() {
     let (x, y) = small_batch();
 
     // A clean step: gradients come back unscaled (compared with a run without scaler).
-    let (loss, _) = engine.forward_backward(&x, &y);
+    let out = engine.forward_backward(&x, &y);
     let scaled = engine.sgd.params()[0].1.grad().copy();
-    let (_, applied) = engine.finish_step(&mut sync, &mut solo as &mut dyn Collective, loss, 0.1, (0, 0)).unwrap();
+    let (_, applied) = engine.finish_step(&mut sync, &mut solo as &mut dyn Collective, &out.loss, 0.1, (0, 0)).unwrap();
     assert!(applied);
     let unscaled = engine.sgd.params()[0].1.grad();
     assert!(unscaled.allclose(&(&scaled / INIT_SCALE), 1e-6, 1e-12, false));
     assert_eq!(engine.scaler.as_ref().unwrap().state(), ScalerState { scale: INIT_SCALE, growth_tracker: 1 });
 
     // An overflowed step is skipped.
-    let (loss, _) = engine.forward_backward(&x, &y);
+    let out = engine.forward_backward(&x, &y);
     let weights = snapshot(engine.sgd.params());
     let momentum = snapshot(&engine.sgd.momentum_buffers());
     let g = engine.sgd.params()[3].1.grad();
     let _ = g.narrow(0, 0, 1).fill_(f64::INFINITY);
-    let (_, applied) = engine.finish_step(&mut sync, &mut solo as &mut dyn Collective, loss, 0.1, (0, 1)).unwrap();
+    let (_, applied) = engine.finish_step(&mut sync, &mut solo as &mut dyn Collective, &out.loss, 0.1, (0, 1)).unwrap();
     assert!(!applied);
     assert!(identical(&weights, &snapshot(engine.sgd.params())), "weights changed on a skipped step");
     assert!(identical(&momentum, &snapshot(&engine.sgd.momentum_buffers())), "momentum changed on a skipped step");

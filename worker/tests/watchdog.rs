@@ -267,13 +267,13 @@ fn the_gradient_reduction_returns_an_error_instead_of_blocking() {
     let mut buckets = buckets_with_grads();
     let mut sync = GradSync::new();
     let start = Instant::now();
-    let err = sync.reduce(&mut buckets, &mut fake, 0.5, None).unwrap_err();
+    let err = sync.reduce(&mut buckets, &mut fake, &Tensor::from(0.5f32), None).unwrap_err();
     let took = start.elapsed();
     assert!(matches!(err, SyncError::Collective(CollectiveError::Deadline { op: "ncclAllReduce", .. })), "{err:?}");
     assert!(took >= timeout && took < timeout + SLACK, "took {took:?}");
     assert_eq!(comm.aborts(), 1);
     let again = Instant::now();
-    assert!(matches!(sync.reduce(&mut buckets, &mut fake, 0.5, None), Err(SyncError::Collective(_))));
+    assert!(matches!(sync.reduce(&mut buckets, &mut fake, &Tensor::from(0.5f32), None), Err(SyncError::Collective(_))));
     assert!(again.elapsed() < SLACK);
 }
 
@@ -289,7 +289,7 @@ fn the_gradient_reduction_ends_at_the_coordinators_abort() {
     });
     let mut buckets = buckets_with_grads();
     let start = Instant::now();
-    let err = GradSync::new().reduce(&mut buckets, &mut fake, 0.5, None).unwrap_err();
+    let err = GradSync::new().reduce(&mut buckets, &mut fake, &Tensor::from(0.5f32), None).unwrap_err();
     fire.join().unwrap();
     assert!(start.elapsed() < SLACK, "took {:?}", start.elapsed());
     assert!(matches!(err, SyncError::Collective(CollectiveError::Aborted(ref r)) if r == "job cancelled"), "{err:?}");

@@ -1,12 +1,14 @@
 //! A prefetching batch loader: one background thread augments batches ahead of the model
-//! and hands them over through a bounded channel, in order.
+//! and hands them over through a bounded channel, in order. For a CUDA run the batches are
+//! in page-locked (pinned) host memory, so the trainer's copy to the device can be
+//! asynchronous (`non_blocking`), as PyTorch's `DataLoader(pin_memory=True)` arranges.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use cvdist_common::cifar::{CifarSplit, IMAGE_BYTES, SIDE};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::augment::fill_batch;
 
@@ -56,6 +58,41 @@ impl Loader {
         augment: bool,
         skip_batches: usize,
     ) -> Loader {
+        Loader::start(split, indices, batch_size, seed, epoch, augment, skip_batches, None)
+    }
+
+    /// As [`Loader::new`], for batches that go to `device`: when that is a CUDA device, each
+    /// batch is moved into page-locked memory on the loader thread (libtorch's caching
+    /// pinned-memory allocator, which also keeps a block from reuse until the asynchronous
+    /// copy that reads it has completed). Where pinning fails (no usable CUDA driver) the
+    /// batch stays in ordinary memory and the copy is synchronous, which is only slower;
+    /// a warning says so once per loader.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_device(
+        device: Device,
+        split: Arc<CifarSplit>,
+        indices: Vec<usize>,
+        batch_size: usize,
+        seed: u64,
+        epoch: u64,
+        augment: bool,
+        skip_batches: usize,
+    ) -> Loader {
+        let pin = device.is_cuda().then_some(device);
+        Loader::start(split, indices, batch_size, seed, epoch, augment, skip_batches, pin)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        split: Arc<CifarSplit>,
+        indices: Vec<usize>,
+        batch_size: usize,
+        seed: u64,
+        epoch: u64,
+        augment: bool,
+        skip_batches: usize,
+        pin: Option<Device>,
+    ) -> Loader {
         assert!(batch_size > 0, "batch size must be positive");
         if let Some(&bad) = indices.iter().find(|&&i| i >= split.len()) {
             panic!("sample index {bad} out of range for a split of {} samples", split.len());
@@ -67,6 +104,7 @@ impl Loader {
         let thread = std::thread::Builder::new()
             .name(format!("cifar-loader-e{epoch}"))
             .spawn(move || {
+                let mut pin = pin;
                 for (number, chunk) in indices.chunks(batch_size).enumerate().skip(first) {
                     let (images, labels) = new_batch_tensors(chunk.len());
                     // FFI, not a byte cast: the producer fills libtorch's own storage in
@@ -81,6 +119,17 @@ impl Loader {
                         )
                     };
                     fill_batch(&split, chunk, seed, epoch, augment, image_buf, label_buf);
+                    let (images, labels) = match pin {
+                        Some(device) => match pinned(&images, &labels, device) {
+                            Ok(both) => both,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot pin the loader's batches; copying them to the device synchronously");
+                                pin = None;
+                                (images, labels)
+                            }
+                        },
+                        None => (images, labels),
+                    };
                     let batch = Batch { images, labels, indices: chunk.to_vec(), number };
                     if tx.send(batch).is_err() {
                         return; // the loader was dropped
@@ -107,6 +156,13 @@ fn new_batch_tensors(b: usize) -> (Tensor, Tensor) {
     let images = Tensor::empty([b as i64, 3, SIDE as i64, SIDE as i64], (tch::Kind::Float, cpu));
     let labels = Tensor::empty([b as i64], (tch::Kind::Int64, cpu));
     (images, labels)
+}
+
+/// Page-locked copies of a batch's tensors, for asynchronous copies to `device` (CUDA).
+fn pinned(images: &Tensor, labels: &Tensor, device: Device) -> Result<(Tensor, Tensor), tch::TchError> {
+    // `_pin_memory` rather than `pin_memory`: tch always passes a device, and
+    // `pin_memory(device)` warns that the argument is deprecated.
+    Ok((images.f_internal_pin_memory(device)?, labels.f_internal_pin_memory(device)?))
 }
 
 impl Iterator for Loader {
@@ -202,6 +258,30 @@ mod tests {
             assert_eq!(images_of(a), images_of(b));
         }
         assert_eq!(Loader::new(split.clone(), indices.clone(), 6, 9, 4, true, 99).count(), 0);
+    }
+
+    /// A CUDA run's loader pins its batches; where that is impossible (this CPU machine:
+    /// no driver) it falls back to ordinary memory with the same batches, not an error.
+    #[test]
+    fn a_loader_for_a_cuda_device_yields_the_same_batches_pinned_or_not() {
+        let split = Arc::new(synthetic(40, 2));
+        let indices = rank_indices(40, 1, 0, 5, 1);
+        let plain: Vec<Batch> = Loader::new(split.clone(), indices.clone(), 16, 5, 1, true, 0).collect();
+        let cuda = tch::Device::Cuda(0);
+        let pinned: Vec<Batch> = Loader::for_device(cuda, split.clone(), indices.clone(), 16, 5, 1, true, 0).collect();
+        assert_eq!(plain.len(), pinned.len());
+        for (a, b) in plain.iter().zip(&pinned) {
+            assert_eq!(a.indices, b.indices);
+            assert_eq!(images_of(a), images_of(b));
+            assert_eq!(Vec::<i64>::try_from(&a.labels).unwrap(), Vec::<i64>::try_from(&b.labels).unwrap());
+            assert_eq!(b.images.device(), tch::Device::Cpu);
+            if tch::Cuda::is_available() {
+                assert!(b.images.is_pinned(cuda) && b.labels.is_pinned(cuda), "a CUDA run's batches are pinned");
+            }
+        }
+        // A CPU run's loader never pins.
+        let cpu: Vec<Batch> = Loader::for_device(tch::Device::Cpu, split, indices, 16, 5, 1, true, 0).collect();
+        assert_eq!(images_of(&cpu[0]), images_of(&plain[0]));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 pub mod buckets;
 pub mod checkpoint;
 pub mod ckpt_writer;
+pub mod divergence;
+pub mod metrics;
 pub mod precision;
 pub mod scaler;
 pub mod schedule;

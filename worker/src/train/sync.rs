@@ -7,6 +7,7 @@
 //! under fp16 the loss scaler checks and unscales the buckets with one fused call each.
 
 use super::buckets::Buckets;
+use super::divergence;
 use super::scaler::GradScaler;
 use crate::collective::{Collective, CollectiveError};
 use tch::{Device, Kind, Tensor};
@@ -16,15 +17,18 @@ use tch::{Device, Kind, Tensor};
 pub struct GradSync {}
 
 /// What one step's gradient reduction found, identical on every rank.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug)]
 pub struct Reduced {
     /// Seconds spent in the all-reduce itself.
     pub wire: f64,
     /// False when the loss scaler found an overflow: the step must be skipped.
     pub apply: bool,
-    /// Some(sum of the non-finite losses) when the loss was non-finite on at least one
-    /// rank; every rank gets the same value, so every rank stops with the same error.
-    pub diverged_loss: Option<f64>,
+    /// The summed divergence flag, one f32 on the device (not read back): 0 when every
+    /// rank's loss was finite, non-finite (the sum of the non-finite losses) when some
+    /// rank's was not; the same on every rank. It may be a view of the gradient buffer,
+    /// so it must be consumed (by kernels enqueued) before the next step zeroes that
+    /// ([`super::divergence::DivergenceRecord::record`] does).
+    pub flag: Tensor,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,23 +46,25 @@ impl GradSync {
 
     /// Replaces every gradient in `buckets` by its mean over the ranks, unscales it when
     /// `scaler` is given (one fused check per bucket), and agrees over the ranks whether
-    /// any rank's `loss` was non-finite — all in the one all-reduce the step already does:
-    /// the flag slot after the last gradient holds this rank's loss if it is non-finite
-    /// and 0 otherwise, so the sum is non-finite exactly when some rank diverged.
+    /// any rank's `loss` (the step's mean loss, a tensor on the device) was non-finite —
+    /// all in the one all-reduce the step already does: the flag slot after the last
+    /// gradient holds this rank's loss if it is non-finite and 0 otherwise, so the sum is
+    /// non-finite exactly when some rank diverged. The flag is filled and the sum returned
+    /// on the device: nothing is read back here (the trainer checks it lazily,
+    /// `super::divergence`), except the scaler's skip decision under fp16.
     pub fn reduce(
         &mut self,
         buckets: &mut Buckets,
         comm: &mut dyn Collective,
-        loss: f64,
+        loss: &Tensor,
         scaler: Option<&mut GradScaler>,
     ) -> Result<Reduced, SyncError> {
         let world = comm.world_size();
-        let flag = if loss.is_finite() { 0.0 } else { loss };
+        let flag = divergence::flag_of(loss)?;
         let (Some(mut flag_slot), false) = (buckets.flag_slot(), world == 1 && scaler.is_none()) else {
-            let diverged_loss = (!loss.is_finite()).then_some(loss);
-            return Ok(Reduced { wire: 0.0, apply: true, diverged_loss });
+            return Ok(Reduced { wire: 0.0, apply: true, flag });
         };
-        let _ = tch::no_grad(|| flag_slot.f_fill_(flag))?;
+        tch::no_grad(|| flag_slot.f_copy_(&flag))?;
         let start = std::time::Instant::now();
         if world > 1 {
             for bucket in buckets.reduce_buffers() {
@@ -70,8 +76,6 @@ impl GradSync {
             comm.wait()?;
         }
         let wire = start.elapsed().as_secs_f64();
-        let summed_flag = flag_slot.f_double_value(&[0])?;
-        let diverged_loss = (!summed_flag.is_finite()).then_some(summed_flag);
         let mut grads: Vec<Tensor> = (0..buckets.len()).map(|b| buckets.grads(b)).collect();
         let apply = match scaler {
             Some(scaler) => {
@@ -85,7 +89,7 @@ impl GradSync {
                 true
             }
         };
-        Ok(Reduced { wire, apply, diverged_loss })
+        Ok(Reduced { wire, apply, flag: flag_slot })
     }
 }
 

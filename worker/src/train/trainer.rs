@@ -6,6 +6,8 @@
 
 use super::checkpoint::{self, CheckpointState};
 use super::ckpt_writer::{BackgroundWriter, CheckpointStore, Done};
+use super::divergence::{DivergenceRecord, FirstDivergence, CHECK_EVERY_STEPS};
+use super::metrics::{DeviceSums, StepOutput};
 use super::precision::{self, Precision};
 use super::scaler::{GradScaler, ScalerState};
 use super::schedule::learning_rate;
@@ -159,6 +161,8 @@ pub struct Engine {
     pub freeze_bn: bool,
     /// Dynamic loss scaling, present exactly when the run is fp16.
     pub scaler: Option<GradScaler>,
+    /// The steps' agreed divergence flags since the last check, on the device.
+    pub divergence: DivergenceRecord,
 }
 
 /// tch has no memory-format API: a permuted contiguous copy has NHWC strides while keeping
@@ -169,6 +173,7 @@ fn to_channels_last(t: &Tensor) -> Tensor {
 
 impl Engine {
     pub fn new(spec: &JobSpec, device: Device) -> Result<Engine, TrainError> {
+        crate::device::configure(device);
         // libtorch's generator is process-wide: ranks sharing a process (tests, benchmarks)
         // must not interleave their seeded initialisations.
         static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -209,6 +214,7 @@ impl Engine {
             channels_last: spec.channels_last,
             freeze_bn: false,
             scaler: (precision == Precision::Fp16).then(|| GradScaler::new(device)),
+            divergence: DivergenceRecord::new(device)?,
         })
     }
 
@@ -221,8 +227,16 @@ impl Engine {
         all
     }
 
+    /// `t` on the training device. From the loader's page-locked batches (CUDA runs) the
+    /// copy is asynchronous: the host goes on enqueueing kernels while it runs, and
+    /// libtorch's pinned-memory allocator keeps the source alive until it completes. On
+    /// the CPU this is the tensor itself.
+    fn to_device(&self, t: &Tensor) -> Tensor {
+        t.to_device_(self.device, t.kind(), self.device.is_cuda(), false)
+    }
+
     fn prepare(&self, images: &Tensor) -> Tensor {
-        let x = images.to_device(self.device);
+        let x = self.to_device(images);
         if self.channels_last {
             to_channels_last(&x)
         } else {
@@ -230,11 +244,13 @@ impl Engine {
         }
     }
 
-    /// Forward and backward of one batch; returns (mean loss, correct count).
-    pub fn forward_backward(&mut self, images: &Tensor, labels: &Tensor) -> (f64, i64) {
+    /// Forward and backward of one batch; returns its mean loss and correct count as
+    /// tensors on the device, without waiting for them (nothing is read back: the trainer
+    /// adds them up on the device, `super::metrics`).
+    pub fn forward_backward(&mut self, images: &Tensor, labels: &Tensor) -> StepOutput {
         self.sgd.zero_grad();
         let x = self.prepare(images);
-        let y = labels.to_device(self.device);
+        let y = self.to_device(labels);
         let train = !self.freeze_bn;
         let logits = precision::autocast(self.device, self.precision, || self.model.forward_t(&x, train));
         let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&y);
@@ -242,57 +258,76 @@ impl Engine {
             Some(scaler) => scaler.scale_loss(&loss).backward(),
             None => loss.backward(),
         }
-        let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
-        (loss.double_value(&[]), correct)
+        let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Double);
+        StepOutput { loss: loss.detach(), correct }
     }
 
-    /// Averages the gradients over the ranks, agrees whether any rank's `loss` is
-    /// non-finite, and applies the SGD step unless the loss scaler found an overflow (then
-    /// weights and momentum stay as they were, as torch.cuda.amp.GradScaler skips the step).
-    /// Returns the all-reduce seconds and whether the step was applied; a non-finite loss
-    /// on any rank is [`TrainError::Diverged`] on every rank, with the same value.
+    /// Averages the gradients over the ranks, agrees whether any rank's `loss` (the step's
+    /// mean loss, on the device) is non-finite, and applies the SGD step unless the loss
+    /// scaler found an overflow (then weights and momentum stay as they were, as
+    /// torch.cuda.amp.GradScaler skips the step). Returns the all-reduce seconds and
+    /// whether the step was applied. The agreed divergence flag of step `at` is recorded
+    /// on the device, not read: [`Engine::check_divergence`] turns a non-finite loss on
+    /// any rank into [`TrainError::Diverged`] on every rank, with the same value.
     pub fn finish_step(
         &mut self,
         grad_sync: &mut GradSync,
         comm: &mut dyn Collective,
-        loss: f64,
+        loss: &Tensor,
         lr: f64,
         at: (u32, u64),
     ) -> Result<(f64, bool), TrainError> {
         let reduced = grad_sync.reduce(self.sgd.buckets_mut(), comm, loss, self.scaler.as_mut())?;
-        if let Some(loss) = reduced.diverged_loss {
-            return Err(TrainError::Diverged { epoch: at.0, step: at.1, what: "loss", loss });
-        }
+        self.divergence.record(&reduced.flag, at)?;
         if reduced.apply {
             self.sgd.step(lr);
         }
         Ok((reduced.wire, reduced.apply))
     }
 
-    /// Mean loss and correct count over `indices` of `split` (no augmentation).
-    /// Sums (loss, correct, seen) over `indices`; stops early (partial sums) once
+    /// Reads the divergence record (one value back from the device): the first step since
+    /// the last check at which any rank's loss was non-finite is
+    /// [`TrainError::Diverged`], the same on every rank when every rank checks after the
+    /// same steps.
+    pub fn check_divergence(&mut self) -> Result<(), TrainError> {
+        match self.divergence.check()? {
+            None => Ok(()),
+            Some(FirstDivergence { epoch, step, loss }) => {
+                Err(TrainError::Diverged { epoch, step, what: "loss", loss })
+            }
+        }
+    }
+
+    /// Sums (loss·samples, correct, seen) over `indices` of `split` (no augmentation),
+    /// on the device, read back once at the end; stops early (partial sums) once
     /// `observer.should_stop()` says so, because a whole test pass can take seconds.
-    fn evaluate(&self, split: &Arc<CifarSplit>, indices: Vec<usize>, observer: &mut dyn Observer) -> (f64, f64, f64) {
-        let mut loss_sum = 0.0;
-        let mut correct = 0.0;
+    fn evaluate(
+        &self,
+        split: &Arc<CifarSplit>,
+        indices: Vec<usize>,
+        observer: &mut dyn Observer,
+    ) -> Result<(f64, f64, f64), TrainError> {
+        let mut sums = DeviceSums::new(self.device, 0.0, 0.0)?;
         let mut seen = 0.0;
-        let loader = Loader::new(split.clone(), indices, EVAL_BATCH, 0, 0, false, 0);
-        tch::no_grad(|| {
+        let loader = Loader::for_device(self.device, split.clone(), indices, EVAL_BATCH, 0, 0, false, 0);
+        tch::no_grad(|| -> Result<(), TrainError> {
             for batch in loader {
                 if observer.should_stop().is_some() {
                     break;
                 }
                 let x = self.prepare(&batch.images);
-                let y = batch.labels.to_device(self.device);
+                let y = self.to_device(&batch.labels);
                 let logits = precision::autocast(self.device, self.precision, || self.model.forward_t(&x, false))
                     .to_kind(Kind::Float);
-                let n = y.size()[0] as f64;
-                loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * n;
-                correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]) as f64;
-                seen += n;
+                let n = y.size()[0];
+                let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Double);
+                sums.add(&logits.cross_entropy_for_logits(&y), &correct, n)?;
+                seen += n as f64;
             }
-        });
-        (loss_sum, correct, seen)
+            Ok(())
+        })?;
+        let (loss_sum, correct) = sums.read()?;
+        Ok((loss_sum, correct, seen))
     }
 }
 
@@ -376,11 +411,16 @@ pub fn train(
         let _enter = span.enter();
         let epoch_start = Instant::now();
         let skip = if epoch == start_epoch { start_step } else { 0 };
-        let [mut loss_sum, mut correct, mut seen, prior_seconds, mut wire_seconds] =
+        let [loss_sum, correct, mut seen, prior_seconds, mut wire_seconds] =
             if epoch == start_epoch { partial } else { [0.0; 5] };
+        // Σ loss·samples and Σ correct stay on the device and are read back only where
+        // a value is needed (progress line, checkpoint, epoch end); `seen` is known here.
+        let mut sums = DeviceSums::new(cfg.device, loss_sum, correct)?;
         let mut last_report = Instant::now();
+        let mut steps_since_report = 0u32;
         let indices = sampler::rank_indices(train_len, cfg.world_size, cfg.rank, spec.seed, epoch as u64);
-        let loader = Loader::new(
+        let loader = Loader::for_device(
+            cfg.device,
             data.train.clone(),
             indices,
             spec.batch_size as usize,
@@ -399,25 +439,36 @@ pub fn train(
             if let Some(done) = writer.poll() {
                 deliver(done, observer, &final_name, &mut final_checkpoint_error);
             }
-            let step_start = Instant::now();
             lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
-            let (mut loss, ok) = engine.forward_backward(&batch.images, &batch.labels);
+            let mut out = engine.forward_backward(&batch.images, &batch.labels);
             if observer.poison_loss(epoch, step) {
-                loss = f64::NAN;
+                out.loss = out.loss.full_like(f64::NAN);
             }
             // Every rank learns in the gradient all-reduce whether any rank's loss is
-            // non-finite, so all stop here at the same step with the same error (in every
-            // precision: the fp16 loss is computed in fp32 and does not depend on the
-            // scale, so a non-finite one is a real overflow, not a scaling artefact).
-            let (wire, _applied) = engine.finish_step(&mut grad_sync, comm, loss, lr, (epoch, step))?;
+            // non-finite (in every precision: the fp16 loss is computed in fp32 and does
+            // not depend on the scale, so a non-finite one is a real overflow, not a
+            // scaling artefact). The agreed flag is recorded on the device and read at the
+            // check points below, which are the same steps on every rank: all stop there
+            // with the same error, naming the step that diverged first.
+            let (wire, _applied) = engine.finish_step(&mut grad_sync, comm, &out.loss, lr, (epoch, step))?;
             wire_seconds += wire;
-            let n = batch.labels.size()[0] as f64;
-            loss_sum += loss * n;
-            correct += ok as f64;
-            seen += n;
+            let n = batch.labels.size()[0];
+            sums.add(&out.loss, &out.correct, n)?;
+            seen += n as f64;
             step += 1;
+            steps_since_report += 1;
+            let every = spec.checkpoint_every_steps as u64;
+            let checkpoint_due = every > 0 && step % every == 0 && step < steps_per_epoch;
+            if step % CHECK_EVERY_STEPS == 0 || step == steps_per_epoch || checkpoint_due {
+                engine.check_divergence()?;
+            }
             if cfg.rank == 0 && (last_report.elapsed() >= cfg.progress_interval || step == steps_per_epoch) {
+                // The one read of a progress interval: it waits for the queued steps, so
+                // the time since the last report, over its steps, is the step time.
+                let (loss_sum, correct) = sums.read()?;
+                let step_seconds = last_report.elapsed().as_secs_f64() / f64::from(steps_since_report.max(1));
                 last_report = Instant::now();
+                steps_since_report = 0;
                 let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
                 observer.progress(&Progress {
                     epoch,
@@ -426,23 +477,27 @@ pub fn train(
                     loss: loss_sum / seen,
                     acc: correct / seen,
                     images_per_sec: seen * cfg.world_size as f64 / elapsed.max(1e-9),
-                    step_seconds: step_start.elapsed().as_secs_f64(),
+                    step_seconds,
                     allreduce_seconds: wire,
                 });
             }
-            let every = spec.checkpoint_every_steps as u64;
-            if every > 0 && step % every == 0 && step < steps_per_epoch {
+            if checkpoint_due {
+                // Exact partial sums: the resumed epoch must add up to the same totals.
+                let (loss_sum, correct) = sums.read()?;
                 let acc = [loss_sum, correct, seen, prior_seconds + epoch_start.elapsed().as_secs_f64(), wire_seconds];
                 if let Some(done) = write_checkpoint(cfg, &mut engine, comm, observer, &mut writer, epoch, step, acc)? {
                     deliver(done, observer, &final_name, &mut final_checkpoint_error);
                 }
             }
         }
+        // Normally done at the last step already; reads nothing when it was.
+        engine.check_divergence()?;
+        let (loss_sum, correct) = sums.read()?;
         let train_seconds = prior_seconds + epoch_start.elapsed().as_secs_f64();
 
         sync::average_running_stats(&engine.buffers, comm)?;
         let eval_range = sampler::eval_indices(data.test.len(), cfg.world_size, cfg.rank);
-        let (test_loss_sum, test_correct, test_seen) = engine.evaluate(&data.test, eval_range.collect(), observer);
+        let (test_loss_sum, test_correct, test_seen) = engine.evaluate(&data.test, eval_range.collect(), observer)?;
         if let Some(reason) = observer.should_stop() {
             return Err(TrainError::Stopped(reason));
         }
