@@ -3,6 +3,8 @@
 pub mod buckets;
 pub mod checkpoint;
 pub mod ckpt_writer;
+mod cuda_stream;
+pub mod overlap;
 pub mod precision;
 pub mod scaler;
 pub mod schedule;

@@ -4,8 +4,10 @@
 //! would. BatchNorm in training mode still normalises over each rank's own batch, so the
 //! steps are only the same with `freeze_bn` (docs/ARCHITECTURE.md, "N workers × batch b").
 
+use super::buckets::{Buckets, BUCKET_ELEMS};
 use super::checkpoint::{self, CheckpointState};
 use super::ckpt_writer::{BackgroundWriter, CheckpointStore, Done};
+use super::overlap::{self, GradHooks, Lane, FIRST_BUCKET_ELEMS};
 use super::precision::{self, Precision};
 use super::scaler::{GradScaler, ScalerState};
 use super::schedule::learning_rate;
@@ -159,6 +161,9 @@ pub struct Engine {
     pub freeze_bn: bool,
     /// Dynamic loss scaling, present exactly when the run is fp16.
     pub scaler: Option<GradScaler>,
+    /// Gradient-ready hooks on every parameter; they feed the comm thread once
+    /// [`Engine::overlapped_sync`] connected them (issue 13).
+    hooks: GradHooks,
 }
 
 /// tch has no memory-format API: a permuted contiguous copy has NHWC strides while keeping
@@ -193,7 +198,14 @@ impl Engine {
                 }
             });
         }
-        let sgd = Sgd::new(params, spec.momentum, spec.weight_decay).map_err(|e| TrainError::Model(e.to_string()))?;
+        // Buckets in the order backward finishes the gradients, a small first one, so the
+        // first all-reduce can start early in backward (train::overlap).
+        let order =
+            overlap::ready_order(&params, model.as_ref(), device).map_err(|e| TrainError::Model(e.to_string()))?;
+        let buckets = Buckets::in_order(&params, &order, FIRST_BUCKET_ELEMS, BUCKET_ELEMS)
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        let hooks = GradHooks::register(&params, &buckets).map_err(|e| TrainError::Model(e.to_string()))?;
+        let sgd = Sgd::with_buckets(params, buckets, spec.momentum, spec.weight_decay);
         let asked = Precision::parse(cvdist_common::spec::precision(spec));
         let precision = asked.effective(device);
         if precision != asked {
@@ -209,7 +221,15 @@ impl Engine {
             channels_last: spec.channels_last,
             freeze_bn: false,
             scaler: (precision == Precision::Fp16).then(|| GradScaler::new(device)),
+            hooks,
         })
+    }
+
+    /// A [`GradSync`] whose all-reduce runs on `lane`'s comm thread while backward
+    /// computes ([`overlap::with_comm_thread`]); pass that thread's proxy as the `comm`
+    /// of [`Engine::finish_step`]. One per engine.
+    pub fn overlapped_sync(&self, lane: Lane) -> GradSync {
+        GradSync::overlapped(self.hooks.connect(lane))
     }
 
     /// Parameters then buffers, sorted by name.
@@ -296,18 +316,39 @@ impl Engine {
     }
 }
 
-/// Runs the job from its start (or `cfg.resume`) to its last epoch.
+/// Runs the job from its start (or `cfg.resume`) to its last epoch. With more than one
+/// rank, `comm` moves to a communication thread for the run, which all-reduces gradient
+/// buckets while backward computes (train::overlap); every collective goes through it.
 pub fn train(
     cfg: &TrainerConfig,
     data: &Datasets,
     comm: &mut dyn Collective,
     observer: &mut dyn Observer,
 ) -> Result<TrainOutcome, TrainError> {
+    if comm.world_size() == 1 {
+        return train_on(cfg, data, comm, None, observer);
+    }
+    overlap::with_comm_thread(comm, |proxy, lane| train_on(cfg, data, proxy, Some(lane), observer))?
+}
+
+fn train_on(
+    cfg: &TrainerConfig,
+    data: &Datasets,
+    comm: &mut dyn Collective,
+    lane: Option<Lane>,
+    observer: &mut dyn Observer,
+) -> Result<TrainOutcome, TrainError> {
     let spec = &cfg.spec;
     let started = Instant::now();
     let mut engine = Engine::new(spec, cfg.device)?;
     engine.freeze_bn = cfg.freeze_bn;
-    let mut grad_sync = GradSync::new();
+    let mut grad_sync = match lane {
+        Some(lane) => {
+            overlap::check_same_layout(engine.sgd.buckets(), comm)?;
+            engine.overlapped_sync(lane)
+        }
+        None => GradSync::new(),
+    };
 
     // This rank's sums of the partially trained epoch: loss·samples, correct, samples,
     // seconds, all-reduce seconds.
