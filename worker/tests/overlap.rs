@@ -180,7 +180,7 @@ fn inside(t: &Tensor, buffer: &Tensor) -> bool {
 fn buckets_are_handed_over_during_backward_and_reduce_to_the_exact_mean() {
     let _guard = HangGuard::new("overlap pair");
     let results = pair(Duration::from_secs(60), |rank, mut ring| {
-        overlap::with_comm_thread(&mut ring, |proxy, lane| {
+        overlap::with_comm_thread(&mut ring, Device::Cpu, |proxy, lane| {
             let mut r = rank_model(&[]);
             overlap::check_same_layout(&r.buckets, proxy).expect("same layout");
             let mut sync = GradSync::overlapped(r.hooks.connect(lane));
@@ -225,7 +225,7 @@ fn buckets_are_handed_over_during_backward_and_reduce_to_the_exact_mean() {
 fn a_parameter_without_gradient_does_not_hold_up_its_bucket() {
     let _guard = HangGuard::new("unused head");
     let results = pair(Duration::from_secs(60), |rank, mut ring| {
-        overlap::with_comm_thread(&mut ring, |proxy, lane| {
+        overlap::with_comm_thread(&mut ring, Device::Cpu, |proxy, lane| {
             let mut r = rank_model(&["head_b.bias", "head_b.weight"]);
             let mut sync = GradSync::overlapped(r.hooks.connect(lane));
             let mut steps = Vec::new();
@@ -294,7 +294,7 @@ impl Collective for Tripwire {
 /// One overlapped step on rank 0 against `comm`; returns the step's error and how long
 /// `reduce` took. Backward hands the buckets over; the step must end with an error.
 fn failing_step(comm: &mut dyn Collective, after_backward: impl FnOnce()) -> (SyncError, Duration, SyncError) {
-    overlap::with_comm_thread(comm, |proxy, lane| {
+    overlap::with_comm_thread(comm, Device::Cpu, |proxy, lane| {
         let mut r = rank_model(&[]);
         let mut sync = GradSync::overlapped(r.hooks.connect(lane));
         r.buckets.zero_grads();
@@ -428,4 +428,22 @@ fn the_probe_orders_a_real_model_as_backward_produces_its_gradients() {
     let after: Vec<Vec<f32>> =
         buffers.iter().filter(|(_, t)| t.kind() == Kind::Float).map(|(_, t)| values(t)).collect();
     assert_eq!(before, after, "running statistics untouched");
+}
+
+/// Ranks whose buckets are laid out differently would add unrelated gradients: the
+/// layout check refuses them on every rank before any gradient is reduced.
+#[test]
+fn ranks_with_different_bucket_layouts_are_refused() {
+    let _guard = HangGuard::new("layout check");
+    let out = pair(Duration::from_secs(60), |rank, mut ring| {
+        let first: &[&str] = if rank == 0 { &[] } else { &["head_b.bias", "head_b.weight"] };
+        let r = rank_model(first);
+        overlap::check_same_layout(&r.buckets, &mut ring)
+    });
+    for (rank, result) in out.into_iter().enumerate() {
+        match result {
+            Err(CollectiveError::Config(m)) => assert!(m.contains("different gradient buckets"), "rank {rank}: {m}"),
+            other => panic!("rank {rank}: {other:?}"),
+        }
+    }
 }

@@ -311,6 +311,30 @@ mod tests {
         }
     }
 
+    /// Buckets planned over a given order: parameter indices keep their meaning, the
+    /// layout follows the order, and a non-permutation is refused.
+    #[test]
+    fn buckets_follow_the_given_order() {
+        let p = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let params = vec![("a".to_string(), p(3)), ("b".into(), p(5)), ("c".into(), p(2))];
+        let buckets = Buckets::in_order(&params, &[2, 0, 1], 5, 5).unwrap();
+        assert_eq!(buckets.len(), 2);
+        assert_eq!(buckets.params_of(0), &[2, 0]);
+        assert_eq!(buckets.params_of(1), &[1]);
+        assert_eq!((buckets.bucket_of(0), buckets.bucket_of(1), buckets.bucket_of(2)), (0, 1, 0));
+        assert_eq!(buckets.numels(), &[5, 5]);
+        let _ = tch::no_grad(|| buckets.values(0).copy_(&Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0])));
+        assert_eq!(Vec::<f32>::try_from(&params[2].1).unwrap(), vec![1.0, 2.0], "c first in bucket 0");
+        assert_eq!(Vec::<f32>::try_from(&params[0].1).unwrap(), vec![3.0, 4.0, 5.0]);
+        let same = Buckets::in_order(&params, &[2, 0, 1], 5, 5).unwrap();
+        assert_eq!(same.layout_fingerprint(), buckets.layout_fingerprint());
+        let other = Buckets::in_order(&params, &[0, 2, 1], 5, 5).unwrap();
+        assert_ne!(other.layout_fingerprint(), buckets.layout_fingerprint());
+        for bad in [&[0usize, 0, 1][..], &[0, 1], &[0, 1, 3]] {
+            assert!(matches!(Buckets::in_order(&params, bad, 5, 5), Err(BucketError::Order(_))), "{bad:?}");
+        }
+    }
+
     #[test]
     fn dense_covers_contiguous_and_channels_last_but_not_slices() {
         assert!(is_dense(&[2, 3, 4, 5], &[60, 20, 5, 1]));

@@ -41,6 +41,9 @@
 //!   own non-blocking stream wait for it and enqueues the NCCL all-reduce there
 //!   (`collective::nccl::on_stream`), between timing events read a step later; the step
 //!   makes the compute stream wait for the last reduction (a stream wait, not a host sync).
+//!   The comm thread then waits for the step's reductions itself (bounded by the NCCL
+//!   watchdog): one the watchdog aborted fails the next bucket, so its error ends the next
+//!   step at the latest, before any checkpoint collective can succeed.
 
 use super::buckets::Buckets;
 use super::cuda_stream::{self, Event, Stream};
@@ -141,10 +144,12 @@ pub fn ready_order(params: &[(String, Tensor)], model: &dyn ModuleT, device: Dev
 
 /// What the comm thread is asked to do.
 enum Msg {
-    /// All-reduce (sum) this bucket's whole gradient buffer in place.
+    /// All-reduce (sum) this bucket's whole gradient buffer in place; `last` marks a
+    /// step's last bucket.
     Bucket {
         bucket: usize,
         grad: Tensor,
+        last: bool,
     },
     /// Any other collective of the trainer, run in queue order ([`CommProxy`]).
     Run(Box<dyn FnOnce(&mut dyn Collective) + Send>),
@@ -160,7 +165,6 @@ struct Done {
 /// CUDA state shared by the hooks (ready events, on the compute stream) and the comm
 /// thread (its stream, timing events).
 struct CudaLane {
-    device: usize,
     stream: Stream,
     /// Per bucket: recorded on the compute stream when the bucket is launched.
     ready: Vec<Event>,
@@ -173,7 +177,7 @@ impl CudaLane {
     fn new(device: usize, buckets: usize) -> Result<CudaLane, String> {
         cuda_stream::use_device(device)?;
         let events = |timing| (0..buckets).map(|_| Event::new(timing)).collect::<Result<Vec<_>, _>>();
-        Ok(CudaLane { device, stream: Stream::new()?, ready: events(false)?, start: events(true)?, end: events(true)? })
+        Ok(CudaLane { stream: Stream::new()?, ready: events(false)?, start: events(true)?, end: events(true)? })
     }
 }
 
@@ -229,7 +233,8 @@ impl HookState {
             }
             // A closed queue means the comm thread is gone; the step finds out from its
             // results channel and reports it.
-            let _ = tx.send(Msg::Bucket { bucket: b, grad: p.grads[b].shallow_clone() });
+            let last = b + 1 == p.pending.len();
+            let _ = tx.send(Msg::Bucket { bucket: b, grad: p.grads[b].shallow_clone(), last });
             p.next += 1;
         }
         if p.next == p.pending.len() {
@@ -405,11 +410,14 @@ impl Overlap {
 /// Runs `f` with a communication thread that owns `comm`: `f` gets a [`CommProxy`] (a
 /// [`Collective`] whose ops run on that thread, in order) and the [`Lane`] that
 /// [`GradHooks::connect`] feeds gradient buckets into. The thread ends when `f` returns
-/// (after the ops queued before), also when `f` fails or panics.
+/// (after the ops queued before), also when `f` fails or panics. On `Device::Cuda(d)`
+/// the thread makes `d` its current CUDA device first (it is per thread), as the
+/// training thread's NCCL calls have it.
 ///
 /// Errors: the thread could not be started.
 pub fn with_comm_thread<R>(
     comm: &mut dyn Collective,
+    device: Device,
     f: impl FnOnce(&mut CommProxy, Lane) -> R,
 ) -> Result<R, CollectiveError> {
     let (rank, world, abort) = (comm.rank(), comm.world_size(), comm.abort_handle());
@@ -420,7 +428,14 @@ pub fn with_comm_thread<R>(
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("cvdist-comm".into())
-            .spawn_scoped(s, move || serve(comm, rx, done_tx, cuda))
+            .spawn_scoped(s, move || {
+                if let Device::Cuda(d) = device {
+                    if let Err(e) = cuda_stream::use_device(d) {
+                        warn!("comm thread: {e}");
+                    }
+                }
+                serve(comm, rx, done_tx, cuda)
+            })
             .map_err(|e| CollectiveError::io("starting the gradient communication thread", e))?;
         // Made inside the scope, so an unwinding `f` drops every sender before the scope
         // joins the thread.
@@ -434,37 +449,38 @@ pub fn with_comm_thread<R>(
 /// The comm thread's loop: jobs in arrival order until `Stop` or every sender is gone.
 fn serve(comm: &mut dyn Collective, rx: Receiver<Msg>, done: Sender<Done>, cuda: Arc<Mutex<Option<Arc<CudaLane>>>>) {
     let mut failed: Option<String> = None;
-    let mut device_bound = None;
     for msg in rx {
         match msg {
             Msg::Stop => break,
             Msg::Run(op) => op(comm),
-            Msg::Bucket { bucket, mut grad } => {
+            Msg::Bucket { bucket, mut grad, last } => {
                 let lane = lock(&cuda).clone();
+                let on_device = lane.is_some();
                 let result = match (&failed, lane) {
                     (Some(why), _) => {
-                        Err(CollectiveError::Broken(format!("an earlier bucket of this step failed: {why}")))
+                        Err(CollectiveError::Broken(format!("an earlier gradient reduction failed: {why}")))
                     }
                     (None, None) => {
                         let start = Instant::now();
                         comm.reduce_tensor_sum(&mut grad).map(|()| start.elapsed().as_secs_f64())
                     }
-                    (None, Some(lane)) => {
-                        if device_bound != Some(lane.device) {
-                            // CUDA's current device is per thread; NCCL needs its own.
-                            if let Err(e) = cuda_stream::use_device(lane.device) {
-                                warn!("comm thread: {e}");
-                            }
-                            device_bound = Some(lane.device);
-                        }
-                        reduce_on_stream(comm, &lane, bucket, &mut grad)
-                    }
+                    (None, Some(lane)) => reduce_on_stream(comm, &lane, bucket, &mut grad),
                 };
                 if let Err(e) = &result {
                     failed.get_or_insert_with(|| e.to_string());
                 }
                 if done.send(Done { result }).is_err() {
                     break;
+                }
+                if on_device && last && failed.is_none() {
+                    // The step only made its stream wait for the reductions and went on. Here,
+                    // off the training thread, wait for them (bounded by the watchdog): a
+                    // reduction the watchdog aborted (dead or stalled peer, the job's abort)
+                    // fails the next bucket handed over, so the error ends the next step at
+                    // the latest, before any collective of a checkpoint could succeed.
+                    if let Err(e) = comm.wait() {
+                        failed = Some(e.to_string());
+                    }
                 }
             }
         }

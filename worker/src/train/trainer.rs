@@ -328,7 +328,7 @@ pub fn train(
     if comm.world_size() == 1 {
         return train_on(cfg, data, comm, None, observer);
     }
-    overlap::with_comm_thread(comm, |proxy, lane| train_on(cfg, data, proxy, Some(lane), observer))?
+    overlap::with_comm_thread(comm, cfg.device, |proxy, lane| train_on(cfg, data, proxy, Some(lane), observer))?
 }
 
 fn train_on(
