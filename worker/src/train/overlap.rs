@@ -16,8 +16,8 @@
 //! ```
 //!
 //! - **Hooks** ([`GradHooks`]): one post-accumulate-grad hook per parameter, through the
-//!   C++ shim `csrc/grad_ready_shim.cpp`, registered once per [`super::Engine`] and removed
-//!   when it drops. They fire once per backward per parameter, after its gradient was
+//!   C++ shim `csrc/grad_ready_shim.cpp`, registered once per [`super::Engine`] when it
+//!   gets a comm thread (a single rank has none and no hooks) and removed when it drops. They fire once per backward per parameter, after its gradient was
 //!   added in place into its bucket view.
 //! - **Buckets in ready order** ([`ready_order`]): at construction one probe backward (a
 //!   zero batch, eval mode, so no statistics change and no random numbers are drawn)

@@ -161,9 +161,9 @@ pub struct Engine {
     pub freeze_bn: bool,
     /// Dynamic loss scaling, present exactly when the run is fp16.
     pub scaler: Option<GradScaler>,
-    /// Gradient-ready hooks on every parameter; they feed the comm thread once
-    /// [`Engine::overlapped_sync`] connected them (issue 13).
-    hooks: GradHooks,
+    /// Gradient-ready hooks on every parameter, installed by [`Engine::overlapped_sync`]
+    /// (only runs with a comm thread pay for them; issue 13).
+    hooks: Option<GradHooks>,
 }
 
 /// tch has no memory-format API: a permuted contiguous copy has NHWC strides while keeping
@@ -204,7 +204,6 @@ impl Engine {
             overlap::ready_order(&params, model.as_ref(), device).map_err(|e| TrainError::Model(e.to_string()))?;
         let buckets = Buckets::in_order(&params, &order, FIRST_BUCKET_ELEMS, BUCKET_ELEMS)
             .map_err(|e| TrainError::Model(e.to_string()))?;
-        let hooks = GradHooks::register(&params, &buckets).map_err(|e| TrainError::Model(e.to_string()))?;
         let sgd = Sgd::with_buckets(params, buckets, spec.momentum, spec.weight_decay);
         let asked = Precision::parse(cvdist_common::spec::precision(spec));
         let precision = asked.effective(device);
@@ -221,15 +220,25 @@ impl Engine {
             channels_last: spec.channels_last,
             freeze_bn: false,
             scaler: (precision == Precision::Fp16).then(|| GradScaler::new(device)),
-            hooks,
+            hooks: None,
         })
     }
 
     /// A [`GradSync`] whose all-reduce runs on `lane`'s comm thread while backward
-    /// computes ([`overlap::with_comm_thread`]); pass that thread's proxy as the `comm`
-    /// of [`Engine::finish_step`]. One per engine.
-    pub fn overlapped_sync(&self, lane: Lane) -> GradSync {
-        GradSync::overlapped(self.hooks.connect(lane))
+    /// computes ([`overlap::with_comm_thread`]): installs the gradient-ready hooks (once
+    /// per engine; they are removed when it drops). Pass that thread's proxy as the `comm`
+    /// of [`Engine::finish_step`].
+    ///
+    /// Errors: the hooks are already installed, or libtorch refused one.
+    pub fn overlapped_sync(&mut self, lane: Lane) -> Result<GradSync, TrainError> {
+        if self.hooks.is_some() {
+            return Err(TrainError::Model("gradient-ready hooks are installed once per engine".into()));
+        }
+        let hooks =
+            GradHooks::register(self.sgd.params(), self.sgd.buckets()).map_err(|e| TrainError::Model(e.to_string()))?;
+        let sync = GradSync::overlapped(hooks.connect(lane));
+        self.hooks = Some(hooks);
+        Ok(sync)
     }
 
     /// Parameters then buffers, sorted by name.
@@ -345,7 +354,7 @@ fn train_on(
     let mut grad_sync = match lane {
         Some(lane) => {
             overlap::check_same_layout(engine.sgd.buckets(), comm)?;
-            engine.overlapped_sync(lane)
+            engine.overlapped_sync(lane)?
         }
         None => GradSync::new(),
     };
