@@ -73,7 +73,7 @@ impl Net {
         }
         let mut out = self.head_a.forward(&h);
         if use_b {
-            out = out + self.head_b.forward(&h);
+            out += self.head_b.forward(&h);
         }
         out.square().mean(Kind::Float)
     }

@@ -323,7 +323,7 @@ mod tests {
         assert_eq!(buckets.params_of(1), &[1]);
         assert_eq!((buckets.bucket_of(0), buckets.bucket_of(1), buckets.bucket_of(2)), (0, 1, 0));
         assert_eq!(buckets.numels(), &[5, 5]);
-        let _ = tch::no_grad(|| buckets.values(0).copy_(&Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0])));
+        tch::no_grad(|| buckets.values(0).copy_(&Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0])));
         assert_eq!(Vec::<f32>::try_from(&params[2].1).unwrap(), vec![1.0, 2.0], "c first in bucket 0");
         assert_eq!(Vec::<f32>::try_from(&params[0].1).unwrap(), vec![3.0, 4.0, 5.0]);
         let same = Buckets::in_order(&params, &[2, 0, 1], 5, 5).unwrap();

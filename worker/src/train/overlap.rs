@@ -142,6 +142,9 @@ pub fn ready_order(params: &[(String, Tensor)], model: &dyn ModuleT, device: Dev
     Ok(order)
 }
 
+/// A collective run on the comm thread for the training thread ([`CommProxy`]).
+type CommOp = Box<dyn FnOnce(&mut dyn Collective) + Send>;
+
 /// What the comm thread is asked to do.
 enum Msg {
     /// All-reduce (sum) this bucket's whole gradient buffer in place; `last` marks a
@@ -152,7 +155,7 @@ enum Msg {
         last: bool,
     },
     /// Any other collective of the trainer, run in queue order ([`CommProxy`]).
-    Run(Box<dyn FnOnce(&mut dyn Collective) + Send>),
+    Run(CommOp),
     Stop,
 }
 
