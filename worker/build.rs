@@ -17,17 +17,19 @@ fn main() {
 }
 
 /// Compiles the C++ shims in csrc/ (per-device autocast dtype; gradients as views into
-/// bucket buffers; see each file's header comment) against the libtorch headers next to
-/// the library directory torch-sys found, with the flags torch-sys uses for its own C++
-/// (C++17, the wheel's C++11 ABI).
+/// bucket buffers; gradient-ready hooks; see each file's header comment) against the
+/// libtorch headers next to the library directory torch-sys found, with the flags
+/// torch-sys uses for its own C++ (C++17, the wheel's C++11 ABI).
 fn build_shims(lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=csrc/autocast_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/grad_view_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/grad_ready_shim.cpp");
     let include = lib.parent().map(|p| p.join("include")).unwrap_or_default();
     cc::Build::new()
         .cpp(true)
         .file("csrc/autocast_shim.cpp")
         .file("csrc/grad_view_shim.cpp")
+        .file("csrc/grad_ready_shim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -75,6 +75,35 @@ struct RawUniqueId {
 type Comm = *mut c_void;
 type Stream = *mut c_void;
 
+thread_local! {
+    /// The CUDA stream this thread's NCCL ops and their completion markers go on; 0 is
+    /// the legacy default stream (see [`on_stream`]).
+    static STREAM: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` with the calling thread's NCCL ops (and the watchdog's completion markers
+/// after them) enqueued on `stream` instead of the legacy default stream, as PyTorch's
+/// "current stream" does. The gradient communication thread uses it to reduce buckets on
+/// its own stream while backward kernels keep running on stream 0
+/// (`train::overlap`); the caller orders the stream after the producing kernels with an
+/// event. `stream` must be a live `cudaStream_t` of the communicator's device.
+pub fn on_stream<R>(stream: *mut c_void, f: impl FnOnce() -> R) -> R {
+    let previous = STREAM.with(|s| s.replace(stream as usize));
+    // Restored even if `f` panics, so a later op on this thread is not misdirected.
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            STREAM.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(previous);
+    f()
+}
+
+fn current_stream() -> Stream {
+    STREAM.with(|s| s.get()) as Stream
+}
+
 /// The leading fields of `ncclConfig_t` as NCCL 2.17 laid them out (nccl.h). NCCL copies
 /// `min(size, its own sizeof)` bytes over its defaults and ignores fields newer than
 /// `version`, so this prefix is valid for every NCCL ≥ 2.17, including the 2.29 of the
@@ -406,8 +435,8 @@ fn load_cudart() -> Result<Cudart, String> {
     Err(format!("the CUDA runtime (libcudart) is not loadable; tried {}", tried.join("; ")))
 }
 
-/// A CUDA event recorded on stream 0 right after a collective: complete exactly when the
-/// collective is.
+/// A CUDA event recorded on the collective's stream (stream 0 unless [`on_stream`] says
+/// otherwise) right after it: complete exactly when the collective is.
 struct EventMarker {
     rt: &'static Cudart,
     event: CudaEvent,
@@ -425,8 +454,9 @@ impl EventMarker {
             (rt.event_create_with_flags)(&mut event, CUDA_EVENT_DISABLE_TIMING)
         })?;
         let marker = EventMarker { rt, event };
-        // SAFETY: live event; null is the legacy default stream the collectives use.
-        rt.check("cudaEventRecord", unsafe { (rt.event_record)(event, std::ptr::null_mut()) })?;
+        // SAFETY: live event; the stream the collectives of this thread use (null: the
+        // legacy default stream).
+        rt.check("cudaEventRecord", unsafe { (rt.event_record)(event, current_stream()) })?;
         Ok(marker)
     }
 }
@@ -684,7 +714,8 @@ impl NcclComm {
         }
     }
 
-    /// In-place sum of `count` elements at device pointer `ptr`, enqueued on stream 0.
+    /// In-place sum of `count` elements at device pointer `ptr`, enqueued on stream 0
+    /// (or the thread's stream set by [`on_stream`]).
     ///
     /// # Safety
     /// `ptr` must point to at least `count` elements of `dtype` in memory of this
@@ -699,7 +730,7 @@ impl NcclComm {
         self.enqueue("ncclAllReduce", |comm| {
             // SAFETY: the caller guarantees `ptr` holds `count` elements of `dtype` on this
             // communicator's device until the stream has run the op.
-            unsafe { (api.all_reduce)(ptr, ptr, count, dtype as c_int, NCCL_SUM, comm, std::ptr::null_mut()) }
+            unsafe { (api.all_reduce)(ptr, ptr, count, dtype as c_int, NCCL_SUM, comm, current_stream()) }
         })
     }
 
@@ -720,7 +751,7 @@ impl NcclComm {
         let api = self.handle.api;
         self.enqueue("ncclBroadcast", |comm| {
             // SAFETY: as for `all_reduce_sum_device`, guaranteed by the caller.
-            unsafe { (api.broadcast)(ptr, ptr, count, dtype as c_int, root as c_int, comm, std::ptr::null_mut()) }
+            unsafe { (api.broadcast)(ptr, ptr, count, dtype as c_int, root as c_int, comm, current_stream()) }
         })
     }
 

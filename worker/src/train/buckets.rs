@@ -31,6 +31,8 @@ pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
 pub enum BucketError {
     #[error("parameter {name:?} cannot live in a flat f32 bucket: {why}")]
     Unsupported { name: String, why: String },
+    #[error("bucket order is not a permutation of the parameters: {0}")]
+    Order(String),
     #[error("libtorch refused to make the gradient of {name:?} a view into its bucket")]
     SetGrad { name: String },
     #[error("libtorch: {0}")]
@@ -98,8 +100,10 @@ pub struct Buckets {
     grads: Vec<Tensor>,
     /// Per bucket: elements of its parameters (without the trailing slot).
     numels: Vec<i64>,
-    /// Per parameter, in the order given to [`Buckets::new`].
+    /// Per parameter, in the order of the `params` given to [`Buckets::new`].
     slots: Vec<Slot>,
+    /// Per bucket: the indices of its parameters, in their order in the bucket.
+    order: Vec<Vec<usize>>,
 }
 
 impl Buckets {
@@ -112,6 +116,33 @@ impl Buckets {
     /// Errors: a parameter that is not f32, not dense (see [`is_dense`]) or on another
     /// device than the first one; libtorch refusing the gradient view.
     pub fn new(params: &[(String, Tensor)], first_cap: usize, cap: usize) -> Result<Buckets, BucketError> {
+        let order: Vec<usize> = (0..params.len()).collect();
+        Buckets::in_order(params, &order, first_cap, cap)
+    }
+
+    /// As [`Buckets::new`], but the buckets are planned over the parameters in `order`
+    /// (indices into `params`; the trainer passes the order in which backward makes the
+    /// gradients ready, so the first bucket is complete first). Parameter `i` stays
+    /// parameter `i` for [`Buckets::bucket_of`] and [`Buckets::param_view`].
+    ///
+    /// Errors: as [`Buckets::new`], and [`BucketError::Order`] when `order` is not a
+    /// permutation of `0..params.len()`.
+    pub fn in_order(
+        params: &[(String, Tensor)],
+        order: &[usize],
+        first_cap: usize,
+        cap: usize,
+    ) -> Result<Buckets, BucketError> {
+        let mut seen = vec![false; params.len()];
+        for &i in order {
+            match seen.get_mut(i) {
+                Some(s) if !*s => *s = true,
+                _ => return Err(BucketError::Order(format!("index {i} repeated or out of 0..{}", params.len()))),
+            }
+        }
+        if order.len() != params.len() {
+            return Err(BucketError::Order(format!("{} indices for {} parameters", order.len(), params.len())));
+        }
         let device = params.first().map(|(_, p)| p.device()).unwrap_or(Device::Cpu);
         for (name, p) in params {
             let why = if p.kind() != Kind::Float {
@@ -127,22 +158,21 @@ impl Buckets {
                 return Err(BucketError::Unsupported { name: name.clone(), why });
             }
         }
-        let sizes: Vec<usize> = params.iter().map(|(_, p)| p.numel()).collect();
+        let sizes: Vec<usize> = order.iter().map(|&i| params[i].1.numel()).collect();
         let ranges = plan(&sizes, first_cap, cap);
-        let mut buckets = Buckets {
-            values: Vec::new(),
-            grads: Vec::new(),
-            numels: Vec::new(),
-            slots: Vec::with_capacity(params.len()),
-        };
+        let mut buckets =
+            Buckets { values: Vec::new(), grads: Vec::new(), numels: Vec::new(), slots: Vec::new(), order: Vec::new() };
+        let mut slots: Vec<Option<Slot>> = (0..params.len()).map(|_| None).collect();
         for (b, range) in ranges.iter().enumerate() {
             let numel: i64 = sizes[range.clone()].iter().map(|&n| n as i64).sum();
             let tail = i64::from(b + 1 == ranges.len());
             buckets.values.push(Tensor::f_zeros([numel], (Kind::Float, device))?);
             buckets.grads.push(Tensor::f_zeros([numel + tail], (Kind::Float, device))?);
             buckets.numels.push(numel);
+            buckets.order.push(order[range.clone()].to_vec());
             let mut offset = 0i64;
-            for (name, p) in &params[range.clone()] {
+            for &i in &order[range.clone()] {
+                let (name, p) = &params[i];
                 let slot = Slot { bucket: b, offset, numel: p.numel() as i64, size: p.size(), stride: p.stride() };
                 let value = buckets.view(&buckets.values[b], &slot)?;
                 let grad = buckets.view(&buckets.grads[b], &slot)?;
@@ -156,9 +186,12 @@ impl Buckets {
                     return Err(BucketError::SetGrad { name: name.clone() });
                 }
                 offset += slot.numel;
-                buckets.slots.push(slot);
+                slots[i] = Some(slot);
             }
         }
+        // Every index was placed exactly once: `order` is a permutation (checked above)
+        // and `plan` covers it.
+        buckets.slots = slots.into_iter().flatten().collect();
         Ok(buckets)
     }
 
@@ -198,6 +231,11 @@ impl Buckets {
         &mut self.grads
     }
 
+    /// Bucket `b`'s whole gradient buffer (flag slot included): what the all-reduce sums.
+    pub fn reduce_buffer(&self, b: usize) -> Tensor {
+        self.grads[b].shallow_clone()
+    }
+
     /// The one-element view that carries the divergence flag (after the last gradient).
     pub fn flag_slot(&self) -> Option<Tensor> {
         let last = self.grads.len().checked_sub(1)?;
@@ -224,6 +262,32 @@ impl Buckets {
     pub fn bucket_of(&self, i: usize) -> usize {
         self.slots[i].bucket
     }
+
+    /// The indices of bucket `b`'s parameters, in their order inside the bucket.
+    pub fn params_of(&self, b: usize) -> &[usize] {
+        &self.order[b]
+    }
+
+    /// A number that differs, with high probability, between two different layouts
+    /// (which parameter sits where, and the bucket sizes): the ranks compare it before
+    /// training, since summing buckets laid out differently would mix parameters.
+    pub fn layout_fingerprint(&self) -> u32 {
+        // FNV-1a over the layout; a check, not a security boundary.
+        let mut h: u32 = 0x811c_9dc5;
+        let mut mix = |v: u64| {
+            for byte in v.to_le_bytes() {
+                h ^= u32::from(byte);
+                h = h.wrapping_mul(0x0100_0193);
+            }
+        };
+        for (b, params) in self.order.iter().enumerate() {
+            mix(self.numels[b] as u64);
+            for &i in params {
+                mix(i as u64);
+            }
+        }
+        h
+    }
 }
 
 #[cfg(test)]
@@ -244,6 +308,30 @@ mod tests {
             let covered: Vec<usize> = buckets.iter().flat_map(|r| r.clone()).collect();
             assert_eq!(covered, (0..sizes.len()).collect::<Vec<_>>(), "every parameter once, in order");
             assert!(buckets.iter().all(|r| !r.is_empty()));
+        }
+    }
+
+    /// Buckets planned over a given order: parameter indices keep their meaning, the
+    /// layout follows the order, and a non-permutation is refused.
+    #[test]
+    fn buckets_follow_the_given_order() {
+        let p = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let params = vec![("a".to_string(), p(3)), ("b".into(), p(5)), ("c".into(), p(2))];
+        let buckets = Buckets::in_order(&params, &[2, 0, 1], 5, 5).unwrap();
+        assert_eq!(buckets.len(), 2);
+        assert_eq!(buckets.params_of(0), &[2, 0]);
+        assert_eq!(buckets.params_of(1), &[1]);
+        assert_eq!((buckets.bucket_of(0), buckets.bucket_of(1), buckets.bucket_of(2)), (0, 1, 0));
+        assert_eq!(buckets.numels(), &[5, 5]);
+        tch::no_grad(|| buckets.values(0).copy_(&Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0])));
+        assert_eq!(Vec::<f32>::try_from(&params[2].1).unwrap(), vec![1.0, 2.0], "c first in bucket 0");
+        assert_eq!(Vec::<f32>::try_from(&params[0].1).unwrap(), vec![3.0, 4.0, 5.0]);
+        let same = Buckets::in_order(&params, &[2, 0, 1], 5, 5).unwrap();
+        assert_eq!(same.layout_fingerprint(), buckets.layout_fingerprint());
+        let other = Buckets::in_order(&params, &[0, 2, 1], 5, 5).unwrap();
+        assert_ne!(other.layout_fingerprint(), buckets.layout_fingerprint());
+        for bad in [&[0usize, 0, 1][..], &[0, 1], &[0, 1, 3]] {
+            assert!(matches!(Buckets::in_order(&params, bad, 5, 5), Err(BucketError::Order(_))), "{bad:?}");
         }
     }
 

@@ -5,6 +5,8 @@ pub mod checkpoint;
 pub mod ckpt_writer;
 pub mod divergence;
 pub mod metrics;
+mod cuda_stream;
+pub mod overlap;
 pub mod precision;
 pub mod scaler;
 pub mod schedule;

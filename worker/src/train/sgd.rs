@@ -31,6 +31,17 @@ impl Sgd {
         Ok(Sgd { params, buckets, momentum_buffers: None, momentum, weight_decay })
     }
 
+    /// As [`Sgd::new`], with buckets already made over `params` (in any order, e.g. the
+    /// gradient-ready order of [`Buckets::in_order`]); `params` keeps its own order.
+    pub fn with_buckets(params: Vec<(String, Tensor)>, buckets: Buckets, momentum: f64, weight_decay: f64) -> Sgd {
+        Sgd { params, buckets, momentum_buffers: None, momentum, weight_decay }
+    }
+
+    /// The flat buffers the parameters and gradients live in.
+    pub fn buckets(&self) -> &Buckets {
+        &self.buckets
+    }
+
     pub fn params(&self) -> &[(String, Tensor)] {
         &self.params
     }

@@ -8,13 +8,18 @@
 
 use super::buckets::Buckets;
 use super::divergence;
+use super::overlap::Overlap;
 use super::scaler::GradScaler;
 use crate::collective::{Collective, CollectiveError};
 use tch::{Device, Kind, Tensor};
 
 /// Reduces a step's gradients over the ranks (see [`GradSync::reduce`]).
-#[derive(Debug, Default)]
-pub struct GradSync {}
+#[derive(Default)]
+pub struct GradSync {
+    /// Set when the buckets are all-reduced during backward by the comm thread
+    /// ([`super::overlap`]); otherwise they are all-reduced here, after backward.
+    overlap: Option<Overlap>,
+}
 
 /// What one step's gradient reduction found, identical on every rank.
 #[derive(Debug)]
@@ -44,6 +49,19 @@ impl GradSync {
         GradSync::default()
     }
 
+    /// Reduces with the all-reduce overlapped with backward: the gradient-ready hooks
+    /// hand complete buckets to the comm thread during backward, and
+    /// [`GradSync::reduce`] only hands over the rest and waits for the tail. The `comm`
+    /// passed to `reduce` must be that comm thread's proxy (or one with the same world).
+    pub fn overlapped(overlap: Overlap) -> GradSync {
+        GradSync { overlap: Some(overlap) }
+    }
+
+    /// The overlapped reduction's state, when there is one.
+    pub fn overlap(&self) -> Option<&Overlap> {
+        self.overlap.as_ref()
+    }
+
     /// Replaces every gradient in `buckets` by its mean over the ranks, unscales it when
     /// `scaler` is given (one fused check per bucket), and agrees over the ranks whether
     /// any rank's `loss` (the step's mean loss, a tensor on the device) was non-finite —
@@ -66,7 +84,15 @@ impl GradSync {
         };
         tch::no_grad(|| flag_slot.f_copy_(&flag))?;
         let start = std::time::Instant::now();
-        if world > 1 {
+        let mut wire = 0.0;
+        if let (Some(overlap), true) = (&self.overlap, world > 1) {
+            // Overlapped (issue 13): the buckets backward completed are already reduced or
+            // in flight; parameters without a gradient count as ready with zeros, the flag
+            // slot just filled releases the last bucket, and only the tail is waited for.
+            overlap.end_backward();
+            overlap.flag_ready();
+            wire = overlap.wait()?;
+        } else if world > 1 {
             for bucket in buckets.reduce_buffers() {
                 comm.reduce_tensor_sum(bucket)?;
             }
@@ -74,8 +100,9 @@ impl GradSync {
             // the reduction; bounded, because the communicator's watchdog ends the wait with
             // an error when a peer is dead or stalled, where a device sync would block forever.
             comm.wait()?;
+            wire = start.elapsed().as_secs_f64();
         }
-        let wire = start.elapsed().as_secs_f64();
+
         let mut grads: Vec<Tensor> = (0..buckets.len()).map(|b| buckets.grads(b)).collect();
         let apply = match scaler {
             Some(scaler) => {

@@ -4,10 +4,12 @@
 //! would. BatchNorm in training mode still normalises over each rank's own batch, so the
 //! steps are only the same with `freeze_bn` (docs/ARCHITECTURE.md, "N workers × batch b").
 
+use super::buckets::{Buckets, BUCKET_ELEMS};
 use super::checkpoint::{self, CheckpointState};
 use super::ckpt_writer::{BackgroundWriter, CheckpointStore, Done};
 use super::divergence::{DivergenceRecord, FirstDivergence, CHECK_EVERY_STEPS};
 use super::metrics::{DeviceSums, StepOutput};
+use super::overlap::{self, GradHooks, Lane, FIRST_BUCKET_ELEMS};
 use super::precision::{self, Precision};
 use super::scaler::{GradScaler, ScalerState};
 use super::schedule::learning_rate;
@@ -163,6 +165,9 @@ pub struct Engine {
     pub scaler: Option<GradScaler>,
     /// The steps' agreed divergence flags since the last check, on the device.
     pub divergence: DivergenceRecord,
+    /// Gradient-ready hooks on every parameter, installed by [`Engine::overlapped_sync`]
+    /// (only runs with a comm thread pay for them; issue 13).
+    hooks: Option<GradHooks>,
 }
 
 /// tch has no memory-format API: a permuted contiguous copy has NHWC strides while keeping
@@ -198,7 +203,13 @@ impl Engine {
                 }
             });
         }
-        let sgd = Sgd::new(params, spec.momentum, spec.weight_decay).map_err(|e| TrainError::Model(e.to_string()))?;
+        // Buckets in the order backward finishes the gradients, a small first one, so the
+        // first all-reduce can start early in backward (train::overlap).
+        let order =
+            overlap::ready_order(&params, model.as_ref(), device).map_err(|e| TrainError::Model(e.to_string()))?;
+        let buckets = Buckets::in_order(&params, &order, FIRST_BUCKET_ELEMS, BUCKET_ELEMS)
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        let sgd = Sgd::with_buckets(params, buckets, spec.momentum, spec.weight_decay);
         let asked = Precision::parse(cvdist_common::spec::precision(spec));
         let precision = asked.effective(device);
         if precision != asked {
@@ -215,7 +226,25 @@ impl Engine {
             freeze_bn: false,
             scaler: (precision == Precision::Fp16).then(|| GradScaler::new(device)),
             divergence: DivergenceRecord::new(device)?,
+            hooks: None,
         })
+    }
+
+    /// A [`GradSync`] whose all-reduce runs on `lane`'s comm thread while backward
+    /// computes ([`overlap::with_comm_thread`]): installs the gradient-ready hooks (once
+    /// per engine; they are removed when it drops). Pass that thread's proxy as the `comm`
+    /// of [`Engine::finish_step`].
+    ///
+    /// Errors: the hooks are already installed, or libtorch refused one.
+    pub fn overlapped_sync(&mut self, lane: Lane) -> Result<GradSync, TrainError> {
+        if self.hooks.is_some() {
+            return Err(TrainError::Model("gradient-ready hooks are installed once per engine".into()));
+        }
+        let hooks =
+            GradHooks::register(self.sgd.params(), self.sgd.buckets()).map_err(|e| TrainError::Model(e.to_string()))?;
+        let sync = GradSync::overlapped(hooks.connect(lane));
+        self.hooks = Some(hooks);
+        Ok(sync)
     }
 
     /// Parameters then buffers, sorted by name.
@@ -331,18 +360,39 @@ impl Engine {
     }
 }
 
-/// Runs the job from its start (or `cfg.resume`) to its last epoch.
+/// Runs the job from its start (or `cfg.resume`) to its last epoch. With more than one
+/// rank, `comm` moves to a communication thread for the run, which all-reduces gradient
+/// buckets while backward computes (train::overlap); every collective goes through it.
 pub fn train(
     cfg: &TrainerConfig,
     data: &Datasets,
     comm: &mut dyn Collective,
     observer: &mut dyn Observer,
 ) -> Result<TrainOutcome, TrainError> {
+    if comm.world_size() == 1 {
+        return train_on(cfg, data, comm, None, observer);
+    }
+    overlap::with_comm_thread(comm, cfg.device, |proxy, lane| train_on(cfg, data, proxy, Some(lane), observer))?
+}
+
+fn train_on(
+    cfg: &TrainerConfig,
+    data: &Datasets,
+    comm: &mut dyn Collective,
+    lane: Option<Lane>,
+    observer: &mut dyn Observer,
+) -> Result<TrainOutcome, TrainError> {
     let spec = &cfg.spec;
     let started = Instant::now();
     let mut engine = Engine::new(spec, cfg.device)?;
     engine.freeze_bn = cfg.freeze_bn;
-    let mut grad_sync = GradSync::new();
+    let mut grad_sync = match lane {
+        Some(lane) => {
+            overlap::check_same_layout(engine.sgd.buckets(), comm)?;
+            engine.overlapped_sync(lane)?
+        }
+        None => GradSync::new(),
+    };
 
     // This rank's sums of the partially trained epoch: loss·samples, correct, samples,
     // seconds, all-reduce seconds.
