@@ -196,8 +196,8 @@ fn buckets_are_handed_over_during_backward_and_reduce_to_the_exact_mean() {
                     let b = r.buckets.bucket_of(r.params.iter().position(|(n, _)| n == name).unwrap());
                     assert!(inside(&p.grad(), &r.buckets.reduce_buffer(b)), "{name}'s gradient left its bucket");
                 }
-                let reduced = sync.reduce(&mut r.buckets, proxy, loss.double_value(&[]), None).expect("reduce");
-                assert_eq!(reduced.diverged_loss, None);
+                let reduced = sync.reduce(&mut r.buckets, proxy, &loss, None).expect("reduce");
+                assert_eq!(reduced.flag.view([-1]).double_value(&[0]), 0.0, "no rank diverged");
                 assert!(reduced.apply);
                 assert_eq!(sync.overlap().unwrap().launched(), 0, "every bucket went; the next step starts over");
                 steps.push(r.params.iter().map(|(n, p)| (n.clone(), values(&p.grad()))).collect::<Vec<_>>());
@@ -234,7 +234,7 @@ fn a_parameter_without_gradient_does_not_hold_up_its_bucket() {
                 let loss = r.net.loss(&input(rank, step), false);
                 loss.backward();
                 assert_eq!(sync.overlap().unwrap().launched(), 0, "the first bucket waits for head_b");
-                sync.reduce(&mut r.buckets, proxy, loss.double_value(&[]), None).expect("reduce");
+                sync.reduce(&mut r.buckets, proxy, &loss, None).expect("reduce");
                 steps.push(r.params.iter().map(|(n, p)| (n.clone(), values(&p.grad()))).collect::<Vec<_>>());
             }
             steps
@@ -302,13 +302,13 @@ fn failing_step(comm: &mut dyn Collective, after_backward: impl FnOnce()) -> (Sy
         loss.backward();
         after_backward();
         let start = Instant::now();
-        let err = sync.reduce(&mut r.buckets, proxy, loss.double_value(&[]), None).expect_err("the step must fail");
+        let err = sync.reduce(&mut r.buckets, proxy, &loss, None).expect_err("the step must fail");
         let took = start.elapsed();
         // The next step fails too, at once: the communicator is unusable.
         r.buckets.zero_grads();
         let loss = r.net.loss(&input(0, 1), true);
         loss.backward();
-        let again = sync.reduce(&mut r.buckets, proxy, loss.double_value(&[]), None).expect_err("broken ring");
+        let again = sync.reduce(&mut r.buckets, proxy, &loss, None).expect_err("broken ring");
         (err, took, again)
     })
     .expect("comm thread")
