@@ -19,8 +19,8 @@
 //! chunk to 16-bit words just before writing it, the receiving side widens what it reads
 //! to f32 and adds it to the buffer in f32, and when a chunk's sum is complete (the last
 //! reduce-scatter step) the receiver rounds it in place before the sender forwards it,
-//! so that every rank ends with the same rounded values. f32 ops take the same code path
-//! as before compression existed, byte for byte.
+//! so that every rank ends with the same rounded values. f32 ops put the same bytes on
+//! the link and add in the same order as before compression existed.
 
 use super::compress::Wire;
 use super::io_error::{failure_or_abort, IoCtx};
