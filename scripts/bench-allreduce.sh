@@ -5,7 +5,8 @@
 #
 # Env: WORLDS="2 4"  SIZES=23500000,2300000,1024 (floats)  ITERS=10  WARMUP=3
 #      CHUNK_KIB=<n> (cvdist pipelining chunk)  BENCH_BIN=<prebuilt example binary>
-#      SKIP_GLOO=1
+#      SKIP_GLOO=1  COMPRESSIONS=none,bf16,fp16 (cvdist's --grad-compression values to
+#      measure, each as the gradient all-reduce; default none; Gloo always sends f32)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -46,7 +47,8 @@ cvdist_rank() {
   local n="$1" base="$2" r="$3" peers="" i
   for ((i = 0; i < n; i++)); do peers+="${peers:+,}127.0.0.1:$((base + i))"; done
   "$BENCH_BIN" --rank "$r" --world "$n" --peers "$peers" --sizes "$SIZES" \
-    --iters "$ITERS" --warmup "$WARMUP" ${CHUNK_KIB:+--chunk-kib "$CHUNK_KIB"}
+    --iters "$ITERS" --warmup "$WARMUP" ${CHUNK_KIB:+--chunk-kib "$CHUNK_KIB"} \
+    --grad-compression "${COMPRESSIONS:-none}"
 }
 
 gloo_rank() {
@@ -68,20 +70,29 @@ done
 
 "$CVDIST_PYTHON" - "$out/results" <<'PY'
 import sys
-rows = {}
+rows, gloo, sent = {}, {}, {}
 for line in open(sys.argv[1]):
     kv = dict(f.split("=", 1) for f in line.split()[1:])
-    key = (int(kv["floats"]), int(kv["world"]))
-    rows.setdefault(key, {})[kv["impl"]] = float(kv["median_ms"])
+    floats, n = int(kv["floats"]), int(kv["world"])
+    if kv["impl"] == "gloo":
+        gloo[(floats, n)] = float(kv["median_ms"])
+    else:
+        key = (floats, n, kv.get("compression", "none"))
+        rows[key] = float(kv["median_ms"])
+        sent[key] = int(kv["bytes"]) if "bytes" in kv else None
 
 def size(b):
     return f"{b / 1e6:.1f} MB" if b >= 1e6 else f"{b / 1e3:.1f} KB"
 
-print(f"{'size':>9} {'N':>2} {'cvdist ms':>10} {'gloo ms':>9} {'cvdist/gloo':>11} {'cvdist busBW GB/s':>17}")
-for (floats, n), r in sorted(rows.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+# busBW: the f32 buffer's 2(N-1)/N * bytes over the time, whatever travelled (so a
+# compressed row shows the effective rate); "sent MB": what rank 0 wrote for one op.
+print(f"{'size':>9} {'N':>2} {'wire':>5} {'cvdist ms':>10} {'sent MB':>8} {'gloo ms':>9} {'cvdist/gloo':>11} {'cvdist busBW GB/s':>17}")
+order = {"none": 0, "bf16": 1, "fp16": 2}
+for (floats, n, comp), c in sorted(rows.items(), key=lambda kv: (-kv[0][0], kv[0][1], order.get(kv[0][2], 9))):
     b = floats * 4
-    c, g = r.get("cvdist"), r.get("gloo")
+    g = gloo.get((floats, n))
     ratio = f"{c / g:.2f}" if c and g else "-"
     bw = f"{2 * (n - 1) / n * b / (c / 1e3) / 1e9:.2f}" if c else "-"
-    print(f"{size(b):>9} {n:>2} {c or float('nan'):>10.3f} {g or float('nan'):>9.3f} {ratio:>11} {bw:>17}")
+    mb = f"{sent[(floats, n, comp)] / 1e6:.3f}" if sent[(floats, n, comp)] is not None else "-"
+    print(f"{size(b):>9} {n:>2} {comp:>5} {c:>10.3f} {mb:>8} {g or float('nan'):>9.3f} {ratio:>11} {bw:>17}")
 PY

@@ -2,7 +2,7 @@
 //! `submit`, `local`) and the job arguments around it, turned into a validated
 //! [`JobSpec`] in one place, and how a bad value is reported.
 
-use crate::choices::{Collective, Dataset, DeviceRequest, DeviceSyntaxError, Precision};
+use crate::choices::{Collective, Dataset, DeviceRequest, DeviceSyntaxError, GradCompression, Precision};
 use crate::proto::JobSpec;
 use crate::spec::{self, SpecError};
 use clap::Args;
@@ -87,6 +87,12 @@ pub struct JobArgs {
     /// "auto" (NCCL when every rank is on CUDA, else ring), "ring" or "nccl".
     #[arg(long, default_value_t = Collective::Auto)]
     pub collective: Collective,
+    /// How gradients travel between workers, on the ring and NCCL alike: "none" (f32,
+    /// exact as before), "bf16" or "fp16" (half the bytes; each hop's partial sum is rounded
+    /// to 16 bits and added in f32; fp16 sums beyond ±65504 become inf). Other
+    /// collectives (weights, BatchNorm statistics, metrics) stay f32.
+    #[arg(long, default_value_t = GradCompression::None)]
+    pub grad_compression: GradCompression,
     /// Job name (letters, digits, '.', '_', '-').
     #[arg(long, default_value = "")]
     pub name: String,
@@ -148,6 +154,7 @@ impl TryFrom<&JobArgs> for JobSpec {
         s.max_restarts = a.max_restarts;
         s.rendezvous_timeout_s = a.rendezvous_timeout;
         s.collective = a.collective.to_string();
+        s.grad_compression = a.grad_compression.to_string();
         s.threads_per_worker = a.threads_per_worker;
         (s.min_workers, s.max_workers) = a.workers;
         spec::validate(&s)?;
@@ -206,7 +213,7 @@ impl EvalArgs {
 }
 
 /// Parses the command line like `C::parse()`, except that a value one of cvdist's own
-/// parsers refused (an unknown `--dataset`, `--collective` or `--device`) is reported as
+/// parsers refused (an unknown `--dataset`, `--collective`, `--grad-compression` or `--device`) is reported as
 /// that parser's one line, `error: …`, and exit status 2, as when these were checked
 /// after parsing, instead of clap's usage block. Everything else (help, version, unknown
 /// flags, numbers that do not parse) is clap's own output.
@@ -296,6 +303,8 @@ mod tests {
             "ring",
             "--collective-timeout",
             "90",
+            "--grad-compression",
+            "bf16",
             "--name",
             "n1",
             "--threads-per-worker",
@@ -329,6 +338,7 @@ mod tests {
             rendezvous_timeout_s: 30,
             collective: "ring".into(),
             collective_timeout_s: 90,
+            grad_compression: "bf16".into(),
         };
         assert_eq!(s, want);
     }
@@ -395,6 +405,10 @@ mod tests {
         assert_eq!(
             own_message(&err(&with(&["--collective", "mpi"]))).as_deref(),
             Some("unknown collective \"mpi\"; expected \"auto\", \"ring\" or \"nccl\"")
+        );
+        assert_eq!(
+            own_message(&err(&with(&["--grad-compression", "fp8"]))).as_deref(),
+            Some("unknown gradient compression \"fp8\"; expected \"none\", \"bf16\" or \"fp16\"")
         );
         assert_eq!(
             own_message(&err(&with(&["--device", "gpu"]))).as_deref(),

@@ -1,5 +1,5 @@
-//! The closed sets of values a job or a command takes: dataset, collective, precision and
-//! device. Each value has one spelling, used on the command line, in `--help`, in the job
+//! The closed sets of values a job or a command takes: dataset, collective, precision,
+//! gradient compression and device. Each value has one spelling, used on the command line, in `--help`, in the job
 //! spec on the wire (`proto/cvdist.proto` keeps these fields as strings so older clients
 //! and the Python client stay valid) and in run directories: [`Display`](std::fmt::Display)
 //! writes it and [`FromStr`] reads it back, here and nowhere else.
@@ -114,6 +114,48 @@ impl FromStr for Precision {
     }
 }
 
+/// How gradient buckets travel between ranks (`--grad-compression`,
+/// `JobSpec.grad_compression`). Only the per-step gradient all-reduce is affected; weight
+/// broadcasts, BatchNorm statistics and metric sums stay exact f32. With a 16-bit format
+/// every hop carries the partial sum rounded to 16 bits, the receiver adds it to its own
+/// f32 values in f32, and every rank ends with the same rounded sum
+/// (`worker/src/collective/compress.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GradCompression {
+    /// f32 on the wire: bit-for-bit today's results.
+    #[default]
+    None,
+    /// bfloat16: f32's range, 8 significant bits (relative rounding error <= 2^-8 per hop).
+    Bf16,
+    /// IEEE float16: 11 significant bits (<= 2^-11 per hop) but a range of only ±65504:
+    /// a larger partial or final sum becomes ±inf on the wire, and magnitudes below
+    /// 2^-24 (about 6e-8) round to 0.
+    Fp16,
+}
+
+impl GradCompression {
+    pub const ALL: [GradCompression; 3] = [GradCompression::None, GradCompression::Bf16, GradCompression::Fp16];
+
+    /// The spelling on the command line and in `JobSpec.grad_compression`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            GradCompression::None => "none",
+            GradCompression::Bf16 => "bf16",
+            GradCompression::Fp16 => "fp16",
+        }
+    }
+}
+
+impl FromStr for GradCompression {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<GradCompression, SpecError> {
+        GradCompression::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| SpecError::GradCompression(s.to_string()))
+    }
+}
+
 /// What `--device` asks for. Resolving it to a real device (how many GPUs are visible,
 /// the local rank) needs libtorch and happens in the worker (`worker/src/device.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -167,7 +209,7 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(Dataset, Collective, Precision);
+display_as_str!(Dataset, Collective, Precision, GradCompression);
 
 #[cfg(test)]
 mod tests {
@@ -192,6 +234,11 @@ mod tests {
         assert_eq!(names, ["auto", "ring", "nccl"]);
         let names: Vec<String> = Precision::ALL.iter().map(|p| p.to_string()).collect();
         assert_eq!(names, ["fp32", "bf16", "fp16"]);
+        for c in GradCompression::ALL {
+            assert_eq!(c.to_string().parse::<GradCompression>(), Ok(c));
+        }
+        let names: Vec<String> = GradCompression::ALL.iter().map(|c| c.to_string()).collect();
+        assert_eq!(names, ["none", "bf16", "fp16"]);
     }
 
     #[test]
@@ -207,6 +254,15 @@ mod tests {
         assert_eq!(
             "half".parse::<Precision>().unwrap_err().to_string(),
             "precision must be \"fp32\", \"bf16\" or \"fp16\", got \"half\""
+        );
+        // The empty string is the wire's "unset" (see `GradCompression::from_spec`), not
+        // a spelling the command line takes.
+        for bad in ["fp8", "", "BF16", "int8"] {
+            assert_eq!(bad.parse::<GradCompression>(), Err(SpecError::GradCompression(bad.into())));
+        }
+        assert_eq!(
+            "fp8".parse::<GradCompression>().unwrap_err().to_string(),
+            "unknown gradient compression \"fp8\"; expected \"none\", \"bf16\" or \"fp16\""
         );
     }
 

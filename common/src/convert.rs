@@ -2,10 +2,26 @@
 //! both sides use, in one place: the checkpoint record, a recovery's cost as `summary.json`
 //! shows it, and what a job state means. (The
 //! job-spec fields that stay strings on the wire are read and written by the enums in
-//! `crate::choices`.)
+//! `crate::choices`; the one whose empty string has a meaning of its own,
+//! `grad_compression`, is read here.)
 
 use crate::checkpoint::{CheckpointState, ScalerState};
+use crate::choices::GradCompression;
 use crate::proto;
+use crate::spec::SpecError;
+
+impl GradCompression {
+    /// The compression `spec` asks for. An empty field is what clients that predate it
+    /// send (and what proto3 decodes when it is absent): no compression, as before.
+    ///
+    /// Errors: [`SpecError::GradCompression`] naming any other unknown value.
+    pub fn from_spec(spec: &proto::JobSpec) -> Result<GradCompression, SpecError> {
+        match spec.grad_compression.as_str() {
+            "" => Ok(GradCompression::None),
+            other => other.parse(),
+        }
+    }
+}
 
 impl proto::JobState {
     /// Whether a job in this state has ended for good (succeeded, failed or cancelled):
@@ -155,6 +171,21 @@ mod tests {
         let back = CheckpointState::try_from(proto::CheckpointState::from(&plain)).unwrap();
         assert_eq!(back, plain);
         assert!(!String::from_utf8(back.to_json()).unwrap().contains("grad_scaler"));
+    }
+
+    /// "" (a client from before the field) means none; the command line's spellings read
+    /// back; anything else is refused with its one line.
+    #[test]
+    fn grad_compression_from_the_spec() {
+        let with = |v: &str| proto::JobSpec { grad_compression: v.into(), ..Default::default() };
+        assert_eq!(GradCompression::from_spec(&with("")), Ok(GradCompression::None));
+        for c in GradCompression::ALL {
+            assert_eq!(GradCompression::from_spec(&with(c.as_str())), Ok(c));
+        }
+        assert_eq!(
+            GradCompression::from_spec(&with("zstd")).unwrap_err().to_string(),
+            "unknown gradient compression \"zstd\"; expected \"none\", \"bf16\" or \"fp16\""
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Job specification defaults and validation. Every field a user controls is checked here,
 //! once, before the coordinator stores anything.
 
-use crate::choices::{Collective, Dataset, Precision};
+use crate::choices::{Collective, Dataset, GradCompression, Precision};
 use crate::proto::JobSpec;
 
 /// Training-set and test-set sizes of CIFAR-10, used to check subsets and shard sizes.
@@ -49,6 +49,8 @@ pub enum SpecError {
     AmpConflict(String),
     #[error("collective timeout must be between 1 and {MAX_COLLECTIVE_TIMEOUT_S} seconds, got {0}")]
     CollectiveTimeout(u32),
+    #[error("unknown gradient compression {0:?}; expected \"none\", \"bf16\" or \"fp16\"")]
+    GradCompression(String),
 }
 
 /// Seconds a rank waits for one collective (or for NCCL's initialisation) before it gives
@@ -123,6 +125,7 @@ pub fn default_spec(model: &str, epochs: u32) -> JobSpec {
         rendezvous_timeout_s: 0,
         collective: Collective::Auto.to_string(),
         collective_timeout_s: DEFAULT_COLLECTIVE_TIMEOUT_S,
+        grad_compression: GradCompression::None.to_string(),
     }
 }
 
@@ -238,6 +241,7 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if spec.collective_timeout_s > MAX_COLLECTIVE_TIMEOUT_S {
         return Err(SpecError::CollectiveTimeout(spec.collective_timeout_s));
     }
+    GradCompression::from_spec(spec)?;
     check_shard(spec, spec.max_workers)
 }
 
@@ -280,6 +284,7 @@ mod tests {
             (JobSpec { precision: "fp8".into(), ..base.clone() }, "precision must be"),
             (JobSpec { precision: "bf16".into(), amp: true, ..base.clone() }, "--amp means --precision fp16"),
             (JobSpec { collective_timeout_s: 86_401, ..base.clone() }, "collective timeout must be between 1 and"),
+            (JobSpec { grad_compression: "fp8".into(), ..base.clone() }, "unknown gradient compression \"fp8\""),
         ];
         for (spec, needle) in cases {
             let err = validate(&spec).unwrap_err().to_string();

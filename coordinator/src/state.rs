@@ -141,7 +141,7 @@ impl Inner {
                 Effect::Wake => wake = true,
                 Effect::WriteSpec => {
                     let spec = info.spec.clone().unwrap_or_default();
-                    new_batch(&mut slot, next_seq, id).writes.push(Write::Spec(spec))
+                    new_batch(&mut slot, next_seq, id).writes.push(Write::Spec(Box::new(spec)))
                 }
                 Effect::WriteMetrics => {
                     new_batch(&mut slot, next_seq, id).writes.push(Write::Metrics(info.history.clone()))

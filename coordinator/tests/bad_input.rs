@@ -355,6 +355,24 @@ async fn unknown_model_is_refused() {
     c.assert_intact(&job, &before).await;
 }
 
+/// Issue 13, item 3: an unknown `--grad-compression` (or `JobSpec.grad_compression`) is
+/// refused in one line naming the value, by the service and by `submit` and `local`
+/// before they start anything; "" (clients from before the field) means none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_grad_compression_is_refused() {
+    let c = Coord::start();
+    let (job, before) = c.baseline().await;
+    let msg = "unknown gradient compression \"zstd\"; expected \"none\", \"bf16\" or \"fp16\"";
+    refused(submit(&c, JobSpec { grad_compression: "zstd".into(), ..valid_spec() }).await, Code::InvalidArgument, msg);
+    let out = c.cli(&["submit", "--model", "resnet20", "--epochs", "1", "--grad-compression", "zstd"], Some(TOKEN));
+    assert_one_line_error(&out, &format!("error: {msg}"));
+    let out = c.cli(&["local", "--model", "resnet20", "--epochs", "1", "--grad-compression", "zstd"], None);
+    assert_one_line_error(&out, &format!("error: {msg}"));
+    c.assert_intact(&job, &before).await;
+    // An older client's spec has no such field: accepted, as no compression.
+    submit(&c, JobSpec { grad_compression: String::new(), ..valid_spec() }).await.expect("\"\" means none");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_epochs_are_refused() {
     let c = Coord::start();

@@ -60,8 +60,9 @@ impl Durable for Store {
 /// One durable write of a batch.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// `job.json`; failing it fails the submission.
-    Spec(JobSpec),
+    /// `job.json`; failing it fails the submission. Boxed like the job record, so that a
+    /// batch's writes stay small whatever the spec grows to.
+    Spec(Box<JobSpec>),
     /// `metrics.jsonl`; a failure is logged.
     Metrics(Vec<EpochMetrics>),
     /// The job record; failing it fails the batch (nothing after it runs).

@@ -3,7 +3,7 @@
 
 use super::transfer;
 use crate::collective::backend::{self, BackendError, Chosen};
-use crate::collective::{ring::Ring, AbortHandle, Collective, Solo};
+use crate::collective::{ring::Ring, AbortHandle, Collective, GradCompression, Solo};
 use crate::data::Datasets;
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::ckpt_writer::CheckpointStore;
@@ -238,7 +238,8 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
 
 /// Agrees on the gradient backend over the freshly formed ring (`collective::backend`):
 /// NCCL only when every rank confirmed its communicator works, otherwise (`auto`) every
-/// rank stays on the ring and the log says why.
+/// rank stays on the ring and the log says why. The chosen communicator carries the job's
+/// `--grad-compression` (every rank reads it from the same spec).
 fn choose_backend(
     ring: Ring,
     spec: &cvdist_common::proto::JobSpec,
@@ -251,22 +252,30 @@ fn choose_backend(
     }
     let world = ring.world_size();
     let timeout = cvdist_common::spec::collective_timeout(spec);
-    match backend::choose(ring, &spec.collective, timeout, &backend::SystemNccl { device }) {
-        Ok(Chosen::Nccl(comm)) => {
-            info!(world, "gradients via NCCL");
-            Ok(Box::new(comm))
-        }
-        Ok(Chosen::Ring { ring, why }) => {
-            if let Some(why) = why {
-                warn!(%why, "--collective auto: gradients via the ring, not NCCL");
+    // `validate_assignment` checked the spec, so this only fails for a bug there.
+    let compression = GradCompression::from_spec(spec).map_err(|e| Failure::config(e.to_string()))?;
+    let mut comm: Box<dyn Collective> =
+        match backend::choose(ring, &spec.collective, timeout, &backend::SystemNccl { device }) {
+            Ok(Chosen::Nccl(comm)) => {
+                info!(world, %compression, "gradients via NCCL");
+                Box::new(comm)
             }
-            Ok(ring as Box<dyn Collective>)
-        }
-        // Every rank reaches this verdict from the same vote, and a restart on the same
-        // workers would vote the same way: a configuration error, not retried.
-        Err(e @ BackendError::Unusable(_)) => Err(Failure::config(e.to_string())),
-        Err(e) => Err(Failure::retry(e.to_string())),
+            Ok(Chosen::Ring { ring, why }) => {
+                if let Some(why) = why {
+                    warn!(%why, "--collective auto: gradients via the ring, not NCCL");
+                }
+                ring
+            }
+            // Every rank reaches this verdict from the same vote, and a restart on the same
+            // workers would vote the same way: a configuration error, not retried.
+            Err(e @ BackendError::Unusable(_)) => return Err(Failure::config(e.to_string())),
+            Err(e) => return Err(Failure::retry(e.to_string())),
+        };
+    comm.set_grad_compression(compression).map_err(|e| Failure::config(e.to_string()))?;
+    if compression != GradCompression::None {
+        info!(%compression, "gradient buckets travel as 16-bit values (--grad-compression)");
     }
+    Ok(comm)
 }
 
 /// Checks every name and address in an assignment with the same functions the

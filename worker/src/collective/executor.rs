@@ -13,14 +13,23 @@
 //!
 //! Only the chunk *timing* depends on C; the byte stream on a link is the same for any
 //! chunking, so ranks may even use different chunk sizes.
+//!
+//! A compressed gradient all-reduce (op kinds `ALL_REDUCE_BF16`/`_FP16`) runs the same
+//! schedule with 16-bit values on the link (`compress.rs`): the sending side rounds each
+//! chunk to 16-bit words just before writing it, the receiving side widens what it reads
+//! to f32 and adds it to the buffer in f32, and when a chunk's sum is complete (the last
+//! reduce-scatter step) the receiver rounds it in place before the sender forwards it,
+//! so that every rank ends with the same rounded values. f32 ops put the same bytes on
+//! the link and add in the same order as before compression existed.
 
+use super::compress::Wire;
 use super::io_error::{failure_or_abort, IoCtx};
 use super::schedule::{AllReduce, Broadcast, Item, Layout};
 use super::wire::{self, OpHeader};
 use super::{AbortHandle, CollectiveError};
 use bytemuck::{cast_slice, cast_slice_mut};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle, Thread};
@@ -46,7 +55,8 @@ pub(super) struct Executor {
     /// Clone of the link to `next`, written by the calling thread only for inline ops
     /// (while the sender thread is idle).
     send_inline: TcpStream,
-    scratch: Vec<f32>,
+    /// The calling thread's memory for receiving (and, inline, sending) one chunk.
+    scratch: Scratch,
     chunk_elems: usize,
     op_timeout: Duration,
     abort: AbortHandle,
@@ -68,6 +78,24 @@ struct Shared {
     first_failure: AtomicU8,
     /// Both links, for shutting down on failure without marking the ring aborted.
     links: [TcpStream; 2],
+    /// Bytes written to the link to `next` since the ring connected (op headers and
+    /// payload; the handshake before is not counted).
+    bytes_sent: AtomicU64,
+    /// Finite values that a 16-bit rounding on this rank turned into ±inf.
+    overflows: AtomicU64,
+}
+
+/// One chunk's worth of working memory: f32 values to sum, and the 16-bit words a
+/// compressed op reads or writes. Both hold `chunk_elems` values.
+struct Scratch {
+    values: Vec<f32>,
+    words: Vec<u16>,
+}
+
+impl Scratch {
+    fn new(elems: usize) -> Scratch {
+        Scratch { values: vec![0.0; elems], words: vec![0; elems] }
+    }
 }
 
 const SIDE_RECV: u8 = 1;
@@ -92,6 +120,12 @@ impl Shared {
             let _ = l.shutdown(Shutdown::Both);
         }
     }
+
+    fn overflowed(&self, n: usize) {
+        if n > 0 {
+            self.overflows.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -110,6 +144,11 @@ unsafe impl Send for BufPtr {}
 
 struct Job {
     kind: JobKind,
+    /// The format of the values on the link (f32 for everything but a compressed
+    /// gradient all-reduce).
+    wire: Wire,
+    /// The op's name, for errors.
+    op: &'static str,
     buf: BufPtr,
     len: usize,
     header: [u8; wire::OP_HEADER_LEN],
@@ -124,6 +163,91 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += *s;
     }
+}
+
+/// Writes `first` then `second` and counts the bytes as sent.
+fn write_counted(
+    tx: &IoCtx<'_>,
+    stream: &mut TcpStream,
+    first: &[u8],
+    second: &[u8],
+    shared: &Shared,
+) -> Result<(), CollectiveError> {
+    tx.write_full(stream, first, second)?;
+    shared.bytes_sent.fetch_add((first.len() + second.len()) as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Sends `first` (an op header, or nothing) followed by the values `src` in `wire`'s
+/// format. f32 goes out as it is; 16-bit formats are rounded into `words` piece by piece
+/// (the first piece carries `first`), counting overflows. `words` must not be empty.
+fn send_values(
+    tx: &IoCtx<'_>,
+    stream: &mut TcpStream,
+    first: &[u8],
+    src: &[f32],
+    wire: Wire,
+    words: &mut [u16],
+    shared: &Shared,
+) -> Result<(), CollectiveError> {
+    if wire == Wire::F32 {
+        return write_counted(tx, stream, first, cast_slice(src), shared);
+    }
+    let mut first = first;
+    for piece in src.chunks(words.len()) {
+        let w = &mut words[..piece.len()];
+        shared.overflowed(wire.encode(piece, w));
+        write_counted(tx, stream, first, cast_slice(w), shared)?;
+        first = &[];
+    }
+    if !first.is_empty() {
+        write_counted(tx, stream, first, &[], shared)?;
+    }
+    Ok(())
+}
+
+/// Receives the values for `dst` in `wire`'s format: added to `dst` when `reduces`,
+/// written over it otherwise. When `completes` (the sum of `dst` is final after this
+/// add) a 16-bit op rounds `dst` to what it will forward, so the owner holds the same
+/// value as every rank it sends it to. `scratch` may be smaller than `dst`.
+#[allow(clippy::too_many_arguments)]
+fn recv_values(
+    rx: &IoCtx<'_>,
+    stream: &mut TcpStream,
+    dst: &mut [f32],
+    reduces: bool,
+    completes: bool,
+    wire: Wire,
+    scratch: &mut Scratch,
+    shared: &Shared,
+) -> Result<(), CollectiveError> {
+    if wire == Wire::F32 {
+        if !reduces {
+            return rx.read_full(stream, cast_slice_mut(dst));
+        }
+        // A segment can exceed the scratch when chunk_bytes was set very small.
+        for piece in dst.chunks_mut(scratch.values.len()) {
+            let tmp = &mut scratch.values[..piece.len()];
+            rx.read_full(stream, cast_slice_mut(tmp))?;
+            add_into(piece, tmp);
+        }
+        return Ok(());
+    }
+    for piece in dst.chunks_mut(scratch.words.len()) {
+        let w = &mut scratch.words[..piece.len()];
+        rx.read_full(stream, cast_slice_mut(w))?;
+        if !reduces {
+            wire.decode(w, piece);
+            continue;
+        }
+        let tmp = &mut scratch.values[..piece.len()];
+        wire.decode(w, tmp);
+        add_into(piece, tmp);
+        if completes {
+            shared.overflowed(wire.round(piece, w));
+        }
+    }
+    Ok(())
 }
 
 /// Parks until `counter >= target`, or fails once the op failed or was aborted.
@@ -168,6 +292,8 @@ impl Executor {
             failed: AtomicBool::new(false),
             first_failure: AtomicU8::new(0),
             links: [clone(&send)?, clone(&recv)?],
+            bytes_sent: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
         });
         let (job_tx, job_rx) = sync_channel::<Job>(1);
         let (reply_tx, reply_rx) = sync_channel(1);
@@ -187,7 +313,7 @@ impl Executor {
             prev,
             recv,
             send_inline: send,
-            scratch: Vec::new(),
+            scratch: Scratch::new(0),
             chunk_elems: 0,
             op_timeout,
             abort,
@@ -205,7 +331,19 @@ impl Executor {
     /// Pipelining granularity (rounded to whole floats, at least 1 KiB).
     pub fn set_chunk_bytes(&mut self, bytes: usize) {
         self.chunk_elems = (bytes.max(1024)) / 4;
-        self.scratch = vec![0.0; self.chunk_elems];
+        self.scratch = Scratch::new(self.chunk_elems);
+    }
+
+    /// Bytes written to the link to the next rank since the ring connected (op headers
+    /// and payload).
+    pub fn bytes_sent(&self) -> u64 {
+        self.shared.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Finite values that this rank's 16-bit roundings turned into ±inf since the ring
+    /// connected.
+    pub fn overflows(&self) -> u64 {
+        self.shared.overflows.load(Ordering::Relaxed)
     }
 
     /// See [`super::Ring::set_op_timeout`].
@@ -256,6 +394,7 @@ impl Executor {
         let tx = IoCtx { op, peer: self.next, timeout: self.op_timeout, abort: &self.abort };
         let rx = IoCtx { op, peer: prev, timeout: self.op_timeout, abort: &self.abort };
         let (send, recv, scratch) = (&mut self.send_inline, &mut self.recv, &mut self.scratch);
+        let shared = &*self.shared;
         let hdr = header.encode();
         let check_header = |recv: &mut TcpStream| -> Result<(), CollectiveError> {
             let bytes = rx.read_full_arr::<{ wire::OP_HEADER_LEN }>(recv)?;
@@ -264,38 +403,32 @@ impl Executor {
         if kind == wire::op::BROADCAST {
             let role = Broadcast::new(r, root, n);
             if role.is_root() {
-                tx.write_full(send, &hdr, cast_slice(buf))?;
+                write_counted(&tx, send, &hdr, cast_slice(buf), shared)?;
                 // The last rank's header closes the loop and confirms it agreed on the op.
                 return check_header(recv);
             }
             // Header first, so the next rank can validate while we wait for data.
-            tx.write_full(send, &hdr, &[])?;
+            write_counted(&tx, send, &hdr, &[], shared)?;
             check_header(recv)?;
             rx.read_full(recv, cast_slice_mut(buf))?;
             if role.forwards() {
-                tx.write_full(send, &[], cast_slice(buf))?;
+                write_counted(&tx, send, &[], cast_slice(buf), shared)?;
             }
             return Ok(());
         }
-        // One item per step: no chunking, the calling thread does both directions.
+        // One item per step: no chunking, the calling thread does both directions (one at
+        // a time, so the send may borrow the receive scratch's words).
+        let wire = wire::op::wire(kind);
         let (sched, lay) = (AllReduce::new(r, n), Layout::new(n, buf.len(), usize::MAX));
         for (out, inc) in sched.send_items(lay).zip(sched.recv_items(lay)) {
             let first = if out.step == 0 { &hdr[..] } else { &[] };
-            tx.write_full(send, first, cast_slice(&buf[out.start..out.start + out.len]))?;
+            let src = &buf[out.start..out.start + out.len];
+            send_values(&tx, send, first, src, wire, &mut scratch.words, shared)?;
             if out.step == 0 {
                 check_header(recv)?;
             }
             let dst = &mut buf[inc.start..inc.start + inc.len];
-            if inc.reduces {
-                // A segment can exceed the scratch when chunk_bytes was set very small.
-                for piece in dst.chunks_mut(scratch.len()) {
-                    let tmp = &mut scratch[..piece.len()];
-                    rx.read_full(recv, cast_slice_mut(tmp))?;
-                    add_into(piece, tmp);
-                }
-            } else {
-                rx.read_full(recv, cast_slice_mut(dst))?;
-            }
+            recv_values(&rx, recv, dst, inc.reduces, inc.completes, wire, scratch, shared)?;
         }
         if kind == wire::op::BARRIER && buf.first().is_some_and(|&v| v != n as f32) {
             return Err(CollectiveError::Protocol(format!("barrier counted {:?} ranks, expected {n}", buf.first())));
@@ -313,6 +446,8 @@ impl Executor {
         self.shared.first_failure.store(0, Ordering::SeqCst);
         let job = Job {
             kind: job_kind,
+            wire: wire::op::wire(kind),
+            op,
             buf: BufPtr(buf.as_mut_ptr()),
             len: buf.len(),
             header: header.encode(),
@@ -418,7 +553,7 @@ impl Drop for ReplyGuard<'_> {
 #[allow(clippy::too_many_arguments)]
 fn receive(
     stream: &mut TcpStream,
-    scratch: &mut [f32],
+    scratch: &mut Scratch,
     chunk_elems: usize,
     shared: &Shared,
     rx: IoCtx<'_>,
@@ -432,7 +567,7 @@ fn receive(
 ) -> Result<(), CollectiveError> {
     let bytes = rx.read_full_arr::<{ wire::OP_HEADER_LEN }>(stream)?;
     check_header_bytes(&bytes, header, rx.op, rx.peer, rank)?;
-    let io = PipeIo { shared, buf, other: sender };
+    let io = PipeIo { shared, buf, other: sender, wire: wire::op::wire(header.kind) };
     match kind {
         JobKind::Broadcast { root } => {
             let items = Broadcast::new(rank, root, n).recv_items(Broadcast::layout(len, chunk_elems));
@@ -446,17 +581,18 @@ fn receive(
 }
 
 /// What both halves of a pipelined op share: the progress counters, the caller's
-/// buffer and the thread to wake after each item.
+/// buffer, the thread to wake after each item and the values' format on the link.
 struct PipeIo<'a> {
     shared: &'a Shared,
     buf: BufPtr,
     other: &'a Thread,
+    wire: Wire,
 }
 
 fn receive_items(
     items: impl Iterator<Item = Item>,
     stream: &mut TcpStream,
-    scratch: &mut [f32],
+    scratch: &mut Scratch,
     rx: &IoCtx<'_>,
     io: &PipeIo<'_>,
 ) -> Result<(), CollectiveError> {
@@ -470,13 +606,7 @@ fn receive_items(
         // SAFETY: the counters keep this range disjoint from what the sender thread is
         // reading (`after_other`); `buf` outlives the op (ReplyGuard).
         let dst = unsafe { std::slice::from_raw_parts_mut(io.buf.0.add(it.start), it.len) };
-        if it.reduces {
-            let tmp = &mut scratch[..it.len];
-            rx.read_full(stream, cast_slice_mut(tmp))?;
-            add_into(dst, tmp);
-        } else {
-            rx.read_full(stream, cast_slice_mut(dst))?;
-        }
+        recv_values(rx, stream, dst, it.reduces, it.completes, io.wire, scratch, shared)?;
         shared.recv_done.store(it.done, Ordering::Release);
         io.other.unpark();
     }
@@ -494,14 +624,16 @@ fn sender_loop(
     shared: Arc<Shared>,
     abort: AbortHandle,
 ) {
+    // Where a compressed op's chunks are rounded to 16 bits before they are written; grown
+    // to the job's chunk size on first use.
+    let mut words: Vec<u16> = Vec::new();
     while let Ok(job) = jobs.recv() {
         let timeout = stream.write_timeout().ok().flatten().unwrap_or(Duration::from_secs(0));
-        let op = match job.kind {
-            JobKind::AllReduce => "all_reduce",
-            JobKind::Broadcast { .. } => "broadcast",
-        };
-        let tx = IoCtx { op, peer: next, timeout, abort: &abort };
-        let r = send_job(&mut stream, &job, &shared, tx, rank, n);
+        let tx = IoCtx { op: job.op, peer: next, timeout, abort: &abort };
+        if words.len() < job.chunk_elems.max(1) {
+            words.resize(job.chunk_elems.max(1), 0);
+        }
+        let r = send_job(&mut stream, &job, &shared, tx, rank, n, &mut words);
         if r.is_err() {
             shared.fail(SIDE_SEND);
         }
@@ -519,16 +651,17 @@ fn send_job(
     tx: IoCtx<'_>,
     rank: usize,
     n: usize,
+    words: &mut [u16],
 ) -> Result<(), CollectiveError> {
-    let io = PipeIo { shared, buf: job.buf, other: &job.caller };
+    let io = PipeIo { shared, buf: job.buf, other: &job.caller, wire: job.wire };
     match job.kind {
         JobKind::Broadcast { root } => {
             let items = Broadcast::new(rank, root, n).send_items(Broadcast::layout(job.len, job.chunk_elems));
-            send_items(items, stream, &job.header, &tx, &io)
+            send_items(items, stream, &job.header, &tx, &io, words)
         }
         JobKind::AllReduce => {
             let items = AllReduce::new(rank, n).send_items(Layout::new(n, job.len, job.chunk_elems));
-            send_items(items, stream, &job.header, &tx, &io)
+            send_items(items, stream, &job.header, &tx, &io, words)
         }
     }
 }
@@ -536,20 +669,22 @@ fn send_job(
 /// Sends the op header and then `items`. The header rides with the first chunk, unless
 /// that chunk must wait for data to arrive (a broadcast's middle ranks): then it goes out
 /// alone first, so the next rank can validate the op early. A rank with nothing to send
-/// still sends the header.
+/// still sends the header. `words` (at least one chunk long) is where a compressed op's
+/// chunk is rounded to 16 bits.
 fn send_items(
     items: impl Iterator<Item = Item>,
     stream: &mut TcpStream,
     header: &[u8],
     tx: &IoCtx<'_>,
     io: &PipeIo<'_>,
+    words: &mut [u16],
 ) -> Result<(), CollectiveError> {
     let shared = io.shared;
     let mut pending_hdr = header;
     for it in items {
         if let Some(target) = it.after_other {
             if !pending_hdr.is_empty() {
-                tx.write_full(stream, pending_hdr, &[])?;
+                write_counted(tx, stream, pending_hdr, &[], shared)?;
                 pending_hdr = &[];
             }
             if !wait_for(&shared.recv_done, target, shared, tx.abort) {
@@ -559,13 +694,13 @@ fn send_items(
         // SAFETY: the counters guarantee the receiver isn't writing this range now
         // (`after_other`), and the caller keeps `buf` alive until we reply.
         let src = unsafe { std::slice::from_raw_parts(io.buf.0.add(it.start) as *const f32, it.len) };
-        tx.write_full(stream, pending_hdr, cast_slice(src))?;
+        send_values(tx, stream, pending_hdr, src, io.wire, words, shared)?;
         pending_hdr = &[];
         shared.sent_done.store(it.done, Ordering::Release);
         io.other.unpark();
     }
     if !pending_hdr.is_empty() {
-        tx.write_full(stream, pending_hdr, &[])?;
+        write_counted(tx, stream, pending_hdr, &[], shared)?;
     }
     Ok(())
 }

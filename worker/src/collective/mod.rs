@@ -5,12 +5,17 @@
 //! * [`nccl::NcclComm`]: NCCL loaded at run time, for CUDA device buffers.
 //! * [`Solo`]: world size 1, every op is a no-op.
 //!
+//! Gradients may travel as 16-bit values (`--grad-compression`, [`compress`]): only the
+//! gradient all-reduce ([`Collective::reduce_tensor_sum`], [`Collective::all_reduce_sum_grads`])
+//! is compressed; every other op stays exact f32.
+//!
 //! Every op either completes on all ranks or fails with a [`CollectiveError`] within the
 //! configured timeout; a failed ring is unusable afterwards (ops return
 //! [`CollectiveError::Broken`]) because its peers can no longer agree on where in the
 //! byte stream they are. Recovery is the caller's job: tear down and rendezvous again.
 
 pub mod backend;
+pub mod compress;
 mod executor;
 mod io_error;
 mod link;
@@ -25,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
 
+pub use cvdist_common::choices::GradCompression;
 pub use ring::Ring;
 
 /// Why a collective operation failed.
@@ -82,6 +88,30 @@ pub trait Collective: Send {
     /// A handle that can make in-flight and future ops fail fast from another thread.
     fn abort_handle(&self) -> AbortHandle;
 
+    /// Sets the format gradients travel in (`--grad-compression`), for every later
+    /// [`Collective::all_reduce_sum_grads`] and [`Collective::reduce_tensor_sum`]; all ranks
+    /// must set the same. The default accepts only `None`: a communicator without a
+    /// compressed path says so (`Config`) rather than silently sending f32.
+    fn set_grad_compression(&mut self, c: GradCompression) -> Result<(), CollectiveError> {
+        match c {
+            GradCompression::None => Ok(()),
+            other => Err(CollectiveError::Config(format!("this communicator cannot send gradients as {other}"))),
+        }
+    }
+
+    /// The format set by [`Collective::set_grad_compression`] (`None` until then).
+    fn grad_compression(&self) -> GradCompression {
+        GradCompression::None
+    }
+
+    /// In-place sum across ranks of a host f32 buffer of gradients, on the wire in the
+    /// format of [`Collective::set_grad_compression`]; with `None` exactly
+    /// [`Collective::all_reduce_sum`]. With a 16-bit format every rank ends with the same
+    /// values, within the rounding bound of `compress.rs` of the exact sum.
+    fn all_reduce_sum_grads(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(buf)
+    }
+
     /// Waits until every op enqueued so far has completed, or fails once the
     /// communicator's watchdog gave it up (deadline, abort, peer failure). Host
     /// collectives complete before they return, so the default has nothing to wait for.
@@ -96,9 +126,10 @@ pub trait Collective: Send {
         self.wait()
     }
 
-    /// In-place sum of a contiguous f32 tensor across ranks. The default works on host
-    /// memory (CPU tensors in place, others staged through a host copy); NCCL overrides it
-    /// to reduce device memory directly.
+    /// In-place sum of a contiguous f32 tensor of gradients across ranks (the trainer's
+    /// per-bucket all-reduce), compressed as [`Collective::all_reduce_sum_grads`]. The
+    /// default works on host memory (CPU tensors in place, others staged through a host
+    /// copy); NCCL overrides it to reduce device memory directly.
     fn reduce_tensor_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
         if t.kind() != tch::Kind::Float || !t.is_contiguous() {
             return Err(CollectiveError::Config("reduce_tensor_sum needs a contiguous f32 tensor".into()));
@@ -107,20 +138,21 @@ pub trait Collective: Send {
         if t.device() == tch::Device::Cpu {
             // SAFETY: contiguous CPU f32 tensor of n elements, exclusively borrowed.
             let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) };
-            return self.all_reduce_sum(buf);
+            return self.all_reduce_sum_grads(buf);
         }
         let mut host = vec![0f32; n];
         t.f_copy_data(&mut host, n).map_err(|e| CollectiveError::Protocol(format!("staging tensor: {e}")))?;
-        self.all_reduce_sum(&mut host)?;
+        self.all_reduce_sum_grads(&mut host)?;
         let back = tch::Tensor::from_slice(&host).to_device(t.device());
         t.copy_(&back);
         Ok(())
     }
 }
 
-/// All-reduces `buf` in pieces of at most `bucket_elems` floats, the way the trainer
-/// syncs flattened gradients. Pieces go one after another; each already pipelines
-/// internally, so overlapping buckets would only add contention.
+/// All-reduces the gradients `buf` in pieces of at most `bucket_elems` floats, the way the
+/// trainer syncs its buckets (compressed as [`Collective::all_reduce_sum_grads`]). Pieces
+/// go one after another; each already pipelines internally, so overlapping buckets would
+/// only add contention.
 pub fn all_reduce_buckets(
     comm: &mut dyn Collective,
     buf: &mut [f32],
@@ -130,7 +162,7 @@ pub fn all_reduce_buckets(
         return Err(CollectiveError::Config("bucket_elems must be > 0".into()));
     }
     for bucket in buf.chunks_mut(bucket_elems) {
-        comm.all_reduce_sum(bucket)?;
+        comm.all_reduce_sum_grads(bucket)?;
     }
     Ok(())
 }
@@ -239,6 +271,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 pub struct Solo {
     abort: AbortHandle,
+    grad_compression: GradCompression,
 }
 
 impl Solo {
@@ -269,6 +302,14 @@ impl Collective for Solo {
     fn abort_handle(&self) -> AbortHandle {
         self.abort.clone()
     }
+    /// Any format: with one rank nothing travels, so nothing is rounded either.
+    fn set_grad_compression(&mut self, c: GradCompression) -> Result<(), CollectiveError> {
+        self.grad_compression = c;
+        Ok(())
+    }
+    fn grad_compression(&self) -> GradCompression {
+        self.grad_compression
+    }
 }
 
 #[cfg(test)]
@@ -284,6 +325,12 @@ mod tests {
         s.barrier().unwrap();
         assert_eq!(v, [1.0, 2.0]);
         assert!(matches!(s.broadcast(&mut v, 1), Err(CollectiveError::Config(_))));
+        // One rank sends nothing, so any compression is accepted and changes nothing.
+        s.set_grad_compression(GradCompression::Fp16).unwrap();
+        assert_eq!(s.grad_compression(), GradCompression::Fp16);
+        let mut big = vec![1e6f32, 1.0 + 1e-6];
+        s.all_reduce_sum_grads(&mut big).unwrap();
+        assert_eq!(big, [1e6, 1.0 + 1e-6]);
         s.abort_handle().abort("test over");
         match s.all_reduce_sum(&mut v) {
             Err(CollectiveError::Aborted(r)) => assert_eq!(r, "test over"),
@@ -321,5 +368,11 @@ mod tests {
         all_reduce_buckets(&mut c, &mut v, 4).unwrap();
         assert_eq!(c.1, [4, 4, 2]);
         assert!(all_reduce_buckets(&mut c, &mut v, 0).is_err());
+        // A communicator without a compressed path refuses one instead of sending f32.
+        assert!(c.set_grad_compression(GradCompression::None).is_ok());
+        match c.set_grad_compression(GradCompression::Bf16) {
+            Err(CollectiveError::Config(m)) => assert_eq!(m, "this communicator cannot send gradients as bf16"),
+            other => panic!("expected Config, got {other:?}"),
+        }
     }
 }

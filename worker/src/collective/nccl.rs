@@ -14,9 +14,19 @@
 //! calling `ncclCommAbort` on a deadline, an error or the job's abort. Callers wait
 //! through [`Collective::wait`], never through a device-wide synchronise. The CUDA runtime
 //! (`libcudart`) is loaded at run time like NCCL: the copy libtorch_cuda already mapped.
+//!
+//! **16-bit gradients** (`--grad-compression bf16|fp16`): [`Collective::reduce_tensor_sum`]
+//! all-reduces a bf16/fp16 copy of the f32 bucket (`ncclBfloat16`/`ncclFloat16`) and
+//! writes the sum back into the bucket in its own dtype, like PyTorch's
+//! `bf16_compress_hook`/`fp16_compress_hook`. Unlike the TCP ring, which widens every
+//! hop's partial sum to f32 before adding, NCCL's reduction kernels add the 16-bit values
+//! and store every partial sum in 16 bits, so the accumulation itself is 16-bit on NCCL
+//! (one rounding per addition, the same count as the ring's one per hop, but the addends
+//! are already rounded). Every rank still ends with identical values. The cast and the
+//! write-back are kernels on the same stream as the collective, so no host wait is added.
 
 use super::watchdog::{self, Fault, Pending, Watchdog, Watched};
-use super::{AbortHandle, Collective, CollectiveError};
+use super::{AbortHandle, Collective, CollectiveError, GradCompression};
 use libloading::Library;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::path::{Path, PathBuf};
@@ -582,6 +592,8 @@ pub struct NcclComm {
     /// Set by [`Collective::finish`] once every op completed and the communicator was
     /// finalized: only then does dropping it destroy rather than abort it.
     finished: bool,
+    /// The format gradient buckets travel in.
+    grad_compression: GradCompression,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls are not
@@ -671,7 +683,16 @@ impl NcclComm {
                 return Err(e);
             }
         };
-        Ok(NcclComm { handle, watchdog, rank, world, device: opts.device, abort: opts.abort.clone(), finished: false })
+        Ok(NcclComm {
+            handle,
+            watchdog,
+            rank,
+            world,
+            device: opts.device,
+            abort: opts.abort.clone(),
+            finished: false,
+            grad_compression: GradCompression::None,
+        })
     }
 
     /// The CUDA device this communicator's ops run on.
@@ -788,6 +809,34 @@ impl NcclComm {
         Ok((t.data_ptr(), t.numel(), dt))
     }
 
+    /// Sums a contiguous CUDA tensor of gradients in place, in the format set by
+    /// [`Collective::set_grad_compression`]: as it is for `None` (and for a tensor already
+    /// in the 16-bit kind), otherwise through a 16-bit copy whose sum is written back in
+    /// the tensor's own dtype (see the module docs for where NCCL rounds).
+    pub fn reduce_grads_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        let Some(kind) = wire_kind(self.grad_compression) else {
+            return self.all_reduce_sum_tensor(t);
+        };
+        if t.kind() == kind {
+            return self.all_reduce_sum_tensor(t);
+        }
+        if !t.is_floating_point() {
+            return Err(CollectiveError::Config(format!(
+                "--grad-compression {} needs floating-point gradients, got {:?}",
+                self.grad_compression,
+                t.kind()
+            )));
+        }
+        let dev = self.device;
+        let torch = |e: tch::TchError| CollectiveError::Protocol(format!("16-bit gradient copy on cuda:{dev}: {e}"));
+        // Cast, all-reduce and write-back are queued in that order on the one stream, so
+        // none needs a host wait. Dropping `wire` after the write-back is queued is safe:
+        // the caching allocator hands its memory only to later work on the same stream.
+        let wire = t.f_to_kind(kind).map_err(torch)?;
+        self.all_reduce_sum_tensor(&wire)?;
+        t.f_copy_(&wire).map_err(torch)
+    }
+
     /// Aborts the communicator (unblocks this rank's and peers' pending NCCL work); it
     /// can't be used afterwards.
     pub fn abort(&mut self) {
@@ -796,19 +845,38 @@ impl NcclComm {
 
     /// Host-buffer op staged through a device tensor; the trainer's gradient path uses the
     /// tensor ops directly instead.
-    fn staged(&mut self, buf: &mut [f32], root: Option<usize>) -> Result<(), CollectiveError> {
+    fn staged(&mut self, buf: &mut [f32], op: Staged) -> Result<(), CollectiveError> {
         self.usable()?;
         let dev = tch::Device::Cuda(self.device);
         let stage = |e: tch::TchError| CollectiveError::Protocol(format!("staging NCCL buffer on {dev:?}: {e}"));
-        let t = tch::Tensor::f_from_slice(buf).and_then(|t| t.f_to_device(dev)).map_err(stage)?;
-        match root {
-            None => self.all_reduce_sum_tensor(&t)?,
-            Some(r) => self.broadcast_tensor(&t, r)?,
+        let mut t = tch::Tensor::f_from_slice(buf).and_then(|t| t.f_to_device(dev)).map_err(stage)?;
+        match op {
+            Staged::Sum => self.all_reduce_sum_tensor(&t)?,
+            Staged::SumGrads => self.reduce_grads_tensor(&mut t)?,
+            Staged::Broadcast(r) => self.broadcast_tensor(&t, r)?,
         }
         // Bounded: the watchdog cuts this short; the copy below then finds the op done.
         self.watchdog.wait()?;
         let n = buf.len();
         t.f_to_device(tch::Device::Cpu).and_then(|h| h.f_copy_data(buf, n)).map_err(stage)
+    }
+}
+
+/// Which op [`NcclComm::staged`] runs on the staged buffer.
+#[derive(Clone, Copy)]
+enum Staged {
+    Sum,
+    /// A sum of gradients, in the configured compression.
+    SumGrads,
+    Broadcast(usize),
+}
+
+/// The tch kind (and so the NCCL data type) gradients travel in; `None` for f32.
+fn wire_kind(c: GradCompression) -> Option<tch::Kind> {
+    match c {
+        GradCompression::None => None,
+        GradCompression::Bf16 => Some(tch::Kind::BFloat16),
+        GradCompression::Fp16 => Some(tch::Kind::Half),
     }
 }
 
@@ -820,14 +888,24 @@ impl Collective for NcclComm {
         self.world
     }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        self.staged(buf, None)
+        self.staged(buf, Staged::Sum)
     }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        self.staged(buf, Some(root))
+        self.staged(buf, Staged::Broadcast(root))
     }
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         let mut one = [1.0f32];
-        self.staged(&mut one, None)
+        self.staged(&mut one, Staged::Sum)
+    }
+    fn set_grad_compression(&mut self, c: GradCompression) -> Result<(), CollectiveError> {
+        self.grad_compression = c;
+        Ok(())
+    }
+    fn grad_compression(&self) -> GradCompression {
+        self.grad_compression
+    }
+    fn all_reduce_sum_grads(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.staged(buf, Staged::SumGrads)
     }
     /// The job's abort handle: firing it makes the watchdog abort the communicator within
     /// [`watchdog::WATCH_INTERVAL`], which also ends ops already running on the device.
@@ -837,7 +915,7 @@ impl Collective for NcclComm {
     /// Reduces device memory in place, enqueued on the default stream after the kernels
     /// that produced it; later kernels on that stream see the result without a sync.
     fn reduce_tensor_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
-        NcclComm::all_reduce_sum_tensor(self, t)
+        self.reduce_grads_tensor(t)
     }
     fn wait(&mut self) -> Result<(), CollectiveError> {
         self.watchdog.wait()

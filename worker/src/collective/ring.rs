@@ -12,17 +12,23 @@
 //! accepts from (r−1+N)%N and receives on that link only. All-reduce is reduce-scatter
 //! followed by all-gather, each rank sending 2(N−1)/N·S bytes.
 //!
+//! Gradients may travel as 16-bit values ([`Ring::set_grad_compression`]): the gradient
+//! all-reduce then uses its own op kind, so ranks that disagree on the format fail with a
+//! protocol error; every other op stays f32 (see `compress.rs` and `executor.rs`).
+//!
 //! The ring also numbers the ops: every op starts with an [`OpHeader`] carrying the op's
 //! kind, root, sequence number and length, so ranks that issue different ops fail with a
 //! protocol error instead of summing misaligned bytes; and after any failure it refuses
 //! further ops ([`CollectiveError::Broken`]), because the peers can no longer agree on
 //! where in the byte stream they are.
 
+use super::compress::Wire;
 use super::executor::Executor;
 use super::wire::{self, OpHeader};
-use super::{link, AbortHandle, Collective, CollectiveError};
+use super::{link, AbortHandle, Collective, CollectiveError, GradCompression};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
+use tracing::warn;
 
 /// Default pipelining chunk: large enough that syscall and wake-up overhead is noise,
 /// small enough to stay in L2 while it is summed right after being received.
@@ -38,6 +44,10 @@ pub struct Ring {
     broken: Option<String>,
     /// Our sockets' registrations in `abort`, removed on drop.
     abort_ids: [u64; 2],
+    grad_compression: GradCompression,
+    /// Whether the first fp16 overflow has been logged (once per ring: it repeats every
+    /// step once it happens).
+    warned_overflow: bool,
 }
 
 impl Ring {
@@ -100,7 +110,17 @@ impl Ring {
         }
         let exec = Executor::start(rank, world_size, send, recv, DEFAULT_CHUNK_BYTES, timeout, abort.clone());
         match exec {
-            Ok(exec) => Ok(Ring { rank, world: world_size, exec, seq: 0, abort, broken: None, abort_ids }),
+            Ok(exec) => Ok(Ring {
+                rank,
+                world: world_size,
+                exec,
+                seq: 0,
+                abort,
+                broken: None,
+                abort_ids,
+                grad_compression: GradCompression::None,
+                warned_overflow: false,
+            }),
             Err(e) => {
                 abort.unregister_streams(&abort_ids);
                 Err(e)
@@ -118,6 +138,20 @@ impl Ring {
     /// whole op, so it must exceed the worst skew between ranks entering an op.
     pub fn set_op_timeout(&mut self, timeout: Duration) -> Result<(), CollectiveError> {
         self.exec.set_op_timeout(timeout)
+    }
+
+    /// Bytes this rank has written to the link to the next rank since connecting: op
+    /// headers and payload, not the handshake. An all-reduce of S values sends
+    /// 2(N−1)/N·S values per rank, 4 bytes each in f32 and 2 compressed.
+    pub fn bytes_sent(&self) -> u64 {
+        self.exec.bytes_sent()
+    }
+
+    /// Finite gradient values that this rank's 16-bit roundings turned into ±inf since
+    /// connecting (fp16 beyond ±65504; see `compress.rs`). Every rank receives the same
+    /// ±inf, but only the rank whose rounding overflowed counts it.
+    pub fn wire_overflows(&self) -> u64 {
+        self.exec.overflows()
     }
 
     fn check_usable(&self) -> Result<(), CollectiveError> {
@@ -177,6 +211,39 @@ impl Collective for Ring {
 
     fn abort_handle(&self) -> AbortHandle {
         self.abort.clone()
+    }
+
+    fn set_grad_compression(&mut self, c: GradCompression) -> Result<(), CollectiveError> {
+        self.grad_compression = c;
+        Ok(())
+    }
+
+    fn grad_compression(&self) -> GradCompression {
+        self.grad_compression
+    }
+
+    /// The all-reduce in the configured format: `None` is [`Ring::all_reduce_sum`] itself
+    /// (op kind `ALL_REDUCE`, f32, unchanged); bf16/fp16 run the same schedule with
+    /// 16-bit values on the links. A value that overflowed to ±inf is logged once.
+    fn all_reduce_sum_grads(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let wire = Wire::of(self.grad_compression);
+        if wire == Wire::F32 {
+            return self.all_reduce_sum(buf);
+        }
+        let before = self.wire_overflows();
+        self.run(wire::op::all_reduce(wire), 0, buf)?;
+        let overflowed = self.wire_overflows() - before;
+        if overflowed > 0 && !self.warned_overflow {
+            self.warned_overflow = true;
+            warn!(
+                overflowed,
+                compression = %self.grad_compression,
+                "gradient sums beyond the 16-bit range (fp16: ±65504) became inf on the wire; \
+                 with --precision fp16 the loss scaler skips such steps, otherwise the weights \
+                 become non-finite and the job fails as diverged (use bf16 or none)"
+            );
+        }
+        Ok(())
     }
 }
 

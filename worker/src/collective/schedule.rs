@@ -47,6 +47,9 @@ pub(super) struct Item {
     pub len: usize,
     /// Received data is added to ours (reduce-scatter) rather than copied over it.
     pub reduces: bool,
+    /// After this item's addition the range holds the sum over every rank (the last
+    /// reduce-scatter step): a compressed op rounds it here, before forwarding it.
+    pub completes: bool,
     /// The other thread's progress counter must reach this before the item may start
     /// (the pipelining dependencies of the module docs); `None`: no shared memory.
     pub after_other: Option<usize>,
@@ -124,6 +127,13 @@ impl AllReduce {
         step < self.n - 1
     }
 
+    /// Whether the segment received at `step` holds the full sum once it is added: the
+    /// last reduce-scatter step, `N−2`.
+    #[inline]
+    pub fn completes(&self, step: usize) -> bool {
+        step + 2 == self.n
+    }
+
     /// Pipelining: how many receive items (linear `step·chunks + c` indices) must be
     /// complete before chunk `c` of `step` may be sent. The segment sent at step s is
     /// the one received at step s−1, so chunk c of it must have arrived; `None` at step 0,
@@ -168,6 +178,8 @@ impl AllReduce {
                     start,
                     len,
                     reduces: self.reduces(step),
+                    // Only meaningful for what is received; a sent item's flag is unused.
+                    completes: self.completes(step),
                     after_other: waits(&self, step, chunk, lay.chunks),
                     done: items_through(step, chunk, lay.chunks),
                 }
@@ -235,6 +247,7 @@ impl Broadcast {
             start,
             len,
             reduces: false,
+            completes: false,
             after_other: None,
             done: items_through(0, chunk, lay.chunks),
         }
@@ -366,6 +379,26 @@ mod tests {
         }
     }
 
+    /// A compressed op rounds a segment where `completes` says so; that must be the one
+    /// point where the rank holds the segment's full sum, and the rank must then forward
+    /// exactly that segment and never receive into it again, so the value it keeps is the
+    /// value every other rank receives.
+    #[test]
+    fn a_segment_completes_once_on_its_owner_and_is_forwarded_from_there() {
+        for n in 2..=5 {
+            for rank in 0..n {
+                let s = AllReduce::new(rank, n);
+                let completing: Vec<usize> = (0..s.steps()).filter(|&t| s.completes(t)).collect();
+                assert_eq!(completing, [n - 2], "n={n}");
+                let owned = s.recv_segment(n - 2);
+                assert!(s.reduces(n - 2));
+                assert_eq!(s.send_segment(n - 1), owned, "the first all-gather step forwards it");
+                assert!((n - 1..s.steps()).all(|t| s.recv_segment(t) != owned), "n={n} rank {rank}");
+                assert_eq!(owned, (rank + 1) % n);
+            }
+        }
+    }
+
     #[test]
     fn pipelining_waits_cover_exactly_the_shared_memory() {
         for n in WORLDS {
@@ -417,6 +450,7 @@ mod tests {
                     assert_eq!((o.start, o.len), lay.chunk(s.send_segment(step), c));
                     assert_eq!((i.start, i.len), lay.chunk(s.recv_segment(step), c));
                     assert_eq!(i.reduces, s.reduces(step));
+                    assert_eq!(i.completes, step + 2 == n);
                     assert_eq!(o.after_other, s.send_waits_for_received(step, c, lay.chunks));
                     assert_eq!(i.after_other, s.recv_waits_for_sent(step, c, lay.chunks));
                     // Progress counts every item once, in order.

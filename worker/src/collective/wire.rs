@@ -14,7 +14,9 @@
 //! The dialling, accepting and checking around these messages is in `link.rs`.
 //!
 //! After the handshake the stream carries, per op, a 32-byte [`OpHeader`] followed by
-//! raw little-endian f32 payload whose layout both sides derive from the header.
+//! raw little-endian payload whose layout both sides derive from the header: f32 values,
+//! or for the compressed gradient all-reduces ([`op::ALL_REDUCE_BF16`],
+//! [`op::ALL_REDUCE_FP16`]) 16-bit words, two bytes per value (`compress.rs`).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -192,16 +194,43 @@ impl LinkBinding<'_> {
 
 /// Op kinds in [`OpHeader::kind`].
 pub mod op {
+    use super::super::compress::Wire;
+
     pub const ALL_REDUCE: u32 = 1;
     pub const BROADCAST: u32 = 2;
     pub const BARRIER: u32 = 3;
+    /// All-reduce whose values travel as bfloat16 (`--grad-compression bf16`); the
+    /// header's `elems` still counts values, not bytes.
+    pub const ALL_REDUCE_BF16: u32 = 4;
+    /// All-reduce whose values travel as IEEE float16 (`--grad-compression fp16`).
+    pub const ALL_REDUCE_FP16: u32 = 5;
 
     pub fn name(kind: u32) -> &'static str {
         match kind {
             ALL_REDUCE => "all_reduce",
             BROADCAST => "broadcast",
             BARRIER => "barrier",
+            ALL_REDUCE_BF16 => "all_reduce_bf16",
+            ALL_REDUCE_FP16 => "all_reduce_fp16",
             _ => "unknown op",
+        }
+    }
+
+    /// The all-reduce kind whose values travel in `wire`.
+    pub fn all_reduce(wire: Wire) -> u32 {
+        match wire {
+            Wire::F32 => ALL_REDUCE,
+            Wire::Bf16 => ALL_REDUCE_BF16,
+            Wire::Fp16 => ALL_REDUCE_FP16,
+        }
+    }
+
+    /// The format of an op's values on the link.
+    pub fn wire(kind: u32) -> Wire {
+        match kind {
+            ALL_REDUCE_BF16 => Wire::Bf16,
+            ALL_REDUCE_FP16 => Wire::Fp16,
+            _ => Wire::F32,
         }
     }
 }
