@@ -1,0 +1,130 @@
+//! The worker's current session with the coordinator as the training thread sees it
+//! (issue 14 item 5): a job outlives the session it was assigned on, so its checkpoint
+//! uploads take the key and connection of whichever session holds the job now, and an
+//! upload cut off by a lost session is retried on the next one instead of failing.
+
+use super::job::JobControl;
+use super::transfer::{self, TransferError};
+use crate::train::checkpoint::CheckpointState;
+use cvdist_common::client::Client;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// A session that holds the running job: its key (from `Registered`) and its connection.
+#[derive(Clone)]
+pub struct Attached {
+    pub key: String,
+    pub client: Client,
+}
+
+#[derive(Clone, Default)]
+struct LinkState {
+    /// Counts the sessions attached so far: an upload that failed on one is retried only
+    /// on a later one.
+    generation: u64,
+    session: Option<Attached>,
+}
+
+/// Shared between the session loop (which attaches and detaches sessions) and the job's
+/// checkpoint writer (which uploads through the attached one).
+#[derive(Clone)]
+pub struct SessionLink {
+    state: watch::Sender<LinkState>,
+    /// How long a job trains without a session before the session loop stops it
+    /// (`--detached-timeout`); an upload waits at most this long for a session.
+    pub detached_timeout: Duration,
+}
+
+impl SessionLink {
+    pub fn new(detached_timeout: Duration) -> SessionLink {
+        SessionLink { state: watch::Sender::new(LinkState::default()), detached_timeout }
+    }
+
+    /// A session now holds the job (a fresh assignment, or the coordinator re-adopted it).
+    pub fn attach(&self, session: Attached) {
+        self.state.send_modify(|s| {
+            s.generation += 1;
+            s.session = Some(session);
+        });
+    }
+
+    /// The session ended: uploads wait for the next one.
+    pub fn detach(&self) {
+        self.state.send_modify(|s| s.session = None);
+    }
+
+    fn current(&self) -> (u64, Option<Attached>) {
+        let s = self.state.borrow();
+        (s.generation, s.session.clone())
+    }
+
+    /// Waits until a session newer than `generation` is attached, at most until `deadline`.
+    async fn next_session(&self, generation: u64, deadline: Instant) -> bool {
+        let mut rx = self.state.subscribe();
+        let newer = async move { rx.wait_for(|s| s.generation > generation && s.session.is_some()).await.is_ok() };
+        matches!(tokio::time::timeout_at(deadline.into(), newer).await, Ok(true))
+    }
+}
+
+/// Whether an upload failed because the connection to the coordinator did, rather than
+/// because the coordinator refused it.
+fn connection_lost(e: &TransferError) -> bool {
+    matches!(
+        e,
+        TransferError::Rpc { code: tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled, .. }
+    )
+}
+
+/// Uploads a checkpoint through the session that holds the job, waiting for one while the
+/// worker has none, and retrying on the next session when this one is lost mid-upload or a
+/// newer session replaced the one the upload began on (a restarted coordinator does not know
+/// the old session's key). Gives up when the job is stopped (the session loop stops it after
+/// `--detached-timeout` without a session), after that long without a session, or on a
+/// refusal from the session that holds the job (disk full, bad checksum, ...).
+pub fn upload_checkpoint(
+    link: &SessionLink,
+    control: &JobControl,
+    runtime: &tokio::runtime::Handle,
+    job_id: &str,
+    attempt: u32,
+    json: &Path,
+    state: &CheckpointState,
+) -> Result<(), String> {
+    let name = state.name();
+    let mut deadline = Instant::now() + link.detached_timeout;
+    let mut waited_for = None;
+    loop {
+        let (generation, session) = link.current();
+        let Some(Attached { key, mut client }) = session else {
+            let since = *waited_for.get_or_insert_with(Instant::now);
+            if !control.block_on_unless_stopped(runtime, link.next_session(generation, deadline))? {
+                return Err(format!("no session with the coordinator for {:.0} s", since.elapsed().as_secs_f64()));
+            }
+            continue;
+        };
+        if let Some(since) = waited_for.take() {
+            info!(checkpoint = %name, waited_s = since.elapsed().as_secs_f64(), "uploading after the session came back");
+            deadline = Instant::now() + link.detached_timeout;
+        }
+        let upload = transfer::upload_checkpoint(&mut client, job_id, attempt, &key, json, state);
+        let error = match control.block_on_unless_stopped(runtime, upload)? {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let (now_generation, now_session) = link.current();
+        let replaced = now_generation != generation || now_session.is_none();
+        if !(replaced || connection_lost(&error)) || Instant::now() >= deadline {
+            return Err(error.to_string());
+        }
+        warn!(checkpoint = %name, error = %error, "checkpoint upload cut off with the session; retrying on the next one");
+        if !replaced {
+            // The session may not have noticed the loss yet: wait for a newer one.
+            waited_for = Some(Instant::now());
+            if !control.block_on_unless_stopped(runtime, link.next_session(generation, deadline))? {
+                return Err(error.to_string());
+            }
+        }
+    }
+}
