@@ -171,8 +171,10 @@ impl Observer for ReportingObserver<'_> {
         let runtime = self.env.runtime.clone();
         let control = self.control.clone();
         let (job_id, attempt) = (self.assignment.job_id.clone(), self.assignment.attempt);
+        let epochs = self.assignment.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
         Some(Box::new(move |json: &Path, state: &CheckpointState| {
-            super::link::upload_checkpoint(&link, &control, &runtime, &job_id, attempt, json, state)?;
+            let is_final = (state.epoch, state.step) == (epochs, 0);
+            super::link::upload_checkpoint(&link, &control, &runtime, &job_id, attempt, json, state, is_final)?;
             // Only what the coordinator holds (this one) or has superseded (anything
             // older) may go; a local copy is the only copy until then.
             let name = state.name();

@@ -7,7 +7,7 @@ use super::job::JobControl;
 use super::transfer::{self, TransferError};
 use crate::train::checkpoint::CheckpointState;
 use cvdist_common::client::Client;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -19,12 +19,23 @@ pub struct Attached {
     pub client: Client,
 }
 
+/// A checkpoint written while no session held the job: uploaded by the session loop once
+/// one does (the newest replaces an older one; a later checkpoint supersedes it anyway).
+#[derive(Clone, Debug)]
+pub struct Deferred {
+    pub job_id: String,
+    pub attempt: u32,
+    pub json: PathBuf,
+    pub state: CheckpointState,
+}
+
 #[derive(Clone, Default)]
 struct LinkState {
     /// Counts the sessions attached so far: an upload that failed on one is retried only
     /// on a later one.
     generation: u64,
     session: Option<Attached>,
+    deferred: Option<Deferred>,
 }
 
 /// Shared between the session loop (which attaches and detaches sessions) and the job's
@@ -55,6 +66,23 @@ impl SessionLink {
         self.state.send_modify(|s| s.session = None);
     }
 
+    /// The checkpoint waiting for a session, if any (see [`Deferred`]).
+    pub fn take_deferred(&self) -> Option<Deferred> {
+        let mut taken = None;
+        self.state.send_if_modified(|s| {
+            taken = s.deferred.take();
+            false
+        });
+        taken
+    }
+
+    fn defer(&self, d: Deferred) {
+        self.state.send_if_modified(|s| {
+            s.deferred = Some(d);
+            false
+        });
+    }
+
     fn current(&self) -> (u64, Option<Attached>) {
         let s = self.state.borrow();
         (s.generation, s.session.clone())
@@ -77,12 +105,19 @@ fn connection_lost(e: &TransferError) -> bool {
     )
 }
 
-/// Uploads a checkpoint through the session that holds the job, waiting for one while the
-/// worker has none, and retrying on the next session when this one is lost mid-upload or a
-/// newer session replaced the one the upload began on (a restarted coordinator does not know
-/// the old session's key). Gives up when the job is stopped (the session loop stops it after
+/// Uploads a checkpoint through the session that holds the job.
+///
+/// Without a session (or when the session is lost mid-upload), a checkpoint before the final
+/// one is deferred: the session loop uploads it once a session holds the job again, and this
+/// returns an error at once, so training does not wait for the coordinator (the local copy
+/// stays until a later upload succeeds). The final checkpoint is waited for instead — the
+/// job has nothing left to train, and the final model must reach the coordinator: it is
+/// retried on the next session when this one is lost mid-upload or a newer session replaced
+/// the one the upload began on (a restarted coordinator does not know the old session's
+/// key). Gives up when the job is stopped (the session loop stops it after
 /// `--detached-timeout` without a session), after that long without a session, or on a
 /// refusal from the session that holds the job (disk full, bad checksum, ...).
+#[allow(clippy::too_many_arguments)]
 pub fn upload_checkpoint(
     link: &SessionLink,
     control: &JobControl,
@@ -91,13 +126,21 @@ pub fn upload_checkpoint(
     attempt: u32,
     json: &Path,
     state: &CheckpointState,
+    is_final: bool,
 ) -> Result<(), String> {
     let name = state.name();
+    let defer = || {
+        link.defer(Deferred { job_id: job_id.to_string(), attempt, json: json.to_path_buf(), state: state.clone() });
+        Err(format!("deferred: no session with the coordinator; {name} is uploaded when one is back"))
+    };
     let mut deadline = Instant::now() + link.detached_timeout;
     let mut waited_for = None;
     loop {
         let (generation, session) = link.current();
         let Some(Attached { key, mut client }) = session else {
+            if !is_final {
+                return defer();
+            }
             let since = *waited_for.get_or_insert_with(Instant::now);
             if !control.block_on_unless_stopped(runtime, link.next_session(generation, deadline))? {
                 return Err(format!("no session with the coordinator for {:.0} s", since.elapsed().as_secs_f64()));
@@ -117,6 +160,9 @@ pub fn upload_checkpoint(
         let replaced = now_generation != generation || now_session.is_none();
         if !(replaced || connection_lost(&error)) || Instant::now() >= deadline {
             return Err(error.to_string());
+        }
+        if !is_final {
+            return defer();
         }
         warn!(checkpoint = %name, error = %error, "checkpoint upload cut off with the session; retrying on the next one");
         if !replaced {

@@ -287,8 +287,9 @@ pub async fn run(
             // The coordinator closed the session cleanly (e.g. it is restarting).
             _ => backoff = Duration::from_millis(250),
         }
-        let wait =
-            if current.as_ref().is_some_and(Current::training) { backoff.min(DETACHED_BACKOFF) } else { backoff };
+        // A job that trains, or that ended while detached, has something to report soon.
+        let pressing = current.as_ref().is_some_and(|c| c.training() || c.detached_since.is_some());
+        let wait = if pressing { backoff.min(DETACHED_BACKOFF) } else { backoff };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stopped(&mut stop_rx) => {
@@ -458,7 +459,30 @@ async fn session(
                     }
                 }
                 live = true;
-                link.attach(Attached { key: session_key, client: client.clone() });
+                link.attach(Attached { key: session_key.clone(), client: client.clone() });
+                // A checkpoint written while no session held the job goes now, beside training.
+                if let Some(d) = link.take_deferred() {
+                    if current.as_ref().is_some_and(|c| c.id == d.job_id && c.attempt == d.attempt) {
+                        let mut client = client.clone();
+                        tokio::spawn(async move {
+                            let name = d.state.name();
+                            match transfer::upload_checkpoint(
+                                &mut client,
+                                &d.job_id,
+                                d.attempt,
+                                &session_key,
+                                &d.json,
+                                &d.state,
+                            )
+                            .await
+                            {
+                                Ok(()) => info!(checkpoint = %name, "deferred checkpoint uploaded"),
+                                // A newer checkpoint of the job replaces it.
+                                Err(e) => warn!(checkpoint = %name, error = %e, "deferred checkpoint upload failed"),
+                            }
+                        });
+                    }
+                }
             }
             Some(coordinator_message::Msg::Assignment(a)) => {
                 // One job at a time: an aborted predecessor must have let go of the
