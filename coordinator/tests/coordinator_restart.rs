@@ -4,10 +4,18 @@
 
 mod cluster;
 
-use cluster::{small_spec, spawn_logged, watch_until_done, worker_bin, Cluster};
-use cvdist_common::proto::{job_event, JobEvent, JobInfo, JobSpec, JobState};
+use cluster::{small_spec, spawn_logged, watch_until_done, worker_bin, Cluster, WORKER_TOKEN};
+use cvdist_common::client::connect;
+use cvdist_common::proto::{
+    coordinator_message, job_event, worker_message, Assignment, CoordinatorMessage, GetJobRequest, JobEvent, JobInfo,
+    JobSpec, JobState, RegisterRequest, RejoinRequest, WorkerMessage,
+};
+use cvdist_common::rejoin;
+use cvdist_common::version::PROTOCOL_VERSION;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::Code;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 const EPOCHS: u32 = 3;
@@ -189,4 +197,90 @@ async fn a_coordinator_down_longer_than_the_workers_wait_falls_back_to_recovery(
     // by then), and stopped the job itself.
     let log = std::fs::read_to_string(c.dir.path().join("worker-0.log")).unwrap();
     assert!(log.contains("no session with the coordinator for 3s (--detached-timeout)"), "{log}");
+}
+
+/// A raw worker session opened with `first`; returns the sender that keeps it open and the
+/// coordinator's answer: the first message (`Registered`), or the refusal.
+async fn raw_session(
+    c: &Cluster,
+    first: worker_message::Msg,
+) -> Result<(mpsc::UnboundedSender<WorkerMessage>, tonic::Streaming<CoordinatorMessage>, bool), tonic::Status> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(WorkerMessage { msg: Some(first) }).unwrap();
+    let mut client = connect(&c.url(), Some(WORKER_TOKEN), None).await.unwrap();
+    let mut inbound =
+        client.worker_session(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
+    match inbound.message().await? {
+        Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(r)) }) => Ok((tx, inbound, r.adopted)),
+        other => panic!("expected Registered, got {other:?}"),
+    }
+}
+
+fn register(id: &str) -> RegisterRequest {
+    RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: id.into(),
+        data_addr: "127.0.0.1:9".into(),
+        capabilities: None,
+    }
+}
+
+/// The claim of `id` on `a`'s rank, signed with `secret`.
+fn rejoin_as(id: &str, a: &Assignment, secret: &str) -> worker_message::Msg {
+    let claim =
+        rejoin::Claim { job_id: &a.job_id, attempt: a.attempt, rank: a.rank, world_size: a.world_size, worker_id: id };
+    worker_message::Msg::Rejoin(RejoinRequest {
+        register: Some(register(id)),
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+        world_size: a.world_size,
+        epoch: 0,
+        step: 0,
+        proof: rejoin::proof(secret, &claim),
+    })
+}
+
+/// Over real gRPC to a restarted coordinator process: holding the worker credential is not
+/// enough to take a rank of a running attempt; the attempt's secret is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_registration_must_prove_the_attempt_it_claims() {
+    let mut c = Cluster::new(16, 16);
+    let mut s = small_spec("resnet20", 1, (1, 1));
+    s.dataset = "synthetic".into();
+    let job = c.submit(s).await;
+    // The "worker" is this test: it registers as w0 and is given the job.
+    let (tx, mut inbound, _) = raw_session(&c, worker_message::Msg::Register(register("w0"))).await.unwrap();
+    let a = loop {
+        match inbound.message().await.unwrap() {
+            Some(CoordinatorMessage { msg: Some(coordinator_message::Msg::Assignment(a)) }) => break a,
+            Some(_) => continue,
+            None => panic!("session ended before the assignment\n{}", c.logs()),
+        }
+    };
+    drop((tx, inbound));
+    c.kill_coordinator();
+    c.start_coordinator();
+
+    // Another id, or the right id with a forged proof: refused, no session.
+    let forged = raw_session(&c, rejoin_as("w0", &a, "guessed")).await.map(|_| ()).unwrap_err();
+    assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
+    assert_eq!(
+        forged.message(),
+        format!("re-registration refused: the proof for rank 0 of attempt 0 of job {job} does not match")
+    );
+    // A stranger with the secret but under another id is not w0: not adopted, and the job
+    // waits on for w0.
+    let (_s, _i, adopted) = raw_session(&c, rejoin_as("w9", &a, &a.session_secret)).await.unwrap();
+    assert!(!adopted);
+    let mut client = c.client().await;
+    let info = client.get_job(GetJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
+    assert_eq!((info.state(), info.attempt), (JobState::Running, 0), "{:?}", info.events);
+    // The member itself, with its proof: adopted, no recovery.
+    let (_s, _i, adopted) = raw_session(&c, rejoin_as("w0", &a, &a.session_secret)).await.unwrap();
+    assert!(adopted);
+    let info = client.get_job(GetJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
+    assert_eq!((info.state(), info.attempt, info.restarts), (JobState::Running, 0, 0));
+    assert!(info.recoveries.is_empty());
+    assert!(info.events.last().unwrap().contains("attempt 0 re-adopted: all 1 workers"), "{:?}", info.events);
 }

@@ -101,6 +101,9 @@ struct Current {
     attempt: u32,
     rank: u32,
     world_size: u32,
+    /// This worker's id in the attempt (the coordinator picks one when `--worker-id` is
+    /// empty): a re-registration claims the rank under it.
+    member_id: String,
     /// The attempt's `Assignment.session_secret`: signs the claim of a re-registration.
     secret: String,
     control: JobControl,
@@ -159,7 +162,8 @@ impl Current {
     }
 
     /// The first message of a session while this job exists: a registration claiming it.
-    fn rejoin_request(&self, register: RegisterRequest) -> RejoinRequest {
+    fn rejoin_request(&self, mut register: RegisterRequest) -> RejoinRequest {
+        register.worker_id = self.member_id.clone();
         let claim = rejoin::Claim {
             job_id: &self.id,
             attempt: self.attempt,
@@ -509,6 +513,7 @@ async fn session(
                     attempt: a.attempt,
                     rank: a.rank,
                     world_size: a.world_size,
+                    member_id: a.peers.get(a.rank as usize).map(|p| p.worker_id.clone()).unwrap_or_default(),
                     secret: a.session_secret.clone(),
                     control: control.clone(),
                     handle: None,
