@@ -284,7 +284,8 @@ pub fn step(job: &mut Job, event: Event<'_>, now: Now) -> Result<Transition, Coo
         }
         Event::Restarted { window } => readopt::restarted(job, window, now, &mut t),
         Event::Rejoin { worker, attempt, rank, world_size, position } => {
-            readopt::rejoin(job, worker, attempt, rank, world_size, position, now, &mut t)
+            let claim = readopt::Claimed { worker, attempt, rank, world_size, position };
+            readopt::rejoin(job, claim, now, &mut t)
         }
         Event::RegisteredIdle { worker } => readopt::member_back_without_attempt(job, worker, now, &mut t),
         Event::ReadoptDeadline => readopt::deadline(job, now, &mut t),

@@ -313,7 +313,7 @@ fn running_pair(dir: &std::path::Path) -> (String, Vec<cvdist_common::proto::Ass
     let state = Coordinator::new(Store::open(dir).unwrap(), cfg).unwrap();
     let id =
         state.submit(JobSpec { min_workers: 2, max_workers: 2, ..spec::default_spec("resnet20", 2) }).expect("submit");
-    let mut rx = vec![register(&state, "w1"), register(&state, "w2")];
+    let mut rx = [register(&state, "w1"), register(&state, "w2")];
     state.tick();
     let assignments = rx
         .iter_mut()

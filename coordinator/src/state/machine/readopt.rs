@@ -102,20 +102,21 @@ pub(super) fn restarted(job: &mut Job, window: Duration, now: Now, t: &mut Trans
     t.effects.push(Effect::Persist);
 }
 
+/// What a re-registering worker claims (the fields of `Event::Rejoin`).
+pub(super) struct Claimed<'a> {
+    pub worker: &'a str,
+    pub attempt: u32,
+    pub rank: u32,
+    pub world_size: u32,
+    pub position: (u32, u64),
+}
+
 /// `worker` re-registered claiming `rank` of `attempt` in a group of `world_size`, at
 /// `position` (its proof already checked). Adopted when it is that rank's member of the
 /// attempt being re-adopted; the last member back completes the re-adoption. Anything else
 /// changes nothing (the caller sees [`Job::rejoined`] false and tells the worker).
-pub(super) fn rejoin(
-    job: &mut Job,
-    worker: &str,
-    attempt: u32,
-    rank: u32,
-    world_size: u32,
-    position: (u32, u64),
-    now: Now,
-    t: &mut Transition,
-) {
+pub(super) fn rejoin(job: &mut Job, claim: Claimed<'_>, now: Now, t: &mut Transition) {
+    let Claimed { worker, attempt, rank, world_size, position } = claim;
     let Some(r) = job.readopting() else { return };
     let is_member = job.members.get(rank as usize).map(String::as_str) == Some(worker);
     if attempt != r.attempt || !is_member || world_size as usize != job.members.len() || r.rejoined.contains(&rank) {
