@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+/// After an upload failed as if the connection were lost while the session still looks
+/// up, how long to wait for the session loop to notice a loss (the client's HTTP/2
+/// keep-alive gives up after 5 s + 10 s) before taking the failure as the coordinator's answer.
+const LOSS_NOTICE: Duration = Duration::from_secs(30);
+
 /// A session that holds the running job: its key (from `Registered`) and its connection.
 #[derive(Clone)]
 pub struct Attached {
@@ -166,10 +171,16 @@ pub fn upload_checkpoint(
         }
         warn!(checkpoint = %name, error = %error, "checkpoint upload cut off with the session; retrying on the next one");
         if !replaced {
-            // The session may not have noticed the loss yet: wait for a newer one.
+            // The session may not have noticed the loss yet: wait for a newer one, but only
+            // as long as the old one is still up after LOSS_NOTICE.
             waited_for = Some(Instant::now());
-            if !control.block_on_unless_stopped(runtime, link.next_session(generation, deadline))? {
-                return Err(error.to_string());
+            let notice = (Instant::now() + LOSS_NOTICE).min(deadline);
+            if !control.block_on_unless_stopped(runtime, link.next_session(generation, notice))? {
+                let (g, session) = link.current();
+                let still_up = g == generation && session.is_some();
+                if still_up || !control.block_on_unless_stopped(runtime, link.next_session(generation, deadline))? {
+                    return Err(error.to_string());
+                }
             }
         }
     }
