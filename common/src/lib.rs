@@ -13,6 +13,7 @@ pub mod download;
 pub mod models;
 pub mod names;
 pub mod nonfinite;
+pub mod rejoin;
 pub mod run_dir;
 pub mod sampler;
 pub mod spec;

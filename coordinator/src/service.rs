@@ -94,7 +94,7 @@ impl From<CoordinatorError> for Status {
             }
             E::ShuttingDown => Code::Unavailable,
             E::SessionClosedWhileRegistering => Code::Cancelled,
-            E::ClosedSession(_) | E::CheckpointRefused { .. } => Code::PermissionDenied,
+            E::ClosedSession(_) | E::CheckpointRefused { .. } | E::RejoinRefused(_) => Code::PermissionDenied,
             E::Storage(_) | E::RunDir(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
@@ -186,11 +186,13 @@ impl CoordinatorApi for Service {
             .await
             .map_err(|_| Status::deadline_exceeded("no registration within 10 s"))??
             .ok_or_else(|| Status::invalid_argument("session closed before registering"))?;
-        let Some(worker_message::Msg::Register(register)) = first.msg else {
-            return Err(Status::invalid_argument("the first message of a worker session must be a registration"));
-        };
         let (tx, rx) = mpsc::unbounded_channel();
-        let (id, session) = self.state.register(register, tx)?;
+        let (id, session) = match first.msg {
+            Some(worker_message::Msg::Register(register)) => self.state.register(register, tx)?,
+            // A worker that kept training while its session was down (issue 14 item 5).
+            Some(worker_message::Msg::Rejoin(rejoin)) => self.state.rejoin(rejoin, tx)?,
+            _ => return Err(Status::invalid_argument("the first message of a worker session must be a registration")),
+        };
         let state = self.state.clone();
         let closing = self.state.closing();
         tokio::spawn(async move {

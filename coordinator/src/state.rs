@@ -26,9 +26,9 @@ pub use registry::WorkerTx;
 
 use crate::store::{Store, StoreError};
 use cvdist_common::proto::{
-    job_event, JobEvent, JobInfo, JobReport, JobSpec, JobState, RegisterRequest, WorkerInfo, WorkerState,
+    job_event, JobEvent, JobInfo, JobReport, JobSpec, JobState, RegisterRequest, RejoinRequest, WorkerInfo, WorkerState,
 };
-use cvdist_common::{models, names, run_dir, spec};
+use cvdist_common::{models, names, rejoin, run_dir, spec};
 use effects::{Batch, Committer, Durable, Outcome, Pending, Write};
 use machine::{state_name, Effect, Event, Job, Now, Transition};
 use registry::{CheckedRegistration, Registry};
@@ -46,6 +46,22 @@ const EVENT_BUFFER: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct StateConfig {
     pub heartbeat_timeout: Duration,
+}
+
+/// After a restart, how many heartbeat timeouts a running attempt's workers get to
+/// re-register before the job falls back to recovery (issue 14 item 5). A worker that lost
+/// its session retries at least every second while it trains (`worker/src/agent`), so a
+/// live worker is back within about a second of the coordinator listening again; three
+/// heartbeat timeouts (30 s by default) leave room for a loaded host and a slow TLS
+/// handshake, and bound how long a job whose worker died with the coordinator waits
+/// before it recovers (a member that comes back without the attempt ends the wait at once).
+pub const READOPT_HEARTBEAT_TIMEOUTS: u32 = 3;
+
+impl StateConfig {
+    /// How long a restarted coordinator waits for a running attempt's members.
+    pub fn readopt_window(&self) -> Duration {
+        self.heartbeat_timeout * READOPT_HEARTBEAT_TIMEOUTS
+    }
 }
 
 /// A job as the coordinator keeps it: the state machine's job, plus who watches it and what
@@ -241,6 +257,8 @@ pub struct Coordinator {
     pub wake: Notify,
     /// Set once by [`Coordinator::shut_down`]; long-lived streams watch it and end.
     closing: watch::Sender<bool>,
+    /// The store's key for attempt secrets (`cvdist_common::rejoin`).
+    attempt_key: [u8; rejoin::KEY_BYTES],
 }
 
 /// Counts for the metrics endpoint.
@@ -263,8 +281,10 @@ fn now_unix() -> f64 {
 }
 
 impl Coordinator {
-    /// Loads every stored job. Jobs that were running when the coordinator stopped go back
-    /// to recovery: their workers will reconnect and they resume from the newest checkpoint.
+    /// Loads every stored job. A job that was running when the coordinator stopped waits
+    /// [`StateConfig::readopt_window`] for its workers, which keep training, to re-register
+    /// (issue 14 item 5); one that was recovering, or whose workers do not all come back
+    /// with the attempt, resumes from the newest checkpoint in a new attempt.
     pub fn new(store: Store, cfg: StateConfig) -> Result<Arc<Coordinator>, StoreError> {
         let store = Arc::new(store);
         Coordinator::with_durable(store.clone(), store, cfg)
@@ -280,6 +300,7 @@ impl Coordinator {
         let mut next_job = 1;
         let mut resumed = Vec::new();
         let now = Now::current();
+        let window = cfg.readopt_window();
         // One record at a time: ended jobs are trimmed as they are read, so loading many
         // stored jobs never needs all their histories in memory at once.
         store.for_each_job(|mut info| {
@@ -291,7 +312,7 @@ impl Coordinator {
             record::bound_record(&mut info);
             let mut entry = JobEntry::new(Job::new(info, now.instant), true);
             // Never refused: a restart applies to any state (and changes only active jobs).
-            if let Ok(t) = machine::step(&mut entry.job, Event::Resumed, now) {
+            if let Ok(t) = machine::step(&mut entry.job, Event::Restarted { window }, now) {
                 if t.effects.contains(&Effect::Persist) {
                     resumed.push(entry.job.info.id.clone());
                 }
@@ -306,6 +327,7 @@ impl Coordinator {
                 durable.put_job(&entry.job.info)?;
             }
         }
+        let attempt_key = store.attempt_key()?;
         Ok(Arc::new(Coordinator {
             inner: Mutex::new(Inner { jobs, workers: Registry::new(), next_job, next_seq: 1 }),
             store,
@@ -314,6 +336,7 @@ impl Coordinator {
             cfg,
             wake: Notify::new(),
             closing: watch::Sender::new(false),
+            attempt_key,
         }))
     }
 
@@ -357,11 +380,11 @@ impl Coordinator {
         }
     }
 
-    /// Begins a shutdown: every worker session is ended with UNAVAILABLE (the workers
-    /// stop their jobs and reconnect with backoff), new registrations are refused, and
+    /// Begins a shutdown: every worker session is ended with UNAVAILABLE (the workers keep
+    /// training and reconnect with backoff), new registrations are refused, and
     /// [`Coordinator::closing`] fires so that watch streams end too. Without this the
     /// gRPC server's graceful shutdown waits for these never-ending streams forever.
-    /// Running jobs stay RUNNING in the store: a restarted coordinator recovers them.
+    /// Running jobs stay RUNNING in the store: a restarted coordinator re-adopts them.
     pub fn shut_down(&self) {
         let mut inner = self.lock();
         inner.workers.drop_all(Status::from(CoordinatorError::ShuttingDown));
@@ -500,12 +523,93 @@ impl Coordinator {
     /// the session number.
     pub fn register(&self, req: RegisterRequest, tx: WorkerTx) -> Result<(String, u64), CoordinatorError> {
         let reg = CheckedRegistration::new(req)?;
-        let mut inner = self.lock();
-        if *self.closing.borrow() {
-            return Err(CoordinatorError::ShuttingDown);
+        let mut pending = Pending::new(&self.committer);
+        let registered = {
+            let mut inner = self.lock();
+            if *self.closing.borrow() {
+                return Err(CoordinatorError::ShuttingDown);
+            }
+            let registered = inner.workers.register(reg, tx, now_unix(), None)?;
+            self.back_without_attempt(&mut inner, &registered.0, &mut pending);
+            registered
+        };
+        self.run_logged(pending);
+        self.wake.notify_one();
+        Ok(registered)
+    }
+
+    /// A worker registered idle: if a restarted coordinator waits for it to re-register into
+    /// a running attempt, that attempt cannot be re-adopted (issue 14 item 5).
+    fn back_without_attempt(&self, inner: &mut Inner, worker: &str, pending: &mut Pending<'_>) {
+        let waiting: Vec<String> =
+            inner.jobs.iter().filter(|(_, e)| e.job.awaits(worker)).map(|(id, _)| id.clone()).collect();
+        for id in waiting {
+            self.step_job(inner, &id, Event::RegisteredIdle { worker }, pending);
         }
-        let registered = inner.workers.register(reg, tx, now_unix())?;
-        drop(inner);
+    }
+
+    /// A worker that kept training while its session was down re-registers, claiming its
+    /// rank in the attempt it runs (issue 14 item 5). When a restarted coordinator waits for
+    /// that attempt's members and the claim is this worker's (its proof is made with the
+    /// attempt's secret, which only the attempt's members received), the session starts busy
+    /// in the attempt and `Registered.adopted` says so; otherwise it registers as
+    /// [`Coordinator::register`] does and the worker stops the attempt. A claim on an attempt
+    /// being re-adopted whose proof does not match is refused (PERMISSION_DENIED): no one
+    /// may take another worker's place in a running group.
+    pub fn rejoin(&self, req: RejoinRequest, tx: WorkerTx) -> Result<(String, u64), CoordinatorError> {
+        let register = req.register.clone().unwrap_or_default();
+        let worker = register.worker_id.clone();
+        let reg = CheckedRegistration::new(register)?;
+        let mut pending = Pending::new(&self.committer);
+        let registered = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            if *self.closing.borrow() {
+                return Err(CoordinatorError::ShuttingDown);
+            }
+            inner.workers.check_free(&worker)?;
+            let claim = rejoin::Claim {
+                job_id: &req.job_id,
+                attempt: req.attempt,
+                rank: req.rank,
+                world_size: req.world_size,
+                worker_id: &worker,
+            };
+            let adopted = match inner.jobs.get_mut(&req.job_id).filter(|e| e.stored && !worker.is_empty()) {
+                Some(entry) if entry.job.readopting().is_some_and(|r| r.attempt == req.attempt) => {
+                    let secret = rejoin::attempt_secret(&self.attempt_key, &req.job_id, req.attempt);
+                    if !rejoin::verify(&secret, &claim, &req.proof) {
+                        return Err(CoordinatorError::RejoinRefused(format!(
+                            "the proof for rank {} of attempt {} of job {} does not match",
+                            req.rank, req.attempt, req.job_id
+                        )));
+                    }
+                    let event = Event::Rejoin {
+                        worker: &worker,
+                        attempt: req.attempt,
+                        rank: req.rank,
+                        world_size: req.world_size,
+                        position: (req.epoch, req.step),
+                    };
+                    let t = machine::step(&mut entry.job, event, Now::current())?;
+                    let adopted = entry.job.rejoined(&worker, req.rank);
+                    inner.apply(&req.job_id, t, &mut pending);
+                    adopted
+                }
+                _ => false,
+            };
+            if !adopted {
+                warn!(worker = %worker, job = ?req.job_id, attempt = req.attempt,
+                    "a re-registering worker's attempt is not re-adopted; it stops it");
+            }
+            let registered =
+                inner.workers.register(reg, tx, now_unix(), adopted.then(|| (req.job_id.clone(), req.attempt)))?;
+            if !adopted {
+                self.back_without_attempt(inner, &registered.0, &mut pending);
+            }
+            registered
+        };
+        self.run_logged(pending);
         self.wake.notify_one();
         Ok(registered)
     }
@@ -671,7 +775,12 @@ impl Coordinator {
                     self.lost_after_abort(inner, &id, reason, &mut pending);
                 }
             }
-            schedule(inner, &mut pending);
+            let readopting: Vec<String> =
+                inner.jobs.iter().filter(|(_, e)| e.job.readopting().is_some()).map(|(id, _)| id.clone()).collect();
+            for id in readopting {
+                self.step_job(inner, &id, Event::ReadoptDeadline, &mut pending);
+            }
+            schedule(inner, &self.attempt_key, &mut pending);
         }
         self.run_logged(pending);
     }
@@ -731,7 +840,7 @@ impl Coordinator {
 
 /// First come, first served: offers the idle workers to each waiting job in id order; a job
 /// that waits for more workers holds the jobs behind it.
-fn schedule(inner: &mut Inner, pending: &mut Pending<'_>) {
+fn schedule(inner: &mut Inner, attempt_key: &[u8], pending: &mut Pending<'_>) {
     let waiting: Vec<String> = inner
         .jobs
         .values()
@@ -742,7 +851,8 @@ fn schedule(inner: &mut Inner, pending: &mut Pending<'_>) {
     for id in waiting {
         let idle = inner.workers.idle();
         let Some(entry) = inner.jobs.get_mut(&id) else { continue };
-        let secret = hex::encode(rand::random::<[u8; 16]>());
+        // Derived, not stored: a restarted coordinator checks re-registration proofs with it.
+        let secret = rejoin::attempt_secret(attempt_key, &id, entry.job.info.attempt);
         let Ok(t) = machine::step(&mut entry.job, Event::Schedule { idle: &idle, secret }, now) else { continue };
         let holds = t.holds_queue;
         inner.apply(&id, t, pending);

@@ -41,6 +41,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::info;
 
+mod readopt;
+pub use readopt::Readoption;
+
 /// After a failed attempt, wait this long before re-forming the group, so that the
 /// session of a worker that died (and caused the failure) is noticed first.
 pub const RECOVERY_GRACE: Duration = Duration::from_secs(2);
@@ -100,6 +103,9 @@ pub struct Job {
     /// The current attempt is a recovery (the last of `info.recoveries`) whose downtime
     /// ends at the attempt's first reported step past its start.
     pub awaiting_first_step: bool,
+    /// After a coordinator restart, the running attempt waiting for its members to
+    /// re-register (issue 14 item 5, `machine/readopt.rs`).
+    pub readopt: Option<Readoption>,
 }
 
 /// An idle worker the scheduler may place in a group: its id and data-plane address.
@@ -128,6 +134,17 @@ pub enum Event<'a> {
     CheckpointStored { attempt: u32, name: String },
     /// A checkpoint upload of `attempt` was refused.
     CheckpointRefused { attempt: u32, name: String, reason: String },
+    /// The coordinator restarted and loaded this job: a running attempt waits up to `window`
+    /// for its members to re-register (`machine/readopt.rs`); other active jobs resume as
+    /// after [`Event::Resumed`].
+    Restarted { window: Duration },
+    /// `worker` re-registered claiming `rank` of `attempt` in a group of `world_size`, at
+    /// `position` (epoch, steps done); its proof was checked by the caller.
+    Rejoin { worker: &'a str, attempt: u32, rank: u32, world_size: u32, position: (u32, u64) },
+    /// `worker` registered without claiming the attempt being re-adopted.
+    RegisteredIdle { worker: &'a str },
+    /// A housekeeping pass: the re-adoption window may have passed.
+    ReadoptDeadline,
 }
 
 /// What the caller must do after a transition, in this order.
@@ -198,6 +215,7 @@ impl Job {
             attempt_position: (0, 0),
             checkpoint_world_size: 0,
             awaiting_first_step: false,
+            readopt: None,
         }
     }
 
@@ -264,6 +282,13 @@ pub fn step(job: &mut Job, event: Event<'_>, now: Now) -> Result<Transition, Coo
             job.checkpoint_world_size = job.info.world_size;
             t.effects.push(Effect::Persist);
         }
+        Event::Restarted { window } => readopt::restarted(job, window, now, &mut t),
+        Event::Rejoin { worker, attempt, rank, world_size, position } => {
+            let claim = readopt::Claimed { worker, attempt, rank, world_size, position };
+            readopt::rejoin(job, claim, now, &mut t)
+        }
+        Event::RegisteredIdle { worker } => readopt::member_back_without_attempt(job, worker, now, &mut t),
+        Event::ReadoptDeadline => readopt::deadline(job, now, &mut t),
         Event::CheckpointRefused { attempt, name, reason } => {
             if attempt == job.info.attempt && !job.state().is_terminal() {
                 job.log(format!("checkpoint {name} refused: {reason}"), now, &mut t);
@@ -511,6 +536,11 @@ fn on_report(
             first_step_check(job, now, t);
         }
         Some(Kind::Epoch(mut m)) => {
+            // A re-registered worker sends its epoch reports again (issue 14 item 5): an
+            // attempt reports each epoch once, so one already recorded is a copy.
+            if job.info.history.iter().any(|h| h.epoch == m.epoch && h.attempt == job.info.attempt) {
+                return Ok(());
+            }
             job.attempt_reached = job.attempt_reached.max(m.epoch + 1);
             job.attempt_position = job.attempt_position.max((m.epoch + 1, 0));
             first_step_check(job, now, t);

@@ -82,11 +82,14 @@ impl Registry {
 
     /// Adds a worker session and sends it `Registered` (its id and the session key its
     /// checkpoint uploads present) on `tx`; returns the id and the session number.
+    /// `adopted`: the worker re-registered into this running attempt (issue 14 item 5),
+    /// so it starts busy in it and `Registered.adopted` tells it so.
     pub fn register(
         &mut self,
         reg: CheckedRegistration,
         tx: WorkerTx,
         now_unix: f64,
+        adopted: Option<(String, u32)>,
     ) -> Result<(String, u64), CoordinatorError> {
         let CheckedRegistration { req, caps } = reg;
         let id = if req.worker_id.is_empty() {
@@ -94,9 +97,7 @@ impl Registry {
         } else {
             req.worker_id.clone()
         };
-        if self.workers.contains_key(&id) {
-            return Err(CoordinatorError::DuplicateWorker(id));
-        }
+        self.check_free(&id)?;
         let session = self.next_session;
         self.next_session += 1;
         let key = hex::encode(rand::random::<[u8; 32]>());
@@ -109,6 +110,7 @@ impl Registry {
             msg: Some(coordinator_message::Msg::Registered(Registered {
                 worker_id: id.clone(),
                 session_key: key.clone(),
+                adopted: adopted.is_some(),
             })),
         };
         if tx.send(Ok(registered)).is_err() {
@@ -122,13 +124,21 @@ impl Registry {
                 caps,
                 tx,
                 session,
-                job: None,
+                job: adopted,
                 last_seen: Instant::now(),
                 registered_unix: now_unix,
             },
         );
         info!(worker = %id, workers = self.workers.len(), "worker registered");
         Ok((id, session))
+    }
+
+    /// Refuses an id that already has a session.
+    pub fn check_free(&self, id: &str) -> Result<(), CoordinatorError> {
+        if self.workers.contains_key(id) {
+            return Err(CoordinatorError::DuplicateWorker(id.to_string()));
+        }
+        Ok(())
     }
 
     /// Whether `session` is the worker's current session.

@@ -287,13 +287,280 @@ fn a_restarted_coordinator_resumes_running_jobs_in_a_new_attempt() {
         id
     };
     let state = Coordinator::new(Store::open(dir.path()).unwrap(), cfg).unwrap();
+    // Issue 14 item 5: the running attempt first waits for its workers to re-register.
     let info = state.get(&id).unwrap();
-    assert_eq!((info.state(), info.attempt), (JobState::Recovering, 1));
+    assert_eq!((info.state(), info.attempt), (JobState::Running, 0));
     assert!(info
         .events
         .last()
         .unwrap()
-        .ends_with("coordinator restarted; waiting for workers to resume from the newest checkpoint"));
+        .ends_with("coordinator restarted; waiting up to 180s for the 1 workers of attempt 0 (w1) to re-register"));
+    // Its worker comes back without it: the new attempt, as before.
+    let _w = register(&state, "w1");
+    let info = state.get(&id).unwrap();
+    assert_eq!((info.state(), info.attempt), (JobState::Recovering, 1));
     let stored = state.store().get_jobs(&[id.as_str()]).unwrap().pop().flatten().unwrap();
-    assert_eq!(stored.attempt, 1, "the new attempt is stored before serving");
+    assert_eq!(stored.attempt, 1, "the new attempt is stored");
+}
+
+// ------------------------------------------------------------------ issue 14 item 5:
+// re-adopting a running attempt after a coordinator restart.
+
+/// A 2-worker job RUNNING in attempt 0 on w1, w2 in a store under `dir`; returns its id and
+/// each worker's assignment (for the attempt secret).
+fn running_pair(dir: &std::path::Path) -> (String, Vec<cvdist_common::proto::Assignment>) {
+    let cfg = StateConfig { heartbeat_timeout: Duration::from_secs(60) };
+    let state = Coordinator::new(Store::open(dir).unwrap(), cfg).unwrap();
+    let id =
+        state.submit(JobSpec { min_workers: 2, max_workers: 2, ..spec::default_spec("resnet20", 2) }).expect("submit");
+    let mut rx = [register(&state, "w1"), register(&state, "w2")];
+    state.tick();
+    let assignments = rx
+        .iter_mut()
+        .map(|rx| {
+            assert!(matches!(next(rx), coordinator_message::Msg::Registered(_)));
+            match next(rx) {
+                coordinator_message::Msg::Assignment(a) => a,
+                other => panic!("expected an assignment, got {other:?}"),
+            }
+        })
+        .collect();
+    (id, assignments)
+}
+
+/// The `RejoinRequest` of worker `id` claiming `a`'s rank, its proof made with `secret`.
+fn rejoin_request(id: &str, a: &cvdist_common::proto::Assignment, secret: &str) -> RejoinRequest {
+    let claim =
+        rejoin::Claim { job_id: &a.job_id, attempt: a.attempt, rank: a.rank, world_size: a.world_size, worker_id: id };
+    RejoinRequest {
+        register: Some(RegisterRequest {
+            protocol_version: version::PROTOCOL_VERSION,
+            worker_id: id.into(),
+            data_addr: "127.0.0.1:40000".into(),
+            ..Default::default()
+        }),
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+        world_size: a.world_size,
+        epoch: 1,
+        step: 3,
+        proof: rejoin::proof(secret, &claim),
+    }
+}
+
+/// Sends `req` and returns the worker's `Registered.adopted`, or the refusal.
+fn rejoin(state: &Coordinator, req: RejoinRequest) -> Result<bool, CoordinatorError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    state.rejoin(req, tx)?;
+    match next(&mut rx) {
+        coordinator_message::Msg::Registered(r) => Ok(r.adopted),
+        other => panic!("expected Registered, got {other:?}"),
+    }
+}
+
+fn restarted(dir: &std::path::Path) -> Arc<Coordinator> {
+    Coordinator::new(Store::open(dir).unwrap(), StateConfig { heartbeat_timeout: Duration::from_secs(60) }).unwrap()
+}
+
+#[test]
+fn a_restarted_coordinator_re_adopts_the_attempt_when_every_member_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, a) = running_pair(dir.path());
+    let state = restarted(dir.path());
+    assert!(rejoin(&state, rejoin_request("w1", &a[0], &a[0].session_secret)).unwrap(), "w1 adopted");
+    let info = state.get(&id).unwrap();
+    assert_eq!((info.state(), info.attempt), (JobState::Running, 0), "still waiting for w2");
+    assert!(rejoin(&state, rejoin_request("w2", &a[1], &a[1].session_secret)).unwrap(), "w2 adopted");
+    let info = state.get(&id).unwrap();
+    assert_eq!((info.state(), info.attempt, info.restarts), (JobState::Running, 0, 0));
+    assert!(info.recoveries.is_empty(), "no recovery: {:?}", info.recoveries);
+    let line = info.events.last().unwrap();
+    assert!(line.contains("attempt 0 re-adopted: all 2 workers re-registered"), "{line}");
+    assert!(line.ends_with("at epoch 1 step 3; no step replayed"), "{line}");
+    // Both sessions hold their rank: the workers are busy in attempt 0, rank 0 may upload.
+    let workers = state.workers();
+    assert!(workers.iter().all(|w| w.state() == WorkerState::Busy && w.attempt == 0), "{workers:?}");
+    // A replayed epoch report is recorded once.
+    let (_, session) =
+        state.lock().workers.iter().find(|(w, _)| *w == "w1").map(|(w, e)| (w.clone(), e.session)).unwrap();
+    let epoch = JobReport {
+        job_id: id.clone(),
+        attempt: 0,
+        rank: 0,
+        kind: Some(cvdist_common::proto::job_report::Kind::Epoch(EpochMetrics { epoch: 0, ..Default::default() })),
+        failure_kind: 0,
+    };
+    state.report("w1", session, epoch.clone()).unwrap();
+    state.report("w1", session, epoch).unwrap();
+    assert_eq!(state.get(&id).unwrap().history.len(), 1);
+}
+
+#[test]
+fn a_rejoin_must_prove_the_attempt_and_cannot_take_another_workers_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, a) = running_pair(dir.path());
+    let state = restarted(dir.path());
+    // Someone with the worker credential but not the attempt's secret, posing as w2.
+    let forged = rejoin_request("w2", &a[1], "not-the-secret");
+    match rejoin(&state, forged) {
+        Err(e @ CoordinatorError::RejoinRefused(_)) => assert_eq!(
+            e.to_string(),
+            format!("re-registration refused: the proof for rank 1 of attempt 0 of job {id} does not match")
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // A proof made for another claim does not carry over (w1's proof, presented as w2).
+    let mut stolen = rejoin_request("w2", &a[1], &a[1].session_secret);
+    stolen.proof = rejoin_request("w1", &a[0], &a[0].session_secret).proof;
+    assert!(matches!(rejoin(&state, stolen), Err(CoordinatorError::RejoinRefused(_))));
+    let info = state.get(&id).unwrap();
+    assert_eq!((info.state(), info.attempt), (JobState::Running, 0), "nothing changed");
+    assert!(state.workers().is_empty(), "no session was opened");
+    // A member with the secret claiming the other member's rank is not adopted: w1 is then
+    // back without its own rank, so the attempt falls back to recovery.
+    let mut other_rank = rejoin_request("w1", &a[1], &a[1].session_secret);
+    other_rank.register.as_mut().unwrap().worker_id = "w1".into();
+    assert!(!rejoin(&state, other_rank).unwrap());
+    let info = state.get(&id).unwrap();
+    assert_eq!((info.state(), info.attempt), (JobState::Recovering, 1));
+    assert!(info.message.contains("attempt 0 not re-adopted: worker w1 re-registered without it"), "{}", info.message);
+}
+
+#[test]
+fn a_stale_claim_is_not_adopted_and_the_job_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, a) = running_pair(dir.path());
+    // Re-adopted, then a member is lost: the coordinator fails the attempt; the lost
+    // worker, still holding it, comes back claiming it and is answered "not adopted".
+    let state = restarted(dir.path());
+    assert!(rejoin(&state, rejoin_request("w1", &a[0], &a[0].session_secret)).unwrap());
+    assert!(rejoin(&state, rejoin_request("w2", &a[1], &a[1].session_secret)).unwrap());
+    state.session_closed("w2", 2, "eof");
+    assert_eq!(state.get(&id).unwrap().state(), JobState::Recovering);
+    assert!(!rejoin(&state, rejoin_request("w2", &a[1], &a[1].session_secret)).unwrap(), "attempt 0 is over");
+}
+
+/// The machine's new edges, driven directly.
+mod readopt_edges {
+    use super::super::machine::{step, Effect, Event, IdleWorker, Job, Now};
+    use super::*;
+
+    fn running(now: Now) -> Job {
+        let spec = JobSpec { min_workers: 2, max_workers: 2, ..spec::default_spec("resnet20", 3) };
+        let (mut job, _) = Job::submitted("j0001-resnet20".into(), spec, now);
+        let idle: Vec<IdleWorker> =
+            (0..2).map(|i| IdleWorker { id: format!("w{i}"), data_addr: format!("127.0.0.1:{}", 40000 + i) }).collect();
+        step(&mut job, Event::Schedule { idle: &idle, secret: "s".into() }, now).unwrap();
+        assert_eq!(job.state(), JobState::Running);
+        job
+    }
+
+    /// The job as a restarted coordinator loads it: only what the record holds.
+    fn reloaded(job: &Job, now: Now) -> Job {
+        Job::new(job.info.clone(), now.instant)
+    }
+
+    fn later(now: Now, s: u64) -> Now {
+        Now { instant: now.instant + Duration::from_secs(s), unix: now.unix + s as f64 }
+    }
+
+    fn rejoin<'a>(worker: &'a str, rank: u32) -> Event<'a> {
+        Event::Rejoin { worker, attempt: 0, rank, world_size: 2, position: (1, 4) }
+    }
+
+    #[test]
+    fn running_stays_running_and_waits_for_its_members_after_a_restart() {
+        let now = Now::current();
+        let mut job = reloaded(&running(now), now);
+        let t = step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
+        assert_eq!((job.state(), job.info.attempt), (JobState::Running, 0));
+        assert_eq!(job.members, ["w0", "w1"]);
+        assert!(job.readopting().is_some() && job.awaits("w0") && job.awaits("w1"));
+        assert!(t.effects.contains(&Effect::Persist));
+        assert!(!t.effects.iter().any(|e| matches!(e, Effect::Abort { .. })), "{:?}", t.effects);
+    }
+
+    #[test]
+    fn a_recovering_job_still_resumes_in_a_new_attempt_after_a_restart() {
+        let now = Now::current();
+        let mut job = running(now);
+        step(&mut job, Event::MemberLost { attempt: 0, reason: "worker w1 lost".into() }, now).unwrap();
+        let mut job = reloaded(&job, now);
+        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
+        assert_eq!((job.state(), job.info.attempt), (JobState::Recovering, 2));
+        assert!(job.readopting().is_none());
+    }
+
+    #[test]
+    fn only_each_members_own_claim_counts_and_the_last_completes_the_readoption() {
+        let now = Now::current();
+        let mut job = reloaded(&running(now), now);
+        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
+        for wrong in [
+            Event::Rejoin { worker: "w0", attempt: 1, rank: 0, world_size: 2, position: (0, 0) },
+            Event::Rejoin { worker: "w0", attempt: 0, rank: 1, world_size: 2, position: (0, 0) },
+            Event::Rejoin { worker: "w0", attempt: 0, rank: 0, world_size: 3, position: (0, 0) },
+            Event::Rejoin { worker: "w9", attempt: 0, rank: 0, world_size: 2, position: (0, 0) },
+        ] {
+            let t = step(&mut job, wrong.clone(), now).unwrap();
+            assert!(t.effects.is_empty(), "{wrong:?}: {:?}", t.effects);
+        }
+        assert!(!job.rejoined("w0", 0));
+        step(&mut job, rejoin("w0", 0), later(now, 2)).unwrap();
+        assert!(job.rejoined("w0", 0) && job.awaits("w1") && !job.awaits("w0"));
+        let t = step(&mut job, rejoin("w1", 1), later(now, 3)).unwrap();
+        assert!(job.readopting().is_none(), "complete");
+        assert_eq!((job.state(), job.info.attempt, job.info.restarts), (JobState::Running, 0, 0));
+        assert!(job.info.recoveries.is_empty());
+        assert_eq!(job.attempt_position, (1, 4), "the claims' position");
+        assert!(job.info.events.last().unwrap().contains("re-registered 3.0 s after the coordinator restarted"));
+        assert!(t.effects.contains(&Effect::Persist) && t.effects.contains(&Effect::PublishSnapshot));
+        // The window passing later changes nothing.
+        assert!(step(&mut job, Event::ReadoptDeadline, later(now, 60)).unwrap().effects.is_empty());
+    }
+
+    #[test]
+    fn the_window_passing_falls_back_to_recovery_without_counting_a_restart() {
+        let now = Now::current();
+        let mut job = reloaded(&running(now), now);
+        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
+        step(&mut job, rejoin("w0", 0), now).unwrap();
+        assert!(step(&mut job, Event::ReadoptDeadline, later(now, 29)).unwrap().effects.is_empty(), "not yet");
+        let t = step(&mut job, Event::ReadoptDeadline, later(now, 30)).unwrap();
+        assert_eq!((job.state(), job.info.attempt, job.info.restarts), (JobState::Recovering, 1, 0));
+        // The member that did come back is told to stop the attempt.
+        let aborted: Vec<&str> = t
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Abort { worker, abort } if abort.attempt == 0 => Some(worker.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(aborted, ["w0", "w1"]);
+        assert_eq!(job.info.recoveries.len(), 1);
+        let r = &job.info.recoveries[0];
+        assert_eq!((r.attempt, r.old_world_size), (0, 2));
+        assert_eq!(r.cause, "coordinator restarted; attempt 0 not re-adopted: w1 did not re-register within 30s");
+        assert!(t.effects.contains(&Effect::Wake));
+    }
+
+    #[test]
+    fn a_member_back_without_the_attempt_ends_the_wait_at_once() {
+        let now = Now::current();
+        let mut job = reloaded(&running(now), now);
+        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
+        assert!(
+            step(&mut job, Event::RegisteredIdle { worker: "w7" }, now).unwrap().effects.is_empty(),
+            "not a member"
+        );
+        step(&mut job, Event::RegisteredIdle { worker: "w1" }, now).unwrap();
+        assert_eq!((job.state(), job.info.attempt), (JobState::Recovering, 1));
+        assert!(
+            job.info.message.ends_with("not re-adopted: worker w1 re-registered without it"),
+            "{}",
+            job.info.message
+        );
+    }
 }

@@ -97,8 +97,9 @@ pub struct JobEnv {
     pub client: Client,
     pub runtime: tokio::runtime::Handle,
     pub outbox: mpsc::UnboundedSender<WorkerMessage>,
-    /// This session's key from `Registered`, presented with checkpoint uploads.
-    pub session_key: String,
+    /// The session that holds this job now (it can change while the job trains, issue 14
+    /// item 5): checkpoint uploads go through it.
+    pub link: super::link::SessionLink,
 }
 
 struct ReportingObserver<'a> {
@@ -166,14 +167,14 @@ impl Observer for ReportingObserver<'_> {
     /// The upload runs on the checkpoint writer thread (issue 12, item 8), so the other
     /// ranks do not wait at the next all-reduce while rank 0 uploads. A stop cuts it short.
     fn checkpoint_store(&mut self) -> Option<CheckpointStore> {
-        let mut client = self.env.client.clone();
+        let link = self.env.link.clone();
         let runtime = self.env.runtime.clone();
         let control = self.control.clone();
         let (job_id, attempt) = (self.assignment.job_id.clone(), self.assignment.attempt);
-        let session_key = self.env.session_key.clone();
+        let epochs = self.assignment.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
         Some(Box::new(move |json: &Path, state: &CheckpointState| {
-            let upload = transfer::upload_checkpoint(&mut client, &job_id, attempt, &session_key, json, state);
-            control.block_on_unless_stopped(&runtime, upload)?.map_err(|e| e.to_string())?;
+            let is_final = (state.epoch, state.step) == (epochs, 0);
+            super::link::upload_checkpoint(&link, &control, &runtime, &job_id, attempt, json, state, is_final)?;
             // Only what the coordinator holds (this one) or has superseded (anything
             // older) may go; a local copy is the only copy until then.
             let name = state.name();

@@ -145,6 +145,11 @@ struct WorkerArgs {
     /// CA certificate for an https:// coordinator.
     #[arg(long, env = "CVDIST_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Seconds a running job keeps training while this worker has no session with the
+    /// coordinator (it restarts, say; the job's ring does not need it). A restarted
+    /// coordinator re-adopts the job; after this long without one the job stops.
+    #[arg(long, env = "CVDIST_DETACHED_TIMEOUT", default_value_t = crate::agent::DEFAULT_DETACHED_TIMEOUT.as_secs())]
+    detached_timeout: u64,
 }
 
 /// `cvdist train`: the training recipe (shared with `cvdist submit` and `local`) plus

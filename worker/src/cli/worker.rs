@@ -7,6 +7,7 @@ use cvdist_common::auth;
 use cvdist_common::choices::DeviceRequest;
 use cvdist_common::term::stderr_line;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::agent::{self, WorkerConfig};
 use crate::{device, supervisor};
@@ -52,6 +53,7 @@ pub(super) fn run(a: WorkerArgs) -> anyhow::Result<()> {
         cache_dir: a.cache_dir.unwrap_or_else(default_cache),
         data_listen: a.data_listen,
         advertise_addr: a.advertise_addr,
+        detached_timeout: Duration::from_secs(a.detached_timeout.max(1)),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(agent::run(cfg, stop_signal()))?;
