@@ -1,7 +1,10 @@
 //! Wire protocol version exchanged at worker registration. Bump it whenever a change to
 //! `proto/cvdist.proto` or to the data-plane framing is not understood by older peers.
 /// 3: checkpoint state as a message (`CheckpointChunk.state`) instead of JSON text.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `JobSpec.grad_compression` (gradient buckets may travel as bf16/fp16, so ranks of
+/// different versions would misread the ring) and the re-registration of a running attempt
+/// after a coordinator restart (`WorkerMessage.rejoin`, `Registered.adopted`).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Maximum size of one gRPC message in either direction (chunks are far smaller).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

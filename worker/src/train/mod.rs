@@ -3,9 +3,9 @@
 pub mod buckets;
 pub mod checkpoint;
 pub mod ckpt_writer;
+mod cuda_stream;
 pub mod divergence;
 pub mod metrics;
-mod cuda_stream;
 pub mod overlap;
 pub mod precision;
 pub mod scaler;
