@@ -5,6 +5,7 @@ pub mod agent;
 pub mod allocator;
 pub mod cli;
 pub mod collective;
+pub mod cuda_runtime;
 pub mod data;
 pub mod device;
 pub mod eval;

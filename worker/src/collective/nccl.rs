@@ -404,45 +404,23 @@ fn cudart() -> Result<&'static Cudart, CollectiveError> {
 }
 
 fn load_cudart() -> Result<Cudart, String> {
-    let mut cands: Vec<PathBuf> = Vec::new();
-    if let Ok(maps) = std::fs::read_to_string("/proc/self/maps") {
-        for path in maps.lines().filter_map(|l| l.split_whitespace().nth(5)) {
-            let file = Path::new(path).file_name().and_then(|f| f.to_str()).unwrap_or("");
-            if file.starts_with("libcudart") && !cands.iter().any(|c| c == Path::new(path)) {
-                cands.push(PathBuf::from(path));
-            }
-        }
-    }
-    cands.extend(["libcudart.so.13", "libcudart.so.12", "libcudart.so"].map(PathBuf::from));
-    let mut tried = Vec::new();
-    for cand in cands {
-        // SAFETY: the CUDA runtime's initialisers are well-behaved; normally this only
-        // takes another reference to the copy already mapped.
-        let lib = match unsafe { Library::new(&cand) } {
-            Ok(lib) => lib,
-            Err(e) => {
-                tried.push(format!("{}: {e}", cand.display()));
-                continue;
-            }
+    let (lib, cand) = crate::cuda_runtime::open()?;
+    macro_rules! sym {
+        ($name:literal) => {
+            // SAFETY: the signature matches cuda_runtime_api.h (CUDA 11-13).
+            *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
+                .map_err(|e| format!("{} lacks {}: {e}", cand, $name))?
         };
-        macro_rules! sym {
-            ($name:literal) => {
-                // SAFETY: the signature matches cuda_runtime_api.h (CUDA 11-13).
-                *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
-                    .map_err(|e| format!("{} lacks {}: {e}", cand.display(), $name))?
-            };
-        }
-        return Ok(Cudart {
-            set_device: sym!("cudaSetDevice"),
-            event_create_with_flags: sym!("cudaEventCreateWithFlags"),
-            event_record: sym!("cudaEventRecord"),
-            event_query: sym!("cudaEventQuery"),
-            event_destroy: sym!("cudaEventDestroy"),
-            get_error_string: sym!("cudaGetErrorString"),
-            _lib: lib,
-        });
     }
-    Err(format!("the CUDA runtime (libcudart) is not loadable; tried {}", tried.join("; ")))
+    Ok(Cudart {
+        set_device: sym!("cudaSetDevice"),
+        event_create_with_flags: sym!("cudaEventCreateWithFlags"),
+        event_record: sym!("cudaEventRecord"),
+        event_query: sym!("cudaEventQuery"),
+        event_destroy: sym!("cudaEventDestroy"),
+        get_error_string: sym!("cudaGetErrorString"),
+        _lib: lib,
+    })
 }
 
 /// A CUDA event recorded on the collective's stream (stream 0 unless [`on_stream`] says

@@ -9,7 +9,6 @@
 
 use libloading::Library;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
-use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 type RawStream = *mut c_void;
@@ -60,50 +59,27 @@ fn api() -> Result<&'static Api, String> {
 }
 
 fn load() -> Result<Api, String> {
-    // The copy already mapped into the process first (libtorch_cuda loaded it), then sonames.
-    let mut cands: Vec<PathBuf> = Vec::new();
-    if let Ok(maps) = std::fs::read_to_string("/proc/self/maps") {
-        for path in maps.lines().filter_map(|l| l.split_whitespace().nth(5)) {
-            let file = Path::new(path).file_name().and_then(|f| f.to_str()).unwrap_or("");
-            if file.starts_with("libcudart") && !cands.iter().any(|c| c == Path::new(path)) {
-                cands.push(PathBuf::from(path));
-            }
-        }
-    }
-    cands.extend(["libcudart.so.13", "libcudart.so.12", "libcudart.so"].map(PathBuf::from));
-    let mut tried = Vec::new();
-    for cand in cands {
-        // SAFETY: the CUDA runtime's initialisers are well-behaved; normally this only takes
-        // another reference to the copy already mapped.
-        let lib = match unsafe { Library::new(&cand) } {
-            Ok(lib) => lib,
-            Err(e) => {
-                tried.push(format!("{}: {e}", cand.display()));
-                continue;
-            }
+    let (lib, cand) = crate::cuda_runtime::open()?;
+    macro_rules! sym {
+        ($name:literal) => {
+            // SAFETY: the signature matches cuda_runtime_api.h (CUDA 11-13).
+            *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
+                .map_err(|e| format!("{} lacks {}: {e}", cand, $name))?
         };
-        macro_rules! sym {
-            ($name:literal) => {
-                // SAFETY: the signature matches cuda_runtime_api.h (CUDA 11-13).
-                *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
-                    .map_err(|e| format!("{} lacks {}: {e}", cand.display(), $name))?
-            };
-        }
-        return Ok(Api {
-            set_device: sym!("cudaSetDevice"),
-            stream_create_with_flags: sym!("cudaStreamCreateWithFlags"),
-            stream_destroy: sym!("cudaStreamDestroy"),
-            stream_wait_event: sym!("cudaStreamWaitEvent"),
-            event_create_with_flags: sym!("cudaEventCreateWithFlags"),
-            event_record: sym!("cudaEventRecord"),
-            event_query: sym!("cudaEventQuery"),
-            event_elapsed_time: sym!("cudaEventElapsedTime"),
-            event_destroy: sym!("cudaEventDestroy"),
-            get_error_string: sym!("cudaGetErrorString"),
-            _lib: lib,
-        });
     }
-    Err(format!("the CUDA runtime (libcudart) is not loadable; tried {}", tried.join("; ")))
+    Ok(Api {
+        set_device: sym!("cudaSetDevice"),
+        stream_create_with_flags: sym!("cudaStreamCreateWithFlags"),
+        stream_destroy: sym!("cudaStreamDestroy"),
+        stream_wait_event: sym!("cudaStreamWaitEvent"),
+        event_create_with_flags: sym!("cudaEventCreateWithFlags"),
+        event_record: sym!("cudaEventRecord"),
+        event_query: sym!("cudaEventQuery"),
+        event_elapsed_time: sym!("cudaEventElapsedTime"),
+        event_destroy: sym!("cudaEventDestroy"),
+        get_error_string: sym!("cudaGetErrorString"),
+        _lib: lib,
+    })
 }
 
 /// Makes `device` current on the calling thread (CUDA's current device is per thread).
