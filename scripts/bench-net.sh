@@ -106,6 +106,7 @@ cleanup() {
   stop_pids "${started[@]}"
   local ns pids
   for ns in "${made[@]}"; do
+    ip netns list | awk '{print $1}' | grep -qxF "$ns" || continue
     # Anything still running inside the namespace was started by this run.
     mapfile -t pids < <(ip netns pids "$ns" 2>/dev/null)
     stop_pids "${pids[@]}"
@@ -118,8 +119,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 for ns in "$ns_a" "$ns_b"; do
+  made+=("$ns")  # before it exists, so that a signal right after `add` still removes it
   ip netns add "$ns" || { echo "$me: cannot create network namespace $ns (needs CAP_SYS_ADMIN and /run/netns)" >&2; exit 1; }
-  made+=("$ns")
   ip -n "$ns" link set lo up
 done
 ip link add "$dev_a" netns "$ns_a" type veth peer name "$dev_b" netns "$ns_b"
@@ -132,7 +133,7 @@ ip -n "$ns_b" link set "$dev_b" up
 # segment), so the token bucket neither splits segments nor lets the link run far above R;
 # latency 50 ms bounds the queue.
 shape() {
-  local rate="$1" ns dev
+  local rate="$1" ns dev ns_dev
   for ns_dev in "$ns_a:$dev_a" "$ns_b:$dev_b"; do
     ns="${ns_dev%%:*}"; dev="${ns_dev#*:}"
     tc -n "$ns" qdisc del dev "$dev" root 2>/dev/null || true
