@@ -4,11 +4,13 @@
 
 mod cluster;
 
-use cluster::{small_spec, spawn_logged, watch_until_done, worker_bin, Cluster, WORKER_TOKEN};
+use cluster::{
+    final_weights_sha, is_progress_in, small_spec, spawn_logged, watch_until_done, worker_bin, Cluster, WORKER_TOKEN,
+};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{
-    coordinator_message, job_event, worker_message, Assignment, CoordinatorMessage, GetJobRequest, JobEvent, JobInfo,
-    JobSpec, JobState, RegisterRequest, RejoinRequest, WorkerMessage,
+    coordinator_message, job_event, worker_message, Assignment, CoordinatorMessage, GetJobRequest, JobInfo, JobSpec,
+    JobState, RegisterRequest, RejoinRequest, WorkerMessage,
 };
 use cvdist_common::rejoin;
 use cvdist_common::version::PROTOCOL_VERSION;
@@ -31,17 +33,6 @@ fn spec() -> JobSpec {
     s.checkpoint_every_steps = 4;
     s.max_restarts = 3;
     s
-}
-
-fn is_progress_in(ev: &JobEvent, epoch: u32) -> bool {
-    matches!(&ev.event, Some(job_event::Event::Progress(p)) if p.epoch == epoch && p.step > 0)
-}
-
-fn final_weights_sha(c: &Cluster, job: &str) -> String {
-    let path = c.state_dir().join("jobs").join(job).join(format!("checkpoints/ckpt-e{EPOCHS:04}-s000000.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), c.logs()));
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["sha256"].as_str().unwrap().to_string()
 }
 
 /// Starts worker `k` as `Cluster::start_worker` does, with `extra` arguments.
@@ -111,7 +102,7 @@ async fn a_coordinator_restart_mid_epoch_is_re_adopted_with_no_step_replayed() {
         let (c, job) = two_worker_job(&[]).await;
         let (info, _) = watch_until_done(&c.url(), &job, TIMEOUT, |_| false).await;
         assert_eq!(info.state(), JobState::Succeeded, "{}", c.logs());
-        (final_weights_sha(&c, &job), wall_seconds(&c, &job), training_seconds(&info))
+        (final_weights_sha(&c, &job, EPOCHS), wall_seconds(&c, &job), training_seconds(&info))
     };
 
     let (mut c, job) = two_worker_job(&[]).await;
@@ -148,7 +139,7 @@ async fn a_coordinator_restart_mid_epoch_is_re_adopted_with_no_step_replayed() {
     assert_eq!(info.history.len() as u32, EPOCHS, "{:?}", info.history);
     assert!(info.history.iter().enumerate().all(|(e, m)| m.epoch == e as u32 && m.attempt == 0), "{:?}", info.history);
     // The final model is stored, and it is the uninterrupted run's, bit for bit.
-    assert_eq!(final_weights_sha(&c, &job), reference, "the re-adopted run differs from the uninterrupted one");
+    assert_eq!(final_weights_sha(&c, &job, EPOCHS), reference, "the re-adopted run differs from the uninterrupted one");
 
     // Measurements for docs/RELIABILITY.md: how long after the restart the attempt was
     // re-adopted (from the log line), and how much longer the run took than the reference.
@@ -192,7 +183,7 @@ async fn a_coordinator_down_longer_than_the_workers_wait_falls_back_to_recovery(
     assert_eq!((r.attempt, r.old_world_size, r.new_world_size), (0, 2, 2), "{r:?}");
     assert!(info.attempt >= 1);
     assert_eq!(info.history.len() as u32, EPOCHS, "{:?}", info.history);
-    final_weights_sha(&c, &job);
+    final_weights_sha(&c, &job, EPOCHS);
     // Rank 0 (w0) was training when its limit passed (rank 1 may have trained to the end
     // by then), and stopped the job itself.
     let log = std::fs::read_to_string(c.dir.path().join("worker-0.log")).unwrap();

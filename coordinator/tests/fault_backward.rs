@@ -12,7 +12,7 @@
 
 mod cluster;
 
-use cluster::{small_spec, watch_until_done, Cluster};
+use cluster::{final_weights_sha, small_spec, watch_until_done, Cluster};
 use cvdist_common::proto::{job_event, JobEvent, JobSpec, JobState};
 use std::time::Duration;
 
@@ -34,13 +34,6 @@ fn kill_point(ev: &JobEvent) -> bool {
     matches!(&ev.event, Some(job_event::Event::Progress(p)) if p.epoch == 1 && p.step > 0 && p.step < p.steps_per_epoch)
 }
 
-fn final_weights_sha(c: &Cluster, job: &str) -> String {
-    let path = c.state_dir().join("jobs").join(job).join(format!("checkpoints/ckpt-e{EPOCHS:04}-s000000.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), c.logs()));
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["sha256"].as_str().unwrap().to_string()
-}
-
 async fn two_worker_job() -> (Cluster, String) {
     let mut c = Cluster::new(1024, 100);
     c.start_worker(0, true);
@@ -56,7 +49,7 @@ async fn a_peer_killed_during_backward_ends_the_step_and_the_resumed_run_is_bit_
         let (info, _) = watch_until_done(&c.url(), &job, TIMEOUT, |_| false).await;
         assert_eq!(info.state(), JobState::Succeeded, "{}", c.logs());
         assert_eq!(info.restarts, 0);
-        final_weights_sha(&c, &job)
+        final_weights_sha(&c, &job, EPOCHS)
     };
 
     let (mut c, job) = two_worker_job().await;
@@ -78,5 +71,5 @@ async fn a_peer_killed_during_backward_ends_the_step_and_the_resumed_run_is_bit_
     assert_eq!(info.restarts, 1, "{:?}", info.events);
     assert!(info.events.iter().any(|e| e.contains("worker w1 lost") || e.contains("failed")), "{:?}", info.events);
     assert_eq!(info.history.len() as u32, EPOCHS);
-    assert_eq!(final_weights_sha(&c, &job), reference, "resumed run differs from the uninterrupted one");
+    assert_eq!(final_weights_sha(&c, &job, EPOCHS), reference, "resumed run differs from the uninterrupted one");
 }

@@ -3,7 +3,7 @@
 
 mod cluster;
 
-use cluster::{small_spec, watch_until_done, Cluster};
+use cluster::{final_weights_sha, is_progress_in, small_spec, watch_until_done, Cluster};
 use cvdist_common::proto::{job_event, GetJobRequest, JobEvent, JobSpec, JobState};
 use std::time::Duration;
 
@@ -22,17 +22,6 @@ fn is_epoch(ev: &JobEvent, epoch: u32) -> bool {
     matches!(&ev.event, Some(job_event::Event::Epoch(m)) if m.epoch == epoch)
 }
 
-fn is_progress_in(ev: &JobEvent, epoch: u32) -> bool {
-    matches!(&ev.event, Some(job_event::Event::Progress(p)) if p.epoch == epoch && p.step > 0)
-}
-
-fn final_weights_sha(c: &Cluster, job: &str) -> String {
-    let path = c.state_dir().join("jobs").join(job).join(format!("checkpoints/ckpt-e{EPOCHS:04}-s000000.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), c.logs()));
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v["sha256"].as_str().unwrap().to_string()
-}
-
 /// A cluster with two workers and the standard job submitted to it.
 async fn two_worker_job() -> (Cluster, String) {
     let mut c = Cluster::new(256, 100);
@@ -48,7 +37,7 @@ async fn reference_run() -> String {
     let (info, _) = watch_until_done(&c.url(), &job, TIMEOUT, |_| false).await;
     assert_eq!(info.state(), JobState::Succeeded, "{}", c.logs());
     assert_eq!(info.restarts, 0);
-    final_weights_sha(&c, &job)
+    final_weights_sha(&c, &job, EPOCHS)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,7 +65,7 @@ async fn killed_worker_is_replaced_and_the_result_is_bit_identical() {
     assert_eq!(info.history.len() as u32, EPOCHS);
     assert!(info.history.last().unwrap().attempt >= 1, "{:?}", info.history);
     assert!(info.worker_ids.contains(&"w2".to_string()), "{:?}", info.worker_ids);
-    assert_eq!(final_weights_sha(&c, &job), reference, "resumed run differs from the uninterrupted one");
+    assert_eq!(final_weights_sha(&c, &job, EPOCHS), reference, "resumed run differs from the uninterrupted one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +126,7 @@ async fn coordinator_restart_resumes_the_job_bit_identically() {
     for e in 1..=EPOCHS {
         assert!(text.contains(&format!("epoch {e:>3}/{EPOCHS}")), "{text}");
     }
-    assert_eq!(final_weights_sha(&c, &job), reference, "resumed run differs from the uninterrupted one");
+    assert_eq!(final_weights_sha(&c, &job, EPOCHS), reference, "resumed run differs from the uninterrupted one");
 }
 
 /// Issue 14 item 6: a SIGKILLed worker's recovery is one entry in `summary.json`, one line in

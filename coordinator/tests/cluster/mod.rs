@@ -351,3 +351,18 @@ impl Drop for TinyDisk {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// True for a progress report of `epoch` past its first step (a point where a mid-epoch
+/// fault lands inside training).
+pub fn is_progress_in(ev: &JobEvent, epoch: u32) -> bool {
+    matches!(&ev.event, Some(job_event::Event::Progress(p)) if p.epoch == epoch && p.step > 0)
+}
+
+/// The SHA-256 of a finished job's final weights, as its final checkpoint records it (the
+/// checkpoint of the end of epoch `epochs`): the value the bit-identity checks compare.
+pub fn final_weights_sha(c: &Cluster, job: &str, epochs: u32) -> String {
+    let path = c.state_dir().join("jobs").join(job).join(format!("checkpoints/ckpt-e{epochs:04}-s000000.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), c.logs()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["sha256"].as_str().unwrap().to_string()
+}
