@@ -220,3 +220,126 @@ async fn a_recovery_reports_its_cause_replayed_steps_and_downtime() {
     assert!(metrics.lines().any(|l| l == "cvdist_recoveries_total 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l == replayed), "{replayed:?} not in {metrics}");
 }
+
+// ---------------------------------------------------------------- live recovery (issue 14)
+
+/// How a member is taken out of the group.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// SIGKILL: a crashed process; its session ends at once.
+    Kill,
+    /// SIGSTOP: a hung process; only the heartbeat timeout (5 s in these clusters) finds it.
+    Stop,
+}
+
+/// resnet20 on synthetic data, 2 epochs of 4,096 images: 64 steps per epoch on 2 workers
+/// (about 3 s here, so rank 0's 2 s progress report falls mid-epoch), no mid-epoch
+/// checkpoint (the default), so a checkpoint-based recovery would replay every step of the
+/// epoch done before the fault.
+fn live_spec(workers: (u32, u32)) -> JobSpec {
+    let mut s = small_spec("resnet20", 2, workers);
+    s.dataset = "synthetic".into();
+    s.train_samples = 4096;
+    s.test_samples = 200;
+    s.max_restarts = 3;
+    s
+}
+
+fn final_sha(c: &Cluster, job: &str, epochs: u32) -> String {
+    let path = c.state_dir().join("jobs").join(job).join(format!("checkpoints/ckpt-e{epochs:04}-s000000.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), c.logs()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["sha256"].as_str().unwrap().to_string()
+}
+
+fn signal_worker(c: &Cluster, k: usize, sig: i32) {
+    let pid = c.workers[k].as_ref().expect("worker running").id() as i32;
+    // SAFETY: kill(2) on a child process this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+}
+
+/// Issue 14 (a): 2 workers and 1 idle; a member is lost mid-epoch (at rank 0's first
+/// progress report that is not an epoch end). The survivor keeps its
+/// state in memory, the idle worker joins and receives it over the ring, nothing is
+/// replayed, and the final weights (the whole final checkpoint: weights, BatchNorm buffers,
+/// momentum) are bit-identical to an uninterrupted run.
+async fn live_replacement(fault: Fault) {
+    let reference = {
+        let mut c = Cluster::new(256, 100);
+        c.start_worker(0, true);
+        c.start_worker(1, true);
+        let job = c.submit(live_spec((2, 2))).await;
+        let (info, _) = watch_until_done(&c.url(), &job, TIMEOUT, |_| false).await;
+        assert_eq!(info.state(), JobState::Succeeded, "{}", c.logs());
+        final_sha(&c, &job, 2)
+    };
+
+    let mut c = Cluster::new(256, 100);
+    for k in 0..3 {
+        c.start_worker(k, true);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let job = c.submit(live_spec((2, 2))).await;
+    let url = c.url();
+    let mut faulted: Option<((u32, u64), std::time::SystemTime)> = None;
+    let (info, _) = watch_until_done(&url, &job, TIMEOUT, |ev| {
+        if let Some(job_event::Event::Progress(p)) = &ev.event {
+            if faulted.is_none() && p.step > 0 && p.step < p.steps_per_epoch {
+                match fault {
+                    Fault::Kill => c.kill_worker(1),
+                    Fault::Stop => signal_worker(&c, 1, libc::SIGSTOP),
+                }
+                faulted = Some(((p.epoch, p.step), std::time::SystemTime::now()));
+            }
+        }
+        false
+    })
+    .await;
+    let (at, when) = faulted.expect("the job ended before the fault");
+    assert_eq!(info.state(), JobState::Succeeded, "{}\n{}", info.message, c.logs());
+    assert_eq!(info.recoveries.len(), 1, "{:?}\n{:?}", info.recoveries, info.events);
+    let r = &info.recoveries[0];
+    assert!(r.cause.contains("worker w1 lost"), "{r:?}");
+    assert_eq!((r.old_world_size, r.new_world_size), (2, 2), "{r:?}");
+    assert!(
+        r.resumed_from.starts_with(&format!("live state of w0 at epoch {} step ", at.0)),
+        "{r:?}\n{:?}",
+        info.events
+    );
+    assert_eq!(r.steps_replayed, 0, "{r:?}");
+    assert!(info.worker_ids.contains(&"w2".to_string()), "{:?}", info.worker_ids);
+    assert!(info.events.iter().any(|e| e.contains("continues from the live state of w0")), "{:?}", info.events);
+    // The survivor did not go back to a stored checkpoint.
+    let w0 = std::fs::read_to_string(c.dir.path().join("worker-0.log")).unwrap_or_default();
+    assert!(w0.contains("continuing from a live state"), "{w0}");
+    assert!(!w0.contains("resumed checkpoint="), "{w0}");
+    let down = r.downtime_seconds.expect("the new group completed a step");
+    // The loss is noticed at once (SIGKILL) or within the 5 s heartbeat timeout (SIGSTOP)
+    // plus the coordinator's 1 s check tick; generous bounds, CI machines vary.
+    let noticed = r.lost_unix - when.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let detect_bound = match fault {
+        Fault::Kill => 5.0,
+        Fault::Stop => 5.0 + 5.0,
+    };
+    assert!(noticed < detect_bound, "noticed after {noticed:.2} s");
+    assert!(down > 0.0 && down < 30.0, "downtime {down}");
+    eprintln!(
+        "live recovery ({fault:?}) measured: fault after progress {at:?}, noticed after {noticed:.2} s, \
+         resumed from {:?}, {} steps replayed, down {down:.2} s",
+        r.resumed_from, r.steps_replayed
+    );
+    assert_eq!(final_sha(&c, &job, 2), reference, "live-recovered run differs from the uninterrupted one");
+    if matches!(fault, Fault::Stop) {
+        signal_worker(&c, 1, libc::SIGCONT);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_member_is_replaced_from_the_survivor_with_no_step_replayed() {
+    live_replacement(Fault::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_member_is_replaced_from_the_survivor_with_no_step_replayed() {
+    live_replacement(Fault::Stop).await;
+}

@@ -33,7 +33,7 @@ use super::error::CoordinatorError;
 use super::record;
 use cvdist_common::proto::job_report::Kind;
 use cvdist_common::proto::{
-    job_event, Abort, Assignment, FailureKind, JobInfo, JobReport, JobSpec, JobState, Peer, Recovery,
+    job_event, Abort, Assignment, FailureKind, JobInfo, JobReport, JobSpec, JobState, Peer, Recovery, Resumed,
 };
 use cvdist_common::run_dir::outcome;
 use cvdist_common::{names, spec, text};
@@ -320,6 +320,7 @@ fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now
     let spec = job.spec();
     let attempt = job.info.attempt;
     let (start_epoch, start_step) = checkpoint_position(&job.info.latest_checkpoint).unwrap_or((0, 0));
+    let live_attempt = job.failed_attempt.as_ref().map(|(a, _)| *a);
     let peers: Vec<Peer> = members
         .iter()
         .enumerate()
@@ -337,6 +338,10 @@ fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now
             start_step,
             checkpoint: job.info.latest_checkpoint.clone(),
             session_secret: secret.clone(),
+            // A recovery: survivors of the failed attempt hold its state in memory
+            // (issue 14); the checkpoint is the fallback when none of them is in the group.
+            live: live_attempt.is_some(),
+            live_attempt: live_attempt.unwrap_or(0),
         };
         t.effects.push(Effect::Assign { worker: w.id.clone(), assignment });
     }
@@ -510,6 +515,11 @@ fn on_report(
             t.effects.push(Effect::Publish(job_event::Event::Progress(p)));
             first_step_check(job, now, t);
         }
+        Some(Kind::Resumed(r)) => {
+            if report.rank == 0 && r.live {
+                resumed_live(job, &r, now, t);
+            }
+        }
         Some(Kind::Epoch(mut m)) => {
             job.attempt_reached = job.attempt_reached.max(m.epoch + 1);
             job.attempt_position = job.attempt_position.max((m.epoch + 1, 0));
@@ -620,6 +630,38 @@ fn resume_recovery(job: &mut Job, new_world_size: u32, start: (u32, u64)) {
     let resumed = u64::from(start.0).saturating_mul(per_epoch).saturating_add(start_step);
     r.steps_replayed = reached.saturating_sub(resumed);
     job.awaiting_first_step = true;
+}
+
+/// Rank 0 of the current attempt says the group continues from a survivor's in-memory state
+/// at `r` (issue 14): that is where the attempt starts, and the recovery replays only the
+/// steps between it and what the failed group reported (0 unless a member that died had
+/// completed a step no survivor completed).
+fn resumed_live(job: &mut Job, r: &Resumed, now: Now, t: &mut Transition) {
+    let spec = job.spec();
+    let start = (r.epoch, r.step);
+    job.attempt_start = start;
+    job.attempt_position = start;
+    job.attempt_reached = r.epoch;
+    let source = text::bound(&r.source_worker, text::MAX_REPORT_TEXT);
+    if let Some(rec) = job.info.recoveries.last_mut().filter(|rec| rec.new_world_size != 0) {
+        rec.resumed_from = format!("live state of {source} at epoch {} step {}", r.epoch, r.step);
+        // In steps of the failed group, from the samples the survivors' complete steps consumed.
+        let per_epoch = spec::steps_per_epoch(&spec, rec.old_world_size);
+        let per_step = u64::from(rec.old_world_size).saturating_mul(u64::from(spec.batch_size)).max(1);
+        let reached = u64::from(rec.reached_epoch).saturating_mul(per_epoch).saturating_add(rec.reached_step);
+        let resumed =
+            u64::from(r.epoch).saturating_mul(per_epoch).saturating_add((r.samples / per_step).min(per_epoch));
+        rec.steps_replayed = reached.saturating_sub(resumed);
+    }
+    job.log(
+        format!(
+            "attempt {} continues from the live state of {source} at epoch {} step {}",
+            job.info.attempt, r.epoch, r.step
+        ),
+        now,
+        t,
+    );
+    t.effects.push(Effect::Persist);
 }
 
 /// Ends a pending recovery's downtime at the current attempt's first step past its start.

@@ -180,6 +180,8 @@ async fn session(
     });
 
     let mut running: Option<(String, u32, JobControl, std::thread::JoinHandle<()>)> = None;
+    // The training state a failed attempt leaves for the next one (issue 14).
+    let live = crate::train::live_state::LiveSlot::default();
     // Names this worker's own scratch folder; replaced by the id the coordinator confirms.
     let mut worker_id = if cvdist_common::spec::valid_name(&cfg.worker_id) {
         cfg.worker_id.clone()
@@ -225,6 +227,7 @@ async fn session(
                     runtime: tokio::runtime::Handle::current(),
                     outbox: tx.clone(),
                     session_key: session_key.clone(),
+                    live: live.clone(),
                 };
                 let control = JobControl::default();
                 let (id, attempt) = (a.job_id.clone(), a.attempt);

@@ -3,6 +3,8 @@
 pub mod buckets;
 pub mod checkpoint;
 pub mod ckpt_writer;
+pub mod live_state;
+pub mod position;
 pub mod precision;
 pub mod scaler;
 pub mod schedule;
@@ -10,4 +12,4 @@ pub mod sgd;
 pub mod sync;
 pub mod trainer;
 
-pub use trainer::{train, Engine, NoObserver, Observer, TrainError, TrainOutcome, TrainerConfig};
+pub use trainer::{train, train_from, Engine, NoObserver, Observer, TrainError, TrainOutcome, TrainerConfig};

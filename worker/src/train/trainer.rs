@@ -6,6 +6,8 @@
 
 use super::checkpoint::{self, CheckpointState};
 use super::ckpt_writer::{BackgroundWriter, CheckpointStore, Done};
+use super::live_state::{Keeper, LiveSlot, LiveStart};
+use super::position::Position;
 use super::precision::{self, Precision};
 use super::scaler::{GradScaler, ScalerState};
 use super::schedule::learning_rate;
@@ -303,68 +305,39 @@ pub fn train(
     comm: &mut dyn Collective,
     observer: &mut dyn Observer,
 ) -> Result<TrainOutcome, TrainError> {
+    train_from(cfg, data, comm, observer, None, None)
+}
+
+/// [`train`], continuing from `live` (a member's in-memory state, issue 14) instead of
+/// `cfg.resume` when given, and leaving the state of the last complete step in `keep`
+/// (slot, job id, attempt) when training ends with an error.
+pub fn train_from(
+    cfg: &TrainerConfig,
+    data: &Datasets,
+    comm: &mut dyn Collective,
+    observer: &mut dyn Observer,
+    live: Option<LiveStart>,
+    keep: Option<(LiveSlot, String, u32)>,
+) -> Result<TrainOutcome, TrainError> {
     let spec = &cfg.spec;
     let started = Instant::now();
-    let mut engine = Engine::new(spec, cfg.device)?;
+    let batch = spec.batch_size as usize;
+    let train_len = data.train.len();
+    // A group continuing from a live state reports its first step at once: that report
+    // ends the recovery's measured downtime on the coordinator.
+    let report_first = live.is_some();
+    let (engine, start_at, partial) = match live {
+        Some(l) => (l.engine, l.at.continue_on(cfg.world_size as u32, train_len, batch), l.partial),
+        None => {
+            let (engine, epoch, step, partial) = start_engine(cfg, comm)?;
+            (engine, Position { steps: step, ..Position::epoch_start(epoch, cfg.world_size as u32) }, partial)
+        }
+    };
+    let mut engine = Keeper::new(engine, keep, start_at, partial);
     engine.freeze_bn = cfg.freeze_bn;
+    let start_epoch = start_at.epoch;
     let mut grad_sync = GradSync::new();
 
-    // This rank's sums of the partially trained epoch: loss·samples, correct, samples,
-    // seconds, all-reduce seconds.
-    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, [0.0f64; 5]);
-    if let Some(path) = &cfg.resume {
-        let ckpt = checkpoint::load(path)?;
-        checkpoint::restore_into(path, &ckpt.model, &engine.variables())?;
-        engine
-            .sgd
-            .load_momentum_buffers(ckpt.momentum)
-            .map_err(|reason| checkpoint::CheckpointError::Mismatch { path: path.clone(), reason })?;
-        // An fp16 run continues with the saved scale and growth tracker (bit-identical
-        // resume). Checkpoints written before the tracker was saved carry the scale alone
-        // (the tracker restarts at 0); ones from an fp32/bf16 run (or imported ones) carry
-        // no scaler and the run starts from the initial scale.
-        if let Some(scaler) = engine.scaler.as_mut() {
-            let saved = match ckpt.state.grad_scaler {
-                Some(state) => Some(state),
-                None if ckpt.state.loss_scale > 1.0 => {
-                    Some(ScalerState { scale: ckpt.state.loss_scale, growth_tracker: 0 })
-                }
-                None => None,
-            };
-            if let Some(state) = saved {
-                *scaler = GradScaler::from_state(cfg.device, state);
-            }
-        }
-        start_epoch = ckpt.state.epoch;
-        start_step = ckpt.state.step;
-        // Accumulators of a partial epoch only carry over at the same world size; at another
-        // size the remaining steps differ anyway.
-        if ckpt.state.world_size as usize == cfg.world_size {
-            // Each rank continues its own sums; the epoch's totals are summed over the
-            // ranks at its end, exactly as in an uninterrupted run.
-            partial = match ckpt.state.rank_partials.get(cfg.rank) {
-                Some(own) if ckpt.state.rank_partials.len() == cfg.world_size => *own,
-                _ => {
-                    let [l, c, n, t] = ckpt.state.partial;
-                    if cfg.world_size > 1 && ckpt.state.step > 0 {
-                        warn!("checkpoint predates per-rank sums: the resumed epoch's train loss and accuracy are estimates");
-                        // Older checkpoints hold rank 0's sums only: use them as this
-                        // rank's estimate (every shard has the same number of samples).
-                    }
-                    [l, c, n, t, 0.0]
-                }
-            };
-        } else {
-            start_step = 0;
-        }
-        info!(checkpoint = %path.display(), epoch = start_epoch, step = start_step, "resumed");
-    } else {
-        sync::broadcast_from_root(&engine.variables(), comm)?;
-    }
-
-    let train_len = data.train.len();
-    let steps_per_epoch =
-        sampler::samples_per_rank(train_len, cfg.world_size).div_ceil(spec.batch_size as usize) as u64;
     let scale = if spec.scale_lr { cfg.world_size as f64 } else { 1.0 };
     let mut history = Vec::new();
     let mut final_checkpoint_error = None;
@@ -375,19 +348,26 @@ pub fn train(
         let span = info_span!("epoch", epoch, rank = cfg.rank);
         let _enter = span.enter();
         let epoch_start = Instant::now();
-        let skip = if epoch == start_epoch { start_step } else { 0 };
+        // The epoch's samples: its DistributedSampler shard, or after a world-size change
+        // mid-epoch the rest of its order re-sharded (`position`).
+        let at = if epoch == start_epoch { start_at } else { Position::epoch_start(epoch, cfg.world_size as u32) };
+        let segment = at.segment(train_len, cfg.rank, spec.seed, batch);
+        let steps_per_epoch = segment.steps_per_epoch;
+        let skip = at.step(batch);
         let [mut loss_sum, mut correct, mut seen, prior_seconds, mut wire_seconds] =
             if epoch == start_epoch { partial } else { [0.0; 5] };
-        let mut last_report = Instant::now();
-        let indices = sampler::rank_indices(train_len, cfg.world_size, cfg.rank, spec.seed, epoch as u64);
+        let mut last_report = match Instant::now().checked_sub(cfg.progress_interval) {
+            Some(past) if report_first && epoch == start_epoch => past,
+            _ => Instant::now(),
+        };
         let loader = Loader::new(
             data.train.clone(),
-            indices,
+            segment.indices,
             spec.batch_size as usize,
             spec.seed,
             epoch as u64,
             spec.augment,
-            skip as usize,
+            at.steps as usize,
         );
         let mut step = skip;
         let mut lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
@@ -405,6 +385,8 @@ pub fn train(
             if observer.poison_loss(epoch, step) {
                 loss = f64::NAN;
             }
+            // Survivors must hold the group's whole state after every step (issue 14).
+            engine.average_batch_norm(comm)?;
             // Every rank learns in the gradient all-reduce whether any rank's loss is
             // non-finite, so all stop here at the same step with the same error (in every
             // precision: the fp16 loss is computed in fp32 and does not depend on the
@@ -416,6 +398,9 @@ pub fn train(
             correct += ok as f64;
             seen += n;
             step += 1;
+            let done = Position { steps: at.steps + (step - skip), ..at };
+            let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
+            engine.commit(done, [loss_sum, correct, seen, elapsed, wire_seconds]);
             if cfg.rank == 0 && (last_report.elapsed() >= cfg.progress_interval || step == steps_per_epoch) {
                 last_report = Instant::now();
                 let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
@@ -431,7 +416,9 @@ pub fn train(
                 });
             }
             let every = spec.checkpoint_every_steps as u64;
-            if every > 0 && step % every == 0 && step < steps_per_epoch {
+            // Not in a re-sharded remainder of an epoch: a checkpoint's position is a step
+            // of the epoch's own shards (a resume from it restarts such an epoch instead).
+            if every > 0 && step % every == 0 && step < steps_per_epoch && at.base == 0 {
                 let acc = [loss_sum, correct, seen, prior_seconds + epoch_start.elapsed().as_secs_f64(), wire_seconds];
                 if let Some(done) = write_checkpoint(cfg, &mut engine, comm, observer, &mut writer, epoch, step, acc)? {
                     deliver(done, observer, &final_name, &mut final_checkpoint_error);
@@ -489,6 +476,7 @@ pub fn train(
         if let Some(done) = write_checkpoint(cfg, &mut engine, comm, observer, &mut writer, epoch + 1, 0, [0.0; 5])? {
             deliver(done, observer, &final_name, &mut final_checkpoint_error);
         }
+        engine.commit(Position::epoch_start(epoch + 1, cfg.world_size as u32), [0.0; 5]);
         observer.epoch(&metrics);
         history.push(metrics);
     }
@@ -497,8 +485,68 @@ pub fn train(
     if let Some(done) = writer.wait() {
         deliver(done, observer, &final_name, &mut final_checkpoint_error);
     }
+    engine.release();
     let variables = engine.variables().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
     Ok(TrainOutcome { history, wall_seconds: started.elapsed().as_secs_f64(), final_checkpoint_error, variables })
+}
+
+/// The engine a run without a live state starts with: `cfg.resume`'s checkpoint, or
+/// rank 0's initial weights on every rank. Returns it with the epoch and step to start at
+/// and this rank's sums of the partially trained epoch (loss·samples, correct, samples,
+/// seconds, all-reduce seconds).
+fn start_engine(cfg: &TrainerConfig, comm: &mut dyn Collective) -> Result<(Engine, u32, u64, [f64; 5]), TrainError> {
+    let mut engine = Engine::new(&cfg.spec, cfg.device)?;
+    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, [0.0f64; 5]);
+    if let Some(path) = &cfg.resume {
+        let ckpt = checkpoint::load(path)?;
+        checkpoint::restore_into(path, &ckpt.model, &engine.variables())?;
+        engine
+            .sgd
+            .load_momentum_buffers(ckpt.momentum)
+            .map_err(|reason| checkpoint::CheckpointError::Mismatch { path: path.clone(), reason })?;
+        // An fp16 run continues with the saved scale and growth tracker (bit-identical
+        // resume). Checkpoints written before the tracker was saved carry the scale alone
+        // (the tracker restarts at 0); ones from an fp32/bf16 run (or imported ones) carry
+        // no scaler and the run starts from the initial scale.
+        if let Some(scaler) = engine.scaler.as_mut() {
+            let saved = match ckpt.state.grad_scaler {
+                Some(state) => Some(state),
+                None if ckpt.state.loss_scale > 1.0 => {
+                    Some(ScalerState { scale: ckpt.state.loss_scale, growth_tracker: 0 })
+                }
+                None => None,
+            };
+            if let Some(state) = saved {
+                *scaler = GradScaler::from_state(cfg.device, state);
+            }
+        }
+        start_epoch = ckpt.state.epoch;
+        start_step = ckpt.state.step;
+        // Accumulators of a partial epoch only carry over at the same world size; at another
+        // size the remaining steps differ anyway.
+        if ckpt.state.world_size as usize == cfg.world_size {
+            // Each rank continues its own sums; the epoch's totals are summed over the
+            // ranks at its end, exactly as in an uninterrupted run.
+            partial = match ckpt.state.rank_partials.get(cfg.rank) {
+                Some(own) if ckpt.state.rank_partials.len() == cfg.world_size => *own,
+                _ => {
+                    let [l, c, n, t] = ckpt.state.partial;
+                    if cfg.world_size > 1 && ckpt.state.step > 0 {
+                        warn!("checkpoint predates per-rank sums: the resumed epoch's train loss and accuracy are estimates");
+                        // Older checkpoints hold rank 0's sums only: use them as this
+                        // rank's estimate (every shard has the same number of samples).
+                    }
+                    [l, c, n, t, 0.0]
+                }
+            };
+        } else {
+            start_step = 0;
+        }
+        info!(checkpoint = %path.display(), epoch = start_epoch, step = start_step, "resumed");
+    } else {
+        sync::broadcast_from_root(&engine.variables(), comm)?;
+    }
+    Ok((engine, start_epoch, start_step, partial))
 }
 
 /// Reports a finished background checkpoint to `observer`; a failure of the final one
