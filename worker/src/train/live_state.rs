@@ -35,6 +35,9 @@ pub struct LiveState {
     /// This rank's sums of the epoch in progress: loss·samples, correct, samples,
     /// seconds, all-reduce seconds.
     pub partial: [f64; 5],
+    /// Every rank's (loss·samples, correct, samples) at `at`, by rank, when known: gathered
+    /// with each step's BatchNorm all-reduce, so a lost rank's sums are not lost.
+    pub rank_sums: Option<Vec<[f64; 3]>>,
 }
 
 /// Where a worker keeps its [`LiveState`] between attempts.
@@ -72,10 +75,35 @@ pub fn put_back(slot: &LiveSlot, state: Option<LiveState>) {
     }
 }
 
-/// Values each rank contributes to the agreement, in this order.
+/// Values each rank contributes to the agreement before the per-rank sums.
 const HEADER: usize = 15;
 
-fn header(state: Option<&LiveState>) -> [f64; HEADER] {
+/// What this rank says in the agreement of a group of `world`: [`HEADER`] values, then a
+/// flag and `world` × 3 sums for the new ranks (the old ranks' sums when the world size is
+/// the same, since new rank r trains old rank r's shard; otherwise all of them on rank 0,
+/// as an epoch's totals are sums over the ranks).
+fn header(state: Option<&LiveState>, world: usize) -> Vec<f64> {
+    let mut out = header_fixed(state).to_vec();
+    out.extend(std::iter::repeat_n(0.0, 1 + 3 * world));
+    if let Some((s, sums)) = state.and_then(|s| s.rank_sums.as_ref().map(|v| (s, v))) {
+        out[HEADER] = 1.0;
+        let slots = &mut out[HEADER + 1..];
+        if s.at.world as usize == world && sums.len() == world {
+            for (slot, v) in slots.chunks_mut(3).zip(sums) {
+                slot.copy_from_slice(v);
+            }
+        } else {
+            for v in sums {
+                for k in 0..3 {
+                    slots[k] += v[k];
+                }
+            }
+        }
+    }
+    out
+}
+
+fn header_fixed(state: Option<&LiveState>) -> [f64; HEADER] {
     let Some(s) = state else { return [0.0; HEADER] };
     let scaler = s.engine.scaler.as_ref().map(GradScaler::state);
     let p = s.partial;
@@ -120,10 +148,12 @@ pub fn agree(
     comm: &mut dyn Collective,
 ) -> Result<Option<LiveStart>, TrainError> {
     let rank = comm.rank();
-    let all = sync::gather_f64(&header(own.as_ref()), comm)?;
+    let world = comm.world_size();
+    let all = sync::gather_f64(&header(own.as_ref(), world), comm)?;
     let batch = spec.batch_size as usize;
-    let Some(source) =
-        (0..all.len()).filter(|&r| all[r].first() == Some(&1.0) && all[r].len() == HEADER).max_by_key(|&r| {
+    let Some(source) = (0..all.len())
+        .filter(|&r| all[r].first() == Some(&1.0) && all[r].len() == HEADER + 1 + 3 * world)
+        .max_by_key(|&r| {
             let at = position_of(&all[r]);
             (at.epoch, at.consumed(train_len, batch), std::cmp::Reverse(r))
         })
@@ -160,10 +190,15 @@ pub fn agree(
     };
     engine.scaler = (src[10] == 1.0)
         .then(|| GradScaler::from_state(device, ScalerState { scale: src[11], growth_tracker: src[12] as i64 }));
-    // Each rank continues its own sums when it completed exactly the source's steps; a
-    // replacement takes the source's as its estimate (the lost rank's are gone).
+    // Every rank's sums came with the source's state (the usual case): new rank r continues
+    // what its shard's sums were. Otherwise each rank continues its own sums when it
+    // completed exactly the source's steps, and a replacement takes the source's as its
+    // estimate (the lost rank's are gone).
     let mine = &all[rank];
-    let partial: [f64; 5] = if mine[0] == 1.0 && position_of(mine) == at {
+    let partial: [f64; 5] = if src[HEADER] == 1.0 {
+        let sums = &src[HEADER + 1 + 3 * rank..HEADER + 4 + 3 * rank];
+        [sums[0], sums[1], sums[2], src[8], src[9]]
+    } else if mine[0] == 1.0 && position_of(mine) == at {
         std::array::from_fn(|k| mine[5 + k])
     } else {
         std::array::from_fn(|k| src[5 + k])
@@ -209,6 +244,10 @@ pub struct Keeper {
     partial: [f64; 5],
     /// The BatchNorm buffers at the last commit.
     saved: Vec<Tensor>,
+    /// Every rank's sums after the two newest steps whose BatchNorm all-reduce completed:
+    /// (position after the step, the packed sums as reduced, still on the device so that
+    /// no step waits to read them).
+    gathered: [Option<(Position, Tensor)>; 2],
 }
 
 impl Keeper {
@@ -216,7 +255,7 @@ impl Keeper {
     /// keeps nothing (and costs nothing per step).
     pub fn new(engine: Engine, slot: Option<(LiveSlot, String, u32)>, at: Position, partial: [f64; 5]) -> Keeper {
         let saved = if slot.is_some() { engine.buffers.iter().map(|(_, t)| t.copy()).collect() } else { Vec::new() };
-        Keeper { engine: Some(engine), slot, at, partial, saved }
+        Keeper { engine: Some(engine), slot, at, partial, saved, gathered: [None, None] }
     }
 
     /// A step (or an epoch end) is complete at `at`, with this rank's sums `partial`.
@@ -245,26 +284,41 @@ impl Keeper {
     /// rounding): every rank now holds the group's statistics after every step, at the cost
     /// of one small all-reduce (resnet20: 1,376 floats). Called before the gradient
     /// all-reduce so that a failure of either leaves the last commit intact.
-    pub fn average_batch_norm(&mut self, comm: &mut dyn Collective) -> Result<(), CollectiveError> {
+    ///
+    /// The same all-reduce gathers every rank's sums `sums` (loss·samples, correct, samples)
+    /// as they will be once this step completes at `after`, bit-exactly (16 bits per f32, as
+    /// [`sync::gather_f64`] does), so the state a survivor keeps includes the sums of the
+    /// ranks that were lost.
+    pub fn average_batch_norm(
+        &mut self,
+        comm: &mut dyn Collective,
+        after: Position,
+        sums: [f64; 3],
+    ) -> Result<(), CollectiveError> {
         let world = comm.world_size();
         if self.slot.is_none() || world == 1 {
             return Ok(());
         }
         let Some(engine) = &self.engine else { return Ok(()) };
         let stats: Vec<&Tensor> = engine.buffers.iter().map(|(_, t)| t).filter(|t| t.kind() == Kind::Float).collect();
-        if stats.is_empty() {
-            return Ok(());
-        }
-        let flats: Vec<Tensor> = stats.iter().map(|t| t.detach().reshape([-1])).collect();
+        let Some(device) = stats.first().map(|t| t.device()) else { return Ok(()) };
+        let mut flats: Vec<Tensor> = stats.iter().map(|t| t.detach().reshape([-1])).collect();
+        let packed = pack_sums(&sums, comm.rank(), world);
+        let packed_len = packed.len() as i64;
+        flats.push(Tensor::from_slice(&packed).to_device(device));
         let mut flat = Tensor::cat(&flats, 0).contiguous();
         comm.reduce_tensor_sum(&mut flat)?;
+        let stats_len = flat.numel() as i64 - packed_len;
+        let [older, newer] = &mut self.gathered;
+        *older = newer.take();
+        *newer = Some((after, flat.narrow(0, stats_len, packed_len)));
         tch::no_grad(|| {
-            let _ = flat.f_mul_scalar_(1.0 / world as f64);
+            let mean = flat.narrow(0, 0, stats_len) * (1.0 / world as f64);
             let mut offset = 0i64;
             for t in stats {
                 let n = t.numel() as i64;
                 let mut dst = t.shallow_clone();
-                dst.copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()));
+                dst.copy_(&mean.narrow(0, offset, n).view(t.size().as_slice()));
                 offset += n;
             }
         });
@@ -301,7 +355,66 @@ impl Drop for Keeper {
                 dst.copy_(saved);
             }
         });
-        info!(epoch = self.at.epoch, steps = self.at.steps, "keeping the training state of the last complete step");
-        *lock(&slot) = Some(LiveState { job_id, attempt, engine, at: self.at, partial: self.partial });
+        let rank_sums = self.gathered.iter().flatten().find(|(at, _)| *at == self.at).map(|(_, t)| unpack_sums(t));
+        info!(
+            epoch = self.at.epoch,
+            steps = self.at.steps,
+            all_sums = rank_sums.is_some(),
+            "keeping the training state of the last complete step"
+        );
+        *lock(&slot) = Some(LiveState { job_id, attempt, engine, at: self.at, partial: self.partial, rank_sums });
+    }
+}
+
+/// 16-bit pieces per f64 (as in [`sync::gather_f64`]): each is exact in an f32, and only
+/// one rank fills each slot, so the all-reduce's sum is exact.
+const PIECES: usize = 4;
+
+/// `sums` in rank `rank`'s slots of a buffer for `world` ranks.
+fn pack_sums(sums: &[f64; 3], rank: usize, world: usize) -> Vec<f32> {
+    let per_rank = 3 * PIECES;
+    let mut buf = vec![0f32; world * per_rank];
+    for (v, slot) in sums.iter().zip(buf[rank * per_rank..].chunks_mut(PIECES)) {
+        let bits = v.to_bits();
+        for (k, piece) in slot.iter_mut().enumerate() {
+            *piece = ((bits >> (16 * k)) & 0xffff) as f32;
+        }
+    }
+    buf
+}
+
+/// Every rank's sums from a reduced [`pack_sums`] buffer (read back to the host).
+fn unpack_sums(t: &Tensor) -> Vec<[f64; 3]> {
+    let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let n = t.numel();
+    let mut buf = vec![0f32; n];
+    t.copy_data(&mut buf, n);
+    buf.chunks(3 * PIECES)
+        .map(|rank| {
+            let mut v = [0.0; 3];
+            for (out, slot) in v.iter_mut().zip(rank.chunks(PIECES)) {
+                let bits = slot.iter().enumerate().fold(0u64, |acc, (k, &p)| acc | ((p as u64 & 0xffff) << (16 * k)));
+                *out = f64::from_bits(bits);
+            }
+            v
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ranks' packed sums, added as the ring adds them, unpack to each rank's exact values.
+    #[test]
+    fn gathered_sums_are_bit_exact() {
+        let a = [1234.567_891_234_5, 17.0, 64.0];
+        let b = [0.1 + 0.2, 1.0 / 3.0, 2.0f64.powi(40) + 1.0];
+        let sum: Vec<f32> = pack_sums(&a, 0, 2).iter().zip(pack_sums(&b, 1, 2)).map(|(x, y)| x + y).collect();
+        let got = unpack_sums(&Tensor::from_slice(&sum));
+        assert_eq!(got.len(), 2);
+        for (want, have) in [a, b].iter().zip(&got) {
+            assert_eq!(want.map(f64::to_bits), have.map(f64::to_bits));
+        }
     }
 }

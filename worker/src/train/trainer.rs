@@ -386,21 +386,21 @@ pub fn train_from(
                 loss = f64::NAN;
             }
             // Survivors must hold the group's whole state after every step (issue 14).
-            engine.average_batch_norm(comm)?;
+            let n = batch.labels.size()[0] as f64;
+            let after = Position { steps: at.steps + (step - skip) + 1, ..at };
+            engine.average_batch_norm(comm, after, [loss_sum + loss * n, correct + ok as f64, seen + n])?;
             // Every rank learns in the gradient all-reduce whether any rank's loss is
             // non-finite, so all stop here at the same step with the same error (in every
             // precision: the fp16 loss is computed in fp32 and does not depend on the
             // scale, so a non-finite one is a real overflow, not a scaling artefact).
             let (wire, _applied) = engine.finish_step(&mut grad_sync, comm, loss, lr, (epoch, step))?;
             wire_seconds += wire;
-            let n = batch.labels.size()[0] as f64;
             loss_sum += loss * n;
             correct += ok as f64;
             seen += n;
             step += 1;
-            let done = Position { steps: at.steps + (step - skip), ..at };
             let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
-            engine.commit(done, [loss_sum, correct, seen, elapsed, wire_seconds]);
+            engine.commit(after, [loss_sum, correct, seen, elapsed, wire_seconds]);
             if cfg.rank == 0 && (last_report.elapsed() >= cfg.progress_interval || step == steps_per_epoch) {
                 last_report = Instant::now();
                 let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
