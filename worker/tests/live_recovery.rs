@@ -160,7 +160,8 @@ fn a_replacement_continues_bit_identically_with_the_uninterrupted_metrics() {
     let want = reference(&data);
     let survivor = lose_rank_1_at(5, &data);
     // Attempt 1: the survivor as rank 0 and a fresh worker (empty slot) as rank 1.
-    let members = vec![Member { live: true, ..member(&survivor) }, Member { live: true, ..member(&LiveSlot::default()) }];
+    let members =
+        vec![Member { live: true, ..member(&survivor) }, Member { live: true, ..member(&LiveSlot::default()) }];
     let out = run_group(1, members, &data);
     for (rank, (r, audit)) in out.into_iter().enumerate() {
         let got = r.unwrap();
@@ -222,6 +223,9 @@ fn a_smaller_group_trains_the_rest_of_the_epoch_once() {
         let epoch1: Vec<usize> = audit.batches.iter().filter(|b| b.0 == 1).flat_map(|b| b.2.clone()).collect();
         assert_eq!(epoch1, sampler::rank_indices(LEN, 2, rank, 5, 1));
     }
-    assert!(seen.iter().all(|&n| n == 1), "samples trained other than once: {:?}",
-        seen.iter().enumerate().filter(|(_, n)| **n != 1).collect::<Vec<_>>());
+    assert!(
+        seen.iter().all(|&n| n == 1),
+        "samples trained other than once: {:?}",
+        seen.iter().enumerate().filter(|(_, n)| **n != 1).collect::<Vec<_>>()
+    );
 }

@@ -1396,4 +1396,91 @@ mod tests {
         assert_eq!(job.state(), JobState::Failed);
         assert!(job.info.recoveries.is_empty());
     }
+
+    fn assignments(t: &Transition) -> Vec<Assignment> {
+        t.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Assign { assignment, .. } => Some(assignment.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Issue 14: a first attempt starts from the checkpoint (none here); a recovery tells the
+    /// new group which attempt's in-memory state its survivors may bring.
+    #[test]
+    fn a_recovery_assigns_the_failed_attempts_live_state() {
+        let mut job = queued(spec(2, 2));
+        let t = schedule(&mut job, &idle(2), now());
+        assert!(assignments(&t).iter().all(|a| !a.live), "a fresh attempt has no live state");
+        lose_member(&mut job);
+        let t = schedule(&mut job, &idle(3)[1..], later(now(), RECOVERY_GRACE * 2));
+        let a = assignments(&t);
+        assert_eq!(a.len(), 2);
+        assert!(a.iter().all(|a| a.live && a.live_attempt == 0 && a.attempt == 1), "{a:?}");
+        // The checkpoint stays the fallback for a group without survivors.
+        assert!(a.iter().all(|a| a.checkpoint == job.info.latest_checkpoint));
+        // A coordinator restart knows no survivor: the next group starts from the checkpoint.
+        step(&mut job, Event::Resumed, now()).unwrap();
+        let t = schedule(&mut job, &idle(2), later(now(), RECOVERY_GRACE * 2));
+        assert!(assignments(&t).iter().all(|a| !a.live));
+    }
+
+    /// Rank 0 reports that the group continues from a survivor's state past every reported
+    /// step: nothing is replayed, the recovery names the survivor, and the downtime ends at
+    /// the first step after that position.
+    #[test]
+    fn a_live_resume_replays_no_step_and_names_the_survivor() {
+        let t0 = now();
+        let mut job = small_running();
+        step(&mut job, Event::CheckpointStored { attempt: 0, name: names::checkpoint_name(1, 0) }, t0).unwrap();
+        report(&mut job, "w0", 0, progress(1, 2), false);
+        let lost = later(t0, Duration::from_secs(10));
+        step(&mut job, Event::MemberLost { attempt: 0, reason: "worker w1 lost (eof)".into() }, lost).unwrap();
+        let restart = later(lost, RECOVERY_GRACE * 2);
+        schedule(&mut job, &idle(3)[..1].iter().chain(&idle(3)[2..]).cloned().collect::<Vec<_>>(), restart);
+        assert_eq!(job.state(), JobState::Running);
+        assert_eq!(job.info.recoveries[0].steps_replayed, 2, "from the checkpoint, until the group says otherwise");
+
+        // The survivor completed step 3 of epoch 1 (one more than rank 0 reported).
+        let live = Resumed { epoch: 1, step: 3, samples: 3 * 2 * 32, live: true, source_worker: "w0".into() };
+        let t = report(&mut job, "w0", 0, Kind::Resumed(live.clone()), false);
+        assert_eq!(kinds(&t), ["log", "persist"]);
+        let r = job.info.recoveries[0].clone();
+        assert_eq!((r.resumed_from.as_str(), r.steps_replayed), ("live state of w0 at epoch 1 step 3", 0));
+        assert_eq!(job.attempt_start, (1, 3));
+        // Another rank's report, or one of a failed-over group without state, changes nothing.
+        let before = job.info.recoveries.clone();
+        report(&mut job, "w2", 1, Kind::Resumed(live), false);
+        report(&mut job, "w0", 0, Kind::Resumed(Resumed::default()), false);
+        assert_eq!(job.info.recoveries, before);
+
+        // Progress at the start position is no step; the next one ends the downtime.
+        report(&mut job, "w0", 0, progress(1, 3), false);
+        assert_eq!(job.info.recoveries[0].downtime_seconds, None);
+        report(&mut job, "w0", 0, progress(1, 4), false);
+        assert!(job.info.recoveries[0].downtime_seconds.is_some());
+        assert!(
+            job.info.events.iter().any(|e| e.contains(
+                "recovery 1: worker w1 lost (eof); 2 -> 2 workers; resumed from live state of w0 at epoch 1 step 3; \
+                 0 steps replayed; down for"
+            )),
+            "{:?}",
+            job.info.events
+        );
+    }
+
+    /// A member that died after completing a step no survivor completed: that one step is
+    /// trained again, and counted.
+    #[test]
+    fn a_live_resume_behind_the_reported_step_counts_the_difference() {
+        let mut job = small_running();
+        report(&mut job, "w0", 0, progress(1, 3), false);
+        lose_member(&mut job);
+        schedule(&mut job, &[idle(3)[0].clone(), idle(3)[2].clone()], later(now(), RECOVERY_GRACE * 2));
+        let live = Resumed { epoch: 1, step: 2, samples: 2 * 2 * 32, live: true, source_worker: "w0".into() };
+        report(&mut job, "w0", 0, Kind::Resumed(live), false);
+        assert_eq!(job.info.recoveries[0].steps_replayed, 1);
+    }
 }
