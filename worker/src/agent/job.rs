@@ -330,6 +330,11 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
 
     // A recovery with survivors needs no checkpoint: it is fetched only once the group
     // found that no member holds a live state.
+    if !a.live {
+        // A state kept from an earlier job or attempt can never be used by this one: its
+        // memory (a whole model, on the device) goes before this one is built.
+        drop(env.live.lock().map(|mut s| s.take()));
+    }
     let mut resume = if a.live { None } else { download_resume(a, env, control, &job_dir)? };
 
     let mut comm: Box<dyn Collective> = if world == 1 {

@@ -408,7 +408,7 @@ mod tests {
     /// Two ranks' packed sums, added as the ring adds them, unpack to each rank's exact values.
     #[test]
     fn gathered_sums_are_bit_exact() {
-        let a = [1234.567_891_234_5, 17.0, 64.0];
+        let a = [1_234.567_891_234_5, 17.0, 64.0];
         let b = [0.1 + 0.2, 1.0 / 3.0, 2.0f64.powi(40) + 1.0];
         let sum: Vec<f32> = pack_sums(&a, 0, 2).iter().zip(pack_sums(&b, 1, 2)).map(|(x, y)| x + y).collect();
         let got = unpack_sums(&Tensor::from_slice(&sum));
