@@ -356,6 +356,15 @@ fn render_stats(s: &crate::state::Stats) -> String {
     reg.register("cvdist_images_per_second", "Training throughput of running jobs", float(s.images_per_sec));
     reg.register("cvdist_step_seconds", "Latest step time", float(s.step_seconds));
     reg.register("cvdist_allreduce_seconds", "Latest all-reduce time per step", float(s.allreduce_seconds));
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct RunningJob {
+        job: String,
+    }
+    let world = Family::<RunningJob, Gauge<u64, AtomicU64>>::default();
+    for (job, size) in &s.world_sizes {
+        world.get_or_create(&RunningJob { job: job.clone() }).set(*size);
+    }
+    reg.register("cvdist_job_world_size", "Workers in each running job's group", world);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
@@ -378,6 +387,7 @@ mod tests {
         s.images_per_sec = 1234.5;
         s.step_seconds = 0.25;
         s.allreduce_seconds = 0.0;
+        s.world_sizes.insert("j0002-resnet50".into(), 8);
         let text = render_stats(&s);
         for line in [
             "# TYPE cvdist_jobs gauge",
@@ -396,6 +406,7 @@ mod tests {
             "cvdist_images_per_second 1234.5",
             "cvdist_step_seconds 0.25",
             "cvdist_allreduce_seconds 0.0",
+            "cvdist_job_world_size{job=\"j0002-resnet50\"} 8",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");

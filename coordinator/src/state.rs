@@ -30,7 +30,7 @@ use cvdist_common::proto::{
 };
 use cvdist_common::{models, names, rejoin, run_dir, spec};
 use effects::{Batch, Committer, Durable, Outcome, Pending, Write};
-use machine::{state_name, Effect, Event, Job, Now, Transition};
+use machine::{state_name, Effect, Event, IdleWorker, Job, Now, Transition};
 use registry::{CheckedRegistration, Registry};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -274,6 +274,9 @@ pub struct Stats {
     pub images_per_sec: f64,
     pub step_seconds: f64,
     pub allreduce_seconds: f64,
+    /// The world size of each RUNNING job, by job id (it changes when a job shrinks in a
+    /// recovery or grows, issue 14).
+    pub world_sizes: BTreeMap<String, u64>,
 }
 
 fn now_unix() -> f64 {
@@ -794,6 +797,7 @@ impl Coordinator {
             s.recoveries += j.info.recoveries.len() as u64;
             s.steps_replayed += j.info.recoveries.iter().map(|r| r.steps_replayed).sum::<u64>();
             if j.state() == JobState::Running {
+                s.world_sizes.insert(j.info.id.clone(), u64::from(j.info.world_size));
                 if let Some(p) = &j.info.progress {
                     s.images_per_sec += p.images_per_sec;
                     s.step_seconds = s.step_seconds.max(p.step_seconds);
@@ -857,8 +861,35 @@ fn schedule(inner: &mut Inner, attempt_key: &[u8], pending: &mut Pending<'_>) {
         let holds = t.holds_queue;
         inner.apply(&id, t, pending);
         if holds {
-            break;
+            // Waiting jobs come first: no running job grows while one waits for workers.
+            return;
         }
+    }
+    let growing: Vec<String> = inner
+        .jobs
+        .values()
+        .filter(|j| j.stored && machine::wants_growth(&j.job))
+        .map(|j| j.job.info.id.clone())
+        .collect();
+    for id in growing {
+        let idle = inner.workers.idle();
+        if idle.is_empty() {
+            return;
+        }
+        let Some(entry) = inner.jobs.get_mut(&id) else { continue };
+        let members: Option<Vec<IdleWorker>> = entry
+            .job
+            .members
+            .iter()
+            .map(|m| inner.workers.data_addr(m).map(|a| IdleWorker { id: m.clone(), data_addr: a }))
+            .collect();
+        // A member without a session is being lost: the recovery, not growth, re-forms.
+        let Some(members) = members else { continue };
+        let secret = rejoin::attempt_secret(attempt_key, &id, entry.job.info.attempt + 1);
+        let Ok(t) = machine::step(&mut entry.job, Event::Grow { members: &members, idle: &idle, secret }, now) else {
+            continue;
+        };
+        inner.apply(&id, t, pending);
     }
 }
 

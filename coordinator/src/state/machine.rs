@@ -33,7 +33,7 @@ use super::error::CoordinatorError;
 use super::record;
 use cvdist_common::proto::job_report::Kind;
 use cvdist_common::proto::{
-    job_event, Abort, Assignment, FailureKind, JobInfo, JobReport, JobSpec, JobState, Peer, Recovery,
+    job_event, Abort, Assignment, FailureKind, JobInfo, JobReport, JobSpec, JobState, Peer, Recovery, Resumed,
 };
 use cvdist_common::run_dir::outcome;
 use cvdist_common::{names, spec, text};
@@ -123,6 +123,10 @@ pub enum Event<'a> {
     /// A scheduler pass: the idle workers in id order, and a fresh secret for the ring
     /// handshake should an attempt start.
     Schedule { idle: &'a [IdleWorker], secret: String },
+    /// A scheduler pass for a RUNNING job that may grow (issue 14 item 4): its members in
+    /// rank order with their data-plane addresses, the idle workers in id order, and the
+    /// secret of the next attempt.
+    Grow { members: &'a [IdleWorker], idle: &'a [IdleWorker], secret: String },
     /// `CancelJob`.
     Cancel,
     /// A member of `attempt` was lost (its session ended or it missed heartbeats).
@@ -271,6 +275,7 @@ pub fn step(job: &mut Job, event: Event<'_>, now: Now) -> Result<Transition, Coo
     match event {
         Event::Resumed => resume(job, now, &mut t),
         Event::Schedule { idle, secret } => schedule(job, idle, secret, now, &mut t),
+        Event::Grow { members, idle, secret } => grow(job, members, idle, secret, now, &mut t),
         Event::Cancel => cancel(job, now, &mut t)?,
         Event::MemberLost { attempt, reason } => fail_attempt(job, attempt, reason, now, &mut t),
         Event::Report { worker, report, final_checkpoint_on_disk } => {
@@ -341,10 +346,69 @@ fn schedule(job: &mut Job, idle: &[IdleWorker], secret: String, now: Now, t: &mu
     start_attempt(job, &idle[..n], secret, now, t);
 }
 
+/// Whether a RUNNING job would take more workers now (issue 14 item 4): it runs on fewer
+/// than its maximum, is not being re-adopted, and its attempt has completed a step past its
+/// start (a group that just formed trains before it is re-formed again, so workers that
+/// register one after another do not stop it at every registration).
+pub fn wants_growth(job: &Job) -> bool {
+    let max = job.info.spec.as_ref().map_or(0, |s| s.max_workers as usize);
+    job.state() == JobState::Running
+        && job.readopt.is_none()
+        && job.members.len() < max
+        && job.attempt_position > job.attempt_start
+}
+
+/// RUNNING on fewer than its maximum workers, with idle workers → a new attempt on
+/// `members` (the current ones, rank order kept) plus as many `idle` workers as the job
+/// takes, continuing from the members' in-memory state (issue 14 items 2 and 4): the
+/// members are told to stop (each at a step boundary, keeping the state of its last complete
+/// step) and the assignments name the attempt they leave as the live one. No step is
+/// trained again and no restart is counted; the rest of the epoch is re-sharded over the new
+/// world size (worker/src/train/position.rs) and `--scale-lr` scales by it from the next
+/// step. Nothing happens when the grown size would not shard the data.
+fn grow(job: &mut Job, members: &[IdleWorker], idle: &[IdleWorker], secret: String, now: Now, t: &mut Transition) {
+    if !wants_growth(job) || idle.is_empty() || members.len() != job.members.len() {
+        return;
+    }
+    let spec = job.spec();
+    let current = members.len();
+    let n = (current + idle.len()).min(spec.max_workers as usize);
+    if spec::check_shard(&spec, n as u32).is_err() {
+        return;
+    }
+    let old_attempt = job.info.attempt;
+    let reason = format!("growing from {current} to {n} workers");
+    job.failed_attempt = Some((old_attempt, job.members.clone()));
+    release_members(job, &reason, t);
+    job.info.attempt += 1;
+    let (epoch, step) = job.attempt_position;
+    let lr = if spec.scale_lr {
+        format!("; the learning rate is scaled by {n} instead of {current} from here (--scale-lr)")
+    } else {
+        String::new()
+    };
+    job.log(
+        format!(
+            "{reason} ({} idle): attempt {} continues from the members' live state after epoch {epoch} step {step}, \
+             global batch {} instead of {}{lr}",
+            idle.len(),
+            job.info.attempt,
+            n as u64 * u64::from(spec.batch_size),
+            current as u64 * u64::from(spec.batch_size),
+        ),
+        now,
+        t,
+    );
+    let mut group = members.to_vec();
+    group.extend_from_slice(&idle[..n - current]);
+    start_attempt(job, &group, secret, now, t);
+}
+
 fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now, t: &mut Transition) {
     let spec = job.spec();
     let attempt = job.info.attempt;
     let (start_epoch, start_step) = checkpoint_position(&job.info.latest_checkpoint).unwrap_or((0, 0));
+    let live_attempt = job.failed_attempt.as_ref().map(|(a, _)| *a);
     let peers: Vec<Peer> = members
         .iter()
         .enumerate()
@@ -362,6 +426,10 @@ fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now
             start_step,
             checkpoint: job.info.latest_checkpoint.clone(),
             session_secret: secret.clone(),
+            // A recovery: survivors of the failed attempt hold its state in memory
+            // (issue 14); the checkpoint is the fallback when none of them is in the group.
+            live: live_attempt.is_some(),
+            live_attempt: live_attempt.unwrap_or(0),
         };
         t.effects.push(Effect::Assign { worker: w.id.clone(), assignment });
     }
@@ -535,6 +603,11 @@ fn on_report(
             t.effects.push(Effect::Publish(job_event::Event::Progress(p)));
             first_step_check(job, now, t);
         }
+        Some(Kind::Resumed(r)) => {
+            if report.rank == 0 && r.live {
+                resumed_live(job, &r, now, t);
+            }
+        }
         Some(Kind::Epoch(mut m)) => {
             // A re-registered worker sends its epoch reports again (issue 14 item 5): an
             // attempt reports each epoch once, so one already recorded is a copy.
@@ -650,6 +723,41 @@ fn resume_recovery(job: &mut Job, new_world_size: u32, start: (u32, u64)) {
     let resumed = u64::from(start.0).saturating_mul(per_epoch).saturating_add(start_step);
     r.steps_replayed = reached.saturating_sub(resumed);
     job.awaiting_first_step = true;
+}
+
+/// Rank 0 of the current attempt says the group continues from a survivor's in-memory state
+/// at `r` (issue 14): that is where the attempt starts, and the recovery replays only the
+/// steps between it and what the failed group reported (0 unless a member that died had
+/// completed a step no survivor completed).
+fn resumed_live(job: &mut Job, r: &Resumed, now: Now, t: &mut Transition) {
+    let spec = job.spec();
+    let start = (r.epoch, r.step);
+    job.attempt_start = start;
+    job.attempt_position = start;
+    job.attempt_reached = r.epoch;
+    let source = text::bound(&r.source_worker, text::MAX_REPORT_TEXT);
+    // Only a recovery's own new group measures it (a group that grew has no recovery).
+    let recovering = job.awaiting_first_step;
+    if let Some(rec) = job.info.recoveries.last_mut().filter(|rec| recovering && rec.new_world_size != 0) {
+        rec.resumed_from = format!("live state of {source} at epoch {} step {}", r.epoch, r.step);
+        // In steps of the failed group, from the samples the survivors' complete steps consumed.
+        let per_epoch = spec::steps_per_epoch(&spec, rec.old_world_size);
+        let per_step = u64::from(rec.old_world_size).saturating_mul(u64::from(spec.batch_size)).max(1);
+        let reached = u64::from(rec.reached_epoch).saturating_mul(per_epoch).saturating_add(rec.reached_step);
+        let resumed =
+            u64::from(r.epoch).saturating_mul(per_epoch).saturating_add((r.samples / per_step).min(per_epoch));
+        rec.steps_replayed = reached.saturating_sub(resumed);
+    }
+    job.log(
+        format!(
+            "attempt {} continues from the live state of {source} at epoch {} step {} ({} samples of the epoch done; \
+             steps counted at the new world size)",
+            job.info.attempt, r.epoch, r.step, r.samples
+        ),
+        now,
+        t,
+    );
+    t.effects.push(Effect::Persist);
 }
 
 /// Ends a pending recovery's downtime at the current attempt's first step past its start.
@@ -1383,5 +1491,130 @@ mod tests {
         step(&mut job, Event::Report { worker: "w0", report: late, final_checkpoint_on_disk: false }, now()).unwrap();
         assert_eq!(job.state(), JobState::Failed);
         assert!(job.info.recoveries.is_empty());
+    }
+
+    fn assignments(t: &Transition) -> Vec<Assignment> {
+        t.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Assign { assignment, .. } => Some(assignment.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Issue 14: a first attempt starts from the checkpoint (none here); a recovery tells the
+    /// new group which attempt's in-memory state its survivors may bring.
+    #[test]
+    fn a_recovery_assigns_the_failed_attempts_live_state() {
+        let mut job = queued(spec(2, 2));
+        let t = schedule(&mut job, &idle(2), now());
+        assert!(assignments(&t).iter().all(|a| !a.live), "a fresh attempt has no live state");
+        lose_member(&mut job);
+        let t = schedule(&mut job, &idle(3)[1..], later(now(), RECOVERY_GRACE * 2));
+        let a = assignments(&t);
+        assert_eq!(a.len(), 2);
+        assert!(a.iter().all(|a| a.live && a.live_attempt == 0 && a.attempt == 1), "{a:?}");
+        // The checkpoint stays the fallback for a group without survivors.
+        assert!(a.iter().all(|a| a.checkpoint == job.info.latest_checkpoint));
+        // A coordinator restart knows no survivor: the next group starts from the checkpoint.
+        step(&mut job, Event::Resumed, now()).unwrap();
+        let t = schedule(&mut job, &idle(2), later(now(), RECOVERY_GRACE * 2));
+        assert!(assignments(&t).iter().all(|a| !a.live));
+    }
+
+    /// Issue 14 item 4: a `1:2` job running on one worker grows once a second is idle, but
+    /// only after its attempt completed a step: the member is told to stop, the new group of
+    /// two (the member keeps rank 0) continues from attempt 0's live state, no restart or
+    /// recovery is counted, and a full job does not grow further.
+    #[test]
+    fn a_running_job_below_its_maximum_grows_from_its_live_state() {
+        let mut job = queued(JobSpec { scale_lr: true, ..spec(1, 2) });
+        schedule(&mut job, &idle(1), now());
+        assert_eq!((job.state(), job.members.len()), (JobState::Running, 1));
+        let members = idle(1);
+        let newcomer = &idle(2)[1..];
+        let grow = |job: &mut Job| {
+            step(job, Event::Grow { members: &members, idle: newcomer, secret: "s1".into() }, now()).unwrap()
+        };
+        assert!(!wants_growth(&job), "no step completed yet");
+        assert!(grow(&mut job).effects.is_empty());
+        report(&mut job, "w0", 0, progress(0, 3), false);
+        assert!(wants_growth(&job));
+        let t = grow(&mut job);
+        assert_eq!(aborts(&t), [("w0".to_string(), 0)]);
+        let a = assignments(&t);
+        let ranks: Vec<(&str, u32, u32)> =
+            a.iter().map(|a| (a.peers[a.rank as usize].worker_id.as_str(), a.rank, a.world_size)).collect();
+        assert_eq!(ranks, [("w0", 0, 2), ("w1", 1, 2)]);
+        assert!(a.iter().all(|a| a.live && a.live_attempt == 0 && a.attempt == 1 && a.session_secret == "s1"));
+        assert_eq!((job.state(), job.info.world_size, job.info.restarts), (JobState::Running, 2, 0));
+        assert!(job.info.recoveries.is_empty(), "growth is not a recovery");
+        let log = job.info.events.join("\n");
+        assert!(log.contains("growing from 1 to 2 workers"), "{log}");
+        assert!(log.contains("scaled by 2 instead of 1"), "{log}");
+        // The live resume of the grown group changes no recovery; a full job stays as it is.
+        let live = Resumed { epoch: 0, step: 1, samples: 3 * 64, live: true, source_worker: "w0".into() };
+        report(&mut job, "w0", 0, Kind::Resumed(live), false);
+        assert!(job.info.recoveries.is_empty());
+        report(&mut job, "w0", 0, progress(0, 5), false);
+        assert!(!wants_growth(&job), "at its maximum");
+    }
+
+    /// Rank 0 reports that the group continues from a survivor's state past every reported
+    /// step: nothing is replayed, the recovery names the survivor, and the downtime ends at
+    /// the first step after that position.
+    #[test]
+    fn a_live_resume_replays_no_step_and_names_the_survivor() {
+        let t0 = now();
+        let mut job = small_running();
+        step(&mut job, Event::CheckpointStored { attempt: 0, name: names::checkpoint_name(1, 0) }, t0).unwrap();
+        report(&mut job, "w0", 0, progress(1, 2), false);
+        let lost = later(t0, Duration::from_secs(10));
+        step(&mut job, Event::MemberLost { attempt: 0, reason: "worker w1 lost (eof)".into() }, lost).unwrap();
+        let restart = later(lost, RECOVERY_GRACE * 2);
+        schedule(&mut job, &idle(3)[..1].iter().chain(&idle(3)[2..]).cloned().collect::<Vec<_>>(), restart);
+        assert_eq!(job.state(), JobState::Running);
+        assert_eq!(job.info.recoveries[0].steps_replayed, 2, "from the checkpoint, until the group says otherwise");
+
+        // The survivor completed step 3 of epoch 1 (one more than rank 0 reported).
+        let live = Resumed { epoch: 1, step: 3, samples: 3 * 2 * 32, live: true, source_worker: "w0".into() };
+        let t = report(&mut job, "w0", 0, Kind::Resumed(live.clone()), false);
+        assert_eq!(kinds(&t), ["log", "persist"]);
+        let r = job.info.recoveries[0].clone();
+        assert_eq!((r.resumed_from.as_str(), r.steps_replayed), ("live state of w0 at epoch 1 step 3", 0));
+        assert_eq!(job.attempt_start, (1, 3));
+        // Another rank's report, or one of a failed-over group without state, changes nothing.
+        let before = job.info.recoveries.clone();
+        report(&mut job, "w2", 1, Kind::Resumed(live), false);
+        report(&mut job, "w0", 0, Kind::Resumed(Resumed::default()), false);
+        assert_eq!(job.info.recoveries, before);
+
+        // Progress at the start position is no step; the next one ends the downtime.
+        report(&mut job, "w0", 0, progress(1, 3), false);
+        assert_eq!(job.info.recoveries[0].downtime_seconds, None);
+        report(&mut job, "w0", 0, progress(1, 4), false);
+        assert!(job.info.recoveries[0].downtime_seconds.is_some());
+        assert!(
+            job.info.events.iter().any(|e| e.contains(
+                "recovery 1: worker w1 lost (eof); 2 -> 2 workers; resumed from live state of w0 at epoch 1 step 3; \
+                 0 steps replayed; down for"
+            )),
+            "{:?}",
+            job.info.events
+        );
+    }
+
+    /// A member that died after completing a step no survivor completed: that one step is
+    /// trained again, and counted.
+    #[test]
+    fn a_live_resume_behind_the_reported_step_counts_the_difference() {
+        let mut job = small_running();
+        report(&mut job, "w0", 0, progress(1, 3), false);
+        lose_member(&mut job);
+        schedule(&mut job, &[idle(3)[0].clone(), idle(3)[2].clone()], later(now(), RECOVERY_GRACE * 2));
+        let live = Resumed { epoch: 1, step: 2, samples: 2 * 2 * 32, live: true, source_worker: "w0".into() };
+        report(&mut job, "w0", 0, Kind::Resumed(live), false);
+        assert_eq!(job.info.recoveries[0].steps_replayed, 1);
     }
 }

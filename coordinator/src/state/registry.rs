@@ -190,6 +190,11 @@ impl Registry {
             .collect()
     }
 
+    /// The data-plane address of a registered worker (busy or idle).
+    pub fn data_addr(&self, worker: &str) -> Option<String> {
+        self.workers.get(worker).map(|w| w.data_addr.clone())
+    }
+
     /// Marks the worker busy in the assignment's attempt and sends it the assignment.
     pub fn assign(&mut self, worker: &str, assignment: Assignment) {
         let Some(w) = self.workers.get_mut(worker) else { return };

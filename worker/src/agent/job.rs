@@ -7,11 +7,13 @@ use crate::collective::{ring::Ring, AbortHandle, Collective, GradCompression, So
 use crate::data::Datasets;
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::ckpt_writer::CheckpointStore;
+use crate::train::live_state::{self, LiveSlot, LiveStart};
 use crate::train::{self, Observer, TrainerConfig};
 use cvdist_common::choices::Dataset;
 use cvdist_common::client::Client;
 use cvdist_common::proto::{
-    job_report, worker_message, Assignment, EpochMetrics, FailureKind, Finished, JobReport, Progress, WorkerMessage,
+    job_report, worker_message, Assignment, EpochMetrics, FailureKind, Finished, JobReport, Progress, Resumed,
+    WorkerMessage,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,6 +102,8 @@ pub struct JobEnv {
     /// The session that holds this job now (it can change while the job trains, issue 14
     /// item 5): checkpoint uploads go through it.
     pub link: super::link::SessionLink,
+    /// The training state a failed attempt of this worker left (issue 14).
+    pub live: LiveSlot,
 }
 
 struct ReportingObserver<'a> {
@@ -334,20 +338,14 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     };
     let data = Datasets::for_spec(&spec, data_dir.as_deref()).map_err(train::TrainError::from)?;
 
-    let resume = if a.checkpoint.is_empty() {
-        None
-    } else {
-        let mut client = env.client.clone();
-        let dir = job_dir.join("resume");
-        let path = control
-            .block_on_unless_stopped(
-                &env.runtime,
-                transfer::download_checkpoint(&mut client, &a.job_id, &a.checkpoint, &dir),
-            )
-            .map_err(Failure::retry)?
-            .map_err(|e| Failure::retry(format!("downloading checkpoint {}: {e}", a.checkpoint)))?;
-        Some(path)
-    };
+    // A recovery with survivors needs no checkpoint: it is fetched only once the group
+    // found that no member holds a live state.
+    if !a.live {
+        // A state kept from an earlier job or attempt can never be used by this one: its
+        // memory (a whole model, on the device) goes before this one is built.
+        drop(env.live.lock().map(|mut s| s.take()));
+    }
+    let mut resume = if a.live { None } else { download_resume(a, env, control, &job_dir)? };
 
     let mut comm: Box<dyn Collective> = if world == 1 {
         Box::new(Solo::new())
@@ -369,6 +367,10 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     if let Some(reason) = control.stop.lock().ok().and_then(|s| s.clone()) {
         return Err(Failure::retry(format!("stopped: {reason}")));
     }
+    let live = if a.live { continue_live(a, env, comm.as_mut(), &spec, data.train.len())? } else { None };
+    if a.live && live.is_none() {
+        resume = download_resume(a, env, control, &job_dir)?;
+    }
 
     let cfg = TrainerConfig {
         spec,
@@ -382,7 +384,8 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     };
     let mut observer =
         ReportingObserver { assignment: a, env, control: control.clone(), confirmed: None, upload_error: None };
-    let outcome = train::train(&cfg, &data, comm.as_mut(), &mut observer)?;
+    let keep = Some((env.live.clone(), a.job_id.clone(), a.attempt));
+    let outcome = train::train_from(&cfg, &data, comm.as_mut(), &mut observer, live, keep)?;
     // A clean end lets a device communicator shut down gracefully; otherwise its drop
     // aborts it, which never waits for peers.
     if let Err(e) = comm.finish() {
@@ -419,6 +422,74 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         }
     }
     Ok(Finished { final_test_acc, wall_seconds: outcome.wall_seconds, final_checkpoint_error })
+}
+
+/// Downloads the assignment's checkpoint (if it names one) into the job's `resume` folder.
+fn download_resume(
+    a: &Assignment,
+    env: &JobEnv,
+    control: &JobControl,
+    job_dir: &Path,
+) -> Result<Option<PathBuf>, Failure> {
+    if a.checkpoint.is_empty() {
+        return Ok(None);
+    }
+    let mut client = env.client.clone();
+    let dir = job_dir.join("resume");
+    let path = control
+        .block_on_unless_stopped(
+            &env.runtime,
+            transfer::download_checkpoint(&mut client, &a.job_id, &a.checkpoint, &dir),
+        )
+        .map_err(Failure::retry)?
+        .map_err(|e| Failure::retry(format!("downloading checkpoint {}: {e}", a.checkpoint)))?;
+    Ok(Some(path))
+}
+
+/// A recovery (issue 14): the members agree over the ring on the furthest live state any
+/// of them kept from attempt `a.live_attempt` and all take it; rank 0 tells the
+/// coordinator where the group continues. `None`: no member kept one. This worker's own
+/// state goes back to its slot if the agreement fails (another recovery may use it).
+fn continue_live(
+    a: &Assignment,
+    env: &JobEnv,
+    comm: &mut dyn Collective,
+    spec: &cvdist_common::proto::JobSpec,
+    train_len: usize,
+) -> Result<Option<LiveStart>, Failure> {
+    let mut own = live_state::take(&env.live, &a.job_id, a.live_attempt, a.attempt);
+    let agreed = live_state::agree(&mut own, spec, env.device, train_len, comm);
+    live_state::put_back(&env.live, own);
+    let start = agreed?;
+    if a.rank == 0 {
+        let batch = spec.batch_size as usize;
+        let (source_worker, resumed) = match &start {
+            Some(s) => {
+                let at = s.at.continue_on(a.world_size, train_len, batch);
+                let worker = a.peers.get(s.source).map(|p| p.worker_id.clone()).unwrap_or_default();
+                (
+                    worker,
+                    Resumed {
+                        epoch: at.epoch,
+                        step: at.step(batch),
+                        samples: at.consumed(train_len, batch),
+                        live: true,
+                        source_worker: String::new(),
+                    },
+                )
+            }
+            None => (String::new(), Resumed::default()),
+        };
+        let report = JobReport {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            rank: a.rank,
+            kind: Some(job_report::Kind::Resumed(Resumed { source_worker, ..resumed })),
+            failure_kind: FailureKind::Unspecified as i32,
+        };
+        let _ = env.outbox.send(WorkerMessage { msg: Some(worker_message::Msg::Report(report)) });
+    }
+    Ok(start)
 }
 
 /// This worker's own scratch folder under `cache_dir` (checkpoints, resume downloads):

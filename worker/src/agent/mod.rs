@@ -142,6 +142,9 @@ impl Current {
                     self.journal.push(msg.clone());
                 }
                 Some(job_report::Kind::Finished(_) | job_report::Kind::Failed(_)) => self.journal.push(msg.clone()),
+                // Not journaled: sent again after a coordinator restart it would move the
+                // attempt's start back to where the group began.
+                Some(job_report::Kind::Resumed(r)) => self.position = self.position.max((r.epoch, r.step)),
                 None => {}
             }
         }
@@ -250,10 +253,13 @@ pub async fn run(
         warn!("{w}");
     }
     let link = SessionLink::new(cfg.detached_timeout);
+    // The training state a failed attempt leaves for the next one (issue 14); it outlives
+    // sessions like the job does.
+    let live_slot = crate::train::live_state::LiveSlot::default();
     let mut current: Option<Current> = None;
     let mut backoff = Duration::from_millis(250);
     loop {
-        let outcome = session(&cfg, &listener, &advertise, stop_rx.clone(), &mut current, &link).await;
+        let outcome = session(&cfg, &listener, &advertise, stop_rx.clone(), &mut current, &link, &live_slot).await;
         link.detach();
         if *stop_rx.borrow() {
             if let Some(c) = current.as_mut() {
@@ -326,6 +332,7 @@ async fn session(
     mut stop: watch::Receiver<bool>,
     current: &mut Option<Current>,
     link: &SessionLink,
+    live_slot: &crate::train::live_state::LiveSlot,
 ) -> Result<(), AgentError> {
     // A job without a session stops at its limit even while the coordinator is unreachable.
     let give_up_at =
@@ -506,6 +513,7 @@ async fn session(
                     runtime: tokio::runtime::Handle::current(),
                     outbox: reports_tx,
                     link: link.clone(),
+                    live: live_slot.clone(),
                 };
                 let control = JobControl::default();
                 let mut job = Current {

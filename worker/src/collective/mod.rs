@@ -131,22 +131,38 @@ pub trait Collective: Send {
     /// default works on host memory (CPU tensors in place, others staged through a host
     /// copy); NCCL overrides it to reduce device memory directly.
     fn reduce_tensor_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
-        if t.kind() != tch::Kind::Float || !t.is_contiguous() {
-            return Err(CollectiveError::Config("reduce_tensor_sum needs a contiguous f32 tensor".into()));
-        }
-        let n = t.numel();
-        if t.device() == tch::Device::Cpu {
-            // SAFETY: contiguous CPU f32 tensor of n elements, exclusively borrowed.
-            let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) };
-            return self.all_reduce_sum_grads(buf);
-        }
-        let mut host = vec![0f32; n];
-        t.f_copy_data(&mut host, n).map_err(|e| CollectiveError::Protocol(format!("staging tensor: {e}")))?;
-        self.all_reduce_sum_grads(&mut host)?;
-        let back = tch::Tensor::from_slice(&host).to_device(t.device());
-        t.copy_(&back);
-        Ok(())
+        reduce_on_host(self, t, true)
     }
+
+    /// In-place sum of a contiguous f32 tensor across ranks, never compressed (state that
+    /// must stay exact, such as BatchNorm statistics and packed metric sums; issue 14).
+    /// The default works on host memory as [`Collective::reduce_tensor_sum`]'s does; NCCL
+    /// overrides it to reduce device memory directly.
+    fn reduce_tensor_sum_exact(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        reduce_on_host(self, t, false)
+    }
+}
+
+/// The host-memory reductions behind [`Collective::reduce_tensor_sum`] (`grads`: with the
+/// gradient compression) and [`Collective::reduce_tensor_sum_exact`]: CPU tensors in
+/// place, others staged through a host copy.
+fn reduce_on_host<C: Collective + ?Sized>(c: &mut C, t: &mut tch::Tensor, grads: bool) -> Result<(), CollectiveError> {
+    if t.kind() != tch::Kind::Float || !t.is_contiguous() {
+        return Err(CollectiveError::Config("reduce_tensor_sum needs a contiguous f32 tensor".into()));
+    }
+    let n = t.numel();
+    let mut reduce = |buf: &mut [f32]| if grads { c.all_reduce_sum_grads(buf) } else { c.all_reduce_sum(buf) };
+    if t.device() == tch::Device::Cpu {
+        // SAFETY: contiguous CPU f32 tensor of n elements, exclusively borrowed.
+        let buf = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n) };
+        return reduce(buf);
+    }
+    let mut host = vec![0f32; n];
+    t.f_copy_data(&mut host, n).map_err(|e| CollectiveError::Protocol(format!("staging tensor: {e}")))?;
+    reduce(&mut host)?;
+    let back = tch::Tensor::from_slice(&host).to_device(t.device());
+    t.copy_(&back);
+    Ok(())
 }
 
 /// All-reduces the gradients `buf` in pieces of at most `bucket_elems` floats, the way the

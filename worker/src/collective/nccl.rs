@@ -895,6 +895,10 @@ impl Collective for NcclComm {
     fn reduce_tensor_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
         self.reduce_grads_tensor(t)
     }
+    /// As [`Collective::reduce_tensor_sum`], in f32 whatever the gradient compression.
+    fn reduce_tensor_sum_exact(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        self.all_reduce_sum_tensor(t)
+    }
     fn wait(&mut self) -> Result<(), CollectiveError> {
         self.watchdog.wait()
     }

@@ -44,9 +44,17 @@ impl DeviceSums {
         // Separate multiply and add (not `add_` with alpha = n): a fused multiply-add would
         // round once where the host rounded twice.
         let term = loss.f_to_kind(Kind::Double)?.f_mul_scalar(n as f64)?;
-        let _ = self.loss.f_add_(&term)?;
-        let _ = self.correct.f_add_(&correct.f_to_kind(Kind::Double)?)?;
+        // New tensors rather than in-place adds (same kernels): a [`DeviceSums::snapshot`]
+        // then stays what it was without a copy.
+        self.loss = self.loss.f_add(&term)?;
+        self.correct = self.correct.f_add(&correct.f_to_kind(Kind::Double)?)?;
         Ok(())
+    }
+
+    /// The sums as they are now, (Σ loss·samples, Σ correct) as 0-dim f64 device tensors
+    /// that later [`DeviceSums::add`]s do not change; costs no kernel and reads nothing.
+    pub fn snapshot(&self) -> (Tensor, Tensor) {
+        (self.loss.shallow_clone(), self.correct.shallow_clone())
     }
 
     /// (Σ loss·samples, Σ correct), read back to the host in one copy: waits for the

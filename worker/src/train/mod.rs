@@ -5,8 +5,10 @@ pub mod checkpoint;
 pub mod ckpt_writer;
 mod cuda_stream;
 pub mod divergence;
+pub mod live_state;
 pub mod metrics;
 pub mod overlap;
+pub mod position;
 pub mod precision;
 pub mod scaler;
 pub mod schedule;
@@ -14,4 +16,4 @@ pub mod sgd;
 pub mod sync;
 pub mod trainer;
 
-pub use trainer::{train, Engine, NoObserver, Observer, TrainError, TrainOutcome, TrainerConfig};
+pub use trainer::{train, train_from, Engine, NoObserver, Observer, TrainError, TrainOutcome, TrainerConfig};

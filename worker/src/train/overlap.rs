@@ -578,6 +578,10 @@ impl Collective for CommProxy {
         let mut t = t.shallow_clone();
         self.call(move |c| c.reduce_tensor_sum(&mut t))?
     }
+    fn reduce_tensor_sum_exact(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        let mut t = t.shallow_clone();
+        self.call(move |c| c.reduce_tensor_sum_exact(&mut t))?
+    }
 }
 
 /// Fails with [`CollectiveError::Config`] unless every rank planned the same gradient

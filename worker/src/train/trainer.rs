@@ -8,13 +8,15 @@ use super::buckets::{Buckets, BUCKET_ELEMS};
 use super::checkpoint::{self, CheckpointState};
 use super::ckpt_writer::{BackgroundWriter, CheckpointStore, Done};
 use super::divergence::{DivergenceRecord, FirstDivergence, CHECK_EVERY_STEPS};
+use super::live_state::{Keeper, LiveSlot, LiveStart};
 use super::metrics::{DeviceSums, StepOutput};
 use super::overlap::{self, GradHooks, Lane, FIRST_BUCKET_ELEMS};
+use super::position::Position;
 use super::precision::{self, Precision};
 use super::scaler::{GradScaler, ScalerState};
 use super::schedule::learning_rate;
 use super::sgd::Sgd;
-use super::sync::{self, GradSync};
+use super::sync::{self, GradSync, Reduced};
 use crate::collective::{Collective, CollectiveError};
 use crate::data::loader::Loader;
 use crate::models;
@@ -232,19 +234,26 @@ impl Engine {
 
     /// A [`GradSync`] whose all-reduce runs on `lane`'s comm thread while backward
     /// computes ([`overlap::with_comm_thread`]): installs the gradient-ready hooks (once
-    /// per engine; they are removed when it drops). Pass that thread's proxy as the `comm`
-    /// of [`Engine::finish_step`].
+    /// per engine, removed when it drops; a later call connects the same hooks to its
+    /// `lane`). Pass that thread's proxy as the `comm` of [`Engine::finish_step`].
     ///
-    /// Errors: the hooks are already installed, or libtorch refused one.
+    /// Errors: libtorch refused a hook.
     pub fn overlapped_sync(&mut self, lane: Lane) -> Result<GradSync, TrainError> {
-        if self.hooks.is_some() {
-            return Err(TrainError::Model("gradient-ready hooks are installed once per engine".into()));
+        // An engine kept from a failed attempt (issue 14) has its hooks: they now feed
+        // this attempt's comm thread.
+        if let Some(hooks) = &self.hooks {
+            return Ok(GradSync::overlapped(hooks.connect(lane)));
         }
         let hooks =
             GradHooks::register(self.sgd.params(), self.sgd.buckets()).map_err(|e| TrainError::Model(e.to_string()))?;
         let sync = GradSync::overlapped(hooks.connect(lane));
         self.hooks = Some(hooks);
         Ok(sync)
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// Parameters then buffers, sorted by name.
@@ -306,7 +315,25 @@ impl Engine {
         lr: f64,
         at: (u32, u64),
     ) -> Result<(f64, bool), TrainError> {
-        let reduced = grad_sync.reduce(self.sgd.buckets_mut(), comm, loss, self.scaler.as_mut())?;
+        let reduced = self.reduce_gradients(grad_sync, comm, loss)?;
+        self.apply(reduced, lr, at)
+    }
+
+    /// The first half of [`Engine::finish_step`]: the gradient all-reduce (and loss-scale
+    /// check); weights and momentum are not touched yet, so a failure here leaves them at
+    /// the last complete step.
+    pub fn reduce_gradients(
+        &mut self,
+        grad_sync: &mut GradSync,
+        comm: &mut dyn Collective,
+        loss: &Tensor,
+    ) -> Result<Reduced, TrainError> {
+        Ok(grad_sync.reduce(self.sgd.buckets_mut(), comm, loss, self.scaler.as_mut())?)
+    }
+
+    /// The second half of [`Engine::finish_step`]: records the agreed divergence flag of
+    /// step `at` and applies the SGD step unless the scaler skipped it.
+    pub fn apply(&mut self, reduced: Reduced, lr: f64, at: (u32, u64)) -> Result<(f64, bool), TrainError> {
         self.divergence.record(&reduced.flag, at)?;
         if reduced.apply {
             self.sgd.step(lr);
@@ -369,10 +396,26 @@ pub fn train(
     comm: &mut dyn Collective,
     observer: &mut dyn Observer,
 ) -> Result<TrainOutcome, TrainError> {
+    train_from(cfg, data, comm, observer, None, None)
+}
+
+/// [`train`], continuing from `live` (a member's in-memory state, issue 14) instead of
+/// `cfg.resume` when given, and leaving the state of the last complete step in `keep`
+/// (slot, job id, attempt) when training ends with an error.
+pub fn train_from(
+    cfg: &TrainerConfig,
+    data: &Datasets,
+    comm: &mut dyn Collective,
+    observer: &mut dyn Observer,
+    live: Option<LiveStart>,
+    keep: Option<(LiveSlot, String, u32)>,
+) -> Result<TrainOutcome, TrainError> {
     if comm.world_size() == 1 {
-        return train_on(cfg, data, comm, None, observer);
+        return train_on(cfg, data, comm, None, observer, live, keep);
     }
-    overlap::with_comm_thread(comm, cfg.device, |proxy, lane| train_on(cfg, data, proxy, Some(lane), observer))?
+    overlap::with_comm_thread(comm, cfg.device, |proxy, lane| {
+        train_on(cfg, data, proxy, Some(lane), observer, live, keep)
+    })?
 }
 
 fn train_on(
@@ -381,10 +424,21 @@ fn train_on(
     comm: &mut dyn Collective,
     lane: Option<Lane>,
     observer: &mut dyn Observer,
+    live: Option<LiveStart>,
+    keep: Option<(LiveSlot, String, u32)>,
 ) -> Result<TrainOutcome, TrainError> {
     let spec = &cfg.spec;
     let started = Instant::now();
-    let mut engine = Engine::new(spec, cfg.device)?;
+    let batch = spec.batch_size as usize;
+    let train_len = data.train.len();
+    let world = cfg.world_size as u32;
+    // A group continuing from a live state reports its first step at once: that report
+    // ends the recovery's measured downtime on the coordinator.
+    let report_first = live.is_some();
+    let (mut engine, start_at, partial) = match live {
+        Some(l) => (l.engine, l.at.continue_on(world, train_len, batch), l.partial),
+        None => (Engine::new(spec, cfg.device)?, Position::epoch_start(0, world), [0.0; 5]),
+    };
     engine.freeze_bn = cfg.freeze_bn;
     let mut grad_sync = match lane {
         Some(lane) => {
@@ -393,63 +447,15 @@ fn train_on(
         }
         None => GradSync::new(),
     };
-
-    // This rank's sums of the partially trained epoch: loss·samples, correct, samples,
-    // seconds, all-reduce seconds.
-    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, [0.0f64; 5]);
-    if let Some(path) = &cfg.resume {
-        let ckpt = checkpoint::load(path)?;
-        checkpoint::restore_into(path, &ckpt.model, &engine.variables())?;
-        engine
-            .sgd
-            .load_momentum_buffers(ckpt.momentum)
-            .map_err(|reason| checkpoint::CheckpointError::Mismatch { path: path.clone(), reason })?;
-        // An fp16 run continues with the saved scale and growth tracker (bit-identical
-        // resume). Checkpoints written before the tracker was saved carry the scale alone
-        // (the tracker restarts at 0); ones from an fp32/bf16 run (or imported ones) carry
-        // no scaler and the run starts from the initial scale.
-        if let Some(scaler) = engine.scaler.as_mut() {
-            let saved = match ckpt.state.grad_scaler {
-                Some(state) => Some(state),
-                None if ckpt.state.loss_scale > 1.0 => {
-                    Some(ScalerState { scale: ckpt.state.loss_scale, growth_tracker: 0 })
-                }
-                None => None,
-            };
-            if let Some(state) = saved {
-                *scaler = GradScaler::from_state(cfg.device, state);
-            }
-        }
-        start_epoch = ckpt.state.epoch;
-        start_step = ckpt.state.step;
-        // Accumulators of a partial epoch only carry over at the same world size; at another
-        // size the remaining steps differ anyway.
-        if ckpt.state.world_size as usize == cfg.world_size {
-            // Each rank continues its own sums; the epoch's totals are summed over the
-            // ranks at its end, exactly as in an uninterrupted run.
-            partial = match ckpt.state.rank_partials.get(cfg.rank) {
-                Some(own) if ckpt.state.rank_partials.len() == cfg.world_size => *own,
-                _ => {
-                    let [l, c, n, t] = ckpt.state.partial;
-                    if cfg.world_size > 1 && ckpt.state.step > 0 {
-                        warn!("checkpoint predates per-rank sums: the resumed epoch's train loss and accuracy are estimates");
-                        // Older checkpoints hold rank 0's sums only: use them as this
-                        // rank's estimate (every shard has the same number of samples).
-                    }
-                    [l, c, n, t, 0.0]
-                }
-            };
-        } else {
-            start_step = 0;
-        }
-        info!(checkpoint = %path.display(), epoch = start_epoch, step = start_step, "resumed");
+    let (start_at, partial) = if report_first {
+        (start_at, partial)
     } else {
-        sync::broadcast_from_root(&engine.variables(), comm)?;
-    }
+        let (epoch, step, partial) = start_engine(cfg, &mut engine, comm)?;
+        (Position { steps: step, ..Position::epoch_start(epoch, world) }, partial)
+    };
+    let mut engine = Keeper::new(engine, keep, start_at, partial)?;
+    let start_epoch = start_at.epoch;
 
-    let train_len = data.train.len();
-    let steps_per_epoch =
-        sampler::samples_per_rank(train_len, cfg.world_size).div_ceil(spec.batch_size as usize) as u64;
     let scale = if spec.scale_lr { cfg.world_size as f64 } else { 1.0 };
     let mut history = Vec::new();
     let mut final_checkpoint_error = None;
@@ -460,24 +466,31 @@ fn train_on(
         let span = info_span!("epoch", epoch, rank = cfg.rank);
         let _enter = span.enter();
         let epoch_start = Instant::now();
-        let skip = if epoch == start_epoch { start_step } else { 0 };
+        // The epoch's samples: its DistributedSampler shard, or after a world-size change
+        // mid-epoch the rest of its order re-sharded (`position`).
+        let at = if epoch == start_epoch { start_at } else { Position::epoch_start(epoch, world) };
+        let segment = at.segment(train_len, cfg.rank, spec.seed, batch);
+        let steps_per_epoch = segment.steps_per_epoch;
+        let skip = at.step(batch);
         let [loss_sum, correct, mut seen, prior_seconds, mut wire_seconds] =
             if epoch == start_epoch { partial } else { [0.0; 5] };
         // Σ loss·samples and Σ correct stay on the device and are read back only where
         // a value is needed (progress line, checkpoint, epoch end); `seen` is known here.
         let mut sums = DeviceSums::new(cfg.device, loss_sum, correct)?;
-        let mut last_report = Instant::now();
+        let mut last_report = match Instant::now().checked_sub(cfg.progress_interval) {
+            Some(past) if report_first && epoch == start_epoch => past,
+            _ => Instant::now(),
+        };
         let mut steps_since_report = 0u32;
-        let indices = sampler::rank_indices(train_len, cfg.world_size, cfg.rank, spec.seed, epoch as u64);
         let loader = Loader::for_device(
             cfg.device,
             data.train.clone(),
-            indices,
-            spec.batch_size as usize,
+            segment.indices,
+            batch,
             spec.seed,
             epoch as u64,
             spec.augment,
-            skip as usize,
+            at.steps as usize,
         );
         let mut step = skip;
         let mut lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
@@ -500,15 +513,23 @@ fn train_on(
             // scaling artefact). The agreed flag is recorded on the device and read at the
             // check points below, which are the same steps on every rank: all stop there
             // with the same error, naming the step that diverged first.
-            let (wire, _applied) = engine.finish_step(&mut grad_sync, comm, &out.loss, lr, (epoch, step))?;
-            wire_seconds += wire;
+            // The sums as they stand once this step completes: a survivor keeps them, and
+            // the step's BatchNorm average gathers every rank's (live_state::Keeper).
             let n = batch.labels.size()[0];
             sums.add(&out.loss, &out.correct, n)?;
             seen += n as f64;
+            let after = Position { steps: at.steps + (step - skip) + 1, ..at };
+            let (wire, _applied) =
+                engine.finish_step(&mut grad_sync, comm, &out.loss, lr, (epoch, step), after, &sums, seen)?;
+            wire_seconds += wire;
             step += 1;
             steps_since_report += 1;
+            let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
+            engine.commit(after, &sums, [seen, elapsed, wire_seconds]);
             let every = spec.checkpoint_every_steps as u64;
-            let checkpoint_due = every > 0 && step % every == 0 && step < steps_per_epoch;
+            // Not in a re-sharded remainder of an epoch: a checkpoint's position is a step
+            // of the epoch's own shards (a resume from it restarts such an epoch instead).
+            let checkpoint_due = every > 0 && step % every == 0 && step < steps_per_epoch && at.base == 0;
             if step % CHECK_EVERY_STEPS == 0 || step == steps_per_epoch || checkpoint_due {
                 engine.check_divergence()?;
             }
@@ -538,6 +559,8 @@ fn train_on(
                 if let Some(done) = write_checkpoint(cfg, &mut engine, comm, observer, &mut writer, epoch, step, acc)? {
                     deliver(done, observer, &final_name, &mut final_checkpoint_error);
                 }
+                // The checkpoint averaged the statistics once more (a no-op up to rounding).
+                engine.refresh_statistics();
             }
         }
         // Normally done at the last step already; reads nothing when it was.
@@ -594,6 +617,7 @@ fn train_on(
         if let Some(done) = write_checkpoint(cfg, &mut engine, comm, observer, &mut writer, epoch + 1, 0, [0.0; 5])? {
             deliver(done, observer, &final_name, &mut final_checkpoint_error);
         }
+        engine.commit(Position::epoch_start(epoch + 1, world), &DeviceSums::new(cfg.device, 0.0, 0.0)?, [0.0; 3]);
         observer.epoch(&metrics);
         history.push(metrics);
     }
@@ -602,8 +626,71 @@ fn train_on(
     if let Some(done) = writer.wait() {
         deliver(done, observer, &final_name, &mut final_checkpoint_error);
     }
+    engine.release();
     let variables = engine.variables().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
     Ok(TrainOutcome { history, wall_seconds: started.elapsed().as_secs_f64(), final_checkpoint_error, variables })
+}
+
+/// Restores `engine` from `cfg.resume`'s checkpoint, or gives every rank rank 0's initial
+/// weights. Returns the epoch and step to start at and this rank's sums of the partially
+/// trained epoch (loss·samples, correct, samples, seconds, all-reduce seconds).
+fn start_engine(
+    cfg: &TrainerConfig,
+    engine: &mut Engine,
+    comm: &mut dyn Collective,
+) -> Result<(u32, u64, [f64; 5]), TrainError> {
+    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, [0.0f64; 5]);
+    if let Some(path) = &cfg.resume {
+        let ckpt = checkpoint::load(path)?;
+        checkpoint::restore_into(path, &ckpt.model, &engine.variables())?;
+        engine
+            .sgd
+            .load_momentum_buffers(ckpt.momentum)
+            .map_err(|reason| checkpoint::CheckpointError::Mismatch { path: path.clone(), reason })?;
+        // An fp16 run continues with the saved scale and growth tracker (bit-identical
+        // resume). Checkpoints written before the tracker was saved carry the scale alone
+        // (the tracker restarts at 0); ones from an fp32/bf16 run (or imported ones) carry
+        // no scaler and the run starts from the initial scale.
+        if let Some(scaler) = engine.scaler.as_mut() {
+            let saved = match ckpt.state.grad_scaler {
+                Some(state) => Some(state),
+                None if ckpt.state.loss_scale > 1.0 => {
+                    Some(ScalerState { scale: ckpt.state.loss_scale, growth_tracker: 0 })
+                }
+                None => None,
+            };
+            if let Some(state) = saved {
+                *scaler = GradScaler::from_state(cfg.device, state);
+            }
+        }
+        start_epoch = ckpt.state.epoch;
+        start_step = ckpt.state.step;
+        // Accumulators of a partial epoch only carry over at the same world size; at another
+        // size the remaining steps differ anyway.
+        if ckpt.state.world_size as usize == cfg.world_size {
+            // Each rank continues its own sums; the epoch's totals are summed over the
+            // ranks at its end, exactly as in an uninterrupted run.
+            partial = match ckpt.state.rank_partials.get(cfg.rank) {
+                Some(own) if ckpt.state.rank_partials.len() == cfg.world_size => *own,
+                _ => {
+                    let [l, c, n, t] = ckpt.state.partial;
+                    if cfg.world_size > 1 && ckpt.state.step > 0 {
+                        warn!("checkpoint predates per-rank sums: the resumed epoch's train loss and accuracy are estimates");
+                        // Older checkpoints hold rank 0's sums only: use them as this
+                        // rank's estimate (every shard has the same number of samples).
+                    }
+                    [l, c, n, t, 0.0]
+                }
+            };
+        } else {
+            start_step = 0;
+        }
+        info!(checkpoint = %path.display(), epoch = start_epoch, step = start_step, "resumed");
+    } else {
+        sync::broadcast_from_root(&engine.variables(), comm)?;
+    }
+
+    Ok((start_epoch, start_step, partial))
 }
 
 /// Reports a finished background checkpoint to `observer`; a failure of the final one

@@ -1,0 +1,231 @@
+//! Issue 14: a group that loses a member mid-epoch continues from a survivor's in-memory
+//! state, through the real trainer, the real loopback TCP ring and real libtorch.
+//! (1) A replacement at the same world size ends bit-identical to an uninterrupted run,
+//! weights and epoch metrics alike; (2) survivors that completed different steps continue
+//! from the furthest; (3) at a smaller world size the rest of the epoch trains every sample
+//! exactly once (the batch-index audit of `equivalence.rs`).
+
+use cvdist_common::cifar;
+use cvdist_common::proto::{EpochMetrics, JobSpec};
+use cvdist_common::sampler;
+use cvdist_worker::collective::{ring::Ring, Collective};
+use cvdist_worker::data::Datasets;
+use cvdist_worker::train::live_state::{self, LiveSlot};
+use cvdist_worker::train::{self, Observer, TrainError, TrainOutcome, TrainerConfig};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+use tch::Device;
+
+const LEN: usize = 384;
+const JOB: &str = "j0001-live";
+
+fn datasets() -> Datasets {
+    Datasets { train: Arc::new(cifar::synthetic(LEN, 3)), test: Arc::new(cifar::synthetic(50, 4)) }
+}
+
+fn spec() -> JobSpec {
+    let mut s = cvdist_common::spec::default_spec("resnet20", 2);
+    s.batch_size = 16;
+    s.dataset = "synthetic".into();
+    s.seed = 5;
+    s.lr = 0.05;
+    s
+}
+
+/// Records every batch (epoch, step, indices), and stops training (as a killed rank would
+/// stop taking part) before step `stop_at` of its epoch.
+#[derive(Default)]
+struct Audit {
+    batches: Vec<(u32, u64, Vec<usize>)>,
+    stop_at: Option<(u32, u64)>,
+}
+
+impl Observer for Audit {
+    fn batch_indices(&mut self, epoch: u32, step: u64, indices: &[usize]) {
+        self.batches.push((epoch, step, indices.to_vec()));
+    }
+
+    fn should_stop(&mut self) -> Option<String> {
+        let (epoch, step) = self.stop_at?;
+        let last = self.batches.last().map(|(e, s, _)| (*e, *s));
+        (step > 0 && last == Some((epoch, step - 1))).then(|| "killed".to_string())
+    }
+}
+
+/// One member of a group: the slot it keeps its state in, where it stops (if it does),
+/// and whether it starts by agreeing on a live state of attempt `attempt - 1`.
+struct Member {
+    slot: LiveSlot,
+    stop_at: Option<(u32, u64)>,
+    live: bool,
+}
+
+fn member(slot: &LiveSlot) -> Member {
+    Member { slot: slot.clone(), stop_at: None, live: false }
+}
+
+type Ended = (Result<TrainOutcome, TrainError>, Audit);
+
+/// Runs `members` as the ranks of attempt `attempt`, in threads, over a real ring.
+fn run_group(attempt: u32, members: Vec<Member>, data: &Datasets) -> Vec<Ended> {
+    let world = members.len();
+    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .zip(members)
+            .enumerate()
+            .map(|(rank, (listener, m))| {
+                let peers = peers.clone();
+                s.spawn(move || {
+                    tch::set_num_threads(1);
+                    let mut ring =
+                        Ring::connect(rank, world, &peers, listener, "secret", Duration::from_secs(30)).unwrap();
+                    let comm = &mut ring as &mut dyn Collective;
+                    let cfg = TrainerConfig {
+                        spec: spec(),
+                        device: Device::Cpu,
+                        rank,
+                        world_size: world,
+                        checkpoint_dir: None,
+                        resume: None,
+                        progress_interval: Duration::from_secs(3600),
+                        freeze_bn: false,
+                    };
+                    let start = if m.live {
+                        let mut own = live_state::take(&m.slot, JOB, attempt - 1, attempt);
+                        let start = live_state::agree(&mut own, &cfg.spec, Device::Cpu, LEN, comm).unwrap();
+                        live_state::put_back(&m.slot, own);
+                        Some(start.expect("a member held a live state"))
+                    } else {
+                        None
+                    };
+                    let mut audit = Audit { stop_at: m.stop_at, ..Default::default() };
+                    let keep = Some((m.slot.clone(), JOB.to_string(), attempt));
+                    let out = train::train_from(&cfg, data, comm, &mut audit, start, keep);
+                    (out, audit)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn slots(n: usize) -> Vec<LiveSlot> {
+    (0..n).map(|_| LiveSlot::default()).collect()
+}
+
+/// The position a slot's state is at: (epoch, complete steps of its segment).
+fn kept_at(slot: &LiveSlot) -> (u32, u64) {
+    let s = slot.lock().unwrap();
+    let s = s.as_ref().expect("a state was kept");
+    (s.at.epoch, s.at.steps)
+}
+
+fn metrics_bits(h: &[EpochMetrics]) -> Vec<[u64; 4]> {
+    h.iter().map(|m| [m.train_loss, m.train_acc, m.test_loss, m.test_acc].map(f64::to_bits)).collect()
+}
+
+fn assert_same_weights(a: &TrainOutcome, b: &TrainOutcome) {
+    assert_eq!(a.variables.len(), b.variables.len());
+    for ((na, ta), (nb, tb)) in a.variables.iter().zip(&b.variables) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs from the uninterrupted run");
+    }
+}
+
+/// Two ranks, uninterrupted: the reference.
+fn reference(data: &Datasets) -> TrainOutcome {
+    let s = slots(2);
+    let mut out = run_group(0, s.iter().map(member).collect(), data);
+    out.remove(0).0.unwrap()
+}
+
+/// Attempt 0 of two ranks in which rank 1 stops before `step` of epoch 0: rank 0's slot
+/// then holds the state of the last step both completed.
+fn lose_rank_1_at(step: u64, data: &Datasets) -> LiveSlot {
+    let s = slots(2);
+    let members = vec![member(&s[0]), Member { stop_at: Some((0, step)), ..member(&s[1]) }];
+    let out = run_group(0, members, data);
+    assert!(out.iter().all(|(r, _)| r.is_err()), "both ranks end with an error");
+    assert_eq!(kept_at(&s[0]), (0, step), "the survivor keeps the last complete step");
+    s[0].clone()
+}
+
+#[test]
+fn a_replacement_continues_bit_identically_with_the_uninterrupted_metrics() {
+    let data = datasets();
+    let want = reference(&data);
+    let survivor = lose_rank_1_at(5, &data);
+    // Attempt 1: the survivor as rank 0 and a fresh worker (empty slot) as rank 1.
+    let members =
+        vec![Member { live: true, ..member(&survivor) }, Member { live: true, ..member(&LiveSlot::default()) }];
+    let out = run_group(1, members, &data);
+    for (rank, (r, audit)) in out.into_iter().enumerate() {
+        let got = r.unwrap();
+        assert_same_weights(&got, &want);
+        assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history), "rank {rank}");
+        // Nothing before the survivor's position was trained again.
+        assert_eq!(audit.batches.first().map(|(e, s, _)| (*e, *s)), Some((0, 5)));
+    }
+}
+
+#[test]
+fn survivors_at_different_steps_continue_from_the_furthest() {
+    let data = datasets();
+    let want = reference(&data);
+    // Two survivors of attempt 0 that completed 4 and 6 steps (as when the ring let one
+    // finish steps the other did not).
+    let behind = lose_rank_1_at(4, &data);
+    let ahead = lose_rank_1_at(6, &data);
+    let members = vec![Member { live: true, ..member(&behind) }, Member { live: true, ..member(&ahead) }];
+    let out = run_group(1, members, &data);
+    for (r, audit) in out {
+        let got = r.unwrap();
+        assert_same_weights(&got, &want);
+        assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history));
+        assert_eq!(audit.batches.first().map(|(e, s, _)| (*e, *s)), Some((0, 6)), "from the furthest step");
+    }
+}
+
+#[test]
+fn a_smaller_group_trains_the_rest_of_the_epoch_once() {
+    let data = datasets();
+    let s = slots(3);
+    // 384 samples on 3 ranks in batches of 16: 8 steps; rank 2 stops before step 3.
+    let members = vec![member(&s[0]), member(&s[1]), Member { stop_at: Some((0, 3)), ..member(&s[2]) }];
+    let first = run_group(0, members, &data);
+    assert_eq!(kept_at(&s[0]), (0, 3));
+    assert_eq!(kept_at(&s[1]), (0, 3));
+    // The complete steps (0..3) of every rank of the first group, not the partial step 3.
+    let mut seen = vec![0u32; LEN];
+    for (_, audit) in &first {
+        for (_, step, idx) in &audit.batches {
+            if *step < 3 {
+                idx.iter().for_each(|&i| seen[i] += 1);
+            }
+        }
+    }
+    assert_eq!(seen.iter().sum::<u32>(), 3 * 3 * 16);
+    // The survivors go on as a group of 2: the other 240 samples of the order, 120 each.
+    let out = run_group(1, s[..2].iter().map(|x| Member { live: true, ..member(x) }).collect(), &data);
+    for (rank, (r, audit)) in out.iter().enumerate() {
+        let got = r.as_ref().unwrap();
+        assert_eq!(got.history.len(), 2);
+        let epoch0: Vec<usize> = audit.batches.iter().filter(|b| b.0 == 0).flat_map(|b| b.2.clone()).collect();
+        assert_eq!(epoch0.len(), 120, "rank {rank}");
+        // Steps count on from where the epoch was: 144 samples = 4.5 steps of 32 → step 4.
+        assert_eq!(audit.batches.first().map(|b| (b.0, b.1)), Some((0, 4)));
+        epoch0.iter().for_each(|&i| seen[i] += 1);
+        // The next epoch is the ordinary DistributedSampler shard of the new world size.
+        let epoch1: Vec<usize> = audit.batches.iter().filter(|b| b.0 == 1).flat_map(|b| b.2.clone()).collect();
+        assert_eq!(epoch1, sampler::rank_indices(LEN, 2, rank, 5, 1));
+    }
+    assert!(
+        seen.iter().all(|&n| n == 1),
+        "samples trained other than once: {:?}",
+        seen.iter().enumerate().filter(|(_, n)| **n != 1).collect::<Vec<_>>()
+    );
+}
