@@ -8,10 +8,11 @@
 use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec};
 use cvdist_common::sampler;
-use cvdist_worker::collective::{ring::Ring, Collective};
+use cvdist_worker::collective::{ring::Ring, Collective, Solo};
 use cvdist_worker::data::Datasets;
 use cvdist_worker::train::live_state::{self, LiveSlot};
-use cvdist_worker::train::{self, Observer, TrainError, TrainOutcome, TrainerConfig};
+use cvdist_worker::train::position::Position;
+use cvdist_worker::train::{self, Engine, Observer, TrainError, TrainOutcome, TrainerConfig};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,7 +97,7 @@ fn run_group(attempt: u32, members: Vec<Member>, data: &Datasets) -> Vec<Ended> 
                     };
                     let start = if m.live {
                         let mut own = live_state::take(&m.slot, JOB, attempt - 1, attempt);
-                        let start = live_state::agree(&mut own, &cfg.spec, Device::Cpu, LEN, comm).unwrap();
+                        let start = live_state::agree(&mut own, &cfg.spec, Device::Cpu, LEN, u32::MAX, comm).unwrap();
                         live_state::put_back(&m.slot, own);
                         Some(start.expect("a member held a live state"))
                     } else {
@@ -228,4 +229,27 @@ fn a_smaller_group_trains_the_rest_of_the_epoch_once() {
         "samples trained other than once: {:?}",
         seen.iter().enumerate().filter(|(_, n)| **n != 1).collect::<Vec<_>>()
     );
+}
+
+/// A state past the first epoch the coordinator has not recorded (`Assignment.live_max_epoch`)
+/// is not used: its group trained an epoch whose report never arrived, and continuing from it
+/// would leave that epoch out of the job's history. The state itself stays for a later use.
+#[test]
+fn a_state_past_the_unrecorded_epoch_is_not_used() {
+    let spec = spec();
+    let at = Position { epoch: 2, base: 0, world: 1, steps: 0 };
+    let mut own = Some(live_state::LiveState {
+        job_id: JOB.into(),
+        attempt: 1,
+        engine: Engine::new(&spec, Device::Cpu).unwrap(),
+        at,
+        partial: [0.0; 5],
+        rank_sums: None,
+    });
+    let mut solo = Solo::new();
+    let got = live_state::agree(&mut own, &spec, Device::Cpu, LEN, 1, &mut solo).unwrap();
+    assert!(got.is_none(), "epoch 2 is past the unrecorded epoch 1");
+    assert!(own.is_some(), "the state stays");
+    let got = live_state::agree(&mut own, &spec, Device::Cpu, LEN, 2, &mut solo).unwrap();
+    assert_eq!(got.map(|s| s.at), Some(at));
 }

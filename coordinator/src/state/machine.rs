@@ -409,6 +409,7 @@ fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now
     let attempt = job.info.attempt;
     let (start_epoch, start_step) = checkpoint_position(&job.info.latest_checkpoint).unwrap_or((0, 0));
     let live_attempt = job.failed_attempt.as_ref().map(|(a, _)| *a);
+    let live_max_epoch = job.info.history.last().map_or(0, |m| m.epoch + 1);
     let peers: Vec<Peer> = members
         .iter()
         .enumerate()
@@ -430,6 +431,7 @@ fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now
             // (issue 14); the checkpoint is the fallback when none of them is in the group.
             live: live_attempt.is_some(),
             live_attempt: live_attempt.unwrap_or(0),
+            live_max_epoch,
         };
         t.effects.push(Effect::Assign { worker: w.id.clone(), assignment });
     }
@@ -1515,6 +1517,8 @@ mod tests {
         let a = assignments(&t);
         assert_eq!(a.len(), 2);
         assert!(a.iter().all(|a| a.live && a.live_attempt == 0 && a.attempt == 1), "{a:?}");
+        // No epoch recorded yet: a live state must still be in epoch 0.
+        assert!(a.iter().all(|a| a.live_max_epoch == 0), "{a:?}");
         // The checkpoint stays the fallback for a group without survivors.
         assert!(a.iter().all(|a| a.checkpoint == job.info.latest_checkpoint));
         // A coordinator restart knows no survivor: the next group starts from the checkpoint.

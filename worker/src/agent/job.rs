@@ -458,7 +458,7 @@ fn continue_live(
     train_len: usize,
 ) -> Result<Option<LiveStart>, Failure> {
     let mut own = live_state::take(&env.live, &a.job_id, a.live_attempt, a.attempt);
-    let agreed = live_state::agree(&mut own, spec, env.device, train_len, comm);
+    let agreed = live_state::agree(&mut own, spec, env.device, train_len, a.live_max_epoch, comm);
     live_state::put_back(&env.live, own);
     let start = agreed?;
     if a.rank == 0 {

@@ -139,6 +139,9 @@ fn position_of(h: &[f64]) -> Position {
 /// (its ring let a peer finish a step it did not) receives; the source's state is not
 /// changed. `Ok(None)`: no member holds a state; the group resumes from the checkpoint.
 ///
+/// Only states in epoch `max_epoch` or before count (`Assignment.live_max_epoch`: the first
+/// epoch the coordinator has not recorded; a state past it would skip that epoch's report).
+///
 /// `own` is only taken (moved into the result) once every collective succeeded, so after
 /// an error it is still this rank's intact state.
 pub fn agree(
@@ -146,6 +149,7 @@ pub fn agree(
     spec: &JobSpec,
     device: Device,
     train_len: usize,
+    max_epoch: u32,
     comm: &mut dyn Collective,
 ) -> Result<Option<LiveStart>, TrainError> {
     let rank = comm.rank();
@@ -154,6 +158,7 @@ pub fn agree(
     let batch = spec.batch_size as usize;
     let Some(source) = (0..all.len())
         .filter(|&r| all[r].first() == Some(&1.0) && all[r].len() == HEADER + 1 + 3 * world)
+        .filter(|&r| position_of(&all[r]).epoch <= max_epoch)
         .max_by_key(|&r| {
             let at = position_of(&all[r]);
             (at.epoch, at.consumed(train_len, batch), std::cmp::Reverse(r))
