@@ -93,6 +93,11 @@ pub struct JobArgs {
     /// collectives (weights, BatchNorm statistics, metrics) stay f32.
     #[arg(long, default_value_t = GradCompression::None)]
     pub grad_compression: GradCompression,
+    /// MB of f32 gradients per all-reduce bucket (PyTorch DDP's bucket_cap_mb, whose
+    /// default is 25; the first bucket in backward order is 1 MB or less). Smaller buckets
+    /// hide more of a slow link behind backward; 1 to 1024 (0 = the default).
+    #[arg(long, value_name = "MB", default_value_t = spec::DEFAULT_BUCKET_CAP_MB)]
+    pub bucket_cap_mb: u32,
     /// Job name (letters, digits, '.', '_', '-').
     #[arg(long, default_value = "")]
     pub name: String,
@@ -155,6 +160,7 @@ impl TryFrom<&JobArgs> for JobSpec {
         s.rendezvous_timeout_s = a.rendezvous_timeout;
         s.collective = a.collective.to_string();
         s.grad_compression = a.grad_compression.to_string();
+        s.bucket_cap_mb = a.bucket_cap_mb;
         s.threads_per_worker = a.threads_per_worker;
         (s.min_workers, s.max_workers) = a.workers;
         spec::validate(&s)?;
@@ -339,6 +345,7 @@ mod tests {
             collective: "ring".into(),
             collective_timeout_s: 90,
             grad_compression: "bf16".into(),
+            bucket_cap_mb: 4,
         };
         assert_eq!(s, want);
     }

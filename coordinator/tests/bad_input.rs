@@ -373,6 +373,23 @@ async fn unknown_grad_compression_is_refused() {
     submit(&c, JobSpec { grad_compression: String::new(), ..valid_spec() }).await.expect("\"\" means none");
 }
 
+/// `--bucket-cap-mb` past 1024 is refused in one line by the service, `submit` and `local`;
+/// 0 (clients from before the field) means the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_cap_out_of_range_is_refused() {
+    let c = Coord::start();
+    let (job, before) = c.baseline().await;
+    let msg = "bucket capacity must be between 1 and 1024 MB, got 4096";
+    refused(submit(&c, JobSpec { bucket_cap_mb: 4096, ..valid_spec() }).await, Code::InvalidArgument, msg);
+    for cmd in ["submit", "local"] {
+        let token = (cmd == "submit").then_some(TOKEN);
+        let out = c.cli(&[cmd, "--model", "resnet20", "--epochs", "1", "--bucket-cap-mb", "4096"], token);
+        assert_one_line_error(&out, &format!("error: {msg}"));
+    }
+    c.assert_intact(&job, &before).await;
+    submit(&c, JobSpec { bucket_cap_mb: 0, ..valid_spec() }).await.expect("0 means the default");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_epochs_are_refused() {
     let c = Coord::start();

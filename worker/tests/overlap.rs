@@ -447,3 +447,35 @@ fn ranks_with_different_bucket_layouts_are_refused() {
         }
     }
 }
+
+/// `--bucket-cap-mb` (JobSpec field 27) sizes the buckets: resnet18's 42.6 MB of gradients in
+/// 25 MB buckets (DDP's default) make 3, in 4 MB buckets (ours) 10 or more; no bucket is
+/// over its cap unless a single parameter is (then it is alone), and the first is at most 1 MB.
+#[test]
+fn the_bucket_cap_of_the_spec_sizes_the_buckets() {
+    let layout = |cap: u32| {
+        let mut spec = cvdist_common::spec::default_spec("resnet18", 1);
+        spec.bucket_cap_mb = cap;
+        let engine = cvdist_worker::train::Engine::new(&spec, Device::Cpu).expect("engine");
+        let b = engine.sgd.buckets();
+        let sizes: Vec<(i64, usize)> = (0..b.len()).map(|i| (b.numels()[i], b.params_of(i).len())).collect();
+        sizes
+    };
+    let mb = |elems: i64| elems as f64 * 4.0 / (1024.0 * 1024.0);
+    let default = layout(4);
+    assert_eq!(layout(0), default, "0 (a spec from before the field) is the default, 4 MB");
+    for (cap, sizes) in [(25u32, layout(25)), (4, default)] {
+        let total: f64 = sizes.iter().map(|&(n, _)| mb(n)).sum();
+        assert!((total - 42.6).abs() < 0.5, "resnet18 has 11.17 M parameters: {total} MB");
+        assert!(mb(sizes[0].0) <= 1.0, "first bucket {} MB", mb(sizes[0].0));
+        for &(n, params) in &sizes {
+            assert!(
+                mb(n) <= f64::from(cap) || params == 1,
+                "a {} MB bucket of {params} parameters over {cap} MB",
+                mb(n)
+            );
+        }
+        let want = if cap == 25 { 3..=3 } else { 10..=40 };
+        assert!(want.contains(&sizes.len()), "{} buckets at {cap} MB: {sizes:?}", sizes.len());
+    }
+}

@@ -24,7 +24,8 @@
 use std::ops::Range;
 use tch::{Device, Kind, TchError, Tensor};
 
-/// Bucket capacity in f32 elements: 25 MB, PyTorch DDP's default `bucket_cap_mb`.
+/// Bucket capacity in f32 elements: 25 MB, PyTorch DDP's default `bucket_cap_mb` (the trainer uses the
+/// job's `--bucket-cap-mb`, `cvdist_common::spec::bucket_cap_mb`; this is for tools and tests).
 pub const BUCKET_ELEMS: usize = 25 * 1024 * 1024 / 4;
 
 #[derive(Debug, thiserror::Error)]

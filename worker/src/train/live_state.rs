@@ -380,15 +380,7 @@ impl Keeper {
         comm.reduce_tensor_sum_exact(&mut flat)?;
         let stats_len = flat.numel() as i64 - packed_len;
         let mean = tch::no_grad(|| flat.narrow(0, 0, stats_len) * (1.0 / world as f64));
-        tch::no_grad(|| {
-            let mut offset = 0i64;
-            for t in &stats {
-                let n = t.numel() as i64;
-                let mut dst = t.shallow_clone();
-                dst.copy_(&mean.narrow(0, offset, n).view(t.size().as_slice()));
-                offset += n;
-            }
-        });
+        unflatten_into(&stats, &mean);
         let [older, newer] = &mut self.gathered;
         *older = newer.take();
         *newer = Some((after, flat.narrow(0, stats_len, packed_len)));
@@ -421,16 +413,7 @@ impl Drop for Keeper {
         // The partial step's BatchNorm updates go; weights and momentum were only changed
         // by complete steps (the update runs after the all-reduces succeeded).
         if let Some(saved) = &self.saved {
-            let stats: Vec<Tensor> = self.stats().into_iter().map(Tensor::shallow_clone).collect();
-            tch::no_grad(|| {
-                let mut offset = 0i64;
-                for t in &stats {
-                    let n = t.numel() as i64;
-                    let mut dst = t.shallow_clone();
-                    dst.copy_(&saved.narrow(0, offset, n).view(t.size().as_slice()));
-                    offset += n;
-                }
-            });
+            unflatten_into(&self.stats(), saved);
         }
         let Some(engine) = self.engine.take() else { return };
         // The one read of the kept state, at the failure (not per step).
@@ -446,6 +429,20 @@ impl Drop for Keeper {
         );
         *lock(&slot) = Some(LiveState { job_id, attempt, engine, at: self.at, partial, rank_sums });
     }
+}
+
+/// Copies consecutive pieces of the flat tensor `flat` into `tensors` (each its own shape),
+/// the inverse of their flattened concatenation.
+fn unflatten_into(tensors: &[&Tensor], flat: &Tensor) {
+    tch::no_grad(|| {
+        let mut offset = 0i64;
+        for t in tensors {
+            let n = t.numel() as i64;
+            let mut dst = t.shallow_clone();
+            dst.copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()));
+            offset += n;
+        }
+    });
 }
 
 /// f32 pieces per f64 value in [`pack_sums`].

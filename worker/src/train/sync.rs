@@ -1,7 +1,7 @@
 //! Keeping ranks consistent: gradient averaging every step, the initial weight broadcast,
 //! and BatchNorm running statistics before evaluation and checkpoints.
 //!
-//! Gradients already live in flat ~25 MB bucket buffers ([`super::buckets`]): the
+//! Gradients already live in flat bucket buffers of `--bucket-cap-mb` ([`super::buckets`]): the
 //! all-reduce sums each bucket in place, with no pack or unpack copy. The last bucket's
 //! trailing slot carries each rank's divergence flag through the same all-reduce, and
 //! under fp16 the loss scaler checks and unscales the buckets with one fused call each.

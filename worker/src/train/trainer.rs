@@ -4,7 +4,7 @@
 //! would. BatchNorm in training mode still normalises over each rank's own batch, so the
 //! steps are only the same with `freeze_bn` (docs/ARCHITECTURE.md, "N workers × batch b").
 
-use super::buckets::{Buckets, BUCKET_ELEMS};
+use super::buckets::Buckets;
 use super::checkpoint::{self, CheckpointState};
 use super::ckpt_writer::{BackgroundWriter, CheckpointStore, Done};
 use super::divergence::{DivergenceRecord, FirstDivergence, CHECK_EVERY_STEPS};
@@ -209,7 +209,9 @@ impl Engine {
         // first all-reduce can start early in backward (train::overlap).
         let order =
             overlap::ready_order(&params, model.as_ref(), device).map_err(|e| TrainError::Model(e.to_string()))?;
-        let buckets = Buckets::in_order(&params, &order, FIRST_BUCKET_ELEMS, BUCKET_ELEMS)
+        // `--bucket-cap-mb` (DDP's bucket_cap_mb); the first bucket stays at most 1 MB.
+        let cap = cvdist_common::spec::bucket_cap_mb(spec) as usize * 1024 * 1024 / 4;
+        let buckets = Buckets::in_order(&params, &order, FIRST_BUCKET_ELEMS.min(cap), cap)
             .map_err(|e| TrainError::Model(e.to_string()))?;
         let sgd = Sgd::with_buckets(params, buckets, spec.momentum, spec.weight_decay);
         let asked = Precision::parse(cvdist_common::spec::precision(spec));
