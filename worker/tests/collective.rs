@@ -1,5 +1,7 @@
 //! Ring collectives between threads on loopback, plus NCCL's "unavailable" path.
 
+mod support;
+
 use cvdist_worker::collective::wire::{self, Ack, Hello};
 use cvdist_worker::collective::{all_reduce_buckets, nccl, Collective, CollectiveError, Ring};
 use std::io::{Read, Write};
@@ -7,14 +9,9 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+use support::listeners;
 
 const SECRET: &str = "job-attempt-secret";
-
-fn listeners(n: usize) -> (Vec<TcpListener>, Vec<String>) {
-    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let addrs = ls.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    (ls, addrs)
-}
 
 /// Runs `f(rank, ring)` on `n` threads after connecting them; returns results by rank.
 fn with_ring<R: Send + 'static>(
@@ -22,21 +19,7 @@ fn with_ring<R: Send + 'static>(
     timeout: Duration,
     f: impl Fn(usize, Ring) -> R + Send + Sync + 'static,
 ) -> Vec<R> {
-    let (ls, addrs) = listeners(n);
-    let f = Arc::new(f);
-    let handles: Vec<_> = ls
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let (addrs, f) = (addrs.clone(), f.clone());
-            thread::spawn(move || {
-                let ring = Ring::connect(rank, n, &addrs, l, SECRET, timeout)
-                    .unwrap_or_else(|e| panic!("rank {rank} connect: {e}"));
-                f(rank, ring)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+    support::with_ring(n, SECRET, timeout, f)
 }
 
 /// Integer-valued inputs keep every partial sum exact in f32, whatever the order.

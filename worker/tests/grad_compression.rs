@@ -9,12 +9,11 @@
 //! rounded to 16 bits before the receiver adds its f32 values, and the complete sum is
 //! rounded once more before the all-gather hands it to every rank.
 
+mod support;
+
 use cvdist_worker::collective::compress::Wire;
 use cvdist_worker::collective::{all_reduce_buckets, Collective, CollectiveError, GradCompression, Ring};
 use cvdist_worker::train::scaler::{GradScaler, INIT_SCALE};
-use std::net::TcpListener;
-use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
 const SECRET: &str = "grad-compression-test";
@@ -23,22 +22,7 @@ const OP_HEADER: u64 = 32;
 
 /// Runs `f(rank, ring)` on `n` threads over a freshly connected loopback ring.
 fn with_ring<R: Send + 'static>(n: usize, f: impl Fn(usize, Ring) -> R + Send + Sync + 'static) -> Vec<R> {
-    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let addrs: Vec<String> = ls.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    let f = Arc::new(f);
-    let handles: Vec<_> = ls
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let (addrs, f) = (addrs.clone(), f.clone());
-            thread::spawn(move || {
-                let ring = Ring::connect(rank, n, &addrs, l, SECRET, TIMEOUT)
-                    .unwrap_or_else(|e| panic!("rank {rank} connect: {e}"));
-                f(rank, ring)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+    support::with_ring(n, SECRET, TIMEOUT, f)
 }
 
 /// Gradient-like values: both signs, magnitudes from 1e-4 to 10, different on every rank,
