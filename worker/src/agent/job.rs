@@ -463,28 +463,24 @@ fn continue_live(
     let start = agreed?;
     if a.rank == 0 {
         let batch = spec.batch_size as usize;
-        let (source_worker, resumed) = match &start {
+        let resumed = match &start {
             Some(s) => {
                 let at = s.at.continue_on(a.world_size, train_len, batch);
-                let worker = a.peers.get(s.source).map(|p| p.worker_id.clone()).unwrap_or_default();
-                (
-                    worker,
-                    Resumed {
-                        epoch: at.epoch,
-                        step: at.step(batch),
-                        samples: at.consumed(train_len, batch),
-                        live: true,
-                        source_worker: String::new(),
-                    },
-                )
+                Resumed {
+                    epoch: at.epoch,
+                    step: at.step(batch),
+                    samples: at.consumed(train_len, batch),
+                    live: true,
+                    source_worker: a.peers.get(s.source).map(|p| p.worker_id.clone()).unwrap_or_default(),
+                }
             }
-            None => (String::new(), Resumed::default()),
+            None => Resumed::default(),
         };
         let report = JobReport {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             rank: a.rank,
-            kind: Some(job_report::Kind::Resumed(Resumed { source_worker, ..resumed })),
+            kind: Some(job_report::Kind::Resumed(resumed)),
             failure_kind: FailureKind::Unspecified as i32,
         };
         let _ = env.outbox.send(WorkerMessage { msg: Some(worker_message::Msg::Report(report)) });

@@ -437,9 +437,11 @@ fn train_on(
     // A group continuing from a live state reports its first step at once: that report
     // ends the recovery's measured downtime on the coordinator.
     let report_first = live.is_some();
-    let (mut engine, start_at, partial) = match live {
-        Some(l) => (l.engine, l.at.continue_on(world, train_len, batch), l.partial),
-        None => (Engine::new(spec, cfg.device)?, Position::epoch_start(0, world), [0.0; 5]),
+    // Where a live state continues; without one, `start_engine` says (below, once the
+    // gradient hooks are in place on every rank).
+    let (mut engine, live_at) = match live {
+        Some(l) => (l.engine, Some((l.at.continue_on(world, train_len, batch), l.partial))),
+        None => (Engine::new(spec, cfg.device)?, None),
     };
     engine.freeze_bn = cfg.freeze_bn;
     let mut grad_sync = match lane {
@@ -449,11 +451,12 @@ fn train_on(
         }
         None => GradSync::new(),
     };
-    let (start_at, partial) = if report_first {
-        (start_at, partial)
-    } else {
-        let (epoch, step, partial) = start_engine(cfg, &mut engine, comm)?;
-        (Position { steps: step, ..Position::epoch_start(epoch, world) }, partial)
+    let (start_at, partial) = match live_at {
+        Some(at) => at,
+        None => {
+            let (epoch, step, partial) = start_engine(cfg, &mut engine, comm)?;
+            (Position { steps: step, ..Position::epoch_start(epoch, world) }, partial)
+        }
     };
     let mut engine = Keeper::new(engine, keep, start_at, partial)?;
     let start_epoch = start_at.epoch;
