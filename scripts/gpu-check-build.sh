@@ -12,7 +12,7 @@
 #   * linked with --allow-shlib-undefined: libtorch_cuda's CUDA libraries (cudart, cuBLAS,
 #     cuDNN, NCCL) are not downloaded here; the GPU host's torch install provides them.
 #
-# Output: target/gpu-check/bundle (stripped gpu_check, nccl_check, cvdist-worker and a
+# Output: target/gpu-check/bundle (stripped gpu_check, cvdist-worker, cvdist and a
 # VERSIONS file), well under the 64 MiB a device command may carry:
 #   run(command="scripts/gpu-check.sh", carry=["target/gpu-check/bundle"])
 #
@@ -67,13 +67,13 @@ grep -q "^tch = \"=$tch_version\"" "$work/src/Cargo.toml" || { echo "gpu-check-b
   unset LIBTORCH_USE_PYTORCH
   export LIBTORCH="$libtorch" LIBTORCH_CXX11_ABI=1 CARGO_TARGET_DIR="$work/target"
   export RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined"
-  cargo build --release -p cvdist-worker --bin cvdist-worker --example gpu_check --example nccl_check
+  cargo build --release -p cvdist-worker -p cvdist-coordinator --bin cvdist-worker --bin cvdist --example gpu_check
 )
 
 # 4. The bundle.
 rm -rf "$bundle"
 mkdir -p "$bundle"
-for b in examples/gpu_check examples/nccl_check cvdist-worker; do
+for b in examples/gpu_check cvdist-worker cvdist; do
   strip -o "$bundle/$(basename "$b")" "$work/target/release/$b"
 done
 glibc="$(objdump -T "$bundle"/* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1)"
@@ -100,9 +100,9 @@ if [ "${1:-}" = "--smoke" ]; then
   nv="$(ls -d "$venv"/lib/python3*/site-packages/nvidia | head -n 1)"
   LD_LIBRARY_PATH="$libtorch/lib$(printf ':%s' "$nv"/*/lib)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export LD_LIBRARY_PATH
-  # No GPU here: it must get as far as naming the NCCL it loaded, then refuse cuda:0.
-  "$bundle/gpu_check" --skip-two-ranks | tee "$work/smoke.txt" || true
-  grep -q "^gpu-check: NCCL 2\." "$work/smoke.txt"
+  # No GPU here: it must see no CUDA device and refuse cuda:0.
+  "$bundle/gpu_check" | tee "$work/smoke.txt" || true
+  grep -q "^gpu-check: libtorch sees 0 CUDA device" "$work/smoke.txt"
   smoke="$work/smoke-train"
   rm -rf "$smoke"
   "$bundle/cvdist-worker" train --model resnet20 --epochs 1 --dataset synthetic --train-samples 512 \

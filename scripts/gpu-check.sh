@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, for a GPU host with PyTorch in its Python but no Rust toolchain and no
-# internet (issue 12). It runs the bundle `scripts/gpu-check-build.sh` made on a build
-# machine against the same PyTorch release, with that host's own libtorch, in under 8
-# minutes, on synthetic data, and prints:
+# internet. It runs the bundle `scripts/gpu-check-build.sh` made on a build machine against
+# the same PyTorch release, with that host's own libtorch, in under 8 minutes, on synthetic
+# data, and prints:
 #   the GPU (name, driver, memory), PyTorch/CUDA/NCCL versions,
 #   step time and images/s of resnet18 and resnet50 at batch 128 in fp32 and bf16,
-#   NCCL all-reduce of 94 MB at world size 1 and with 2 ranks on the GPU (distinct
-#   NCCL_HOSTID), the watchdog ending an all-reduce whose peer stalls, and one short
-#   resnet18 bf16 epoch through the real worker binary.
+#   one short resnet18 bf16 epoch through the real worker binary, and
+#   2-rank `cvdist local --device cuda --collective nccl` jobs (c10d's ProcessGroupNCCL) with
+#   each gradient wire (none, bf16, fp16): every rank must finish and agree on the final
+#   metrics. No bandwidth is printed for one rank (NCCL does nothing for a world of one).
 #
 #   scripts/gpu-check.sh [BUNDLE]     # default target/gpu-check/bundle
 #
@@ -74,6 +75,22 @@ else
   echo "gpu-check: training FAILED or timed out:"
   tail -n 5 "$out/train.log"
   rc=1
+fi
+if [ -x "$bundle/cvdist" ]; then
+  for wire in none bf16 fp16; do
+    run="$out/local-nccl-$wire"
+    rm -rf "$run"
+    echo "gpu-check: 2 ranks on c10d NCCL, --grad-compression $wire (resnet20, 2,048 synthetic images)"
+    if timeout 120 "$bundle/cvdist" local --model resnet20 --epochs 1 \
+      --dataset synthetic --train-samples 2048 --test-samples 256 --batch-size 128 --workers 2 --device cuda \
+      --collective nccl --grad-compression "$wire" --quiet --out "$run" > "$out/local-$wire.log" 2>&1; then
+      tail -n 1 "$run/metrics.jsonl" | sed 's/^/gpu-check: /'
+    else
+      echo "gpu-check: 2-rank NCCL ($wire) FAILED or timed out:"
+      tail -n 8 "$out/local-$wire.log"
+      rc=1
+    fi
+  done
 fi
 echo "gpu-check: done in $(( $(date +%s) - started )) s, exit $rc"
 exit $rc

@@ -30,7 +30,17 @@ if [ ! -f "$stamp" ]; then
   else
     "$venv/bin/python" -m pip install -q "$torch" "${packages[@]}" >&2
   fi
-  rm -f "$venv"/.cvdist-*
+  rm -f "$venv"/.cvdist-[0-9a-f]*
   touch "$stamp"
+fi
+# The NCCL process group's headers (ProcessGroupNCCL.hpp) need CUDA's C++ core library
+# (cccl) and the compiler's host headers (crt), which the torch wheel does not pull in:
+# installed at the version of its CUDA runtime, ~15 MB, only for a CUDA build of torch.
+cuda_rt="$("$venv/bin/python" -m pip show nvidia-cuda-runtime 2>/dev/null | sed -n 's/^Version: \([0-9]*\.[0-9]*\).*/\1/p')"
+headers_stamp="$venv/.cvdist-headers-cuda$cuda_rt"
+if [ -n "$cuda_rt" ] && [ ! -f "$headers_stamp" ]; then
+  echo "setup-libtorch: installing CUDA $cuda_rt headers (cccl, crt) for the NCCL process group" >&2
+  "$venv/bin/python" -m pip install -q --no-deps "nvidia-cuda-cccl==$cuda_rt.*" "nvidia-cuda-crt==$cuda_rt.*" >&2
+  touch "$headers_stamp"
 fi
 echo "$venv"

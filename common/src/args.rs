@@ -84,11 +84,13 @@ pub struct JobArgs {
     /// Fail the job if the group cannot be formed within this many seconds (0 = wait).
     #[arg(long, default_value_t = 0)]
     pub rendezvous_timeout: u32,
-    /// "auto" (NCCL when every rank is on CUDA, else ring), "ring" or "nccl".
+    /// How ranks sum gradients: "auto" (NCCL when every rank is on CUDA, else the ring),
+    /// "ring" (cvdist's TCP ring), "gloo" (PyTorch's c10d ProcessGroupGloo, CPU; the code
+    /// path NCCL runs) or "nccl" (c10d's ProcessGroupNCCL).
     #[arg(long, default_value_t = Collective::Auto)]
     pub collective: Collective,
     /// How gradients travel between workers, on the ring and NCCL alike: "none" (f32,
-    /// exact as before), "bf16" or "fp16" (half the bytes; each hop's partial sum is rounded
+    /// exact), "bf16" or "fp16" (half the bytes; each hop's partial sum is rounded
     /// to 16 bits and added in f32; fp16 sums beyond ±65504 become inf). Other
     /// collectives (weights, BatchNorm statistics, metrics) stay f32.
     #[arg(long, default_value_t = GradCompression::None)]
@@ -411,7 +413,7 @@ mod tests {
         );
         assert_eq!(
             own_message(&err(&with(&["--collective", "mpi"]))).as_deref(),
-            Some("unknown collective \"mpi\"; expected \"auto\", \"ring\" or \"nccl\"")
+            Some("unknown collective \"mpi\"; expected \"auto\", \"ring\", \"gloo\" or \"nccl\"")
         );
         assert_eq!(
             own_message(&err(&with(&["--grad-compression", "fp8"]))).as_deref(),

@@ -37,7 +37,7 @@ impl AtomicFile {
         let mut builder = tempfile::Builder::new();
         builder.prefix(&prefix).suffix(suffix);
         // tempfile creates 0600 files; ours get what `File::create` gives (0666 less the umask),
-        // so run directories and checkpoints stay readable as before.
+        // so run directories and checkpoints are as readable as any other file the user creates.
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -56,18 +56,23 @@ pub enum Collective {
     /// NCCL when every rank trains on CUDA, else the TCP ring.
     #[default]
     Auto,
+    /// cvdist's pipelined TCP ring (CPU tensors; CUDA ones are staged through the host).
     Ring,
+    /// PyTorch's c10d `ProcessGroupGloo` (CPU tensors): the same code path as NCCL.
+    Gloo,
+    /// PyTorch's c10d `ProcessGroupNCCL` (CUDA tensors).
     Nccl,
 }
 
 impl Collective {
-    pub const ALL: [Collective; 3] = [Collective::Auto, Collective::Ring, Collective::Nccl];
+    pub const ALL: [Collective; 4] = [Collective::Auto, Collective::Ring, Collective::Gloo, Collective::Nccl];
 
     /// The spelling on the command line and in `JobSpec.collective`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Collective::Auto => "auto",
             Collective::Ring => "ring",
+            Collective::Gloo => "gloo",
             Collective::Nccl => "nccl",
         }
     }
@@ -249,7 +254,7 @@ mod tests {
         );
         assert_eq!(
             "mpi".parse::<Collective>().unwrap_err().to_string(),
-            "unknown collective \"mpi\"; expected \"auto\", \"ring\" or \"nccl\""
+            "unknown collective \"mpi\"; expected \"auto\", \"ring\", \"gloo\" or \"nccl\""
         );
         assert_eq!(
             "half".parse::<Precision>().unwrap_err().to_string(),

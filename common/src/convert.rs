@@ -12,7 +12,7 @@ use crate::spec::SpecError;
 
 impl GradCompression {
     /// The compression `spec` asks for. An empty field is what clients that predate it
-    /// send (and what proto3 decodes when it is absent): no compression, as before.
+    /// send (and what proto3 decodes when it is absent): no compression, which keeps their gradients exact.
     ///
     /// Errors: [`SpecError::GradCompression`] naming any other unknown value.
     pub fn from_spec(spec: &proto::JobSpec) -> Result<GradCompression, SpecError> {

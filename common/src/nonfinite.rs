@@ -2,8 +2,8 @@
 //! infinite) into the JSON files of a run directory, and reads them back.
 //!
 //! JSON has no NaN or infinity. `serde_json` writes them as `null` and then refuses to read
-//! `null` back as a number, so a diverged run used to leave a `metrics.jsonl` that
-//! `cvdist report` could not open. The rule, for every `f64` in those files:
+//! `null` back as a number, so with their defaults a diverged run would leave a `metrics.jsonl`
+//! that `cvdist report` could not open. The rule, for every `f64` in those files:
 //!
 //! * **written**: a finite value as a JSON number; NaN, +inf and -inf as `null` (standard
 //!   JSON, what `JSON.stringify` writes; jq, pandas and Python's `json` read it as a missing

@@ -1,10 +1,10 @@
-//! Re-adopting a running attempt after the coordinator restarted (issue 14 item 5): the
+//! Re-adopting a running attempt after the coordinator restarted: the
 //! secret each attempt's ring handshake uses, derived so that a restarted coordinator knows
 //! it again, and the proof a worker presents to claim its rank in that attempt.
 //!
 //! The coordinator keeps one random 32-byte key in its store. An attempt's secret is
 //! `HMAC-SHA256(key, "cvdist attempt secret" ‖ job ‖ attempt)`, sent to the attempt's members
-//! in `Assignment.session_secret` as before; nothing per attempt is stored. A worker that
+//! in `Assignment.session_secret`; nothing per attempt is stored. A worker that
 //! re-registers with a `RejoinRequest` signs its claim with that secret, and only a member of
 //! the attempt (which received the secret) can make a proof the coordinator accepts.
 

@@ -35,7 +35,7 @@ pub enum SpecError {
     Samples { what: &'static str, got: u64, max: u64 },
     #[error("batch size {batch} is larger than each worker's shard of {shard} samples ({samples} samples over {workers} workers)")]
     BatchLargerThanShard { batch: u32, shard: u64, samples: u64, workers: u32 },
-    #[error("unknown collective {0:?}; expected \"auto\", \"ring\" or \"nccl\"")]
+    #[error("unknown collective {0:?}; expected \"auto\", \"ring\", \"gloo\" or \"nccl\"")]
     Collective(String),
     #[error("warmup epochs ({warmup}) must be smaller than epochs ({epochs})")]
     Warmup { warmup: u32, epochs: u32 },

@@ -391,7 +391,7 @@ mod tests {
 
     #[test]
     fn event_times_are_readable_utc() {
-        // 1796045238.590 is the stamp quoted in issue 11.
+        // 1796045238.590 is a stamp as a job's event log writes it.
         assert_eq!(utc_time(1796045238.590).as_deref(), Some("2026-11-30T13:27:18.590Z"));
         assert_eq!(
             event_line("1796045238.590 submitted: resnet20", None),

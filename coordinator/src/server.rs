@@ -79,7 +79,7 @@ fn role_for(given: &str, token: Option<&str>, worker_token: Option<&str>) -> Res
     }
     match (given.is_empty(), token, worker_token) {
         (true, None, None) => Ok(Role::Any),
-        // Only a worker credential configured: job management stays as open as before.
+        // Only a worker credential configured: job management stays as open as with no credential.
         (true, None, Some(_)) => Ok(Role::Client),
         (true, Some(_), _) => {
             Err(Status::unauthenticated("this coordinator requires a token (CVDIST_TOKEN or --token-file)"))

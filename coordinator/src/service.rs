@@ -189,7 +189,7 @@ impl CoordinatorApi for Service {
         let (tx, rx) = mpsc::unbounded_channel();
         let (id, session) = match first.msg {
             Some(worker_message::Msg::Register(register)) => self.state.register(register, tx)?,
-            // A worker that kept training while its session was down (issue 14 item 5).
+            // A worker that kept training while its session was down.
             Some(worker_message::Msg::Rejoin(rejoin)) => self.state.rejoin(rejoin, tx)?,
             _ => return Err(Status::invalid_argument("the first message of a worker session must be a registration")),
         };

@@ -49,7 +49,7 @@ pub struct StateConfig {
 }
 
 /// After a restart, how many heartbeat timeouts a running attempt's workers get to
-/// re-register before the job falls back to recovery (issue 14 item 5). A worker that lost
+/// re-register before the job falls back to recovery. A worker that lost
 /// its session retries at least every second while it trains (`worker/src/agent`), so a
 /// live worker is back within about a second of the coordinator listening again; three
 /// heartbeat timeouts (30 s by default) leave room for a loaded host and a slow TLS
@@ -275,7 +275,7 @@ pub struct Stats {
     pub step_seconds: f64,
     pub allreduce_seconds: f64,
     /// The world size of each RUNNING job, by job id (it changes when a job shrinks in a
-    /// recovery or grows, issue 14).
+    /// recovery or grows).
     pub world_sizes: BTreeMap<String, u64>,
 }
 
@@ -285,8 +285,8 @@ fn now_unix() -> f64 {
 
 impl Coordinator {
     /// Loads every stored job. A job that was running when the coordinator stopped waits
-    /// [`StateConfig::readopt_window`] for its workers, which keep training, to re-register
-    /// (issue 14 item 5); one that was recovering, or whose workers do not all come back
+    /// [`StateConfig::readopt_window`] for its workers, which keep training, to re-register;
+    /// one that was recovering, or whose workers do not all come back
     /// with the attempt, resumes from the newest checkpoint in a new attempt.
     pub fn new(store: Store, cfg: StateConfig) -> Result<Arc<Coordinator>, StoreError> {
         let store = Arc::new(store);
@@ -453,7 +453,7 @@ impl Coordinator {
             (jobs, retired, seq)
         };
         self.committer.wait_through(seq);
-        // An ended job's record no longer changes, so reading it outside the lock is safe.
+        // An ended job's record never changes again, so reading it outside the lock is safe.
         let ids: Vec<&str> = retired.iter().map(|&i| jobs[i].id.as_str()).collect();
         let stored = self.store.get_jobs(&ids)?;
         for (i, full) in retired.into_iter().zip(stored) {
@@ -542,7 +542,7 @@ impl Coordinator {
     }
 
     /// A worker registered idle: if a restarted coordinator waits for it to re-register into
-    /// a running attempt, that attempt cannot be re-adopted (issue 14 item 5).
+    /// a running attempt, that attempt cannot be re-adopted.
     fn back_without_attempt(&self, inner: &mut Inner, worker: &str, pending: &mut Pending<'_>) {
         let waiting: Vec<String> =
             inner.jobs.iter().filter(|(_, e)| e.job.awaits(worker)).map(|(id, _)| id.clone()).collect();
@@ -552,7 +552,7 @@ impl Coordinator {
     }
 
     /// A worker that kept training while its session was down re-registers, claiming its
-    /// rank in the attempt it runs (issue 14 item 5). When a restarted coordinator waits for
+    /// rank in the attempt it runs. When a restarted coordinator waits for
     /// that attempt's members and the claim is this worker's (its proof is made with the
     /// attempt's secret, which only the attempt's members received), the session starts busy
     /// in the attempt and `Registered.adopted` says so; otherwise it registers as

@@ -1,4 +1,4 @@
-//! Claims of docs/ARCHITECTURE.md that no other test backed (issue 11 item 7), checked
+//! Claims of docs/ARCHITECTURE.md that no other test backs, checked
 //! against a real coordinator process with hand-made worker sessions over gRPC:
 //!
 //! * a worker that goes silent (its stream open, no heartbeats) is dropped after the

@@ -355,7 +355,7 @@ async fn unknown_model_is_refused() {
     c.assert_intact(&job, &before).await;
 }
 
-/// Issue 13, item 3: an unknown `--grad-compression` (or `JobSpec.grad_compression`) is
+/// An unknown `--grad-compression` (or `JobSpec.grad_compression`) is
 /// refused in one line naming the value, by the service and by `submit` and `local`
 /// before they start anything; "" (clients from before the field) means none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! Field bugs around checkpoints, replayed with real processes (issues 11 and 16):
+//! Field bugs around checkpoints, replayed with real processes:
 //!
 //! * a run or job whose final checkpoint was not stored is not reported as a success, and
 //!   the coordinator logs every refused upload (full disks are real tmpfs mounts);
@@ -158,7 +158,7 @@ impl Single {
     }
 }
 
-/// Issue 11 item 3b's job: one worker, resnet20, 3 epochs on 1,024 synthetic images, a
+/// The job of the state-disk tests: one worker, resnet20, 3 epochs on 1,024 synthetic images, a
 /// checkpoint every 2 steps (8 steps per epoch at batch 128: 4 checkpoints per epoch).
 fn disk_job(model: &str) -> JobSpec {
     let mut s = spec::default_spec(model, 3);
@@ -170,9 +170,9 @@ fn disk_job(model: &str) -> JobSpec {
     s
 }
 
-// ------------------------------------------------------------------ issue 11 item 3
+// ------------------------------------------------------------------ full disks
 
-/// 3a: `cvdist train` whose run directory fills up. A resnet20 checkpoint (weights and
+/// `cvdist train` whose run directory fills up. A resnet20 checkpoint (weights and
 /// momentum) is ~2.2 MB, so a 3 MiB disk holds the first and refuses the later ones.
 #[test]
 fn train_whose_final_checkpoint_cannot_be_written_does_not_succeed() {
@@ -213,7 +213,7 @@ fn train_whose_final_checkpoint_cannot_be_written_does_not_succeed() {
     drop(disk);
 }
 
-/// 3b: the coordinator's state dir is a 12 MiB disk. With the default
+/// The coordinator's state dir is a 12 MiB disk. With the default
 /// `--keep-checkpoints 3` the 12 checkpoints of the job never need more than three stored
 /// plus one arriving (~9 MB), so the job ends with its final checkpoint stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,7 +241,7 @@ async fn small_state_disk_keeps_three_checkpoints_and_the_final_one() {
     drop(disk);
 }
 
-/// 3b with retention off: the 12 MiB disk fills up, uploads are refused, and the job must
+/// The same with retention off: the 12 MiB disk fills up, uploads are refused, and the job must
 /// not succeed. The coordinator logs every refusal (as many as the worker saw), the job
 /// fails with the reason in `cvdist status` and summary.json, the newest stored checkpoint
 /// is intact, and the worker still holds its unconfirmed final checkpoint.
@@ -300,9 +300,9 @@ async fn full_state_disk_fails_the_job_and_logs_every_refused_upload() {
     drop(disk);
 }
 
-// ------------------------------------------------------------------ issue 11 item 6
+// ------------------------------------------------------------------ metrics of a resumed epoch
 
-/// Issue 11 item 6: 2 workers, resnet20, 1 epoch on 2,048 synthetic images, batch 64,
+/// 2 workers, resnet20, 1 epoch on 2,048 synthetic images, batch 64,
 /// a checkpoint every 4 steps; once ckpt-e0000-s000008 is stored one worker is SIGKILLed
 /// and another started. The epoch's metrics must equal the uninterrupted run's exactly,
 /// as the final weights do.
@@ -368,11 +368,11 @@ async fn resumed_epoch_reports_the_uninterrupted_metrics() {
     assert_eq!(final_sha(&c, &job), reference_sha, "resumed weights differ from the uninterrupted run's");
 }
 
-// ------------------------------------------------------------------ issue 16 item 1
+// ------------------------------------------------------------------ a shared cache dir
 
-/// Issue 16 item 1: `cvdist local` gives both workers one cache dir. Rank 1 finishing
-/// first used to delete the job folder rank 0 was writing its final checkpoint into (2 of
-/// 5 runs on a busy machine). Run under two busy loops, several times: every run must
+/// `cvdist local` gives both workers one cache dir. Rank 1 finishing first must not
+/// delete the job folder rank 0 is writing its final checkpoint into (a race a busy
+/// machine makes likely). Run under two busy loops, several times: every run must
 /// succeed with its final checkpoint in the run directory.
 #[test]
 fn local_workers_sharing_a_cache_dir_keep_the_final_checkpoint() {

@@ -1,4 +1,4 @@
-//! Issue 14 item 5: a coordinator restart does not stop training. Real processes: the
+//! A coordinator restart does not stop training. Real processes: the
 //! coordinator is SIGKILLed mid-epoch and started again on the same state dir and port; the
 //! workers keep training meanwhile and a restarted coordinator re-adopts their attempt.
 
@@ -21,7 +21,7 @@ use tonic::Code;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 const EPOCHS: u32 = 3;
-/// How long the coordinator stays down in the re-adoption test (the issue's 5 s).
+/// How long the coordinator stays down in the re-adoption test.
 const DOWN: Duration = Duration::from_secs(5);
 
 /// The job of `fault_tolerance.rs` with 4 times the data: resnet20, 3 epochs of 3,072

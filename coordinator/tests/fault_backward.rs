@@ -1,4 +1,4 @@
-//! Issue 13 item 5, with real processes: a worker SIGKILLed while its peer's backward is
+//! With real processes: a worker SIGKILLed while its peer's backward is
 //! handing gradient buckets to the comm thread. Gradients are all-reduced during backward
 //! (worker/src/train/overlap.rs), so the survivor meets the dead peer inside a step, on its
 //! comm thread, while its training thread is still in backward. The step must end with

@@ -1,10 +1,10 @@
-//! Field bugs of issue 11, replayed with real processes: listeners that must bind, aborts
+//! Field bugs, replayed with real processes: listeners that must bind, aborts
 //! that must reach a worker forming its ring, the `cvdist` front end that must *be* the
 //! worker, SIGTERM/Ctrl-C that must stop every long-running process within 10 s, the
 //! workers overview of `cvdist status`, colour only on terminals, and readable event times.
 //!
 //! Every bound here is generous (CI machines vary, and have two cores); each one is far
-//! below what the bug cost: the 60 s ring timeout, a shutdown that never ended.
+//! below what the bug costs: the 60 s ring timeout, a shutdown that never ends.
 
 mod cluster;
 
@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The issue's requirement for every long-running process.
+/// How soon every long-running process must stop on SIGTERM or Ctrl-C.
 const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------ helpers
@@ -173,7 +173,7 @@ fn every_listener_a_user_asked_for_binds_or_the_process_exits_2() {
     let taken_addr = taken.local_addr().unwrap().to_string();
     let state = dir.path().join("state");
 
-    // --metrics-listen: before the fix only a warning, and the coordinator served on.
+    // --metrics-listen: an exit, not just a warning with the coordinator serving on.
     let (code, err) = run_to_exit(
         Command::new(cvdist_bin())
             .args(["coordinator", "--listen", &format!("127.0.0.1:{}", free_port()), "--metrics-listen", &taken_addr])
@@ -206,10 +206,10 @@ fn every_listener_a_user_asked_for_binds_or_the_process_exits_2() {
 
 // ------------------------------------------------------------------ 2. aborts
 
-/// The issue's case: worker b's data_batch_2.bin is cut to 196,572 bytes, so b fails to
-/// load its data while a waits for it to form the ring; with --max-restarts 0 the job
-/// fails at once. Before the fix a left the rendezvous only at the ring's 60 s connect
-/// timeout, so the next job given to it sat RUNNING for a minute.
+/// Worker b's data_batch_2.bin is cut to 196,572 bytes, so b fails to load its data
+/// while a waits for it to form the ring; with --max-restarts 0 the job fails at once.
+/// The abort must reach a in the rendezvous: left to the ring's 60 s connect timeout, the
+/// next job given to a would sit RUNNING for a minute.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_reaches_a_worker_that_is_forming_the_ring() {
     let mut c = Cluster::new(64, 32);
@@ -353,8 +353,8 @@ async fn stopping_cvdist_worker_stops_the_real_worker() {
 // ------------------------------------------------------------------ 5. stopping on signals
 
 /// Coordinator + a worker training + an open watch stream; SIGTERM, then (after a
-/// restart on the same state dir) SIGINT. Before the fix it outlived SIGTERM for as long
-/// as the worker lived, holding the database lock.
+/// restart on the same state dir) SIGINT. It must not outlive SIGTERM while the
+/// worker lives: it would hold the database lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_stops_on_sigterm_and_ctrl_c_and_restarts_at_once() {
     let mut c = Cluster::new(16, 16);
@@ -627,7 +627,7 @@ fn logs_are_coloured_only_on_a_terminal_and_never_with_no_color() {
     assert!(!has_escape(&text), "colour despite NO_COLOR:\n{}", String::from_utf8_lossy(&text));
 }
 
-/// The issue's case: `cvdist train --quiet … 2> log`.
+/// `cvdist train --quiet … 2> log`: stderr is a file, not a terminal.
 #[test]
 fn cvdist_train_writes_no_escape_codes_into_a_log_file() {
     let dir = tempfile::tempdir().unwrap();

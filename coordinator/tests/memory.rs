@@ -1,6 +1,6 @@
-//! The coordinator's memory per stored job (issue 16, item 4): 1,000 jobs submitted and
-//! cancelled used to hold 466 MB of RSS (a 1,024-slot event channel per job, allocated at
-//! submission), also after a restart, since every stored job is reloaded. Now an ended job
+//! The coordinator's memory per stored job: 1,000 jobs submitted and cancelled must stay
+//! small, also after a restart, since every stored job is reloaded. A 1,024-slot event
+//! channel per job, allocated at submission, would hold 466 MB of RSS; so an ended job
 //! keeps only its spec, state and counters in memory, and its history and event log are
 //! read from the store when asked for.
 //!
@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Child;
 
 const JOBS: usize = 1_000;
-/// The issue's bound for 1,000 jobs. The process itself (runtime, gRPC, redb) takes ~10 MB.
+/// The bound for 1,000 jobs. The process itself (runtime, gRPC, redb) takes ~10 MB.
 const LIMIT_KB: u64 = 50 * 1024;
 
 /// VmRSS of `pid` in kB, as the kernel reports it.

@@ -1,6 +1,6 @@
 //! What a job run through the coordinator can be watched with, over real processes and
-//! sockets: its TensorBoard events file in the run directory (item 5a of issue 10) and the
-//! Prometheus endpoint's HTTP behaviour (item 5c).
+//! sockets: its TensorBoard events file in the run directory and the
+//! Prometheus endpoint's HTTP behaviour.
 
 mod cluster;
 

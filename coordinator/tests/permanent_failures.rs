@@ -1,4 +1,4 @@
-//! Failures that a restart would only repeat (issue 16, item 2): a diverged run, a job the
+//! Failures that a restart would only repeat: a diverged run, a job the
 //! workers cannot run as configured. They end the job at once, FAILED with the reason and
 //! an outcome in summary.json, after exactly one attempt; only lost or failed peers are
 //! restarted. And a diverged run's files stay readable by cvdist's own tools.
@@ -39,7 +39,8 @@ fn worker_logs(dir: &Path) -> String {
     s
 }
 
-/// `cvdist local` with the issue's arguments plus `extra`, on CPU; returns the process output.
+/// `cvdist local` of resnet20 on synthetic data, one thread per worker, plus `extra`, on CPU;
+/// returns the process output.
 fn local(out: &Path, extra: &[&str]) -> Output {
     Command::new(cvdist_bin())
         .args([
@@ -61,8 +62,8 @@ fn local(out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Issue 16, 2(a): `cvdist train --lr 100` used to write `"test_loss":null`, say
-/// `succeeded`, and leave a run directory `cvdist report` refused.
+/// `cvdist train --lr 100` diverges: the run must fail as diverged, not say `succeeded`, and
+/// `cvdist report` must read its run directory although it holds `"test_loss":null`.
 #[test]
 fn diverged_bare_run_fails_as_diverged_and_its_files_read_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -99,8 +100,8 @@ fn diverged_bare_run_fails_as_diverged_and_its_files_read_back() {
     assert!(table.contains("wrote "), "charts written: {table}");
 }
 
-/// Issue 16, 2(b): a run diverging from a deterministic state used to be restarted and
-/// diverge at the same step again.
+/// A run diverging from a deterministic state would diverge at the same step again if
+/// restarted, so it fails after one attempt.
 #[test]
 fn diverged_local_job_fails_after_one_attempt() {
     let dir = tempfile::tempdir().unwrap();
@@ -138,8 +139,8 @@ fn diverged_local_job_fails_after_one_attempt() {
     assert!(run_dir::read_metrics(&r).is_ok(), "metrics.jsonl of a diverged job reads back");
 }
 
-/// Issue 16, 2(c): `--collective nccl` on CPU workers used to retry "NCCL unavailable"
-/// until the restart budget (3 by default) was spent.
+/// `--collective nccl` on CPU workers would fail with "NCCL unavailable" in every attempt, so
+/// the job fails at once instead of spending its restart budget (3 by default).
 #[test]
 fn nccl_on_cpu_workers_fails_at_once_as_a_configuration_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -284,7 +285,8 @@ async fn a_permanent_failure_reported_after_a_peers_broken_ring_still_ends_the_j
     assert!(info.message.contains("training diverged at epoch 0 step 3"), "{}", info.message);
 }
 
-/// A failure from a worker of an older release carries no kind: it is restarted as before.
+/// A failure from a worker of an older release carries no kind: it is restarted, since it
+/// may be transient.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_without_a_kind_is_restarted_as_before() {
     let c = coordinator();

@@ -1,4 +1,4 @@
-//! The security review of issue 17, each point against real processes: a real coordinator
+//! The security review, each point against real processes: a real coordinator
 //! on loopback, real `cvdist` / `cvdist-worker` processes, and raw gRPC sessions or raw TCP
 //! connections playing the malicious client, member or stranger. docs/RELIABILITY.md
 //! ("Threat model") lists what each test shows.
@@ -176,7 +176,7 @@ fn spec(epochs: u32, workers: u32) -> JobSpec {
 async fn the_client_token_does_not_make_anyone_a_worker() {
     let mut c = Cluster::new(64, 32);
     let as_worker = "the client token cannot act as a worker: workers authenticate with the worker credential (CVDIST_WORKER_TOKEN or --worker-token-file)";
-    // The issue's attacker: the CLI token, registering as "-evil" (or any id) to be ranked first.
+    // The attacker: the CLI token, registering as "-evil" (or any id) to be ranked first.
     refused(session_with(&c, TOKEN, "-evil").await, Code::PermissionDenied, as_worker);
     refused(session_with(&c, TOKEN, "a-evil").await, Code::PermissionDenied, as_worker);
     let job = c.submit(spec(1, 8)).await;
@@ -304,7 +304,7 @@ async fn checkpoints_come_only_from_rank0_of_the_current_attempt() {
         &only_rank0,
     );
     refused(upload(&c, chunks(&queued, 0, "ckpt-e0001-s000000", "", &data)).await, Code::PermissionDenied, &only_rank0);
-    // Rank 0 itself cannot jump ahead of what the attempt has reached (the issue's
+    // Rank 0 itself cannot jump ahead of what the attempt has reached (a
     // ckpt-e0004 planted into a fresh 5-epoch job) ...
     refused(
         upload(&c, chunks(&queued, 0, "ckpt-e0004-s000000", &key0, &data)).await,
@@ -364,7 +364,7 @@ async fn peer_text_is_bounded_escaped_and_records_stay_small() {
         &format!("progress report for epoch 2, but job {job} has 2 epochs (0-based)"),
         Duration::from_secs(10),
     );
-    // A 9 MiB failure report full of terminal escapes (the issue's ESC[2K, \r, OSC title).
+    // A 9 MiB failure report full of terminal escapes (ESC[2K, \r, an OSC title).
     let evil = "\u{1b}[2K\r\u{1b}]0;pwned\u{7}boom ".repeat(9 * 1024 * 1024 / 20);
     tx.send(report(&a, job_report::Kind::Failed(evil))).unwrap();
     let info = wait_state(&c, &job, JobState::Recovering, Duration::from_secs(20)).await;
@@ -418,7 +418,7 @@ async fn escapes_in_a_job_record_are_not_printed_by_the_cli() {
 
 // ------------------------------------------------------------------ 4. slow attacker on the data port
 
-/// The issue's attacker: 24 connections to each data port, each sending one byte of a
+/// The attacker: 24 connections to each data port, each sending one byte of a
 /// hello every 5 s, reopened as soon as one is closed — from 127.0.0.2, another host as far
 /// as the workers can tell. With the per-handshake deadline and the per-address limit the
 /// ring forms and the 2-worker job succeeds without a restart.

@@ -1,5 +1,5 @@
-//! Learning-rate warmup end to end (issue 16, item 3): the rates real workers train with,
-//! as recorded per epoch in metrics.jsonl by `cvdist local`, for the issue's cases. With
+//! Learning-rate warmup end to end: the rates real workers train with,
+//! as recorded per epoch in metrics.jsonl by `cvdist local`, for the cases below. With
 //! one step per epoch an epoch's recorded rate is the rate of its only step.
 //! (The schedule itself is compared with PyTorch in worker/tests/schedule_reference.rs.)
 

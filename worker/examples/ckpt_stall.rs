@@ -1,15 +1,16 @@
-//! How long a checkpoint holds up the training thread (issue 12, item 8), on the real
-//! engine and the real checkpoint code, CPU.
+//! How long a checkpoint holds up the training thread, on the real engine and the real
+//! checkpoint code, CPU.
 //!
 //!   cargo run --release -p cvdist-worker --example ckpt_stall -- --model resnet18 --rounds 5
 //!
 //! Each round trains `--steps` steps (batch `--batch`), then takes a checkpoint:
-//! - before: the pre-item-8 save on the training thread, reproduced in `old_save` below
+//! - before: a save entirely on the training thread, reproduced in `old_save` below
 //!   (libtorch's safetensors writer, re-read of the file for its SHA-256, fsync, rename,
-//!   JSON record), which is what rank 0's training thread did (the upload came on top);
-//! - sync: today's writer (hashing while writing) still on the training thread, to show
+//!   JSON record), the baseline that moving checkpoints off the thread is measured against
+//!   (an upload would come on top);
+//! - sync: the current writer (hashing while writing) still on the training thread, to show
 //!   what the write itself costs;
-//! - after: `checkpoint::snapshot` + `BackgroundWriter::submit`, what it does now (the
+//! - after: `checkpoint::snapshot` + `BackgroundWriter::submit`, what the worker does (the
 //!   write, hash and any upload run on the writer thread; a checkpoint waits only for one
 //!   still in flight, and that wait is counted).
 //!
@@ -109,7 +110,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The checkpoint write rank 0's training thread did before issue 12 item 8.
+/// A checkpoint write done entirely on rank 0's training thread: the baseline stall.
 fn old_save(
     dir: &std::path::Path,
     mut state: CheckpointState,

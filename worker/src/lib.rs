@@ -5,7 +5,6 @@ pub mod agent;
 pub mod allocator;
 pub mod cli;
 pub mod collective;
-pub mod cuda_runtime;
 pub mod data;
 pub mod device;
 pub mod eval;

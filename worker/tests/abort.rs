@@ -1,6 +1,7 @@
 //! An abort (the coordinator's, or `cvdist cancel`) must end every blocking wait of a
-//! worker within about a second (issue 11, item 2). The end-to-end case with real
-//! processes is in coordinator/tests/lifecycle.rs; these pin down the waits one by one.
+//! worker within about a second, so a cancelled job frees its workers at once. The
+//! end-to-end case with real processes is in coordinator/tests/lifecycle.rs; these pin
+//! down the waits one by one.
 
 use cvdist_worker::agent::job::JobControl;
 use cvdist_worker::collective::{AbortHandle, CollectiveError, Ring};

@@ -1,10 +1,11 @@
-//! `--collective auto|nccl` agreement (issue 12, item 3) over a real loopback ring, with a
-//! fake NCCL whose availability, id creation or communicator creation fails on one rank:
-//! every rank reaches the same verdict, `auto` keeps every rank on a ring that still works
-//! and says why, `nccl` fails on every rank.
+//! `--collective auto|gloo|nccl` agreement over a real loopback ring and the real
+//! authenticated rendezvous store, with a fake group whose availability or creation fails
+//! on one rank: every rank reaches the same verdict, `auto` keeps every rank on a ring that
+//! still works and says why, `nccl`/`gloo` fail on every rank.
 
-use cvdist_worker::collective::backend::{self, BackendError, Chosen, NcclInit};
-use cvdist_worker::collective::nccl::UNIQUE_ID_BYTES;
+use cvdist_worker::collective::backend::{self, Addresses, BackendError, Chosen, GroupInit};
+use cvdist_worker::collective::c10d::{GroupBackend, Rendezvous};
+use cvdist_worker::collective::rendezvous::{StoreClient, StoreServer};
 use cvdist_worker::collective::{AbortHandle, Collective, CollectiveError, Ring};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,23 +20,24 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Clone, Copy, Default)]
 struct Faults {
     unusable_on: Option<usize>,
-    id_fails: bool,
     init_fails_on: Option<usize>,
 }
 
-struct FakeNccl {
+struct FakeGroup {
     rank: usize,
     faults: Faults,
     inits: Arc<AtomicUsize>,
     drops: Arc<AtomicUsize>,
 }
 
-/// Stands in for a working NCCL communicator; remembers the id it was made with.
+/// Stands in for a working group; remembers what every rank wrote to the store.
 struct FakeComm {
     rank: usize,
     world: usize,
-    id: [u8; UNIQUE_ID_BYTES],
+    seen: Vec<Vec<u8>>,
     drops: Arc<AtomicUsize>,
+    /// Rank 0 keeps the store serving for as long as its group lives, as a real one does.
+    _server: Option<StoreServer>,
 }
 
 impl Drop for FakeComm {
@@ -65,36 +67,36 @@ impl Collective for FakeComm {
     }
 }
 
-impl NcclInit for FakeNccl {
+impl GroupInit for FakeGroup {
     type Comm = FakeComm;
+    fn backend(&self) -> GroupBackend {
+        GroupBackend::Nccl { device: 0 }
+    }
     fn local_problem(&self) -> Option<String> {
         (self.faults.unusable_on == Some(self.rank)).then(|| "no CUDA device visible".to_string())
-    }
-    fn unique_id(&self) -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
-        assert_eq!(self.rank, 0, "only rank 0 makes the id");
-        if self.faults.id_fails {
-            return Err(CollectiveError::Nccl { call: "ncclGetUniqueId", code: 2, message: "system error".into() });
-        }
-        Ok(std::array::from_fn(|i| (i * 7 % 256) as u8))
     }
     fn init(
         &self,
         rank: usize,
         world: usize,
-        id: [u8; UNIQUE_ID_BYTES],
+        rendezvous: &Rendezvous,
         timeout: Duration,
         _abort: &AbortHandle,
+        server: Option<StoreServer>,
     ) -> Result<FakeComm, CollectiveError> {
         assert_eq!(timeout, TIMEOUT);
         self.inits.fetch_add(1, Ordering::SeqCst);
         if self.faults.init_fails_on == Some(rank) {
-            return Err(CollectiveError::Nccl {
-                call: "ncclCommInitRankConfig",
-                code: 1,
-                message: "unhandled cuda error".into(),
-            });
+            return Err(CollectiveError::Protocol("unhandled cuda error".into()));
         }
-        Ok(FakeComm { rank, world, id, drops: self.drops.clone() })
+        // A real rendezvous through rank 0's store, as c10d's would be.
+        let store = StoreClient::connect(&rendezvous.store_addr, rank as u32, &rendezvous.secret, timeout, &|| false)
+            .map_err(|e| CollectiveError::Protocol(e.to_string()))?;
+        store.set(format!("rank{rank}").as_bytes(), format!("hello from {rank}").as_bytes()).unwrap();
+        // Rank 0's entry and our own (a failing rank never writes; waiting for it would
+        // only test the timeout).
+        let seen = [0, rank].iter().map(|r| store.get(format!("rank{r}").as_bytes(), timeout).unwrap()).collect();
+        Ok(FakeComm { rank, world, seen, drops: self.drops.clone(), _server: server })
     }
 }
 
@@ -102,7 +104,7 @@ impl NcclInit for FakeNccl {
 /// the result of an all-reduce run afterwards to show the ring still works.
 #[derive(Debug)]
 enum Outcome {
-    Nccl([u8; UNIQUE_ID_BYTES]),
+    Group(Vec<Vec<u8>>),
     Ring { why: Option<String>, sum: Vec<f32> },
     Failed(String),
 }
@@ -125,16 +127,18 @@ fn run(world: usize, wanted: &'static str, faults: Faults) -> Run {
             let (addrs, inits, drops) = (addrs.clone(), inits.clone(), drops.clone());
             thread::spawn(move || {
                 let ring = Ring::connect(rank, world, &addrs, l, SECRET, TIMEOUT).unwrap();
-                let fake = FakeNccl { rank, faults, inits, drops };
-                match backend::choose(ring, wanted, TIMEOUT, &fake) {
-                    Ok(Chosen::Nccl(comm)) => Outcome::Nccl(comm.id),
+                let fake = FakeGroup { rank, faults, inits, drops };
+                let addrs = Addresses { peers: &addrs, secret: SECRET };
+                let group = (wanted != "ring").then_some(&fake);
+                match backend::choose(ring, wanted, TIMEOUT, &addrs, group) {
+                    Ok(Chosen::Group(comm)) => Outcome::Group(comm.seen.clone()),
                     Ok(Chosen::Ring { mut ring, why }) => {
                         let mut v = vec![rank as f32 + 1.0; 3];
                         ring.all_reduce_sum(&mut v).unwrap();
                         Outcome::Ring { why, sum: v }
                     }
                     Err(e) => Outcome::Failed(match &e {
-                        BackendError::Unusable(_) => format!("configuration: {e}"),
+                        BackendError::Unusable { .. } => format!("configuration: {e}"),
                         _ => format!("retry: {e}"),
                     }),
                 }
@@ -149,18 +153,15 @@ fn run(world: usize, wanted: &'static str, faults: Faults) -> Run {
 const RING_SUM: [f32; 3] = [6.0, 6.0, 6.0];
 
 #[test]
-fn every_rank_on_nccl_when_every_init_works() {
+fn every_rank_in_the_group_when_every_init_works() {
     let r = run(3, "auto", Faults::default());
-    let ids: Vec<_> = r
-        .outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Nccl(id) => *id,
-            other => panic!("expected NCCL, got {other:?}"),
-        })
-        .collect();
-    assert!(ids.iter().all(|id| *id == ids[0]), "every rank joins with rank 0's id");
-    assert_eq!(ids[0][5], 35);
+    for (rank, o) in r.outcomes.iter().enumerate() {
+        let want: Vec<Vec<u8>> = [0, rank].iter().map(|r| format!("hello from {r}").into_bytes()).collect();
+        match o {
+            Outcome::Group(seen) => assert_eq!(seen, &want, "every rank met rank 0 in its store"),
+            other => panic!("expected the group, got {other:?}"),
+        }
+    }
     assert_eq!(r.inits, 3);
 }
 
@@ -170,7 +171,7 @@ fn auto_stays_on_the_ring_when_init_fails_on_one_rank() {
     for (rank, o) in r.outcomes.iter().enumerate() {
         match o {
             Outcome::Ring { why: Some(why), sum } => {
-                assert!(why.contains("NCCL init failed on rank(s) 1"), "rank {rank}: {why}");
+                assert!(why.contains("nccl on cuda:0 group init failed on rank(s) 1"), "rank {rank}: {why}");
                 if rank == 1 {
                     assert!(why.contains("unhandled cuda error"), "the failing rank says what failed: {why}");
                 }
@@ -189,7 +190,10 @@ fn nccl_fails_on_every_rank_when_init_fails_on_one() {
     for (rank, o) in r.outcomes.iter().enumerate() {
         match o {
             Outcome::Failed(e) => {
-                assert!(e.starts_with("retry: NCCL init: NCCL init failed on rank(s) 2"), "rank {rank}: {e}")
+                assert!(
+                    e.starts_with("retry: process group init: nccl on cuda:0 group init failed on rank(s) 2"),
+                    "rank {rank}: {e}"
+                )
             }
             other => panic!("rank {rank}: expected an error, got {other:?}"),
         }
@@ -204,7 +208,7 @@ fn a_rank_without_nccl_keeps_auto_on_the_ring_and_fails_nccl_as_configuration() 
     for (rank, o) in r.outcomes.iter().enumerate() {
         match o {
             Outcome::Ring { why: Some(why), sum } => {
-                assert!(why.starts_with("NCCL unusable on rank(s) 2"), "rank {rank}: {why}");
+                assert!(why.starts_with("nccl on cuda:0 unusable on rank(s) 2"), "rank {rank}: {why}");
                 assert_eq!(rank == 2, why.contains("no CUDA device visible"), "rank {rank}: {why}");
                 assert_eq!(sum, &RING_SUM);
             }
@@ -224,22 +228,7 @@ fn a_rank_without_nccl_keeps_auto_on_the_ring_and_fails_nccl_as_configuration() 
 }
 
 #[test]
-fn auto_stays_on_the_ring_when_rank_0_cannot_make_the_id() {
-    let r = run(2, "auto", Faults { id_fails: true, ..Faults::default() });
-    for (rank, o) in r.outcomes.iter().enumerate() {
-        match o {
-            Outcome::Ring { why: Some(why), sum } => {
-                assert!(why.starts_with("rank 0 could not create the NCCL id"), "rank {rank}: {why}");
-                assert_eq!(sum, &[3.0, 3.0, 3.0]);
-            }
-            other => panic!("rank {rank}: {other:?}"),
-        }
-    }
-    assert_eq!(r.inits, 0);
-}
-
-#[test]
-fn ring_is_chosen_without_touching_nccl() {
+fn ring_is_chosen_without_touching_a_group() {
     let r = run(2, "ring", Faults { unusable_on: Some(0), ..Faults::default() });
     for o in &r.outcomes {
         assert!(matches!(o, Outcome::Ring { why: None, .. }), "{o:?}");

@@ -3,7 +3,7 @@
 mod support;
 
 use cvdist_worker::collective::wire::{self, Ack, Hello};
-use cvdist_worker::collective::{all_reduce_buckets, nccl, Collective, CollectiveError, Ring};
+use cvdist_worker::collective::{all_reduce_buckets, Collective, CollectiveError, Ring};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Barrier, Mutex};
@@ -294,17 +294,15 @@ fn bad_arguments_are_config_errors() {
 }
 
 #[test]
-fn nccl_without_gpu_is_a_clear_error() {
-    // On GPU hosts this test is moot; here (CPU-only) every entry point must fail
-    // cleanly, whether or not libnccl.so.2 itself loads.
-    if tch::Cuda::device_count() > 0 {
-        return;
-    }
-    let err = nccl::available().unwrap_err();
-    let msg = err.to_string();
-    assert!(matches!(err, CollectiveError::NcclUnavailable(_)), "{err:?}");
-    assert!(msg.contains("CUDA") || msg.contains("libnccl"), "{msg}");
-    assert!(matches!(nccl::unique_id(), Err(CollectiveError::NcclUnavailable(_))));
-    let r = nccl::NcclComm::new(0, 2, [0; nccl::UNIQUE_ID_BYTES]);
-    assert!(matches!(r, Err(CollectiveError::NcclUnavailable(_))), "{r:?}");
+fn nccl_on_a_cpu_rank_is_a_clear_refusal_and_auto_means_the_ring() {
+    use cvdist_worker::collective::backend::{GroupInit, SystemGroup};
+    let nccl = SystemGroup::for_choice("nccl", tch::Device::Cpu).expect("nccl asks for a group");
+    assert_eq!(nccl.local_problem().as_deref(), Some("NCCL needs a CUDA device; this rank trains on the CPU"));
+    assert!(SystemGroup::for_choice("auto", tch::Device::Cpu).is_none(), "auto on a CPU is the ring");
+    assert!(SystemGroup::for_choice("ring", tch::Device::Cuda(0)).is_none());
+    let gloo = SystemGroup::for_choice("gloo", tch::Device::Cpu).expect("gloo asks for a group");
+    assert_eq!(gloo.local_problem(), None);
+    let on_gpu = SystemGroup::for_choice("auto", tch::Device::Cuda(1)).expect("auto on CUDA is NCCL");
+    let built = cvdist_worker::collective::c10d::nccl_built();
+    assert_eq!(on_gpu.local_problem().is_none(), built, "{:?}", on_gpu.local_problem());
 }

@@ -94,7 +94,12 @@ fn run_group(
 /// with the result. A BatchNorm bias that started at 0 and moved to ~1e-3 would otherwise
 /// be judged against its own tiny norm, and its rounding (which depends on the CPU's SIMD
 /// width) would decide the test — see `tolerance`.
+/// libtorch's default generator is global to the process, and training seeds it and draws
+/// from it (initial weights): tests that train in one process must not interleave.
+static TORCH_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn single_vs_pair(channels_last: bool) -> (f64, f64) {
+    let _one_at_a_time = TORCH_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     tch::set_num_threads(1);
     let steps: usize = std::env::var("EQ_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
     let data = datasets(32 * steps); // k >= 5 steps of 32
@@ -154,8 +159,8 @@ fn single_vs_pair(channels_last: bool) -> (f64, f64) {
 /// Bounds on the floored relative difference (see `single_vs_pair`). The runs take 6 SGD
 /// steps through a 20-layer net whose BatchNorm is frozen (unnormalised, so rounding grows
 /// layer by layer); each step's gradient sums differ by a few float32 roundings (unit
-/// roundoff 6e-8). Measured on an AMD EPYC with AVX-512 (the CPU on which the old bound of
-/// 1e-4 on the *unfloored* error failed at 2.09e-4): worst tensor 3.0e-6 in channels_last,
+/// roundoff 6e-8). Measured on an AMD EPYC with AVX-512 (a CPU on which a bound of 1e-4 on
+/// the *unfloored* error fails at 2.09e-4): worst tensor 3.0e-6 in channels_last,
 /// 7.4e-8 in NCHW; the model as one vector 2.0e-7 / 7.6e-9. The bounds leave a factor of 10
 /// (worst tensor, ~500 unit roundoffs) and 50 (whole model) for other CPUs' kernels, while a
 /// real error — a missing average, a wrong shard, a stale gradient — moves weights by 1e-2
@@ -182,6 +187,7 @@ fn two_workers_match_one_worker_in_the_default_channels_last_layout() {
 
 #[test]
 fn three_ranks_train_exactly_the_distributed_sampler_shards() {
+    let _one_at_a_time = TORCH_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     tch::set_num_threads(1);
     let len = 100; // not divisible by 3: ranks get 34 each, two samples repeated
     let data = datasets(len);

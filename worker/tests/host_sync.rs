@@ -1,8 +1,9 @@
-//! Issue 12 item 6 through the real trainer (real libtorch, real TCP ring, real checkpoint
-//! files): loss and accuracy are summed on the device and read back only where needed, and
+//! Device-side sums and lazy divergence checks, which keep a step from waiting for the
+//! device, through the real trainer (real libtorch, real TCP ring, real checkpoint files):
+//! loss and accuracy are summed on the device and read back only where needed, and
 //! divergence is recorded on the device and checked lazily — with the same epoch totals,
-//! bit for bit, as the old per-step host arithmetic, the same progress lines, and every
-//! rank stopping at the same step with the error naming the step that diverged first.
+//! bit for bit, as per-step host arithmetic, the same progress lines, and every rank
+//! stopping at the same step with the error naming the step that diverged first.
 
 use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
@@ -84,7 +85,7 @@ fn device_summed_epoch_totals_equal_the_host_arithmetic_bit_for_bit() {
     let (lazy, lazy_progress) = solo_run(&spec, &data, Duration::from_secs(3600));
     assert_eq!(lazy_progress.len(), 1, "only the last step reports within an hour");
 
-    // The same steps replayed, summed on the host as the trainer used to.
+    // The same steps replayed, each read back and summed on the host: the reference.
     let mut engine = Engine::new(&spec, Device::Cpu).unwrap();
     let mut sync = GradSync::new();
     let mut solo = Solo::new();

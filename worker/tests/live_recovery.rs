@@ -1,5 +1,5 @@
-//! Issue 14: a group that loses a member mid-epoch continues from a survivor's in-memory
-//! state, through the real trainer, the real loopback TCP ring and real libtorch.
+//! A group that loses a member mid-epoch continues from a survivor's in-memory state,
+//! through the real trainer, the real loopback TCP ring and real libtorch.
 //! (1) A replacement at the same world size ends bit-identical to an uninterrupted run,
 //! weights and epoch metrics alike; (2) survivors that completed different steps continue
 //! from the furthest; (3) at a smaller world size the rest of the epoch trains every sample

@@ -1,14 +1,14 @@
-//! Issue 13: the gradient all-reduce overlapped with backward, through the real pieces:
-//! the C++ gradient-ready hooks on libtorch's autograd, the comm thread, and a real
-//! loopback TCP ring between two ranks in one process.
+//! The gradient all-reduce overlapped with backward, through the real pieces: the C++
+//! gradient-ready hooks on libtorch's autograd, the comm thread, and a real loopback TCP
+//! ring between two ranks in one process.
 //!
 //! - gradients stay views into their buckets with the hooks installed, the buckets are
 //!   handed over during backward, and the averaged gradients are bit for bit the mean of
-//!   the ranks' own gradients (items 1, 2);
-//! - the probe finds the order backward produces a real model's gradients (item 2);
-//! - a parameter without a gradient does not hold up its bucket (item 4);
+//!   the ranks' own gradients;
+//! - the probe finds the order backward produces a real model's gradients;
+//! - a parameter without a gradient does not hold up its bucket;
 //! - a peer lost or stalled mid-backward, or the job's abort, ends the step with the
-//!   collective error instead of a hang (item 5).
+//!   collective error instead of a hang.
 
 use cvdist_worker::collective::{ring::Ring, AbortHandle, Collective, CollectiveError};
 use cvdist_worker::train::buckets::Buckets;
@@ -171,11 +171,11 @@ fn inside(t: &Tensor, buffer: &Tensor) -> bool {
     p >= start && p + t.numel() * 4 <= start + len
 }
 
-/// Items 1 and 2: hooks on, three steps over a real ring. After each backward the
-/// gradients are still views into their buckets and every bucket but the last (which
-/// waits for the divergence flag) was handed to the comm thread by the hooks, during
-/// backward; the reduced gradients are exactly (bit for bit) the mean of the two ranks'
-/// own gradients, and the flag agrees.
+/// Hooks on, three steps over a real ring. After each backward the gradients are still
+/// views into their buckets and every bucket but the last (which waits for the divergence
+/// flag) was handed to the comm thread by the hooks, during backward; the reduced
+/// gradients are exactly (bit for bit) the mean of the two ranks' own gradients, and the
+/// flag agrees.
 #[test]
 fn buckets_are_handed_over_during_backward_and_reduce_to_the_exact_mean() {
     let _guard = HangGuard::new("overlap pair");
@@ -218,9 +218,9 @@ fn buckets_are_handed_over_during_backward_and_reduce_to_the_exact_mean() {
     }
 }
 
-/// Item 4: `head_b` gets no gradient, and it shares the first bucket, so no bucket can go
-/// during backward (they go in order). The end of backward marks it ready with zeros:
-/// every step completes, its averaged gradient is zero and the rest is the exact mean.
+/// `head_b` gets no gradient, and it shares the first bucket, so no bucket can go during
+/// backward (they go in order). The end of backward marks it ready with zeros: every step
+/// completes, its averaged gradient is zero and the rest is the exact mean.
 #[test]
 fn a_parameter_without_gradient_does_not_hold_up_its_bucket() {
     let _guard = HangGuard::new("unused head");
@@ -314,8 +314,8 @@ fn failing_step(comm: &mut dyn Collective, after_backward: impl FnOnce()) -> (Sy
     .expect("comm thread")
 }
 
-/// Item 5: rank 1 drops out while rank 0's backward hands over its first bucket. The
-/// step ends with the ring's error (not the timeout, not a hang), and so does the next.
+/// Rank 1 drops out while rank 0's backward hands over its first bucket. The step ends
+/// with the ring's error (not the timeout, not a hang), and so does the next.
 #[test]
 fn a_peer_lost_mid_backward_ends_the_step_with_the_collective_error() {
     let _guard = HangGuard::new("peer lost");
@@ -351,8 +351,8 @@ fn a_peer_lost_mid_backward_ends_the_step_with_the_collective_error() {
     assert!(matches!(again, SyncError::Collective(_)), "{again:?}");
 }
 
-/// Item 5: rank 1 stays connected but never takes part. Rank 0's step ends with the
-/// ring's timeout error at `--collective-timeout`, not a hang.
+/// Rank 1 stays connected but never takes part. Rank 0's step ends with the ring's
+/// timeout error at `--collective-timeout`, not a hang.
 #[test]
 fn a_stalled_peer_ends_the_step_at_the_collective_timeout() {
     let _guard = HangGuard::new("stalled peer");
@@ -375,8 +375,8 @@ fn a_stalled_peer_ends_the_step_at_the_collective_timeout() {
     assert!(matches!(again, SyncError::Collective(_)), "{again:?}");
 }
 
-/// Item 5: the job's abort (the coordinator ended the attempt) ends a step whose buckets
-/// wait on a stalled peer at once, long before the timeout.
+/// The job's abort (the coordinator ended the attempt) ends a step whose buckets wait on
+/// a stalled peer at once, long before the timeout.
 #[test]
 fn the_jobs_abort_ends_an_overlapped_step_at_once() {
     let _guard = HangGuard::new("abort");
@@ -404,9 +404,9 @@ fn the_jobs_abort_ends_an_overlapped_step_at_once() {
     assert!(matches!(again, SyncError::Collective(_)), "{again:?}");
 }
 
-/// Item 2: the probe finds resnet20's gradient order: the classifier first, the stem
-/// convolution last, every parameter once; the same order each time; the probe leaves
-/// BatchNorm's running statistics as they were.
+/// The probe finds resnet20's gradient order: the classifier first, the stem convolution
+/// last, every parameter once; the same order each time; the probe leaves BatchNorm's
+/// running statistics as they were.
 #[test]
 fn the_probe_orders_a_real_model_as_backward_produces_its_gradients() {
     let vs = VarStore::new(Device::Cpu);

@@ -1,4 +1,4 @@
-//! Issue 12, items 4 and 5 through real parts: `--precision bf16 --device cpu` end to end
+//! Mixed precision through real parts: `--precision bf16 --device cpu` end to end
 //! in the real `cvdist-worker train` process, the fp16 loss scaler inside the real engine
 //! (a skipped step changes nothing), and a divergence on one of two ranks connected by the
 //! real TCP ring stopping both at the same step with the same error.

@@ -2,7 +2,7 @@
 //! (Goyal et al.'s per-step warmup to lr × workers) followed by `CosineAnnealingLR` in a
 //! `SequentialLR`, run by tests/python/schedule_reference.py, compared step by step for
 //! several (epochs, warmup epochs, world size, steps per epoch) combinations — including
-//! the three of issue 16 that never reached the peak.
+//! short warmups with one step per epoch, whose ramp must still reach the peak.
 //!
 //! Needs a Python with torch: $CVDIST_PYTHON (set by scripts/env.sh), else `python3`.
 
@@ -12,8 +12,8 @@ use std::process::Command;
 
 /// (base lr, epochs, warmup epochs, world size with --scale-lr, steps per epoch)
 const CASES: &[(f64, u32, u32, u32, u64)] = &[
-    (0.1, 5, 2, 2, 1),   // issue 16: [0.1, 0.15, 0.1309, 0.0691, 0.0191] before, peak 0.2 never used
-    (0.1, 2, 1, 2, 1),   // issue 16: [0.1, 0.1] before
+    (0.1, 5, 2, 2, 1),   // must reach peak 0.2, not [0.1, 0.15, 0.1309, 0.0691, 0.0191]
+    (0.1, 2, 1, 2, 1),   // must reach peak 0.2, not [0.1, 0.1]
     (0.1, 5, 2, 1, 3),   // one worker: warmup from lr to lr, then cosine over 3 epochs
     (0.05, 10, 3, 4, 7), // several steps per epoch: the ramp is per step
     (0.1, 6, 1, 8, 13),

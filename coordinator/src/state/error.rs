@@ -31,7 +31,7 @@ pub enum CoordinatorError {
     ShuttingDown,
     #[error("a worker with id {0:?} is already connected; ids must be unique (a restarted worker may retry once the old session times out)")]
     DuplicateWorker(String),
-    /// A re-registration whose proof does not match the attempt it claims (issue 14 item 5).
+    /// A re-registration whose proof does not match the attempt it claims.
     #[error("re-registration refused: {0}")]
     RejoinRefused(String),
     #[error("worker session closed while registering")]

@@ -104,7 +104,7 @@ pub struct Job {
     /// ends at the attempt's first reported step past its start.
     pub awaiting_first_step: bool,
     /// After a coordinator restart, the running attempt waiting for its members to
-    /// re-register (issue 14 item 5, `machine/readopt.rs`).
+    /// re-register (`machine/readopt.rs`).
     pub readopt: Option<Readoption>,
 }
 
@@ -123,7 +123,7 @@ pub enum Event<'a> {
     /// A scheduler pass: the idle workers in id order, and a fresh secret for the ring
     /// handshake should an attempt start.
     Schedule { idle: &'a [IdleWorker], secret: String },
-    /// A scheduler pass for a RUNNING job that may grow (issue 14 item 4): its members in
+    /// A scheduler pass for a RUNNING job that may grow: its members in
     /// rank order with their data-plane addresses, the idle workers in id order, and the
     /// secret of the next attempt.
     Grow { members: &'a [IdleWorker], idle: &'a [IdleWorker], secret: String },
@@ -346,7 +346,7 @@ fn schedule(job: &mut Job, idle: &[IdleWorker], secret: String, now: Now, t: &mu
     start_attempt(job, &idle[..n], secret, now, t);
 }
 
-/// Whether a RUNNING job would take more workers now (issue 14 item 4): it runs on fewer
+/// Whether a RUNNING job would take more workers now: it runs on fewer
 /// than its maximum, is not being re-adopted, and its attempt has completed a step past its
 /// start (a group that just formed trains before it is re-formed again, so workers that
 /// register one after another do not stop it at every registration).
@@ -360,7 +360,7 @@ pub fn wants_growth(job: &Job) -> bool {
 
 /// RUNNING on fewer than its maximum workers, with idle workers → a new attempt on
 /// `members` (the current ones, rank order kept) plus as many `idle` workers as the job
-/// takes, continuing from the members' in-memory state (issue 14 items 2 and 4): the
+/// takes, continuing from the members' in-memory state: the
 /// members are told to stop (each at a step boundary, keeping the state of its last complete
 /// step) and the assignments name the attempt they leave as the live one. No step is
 /// trained again and no restart is counted; the rest of the epoch is re-sharded over the new
@@ -427,8 +427,8 @@ fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now
             start_step,
             checkpoint: job.info.latest_checkpoint.clone(),
             session_secret: secret.clone(),
-            // A recovery: survivors of the failed attempt hold its state in memory
-            // (issue 14); the checkpoint is the fallback when none of them is in the group.
+            // A recovery: survivors of the failed attempt hold its state in memory;
+            // the checkpoint is the fallback when none of them is in the group.
             live: live_attempt.is_some(),
             live_attempt: live_attempt.unwrap_or(0),
             live_max_epoch,
@@ -611,7 +611,7 @@ fn on_report(
             }
         }
         Some(Kind::Epoch(mut m)) => {
-            // A re-registered worker sends its epoch reports again (issue 14 item 5): an
+            // A re-registered worker sends its epoch reports again: an
             // attempt reports each epoch once, so one already recorded is a copy.
             if job.info.history.iter().any(|h| h.epoch == m.epoch && h.attempt == job.info.attempt) {
                 return Ok(());
@@ -728,7 +728,7 @@ fn resume_recovery(job: &mut Job, new_world_size: u32, start: (u32, u64)) {
 }
 
 /// Rank 0 of the current attempt says the group continues from a survivor's in-memory state
-/// at `r` (issue 14): that is where the attempt starts, and the recovery replays only the
+/// at `r`: that is where the attempt starts, and the recovery replays only the
 /// steps between it and what the failed group reported (0 unless a member that died had
 /// completed a step no survivor completed).
 fn resumed_live(job: &mut Job, r: &Resumed, now: Now, t: &mut Transition) {
@@ -1505,7 +1505,7 @@ mod tests {
             .collect()
     }
 
-    /// Issue 14: a first attempt starts from the checkpoint (none here); a recovery tells the
+    /// A first attempt starts from the checkpoint (none here); a recovery tells the
     /// new group which attempt's in-memory state its survivors may bring.
     #[test]
     fn a_recovery_assigns_the_failed_attempts_live_state() {
@@ -1527,7 +1527,7 @@ mod tests {
         assert!(assignments(&t).iter().all(|a| !a.live));
     }
 
-    /// Issue 14 item 4: a `1:2` job running on one worker grows once a second is idle, but
+    /// A `1:2` job running on one worker grows once a second is idle, but
     /// only after its attempt completed a step: the member is told to stop, the new group of
     /// two (the member keeps rank 0) continues from attempt 0's live state, no restart or
     /// recovery is counted, and a full job does not grow further.

@@ -82,7 +82,7 @@ impl Registry {
 
     /// Adds a worker session and sends it `Registered` (its id and the session key its
     /// checkpoint uploads present) on `tx`; returns the id and the session number.
-    /// `adopted`: the worker re-registered into this running attempt (issue 14 item 5),
+    /// `adopted`: the worker re-registered into this running attempt,
     /// so it starts busy in it and `Registered.adopted` tells it so.
     pub fn register(
         &mut self,

@@ -287,7 +287,7 @@ fn a_restarted_coordinator_resumes_running_jobs_in_a_new_attempt() {
         id
     };
     let state = Coordinator::new(Store::open(dir.path()).unwrap(), cfg).unwrap();
-    // Issue 14 item 5: the running attempt first waits for its workers to re-register.
+    // The running attempt first waits for its workers to re-register.
     let info = state.get(&id).unwrap();
     assert_eq!((info.state(), info.attempt), (JobState::Running, 0));
     assert!(info
@@ -295,7 +295,7 @@ fn a_restarted_coordinator_resumes_running_jobs_in_a_new_attempt() {
         .last()
         .unwrap()
         .ends_with("coordinator restarted; waiting up to 180s for the 1 workers of attempt 0 (w1) to re-register"));
-    // Its worker comes back without it: the new attempt, as before.
+    // Its worker comes back without it: the job falls back to a new attempt.
     let _w = register(&state, "w1");
     let info = state.get(&id).unwrap();
     assert_eq!((info.state(), info.attempt), (JobState::Recovering, 1));
@@ -303,8 +303,7 @@ fn a_restarted_coordinator_resumes_running_jobs_in_a_new_attempt() {
     assert_eq!(stored.attempt, 1, "the new attempt is stored");
 }
 
-// ------------------------------------------------------------------ issue 14 item 5:
-// re-adopting a running attempt after a coordinator restart.
+// ------------------------------------------------------------------ re-adopting a running attempt after a restart
 
 /// A 2-worker job RUNNING in attempt 0 on w1, w2 in a store under `dir`; returns its id and
 /// each worker's assignment (for the attempt secret).

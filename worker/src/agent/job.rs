@@ -99,10 +99,11 @@ pub struct JobEnv {
     pub client: Client,
     pub runtime: tokio::runtime::Handle,
     pub outbox: mpsc::UnboundedSender<WorkerMessage>,
-    /// The session that holds this job now (it can change while the job trains, issue 14
-    /// item 5): checkpoint uploads go through it.
+    /// The session that holds this job now (it can change while the job trains, since a
+    /// job outlives the session it was assigned on): checkpoint uploads go through it.
     pub link: super::link::SessionLink,
-    /// The training state a failed attempt of this worker left (issue 14).
+    /// The training state a failed attempt of this worker left, so the next attempt can
+    /// continue from memory instead of a checkpoint.
     pub live: LiveSlot,
 }
 
@@ -168,8 +169,9 @@ impl Observer for ReportingObserver<'_> {
         }
     }
 
-    /// The upload runs on the checkpoint writer thread (issue 12, item 8), so the other
-    /// ranks do not wait at the next all-reduce while rank 0 uploads. A stop cuts it short.
+    /// The upload runs on the checkpoint writer thread, off the training thread, so the
+    /// other ranks do not wait at the next all-reduce while rank 0 uploads. A stop cuts it
+    /// short.
     fn checkpoint_store(&mut self) -> Option<CheckpointStore> {
         let link = self.env.link.clone();
         let runtime = self.env.runtime.clone();
@@ -242,13 +244,14 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
 }
 
 /// Agrees on the gradient backend over the freshly formed ring (`collective::backend`):
-/// NCCL only when every rank confirmed its communicator works, otherwise (`auto`) every
-/// rank stays on the ring and the log says why. The chosen communicator carries the job's
-/// `--grad-compression` (every rank reads it from the same spec).
+/// a c10d group (gloo, or NCCL on CUDA) only when every rank confirmed it works, otherwise
+/// (`auto`) every rank stays on the ring and the log says why. The chosen communicator
+/// carries the job's `--grad-compression` (every rank reads it from the same spec).
 fn choose_backend(
     ring: Ring,
     spec: &cvdist_common::proto::JobSpec,
     device: Device,
+    addrs: &backend::Addresses<'_>,
     control: &JobControl,
 ) -> Result<Box<dyn Collective>, Failure> {
     // Creating a communicator waits for the peers; do not start once the attempt is over.
@@ -259,23 +262,23 @@ fn choose_backend(
     let timeout = cvdist_common::spec::collective_timeout(spec);
     // `validate_assignment` checked the spec, so this only fails for a bug there.
     let compression = GradCompression::from_spec(spec).map_err(|e| Failure::config(e.to_string()))?;
-    let mut comm: Box<dyn Collective> =
-        match backend::choose(ring, &spec.collective, timeout, &backend::SystemNccl { device }) {
-            Ok(Chosen::Nccl(comm)) => {
-                info!(world, %compression, "gradients via NCCL");
-                Box::new(comm)
+    let group = backend::SystemGroup::for_choice(&spec.collective, device);
+    let mut comm: Box<dyn Collective> = match backend::choose(ring, &spec.collective, timeout, addrs, group.as_ref()) {
+        Ok(Chosen::Group(comm)) => {
+            info!(world, backend = %comm.backend(), %compression, "gradients via a c10d process group");
+            Box::new(comm)
+        }
+        Ok(Chosen::Ring { ring, why }) => {
+            if let Some(why) = why {
+                warn!(%why, "--collective auto: gradients via the ring, not NCCL");
             }
-            Ok(Chosen::Ring { ring, why }) => {
-                if let Some(why) = why {
-                    warn!(%why, "--collective auto: gradients via the ring, not NCCL");
-                }
-                ring
-            }
-            // Every rank reaches this verdict from the same vote, and a restart on the same
-            // workers would vote the same way: a configuration error, not retried.
-            Err(e @ BackendError::Unusable(_)) => return Err(Failure::config(e.to_string())),
-            Err(e) => return Err(Failure::retry(e.to_string())),
-        };
+            ring
+        }
+        // Every rank reaches this verdict from the same vote, and a restart on the same
+        // workers would vote the same way: a configuration error, not retried.
+        Err(e @ BackendError::Unusable { .. }) => return Err(Failure::config(e.to_string())),
+        Err(e) => return Err(Failure::retry(e.to_string())),
+    };
     comm.set_grad_compression(compression).map_err(|e| Failure::config(e.to_string()))?;
     if compression != GradCompression::None {
         info!(%compression, "gradient buckets travel as 16-bit values (--grad-compression)");
@@ -359,7 +362,8 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
         let ring =
             Ring::connect_with_abort(rank, world, &peers, listener, &a.session_secret, RENDEZVOUS_TIMEOUT, abort)
                 .map_err(|e| Failure::retry(format!("forming the data-plane ring: {e}")))?;
-        let comm = choose_backend(ring, &spec, env.device, control)?;
+        let addrs = backend::Addresses { peers: &peers, secret: &a.session_secret };
+        let comm = choose_backend(ring, &spec, env.device, &addrs, control)?;
         control.install_abort(comm.abort_handle());
         comm
     };
@@ -446,7 +450,7 @@ fn download_resume(
     Ok(Some(path))
 }
 
-/// A recovery (issue 14): the members agree over the ring on the furthest live state any
+/// A recovery from memory: the members agree over the ring on the furthest live state any
 /// of them kept from attempt `a.live_attempt` and all take it; rank 0 tells the
 /// coordinator where the group continues. `None`: no member kept one. This worker's own
 /// state goes back to its slot if the agreement fails (another recovery may use it).

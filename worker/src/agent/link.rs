@@ -1,7 +1,7 @@
-//! The worker's current session with the coordinator as the training thread sees it
-//! (issue 14 item 5): a job outlives the session it was assigned on, so its checkpoint
-//! uploads take the key and connection of whichever session holds the job now, and an
-//! upload cut off by a lost session is retried on the next one instead of failing.
+//! The worker's current session with the coordinator as the training thread sees it: a
+//! job outlives the session it was assigned on, so its checkpoint uploads take the key and
+//! connection of whichever session holds the job now, and an upload cut off by a lost
+//! session is retried on the next one instead of failing.
 
 use super::job::JobControl;
 use super::transfer::{self, TransferError};

@@ -1,8 +1,8 @@
 //! The worker's life with a coordinator: connect (with backoff), register, wait for
 //! assignments, run them one at a time, heartbeat, and come back after any disconnect.
 //!
-//! A job outlives the session it was assigned on (issue 14 item 5): when the session is
-//! lost (the coordinator restarted, say) the job keeps training, since its ring needs no
+//! A job outlives the session it was assigned on: when the session is lost (the
+//! coordinator restarted, say) the job keeps training, since its ring needs no
 //! coordinator; its reports wait, the worker reconnects at least every
 //! [`DETACHED_BACKOFF`], and re-registers with a `RejoinRequest` claiming the attempt. A
 //! coordinator that re-adopts it gets the reports it may have missed ([`Current`]'s journal)
@@ -83,7 +83,7 @@ pub fn capabilities(cfg: &WorkerConfig) -> WorkerCapabilities {
         gpu_name,
         gpu_memory_bytes: 0,
         threads: cfg.threads as u32,
-        nccl: crate::collective::nccl::available().is_ok(),
+        nccl: cfg.device.is_cuda() && crate::collective::c10d::nccl_built(),
         has_local_data: cfg.data.is_some(),
     }
 }
@@ -95,7 +95,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// The job this worker runs, or ran last, kept across sessions (issue 14 item 5).
+/// The job this worker runs, or ran last, kept across sessions because a job outlives the
+/// session it was assigned on.
 struct Current {
     id: String,
     attempt: u32,
@@ -253,8 +254,8 @@ pub async fn run(
         warn!("{w}");
     }
     let link = SessionLink::new(cfg.detached_timeout);
-    // The training state a failed attempt leaves for the next one (issue 14); it outlives
-    // sessions like the job does.
+    // The training state a failed attempt leaves for the next one, so it can continue from
+    // memory; it outlives sessions like the job does.
     let live_slot = crate::train::live_state::LiveSlot::default();
     let mut current: Option<Current> = None;
     let mut backoff = Duration::from_millis(250);

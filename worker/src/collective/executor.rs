@@ -20,7 +20,8 @@
 //! to f32 and adds it to the buffer in f32, and when a chunk's sum is complete (the last
 //! reduce-scatter step) the receiver rounds it in place before the sender forwards it,
 //! so that every rank ends with the same rounded values. f32 ops put the same bytes on
-//! the link and add in the same order as before compression existed.
+//! the link and add in the same order as an uncompressed ring, so compression costs f32
+//! jobs nothing.
 
 use super::compress::Wire;
 use super::io_error::{failure_or_abort, IoCtx};

@@ -2,7 +2,8 @@
 //!
 //! * [`Ring`]: bandwidth-optimal ring all-reduce over direct TCP links between workers,
 //!   used for host (CPU) buffers.
-//! * [`nccl::NcclComm`]: NCCL loaded at run time, for CUDA device buffers.
+//! * [`c10d::ProcessGroup`]: PyTorch's own process groups (NCCL for CUDA tensors, gloo
+//!   for CPU ones), rendezvoused through the authenticated [`rendezvous`] store.
 //! * [`Solo`]: world size 1, every op is a no-op.
 //!
 //! Gradients may travel as 16-bit values (`--grad-compression`, [`compress`]): only the
@@ -15,14 +16,14 @@
 //! byte stream they are. Recovery is the caller's job: tear down and rendezvous again.
 
 pub mod backend;
+pub mod c10d;
 pub mod compress;
 mod executor;
 mod io_error;
 mod link;
-pub mod nccl;
+pub mod rendezvous;
 pub mod ring;
 mod schedule;
-pub mod watchdog;
 pub mod wire;
 
 use std::net::{Shutdown, TcpStream};
@@ -129,17 +130,32 @@ pub trait Collective: Send {
     /// In-place sum of a contiguous f32 tensor of gradients across ranks (the trainer's
     /// per-bucket all-reduce), compressed as [`Collective::all_reduce_sum_grads`]. The
     /// default works on host memory (CPU tensors in place, others staged through a host
-    /// copy); NCCL overrides it to reduce device memory directly.
+    /// copy); a c10d group reduces the tensor where it is.
     fn reduce_tensor_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
         reduce_on_host(self, t, true)
     }
 
     /// In-place sum of a contiguous f32 tensor across ranks, never compressed (state that
-    /// must stay exact, such as BatchNorm statistics and packed metric sums; issue 14).
-    /// The default works on host memory as [`Collective::reduce_tensor_sum`]'s does; NCCL
-    /// overrides it to reduce device memory directly.
+    /// must stay exact, such as BatchNorm statistics and packed metric sums, which live
+    /// recovery restores). The default works on host memory as
+    /// [`Collective::reduce_tensor_sum`]'s does; a c10d group reduces the tensor where it is.
     fn reduce_tensor_sum_exact(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
         reduce_on_host(self, t, false)
+    }
+
+    /// Starts [`Collective::reduce_tensor_sum`] of one gradient bucket; the result is
+    /// only defined after [`Collective::finish_reduce_grads`]. Buckets must be started in
+    /// the same order on every rank. A communicator that cannot leave an op in flight
+    /// completes it here (the default).
+    fn start_reduce_grads(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        self.reduce_tensor_sum(t)
+    }
+
+    /// Completes every bucket started since the last call (c10d on CUDA: the caller's
+    /// current stream waits for them on the device; the host does not). Fails with the
+    /// first bucket's error.
+    fn finish_reduce_grads(&mut self) -> Result<(), CollectiveError> {
+        Ok(())
     }
 }
 
@@ -202,6 +218,8 @@ struct AbortInner {
     next_id: std::sync::atomic::AtomicU64,
     /// Threads that may be parked waiting for progress and must re-check the flag.
     threads: Mutex<Vec<Thread>>,
+    /// Run once by the first `abort()` (a c10d group's own abort).
+    callbacks: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
 }
 
 impl std::fmt::Debug for AbortHandle {
@@ -230,6 +248,21 @@ impl AbortHandle {
         }
         for t in lock(&self.inner.threads).iter() {
             t.unpark();
+        }
+        let callbacks = std::mem::take(&mut *lock(&self.inner.callbacks));
+        for f in callbacks {
+            f();
+        }
+    }
+
+    /// Runs `f` at the first `abort()`, or at once if that already happened.
+    pub(crate) fn on_abort(&self, f: Box<dyn FnOnce() + Send>) {
+        let mut callbacks = lock(&self.inner.callbacks);
+        if self.is_aborted() {
+            drop(callbacks);
+            f();
+        } else {
+            callbacks.push(f);
         }
     }
 

@@ -17,7 +17,7 @@
 //! world size, the rank, the batch size, the position in the batch or the thread that
 //! fills it. That is stronger than per-(seed, epoch, rank) random streams: a job resumed
 //! mid-epoch, or re-run with a different number of workers, augments every sample exactly
-//! as before.
+//! as the original run did.
 
 use cvdist_common::cifar::{CifarSplit, CHANNELS, IMAGE_BYTES, SIDE};
 

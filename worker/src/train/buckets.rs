@@ -1,5 +1,4 @@
-//! Flat bucket buffers that hold every trainable parameter and its gradient (issue 12,
-//! item 7).
+//! Flat bucket buffers that hold every trainable parameter and its gradient.
 //!
 //! Each parameter's data and its `.grad` are views into per-bucket flat f32 buffers, the
 //! design of PyTorch DDP's `gradient_as_bucket_view` extended to the parameters

@@ -1,4 +1,5 @@
-//! Checkpoints off the training thread's critical path (issue 12, item 8).
+//! Checkpoints off the training thread's critical path, so that no rank waits at the next
+//! all-reduce while rank 0 writes (and uploads) one.
 //!
 //! The training thread only copies weights, buffers and momentum into host memory
 //! ([`checkpoint::snapshot`]) and hands the copy over; a background thread writes it

@@ -1,4 +1,5 @@
-//! Divergence detection without a host read per step (issue 12 item 6).
+//! Divergence detection without a host read per step, so that a step does not wait for
+//! the device.
 //!
 //! Every step each rank puts a flag in the gradient all-reduce: its loss when that is
 //! not finite, 0 otherwise ([`flag_of`], computed on the device). The summed flag is 0 on

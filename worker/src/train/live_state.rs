@@ -1,4 +1,5 @@
-//! The training state a worker keeps in memory across attempts (issue 14, items 1–2).
+//! The training state a worker keeps in memory across attempts, so that a group that
+//! loses a member continues from a survivor instead of the last checkpoint.
 //!
 //! Data-parallel replicas hold identical weights and optimizer state after every complete
 //! step, so a survivor of a failed attempt *is* a checkpoint. The trainer commits the
@@ -244,9 +245,9 @@ pub fn broadcast_from(tensors: &[Tensor], comm: &mut dyn Collective, root: usize
 /// The trainer's engine, put back into the worker's [`LiveSlot`] at its last commit when
 /// training ends with an error (dropped without [`Keeper::release`]).
 ///
-/// A commit reads nothing back from the device and launches at most one kernel (issue 12
-/// item 6): the metric sums are kept as the device tensors they are, and the BatchNorm
-/// statistics as the one flat tensor the step's average produced.
+/// A commit reads nothing back from the device and launches at most one kernel, so a step
+/// never waits for the device: the metric sums are kept as the device tensors they are,
+/// and the BatchNorm statistics as the one flat tensor the step's average produced.
 pub struct Keeper {
     engine: Option<Engine>,
     slot: Option<(LiveSlot, String, u32)>,
@@ -416,6 +417,8 @@ impl Drop for Keeper {
             unflatten_into(&self.stats(), saved);
         }
         let Some(engine) = self.engine.take() else { return };
+        // The kept model must not keep this attempt's comm thread waiting for buckets.
+        engine.disconnect_hooks();
         // The one read of the kept state, at the failure (not per step).
         let read = |t: &Tensor| t.f_to_device(Device::Cpu).and_then(|t| t.f_double_value(&[])).unwrap_or(f64::NAN);
         let [seen, seconds, wire] = self.host;

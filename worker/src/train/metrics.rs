@@ -1,12 +1,13 @@
 //! Running sums of a pass over data (training epoch or evaluation), kept on the training
-//! device so that a step does not wait for the device to report its loss (issue 12 item 6).
+//! device so that a step does not wait for the device to report its loss.
 //!
-//! The host used to read each batch's mean loss (f32) and correct count back and add them
-//! up in f64: `loss_sum += loss as f64 * n; correct += correct as f64`. [`DeviceSums`] does
-//! exactly that arithmetic on the device, in f64 tensors, with one IEEE operation per host
-//! operation (f32 → f64 is exact; the product and the sum are each rounded once, as on the
-//! host), so the totals are bit for bit the ones the host computed. They are read back
-//! only when a value is needed: a progress line, a checkpoint, the end of the pass.
+//! The reference arithmetic reads each batch's mean loss (f32) and correct count back and
+//! adds them up on the host in f64: `loss_sum += loss as f64 * n; correct += correct as
+//! f64`. [`DeviceSums`] does exactly that arithmetic on the device, in f64 tensors, with
+//! one IEEE operation per host operation (f32 → f64 is exact; the product and the sum are
+//! each rounded once, as on the host), so the totals are bit for bit the ones the host
+//! would compute, without a device sync per step. They are read back only when a value is
+//! needed: a progress line, a checkpoint, the end of the pass.
 
 use tch::{Device, Kind, TchError, Tensor};
 

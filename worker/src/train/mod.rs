@@ -3,7 +3,6 @@
 pub mod buckets;
 pub mod checkpoint;
 pub mod ckpt_writer;
-mod cuda_stream;
 pub mod divergence;
 pub mod live_state;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! The gradient all-reduce overlapped with backward (issue 13), as PyTorch DDP does it.
+//! The gradient all-reduce overlapped with backward, as PyTorch DDP does it.
 //!
 //! ```text
 //!  training thread                                   comm thread (owns the communicator)
@@ -28,25 +28,27 @@
 //!   still compare a fingerprint of it before training ([`check_same_layout`]).
 //! - **Launch order**: bucket `b` is handed over only after buckets `0..b`, on every rank
 //!   the same sequence of all-reduces of the same lengths, with the same arithmetic as
-//!   reducing them after backward: results are as deterministic as before.
+//!   reducing them after backward: results are deterministic.
 //! - **Comm thread** ([`with_comm_thread`]): owns the communicator for the whole run;
 //!   every other collective of the trainer goes through it too ([`CommProxy`]), in order,
 //!   so there is one user of the communicator. A failed bucket fails the step with that
 //!   error; the buckets after it are not attempted (the ring is broken anyway). The hooks
 //!   never block, so the backward thread and the comm thread cannot deadlock: a peer dying
 //!   mid-backward ends the step with the collective error once backward is done, and a
-//!   stalled peer within `--collective-timeout` or at the job's abort, as before.
-//! - **CUDA**: the hook records an event on the compute stream (the legacy default
-//!   stream, where tch's kernels run) when a bucket is launched; the comm thread makes its
-//!   own non-blocking stream wait for it and enqueues the NCCL all-reduce there
-//!   (`collective::nccl::on_stream`), between timing events read a step later; the step
-//!   makes the compute stream wait for the last reduction (a stream wait, not a host sync).
-//!   The comm thread then waits for the step's reductions itself (bounded by the NCCL
-//!   watchdog): one the watchdog aborted fails the next bucket, so its error ends the next
-//!   step at the latest, before any checkpoint collective can succeed.
+//!   stalled peer within `--collective-timeout` or at the job's abort.
+//! - **Start and finish**: the comm thread *starts* each bucket's all-reduce
+//!   ([`Collective::start_reduce_grads`]) and, after the step's last bucket, *finishes*
+//!   them all ([`Collective::finish_reduce_grads`]). The ring completes each bucket as it
+//!   starts it. A c10d group only issues it: on NCCL, c10d orders the reduction after the
+//!   kernels the compute stream holds at that moment, and finishing makes the compute
+//!   stream wait for the reductions on the device, after backward, with no host wait; on
+//!   gloo, finishing waits on the host. The streams, events and allocator rules are
+//!   c10d's, as in PyTorch DDP.
+//! - **Failure**: if `f` returns or unwinds (a panic anywhere in the step), the comm
+//!   thread is told to stop by a guard, so the scope joins and the panic reaches the job
+//!   thread, which reports it as a failure instead of hanging.
 
 use super::buckets::Buckets;
-use super::cuda_stream::{self, Event, Stream};
 use crate::collective::{AbortHandle, Collective, CollectiveError};
 use std::ffi::c_void;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -150,7 +152,6 @@ enum Msg {
     /// All-reduce (sum) this bucket's whole gradient buffer in place; `last` marks a
     /// step's last bucket.
     Bucket {
-        bucket: usize,
         grad: Tensor,
         last: bool,
     },
@@ -159,37 +160,16 @@ enum Msg {
     Stop,
 }
 
-/// One bucket's reduction: seconds the all-reduce took (on CUDA, the previous step's
-/// reduction of this bucket, read lazily from its timing events), or its error.
+/// One bucket's reduction: host seconds the comm thread spent starting it (with the
+/// step's last bucket, also finishing them all), or its error.
 struct Done {
     result: Result<f64, CollectiveError>,
-}
-
-/// CUDA state shared by the hooks (ready events, on the compute stream) and the comm
-/// thread (its stream, timing events).
-struct CudaLane {
-    stream: Stream,
-    /// Per bucket: recorded on the compute stream when the bucket is launched.
-    ready: Vec<Event>,
-    /// Per bucket: around its reduction on `stream`, for timing.
-    start: Vec<Event>,
-    end: Vec<Event>,
-}
-
-impl CudaLane {
-    fn new(device: usize, buckets: usize) -> Result<CudaLane, String> {
-        cuda_stream::use_device(device)?;
-        let events = |timing| (0..buckets).map(|_| Event::new(timing)).collect::<Result<Vec<_>, _>>();
-        Ok(CudaLane { stream: Stream::new()?, ready: events(false)?, start: events(true)?, end: events(true)? })
-    }
 }
 
 /// The two ends of the bucket queue of a comm thread, for [`GradHooks::connect`].
 pub struct Lane {
     tx: Sender<Msg>,
     done: Receiver<Done>,
-    /// Set by [`GradHooks::connect`] on CUDA; the comm thread picks it up with each job.
-    cuda: Arc<Mutex<Option<Arc<CudaLane>>>>,
 }
 
 /// Per-step readiness of parameters and buckets.
@@ -203,9 +183,6 @@ struct Progress {
     /// The whole gradient buffers (the last with its flag slot).
     grads: Vec<Tensor>,
     tx: Option<Sender<Msg>>,
-    cuda: Option<Arc<CudaLane>>,
-    /// The first failure to record a CUDA ready event; reported by the step.
-    cuda_error: Option<String>,
 }
 
 struct HookState {
@@ -228,16 +205,10 @@ impl HookState {
         let Some(tx) = p.tx.clone() else { return };
         while p.next < p.pending.len() && p.pending[p.next] == 0 {
             let b = p.next;
-            if let Some(cuda) = &p.cuda {
-                // After the kernels that produced the bucket (enqueued before the hook).
-                if let Err(e) = cuda.ready[b].record(cuda_stream::COMPUTE) {
-                    p.cuda_error.get_or_insert(e);
-                }
-            }
             // A closed queue means the comm thread is gone; the step finds out from its
             // results channel and reports it.
             let last = b + 1 == p.pending.len();
-            let _ = tx.send(Msg::Bucket { bucket: b, grad: p.grads[b].shallow_clone(), last });
+            let _ = tx.send(Msg::Bucket { grad: p.grads[b].shallow_clone(), last });
             p.next += 1;
         }
         if p.next == p.pending.len() {
@@ -286,8 +257,6 @@ impl GradHooks {
                 next: 0,
                 grads,
                 tx: None,
-                cuda: None,
-                cuda_error: None,
             }),
         });
         let ctx = Arc::as_ptr(&state) as *mut c_void;
@@ -296,23 +265,11 @@ impl GradHooks {
     }
 
     /// Starts sending complete buckets to `lane`'s comm thread; returns what the step
-    /// needs to finish the reduction ([`Overlap`]). On CUDA the reduction gets a stream of
-    /// its own; when that cannot be made, the comm thread reduces on the compute stream
-    /// (correct, not overlapped) and a warning says why.
+    /// needs to finish the reduction ([`Overlap`]).
     pub fn connect(&self, lane: Lane) -> Overlap {
         let mut guard = lock(&self.state.progress);
         let p = &mut *guard;
         let buckets = p.pending.len();
-        if let Some(Device::Cuda(d)) = p.grads.first().map(Tensor::device) {
-            match CudaLane::new(d, buckets) {
-                Ok(cuda) => {
-                    let cuda = Arc::new(cuda);
-                    *lock(&lane.cuda) = Some(cuda.clone());
-                    p.cuda = Some(cuda);
-                }
-                Err(e) => warn!("gradient all-reduce not overlapped with backward on cuda:{d}: {e}"),
-            }
-        }
         p.tx = Some(lane.tx);
         p.next = 0;
         p.pending.clone_from(&p.full);
@@ -321,11 +278,20 @@ impl GradHooks {
     }
 }
 
+impl GradHooks {
+    /// Stops feeding the comm thread (its queue's sender is dropped), so a thread waiting
+    /// for buckets can end; [`GradHooks::connect`] starts again. Called whenever the model
+    /// outlives its comm thread (kept in memory for live recovery).
+    pub fn disconnect(&self) {
+        lock(&self.state.progress).tx = None;
+    }
+}
+
 impl Drop for GradHooks {
     fn drop(&mut self) {
         remove(&mut self.handles);
         // No hook can reach the state any more: stop feeding the comm thread.
-        lock(&self.state.progress).tx = None;
+        self.disconnect();
     }
 }
 
@@ -374,9 +340,9 @@ impl Overlap {
         HookState::launch(&mut p);
     }
 
-    /// Waits for every bucket of this step; returns the seconds spent in the all-reduces
-    /// (on CUDA, measured a step late) or the first bucket's error. On CUDA the compute
-    /// stream is made to wait for the last reduction (no host sync).
+    /// Waits for every bucket of this step; returns the host seconds the comm thread spent
+    /// in the all-reduces or the first bucket's error. On a c10d group on CUDA the
+    /// reductions are complete in stream order only (the compute stream waits for them).
     pub fn wait(&self) -> Result<f64, CollectiveError> {
         let gone = || CollectiveError::Broken("the gradient communication thread ended".into());
         if lock(&self.state.progress).tx.is_none() {
@@ -396,16 +362,6 @@ impl Overlap {
         if let Some(e) = first_error {
             return Err(e);
         }
-        let p = lock(&self.state.progress);
-        if let Some(e) = &p.cuda_error {
-            return Err(CollectiveError::Broken(format!("ordering the gradient reduction: {e}")));
-        }
-        if let (Some(cuda), Some(last)) = (&p.cuda, self.buckets.checked_sub(1)) {
-            // The comm stream runs its reductions in order: the last one's end covers all.
-            cuda.end[last]
-                .block(cuda_stream::COMPUTE)
-                .map_err(|e| CollectiveError::Broken(format!("waiting for the gradient reduction: {e}")))?;
-        }
         Ok(wire)
     }
 }
@@ -414,8 +370,8 @@ impl Overlap {
 /// [`Collective`] whose ops run on that thread, in order) and the [`Lane`] that
 /// [`GradHooks::connect`] feeds gradient buckets into. The thread ends when `f` returns
 /// (after the ops queued before), also when `f` fails or panics. On `Device::Cuda(d)`
-/// the thread makes `d` its current CUDA device first (it is per thread), as the
-/// training thread's NCCL calls have it.
+/// the thread makes `d` its current CUDA device first (it is per thread), so c10d
+/// issues its collectives on the training thread's device.
 ///
 /// Errors: the thread could not be started.
 pub fn with_comm_thread<R>(
@@ -426,48 +382,79 @@ pub fn with_comm_thread<R>(
     let (rank, world, abort) = (comm.rank(), comm.world_size(), comm.abort_handle());
     let (tx, rx) = mpsc::channel::<Msg>();
     let (done_tx, done_rx) = mpsc::channel::<Done>();
-    let cuda: Arc<Mutex<Option<Arc<CudaLane>>>> = Arc::default();
-    let lane = Lane { tx: tx.clone(), done: done_rx, cuda: cuda.clone() };
+    let lane = Lane { tx: tx.clone(), done: done_rx };
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("cvdist-comm".into())
             .spawn_scoped(s, move || {
                 if let Device::Cuda(d) = device {
-                    if let Err(e) = cuda_stream::use_device(d) {
-                        warn!("comm thread: {e}");
-                    }
+                    use_cuda_device(d);
                 }
-                serve(comm, rx, done_tx, cuda)
+                serve(comm, rx, done_tx)
             })
             .map_err(|e| CollectiveError::io("starting the gradient communication thread", e))?;
-        // Made inside the scope, so an unwinding `f` drops every sender before the scope
-        // joins the thread.
+        // The guard tells the thread to stop when `f` returns *or unwinds*: a sender kept
+        // elsewhere (the hooks of a model parked for live recovery) must not keep the
+        // thread, and so the scope, waiting for more buckets.
+        let _stop = StopOnDrop(tx.clone());
         let mut proxy = CommProxy { tx, rank, world, abort };
-        let out = f(&mut proxy, lane);
-        let _ = proxy.tx.send(Msg::Stop);
-        Ok(out)
+        Ok(f(&mut proxy, lane))
     })
 }
 
+/// Sends [`Msg::Stop`] when dropped, including during a panic's unwinding.
+struct StopOnDrop(Sender<Msg>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(Msg::Stop);
+    }
+}
+
+/// Makes `cuda:d` this thread's current device (`tch` has no device guard; the shim uses
+/// libtorch's).
+fn use_cuda_device(d: usize) {
+    unsafe extern "C" {
+        fn cvdist_set_cuda_device(index: i32) -> i32;
+    }
+    // SAFETY: plain integer argument; the shim catches every exception.
+    if unsafe { cvdist_set_cuda_device(d as i32) } != 0 {
+        warn!("comm thread: could not make cuda:{d} its current device");
+    }
+}
+
 /// The comm thread's loop: jobs in arrival order until `Stop` or every sender is gone.
-fn serve(comm: &mut dyn Collective, rx: Receiver<Msg>, done: Sender<Done>, cuda: Arc<Mutex<Option<Arc<CudaLane>>>>) {
+/// A panic inside a collective is caught and becomes that bucket's (or op's) error, so the
+/// step reports it instead of waiting for a reply that never comes.
+fn serve(comm: &mut dyn Collective, rx: Receiver<Msg>, done: Sender<Done>) {
     let mut failed: Option<String> = None;
     for msg in rx {
         match msg {
             Msg::Stop => break,
-            Msg::Run(op) => op(comm),
-            Msg::Bucket { bucket, mut grad, last } => {
-                let lane = lock(&cuda).clone();
-                let on_device = lane.is_some();
-                let result = match (&failed, lane) {
-                    (Some(why), _) => {
-                        Err(CollectiveError::Broken(format!("an earlier gradient reduction failed: {why}")))
+            Msg::Run(op) => {
+                // The op's reply channel is dropped by the unwinding, which the caller
+                // sees as the thread having ended; the group is unusable afterwards.
+                if let Err(p) = catch(|| op(comm)) {
+                    failed.get_or_insert(p);
+                }
+            }
+            Msg::Bucket { mut grad, last } => {
+                let start = Instant::now();
+                let result = match &failed {
+                    Some(why) => Err(CollectiveError::Broken(format!("an earlier gradient reduction failed: {why}"))),
+                    None => {
+                        let reduced = catch(|| {
+                            comm.start_reduce_grads(&mut grad)?;
+                            if last {
+                                comm.finish_reduce_grads()?;
+                            }
+                            Ok(())
+                        });
+                        match reduced {
+                            Ok(r) => r.map(|()| start.elapsed().as_secs_f64()),
+                            Err(p) => Err(CollectiveError::Broken(p)),
+                        }
                     }
-                    (None, None) => {
-                        let start = Instant::now();
-                        comm.reduce_tensor_sum(&mut grad).map(|()| start.elapsed().as_secs_f64())
-                    }
-                    (None, Some(lane)) => reduce_on_stream(comm, &lane, bucket, &mut grad),
                 };
                 if let Err(e) = &result {
                     failed.get_or_insert_with(|| e.to_string());
@@ -475,37 +462,21 @@ fn serve(comm: &mut dyn Collective, rx: Receiver<Msg>, done: Sender<Done>, cuda:
                 if done.send(Done { result }).is_err() {
                     break;
                 }
-                if on_device && last && failed.is_none() {
-                    // The step only made its stream wait for the reductions and went on. Here,
-                    // off the training thread, wait for them (bounded by the watchdog): a
-                    // reduction the watchdog aborted (dead or stalled peer, the job's abort)
-                    // fails the next bucket handed over, so the error ends the next step at
-                    // the latest, before any collective of a checkpoint could succeed.
-                    if let Err(e) = comm.wait() {
-                        failed = Some(e.to_string());
-                    }
-                }
             }
         }
     }
 }
 
-/// One bucket on the comm stream: wait (on the device) for the kernels that produced it,
-/// reduce between two timing events; returns the previous reduction's seconds, read only
-/// if its events already completed (the host never waits here).
-fn reduce_on_stream(
-    comm: &mut dyn Collective,
-    lane: &CudaLane,
-    b: usize,
-    grad: &mut Tensor,
-) -> Result<f64, CollectiveError> {
-    let cuda_err = |e: String| CollectiveError::Broken(format!("gradient reduction stream: {e}"));
-    let previous = lane.end[b].elapsed_since(&lane.start[b]).unwrap_or(0.0);
-    lane.ready[b].block(Some(&lane.stream)).map_err(cuda_err)?;
-    lane.start[b].record(Some(&lane.stream)).map_err(cuda_err)?;
-    crate::collective::nccl::on_stream(lane.stream.raw(), || comm.reduce_tensor_sum(grad))?;
-    lane.end[b].record(Some(&lane.stream)).map_err(cuda_err)?;
-    Ok(previous)
+/// Runs `f`, turning a panic into its message.
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let text = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        format!("panic in a collective: {text}")
+    })
 }
 
 /// A [`Collective`] whose operations run on the comm thread of [`with_comm_thread`], in

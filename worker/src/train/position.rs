@@ -1,5 +1,5 @@
 //! Where an epoch stands, and which samples the rest of it trains on when the world size
-//! changes mid-epoch (issue 14, item 3; docs/ARCHITECTURE.md, "Position").
+//! changes mid-epoch (docs/ARCHITECTURE.md, "Position").
 //!
 //! An epoch's order is the DistributedSampler permutation of `seed + epoch`
 //! (`cvdist_common::sampler`). Rank `r` of `N` takes padded positions `r, r+N, …` and step

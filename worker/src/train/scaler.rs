@@ -146,7 +146,7 @@ mod tests {
     }
 
     /// No floor: at a scale of 1.0 and below an overflow is still found and still backs
-    /// off (the old code stopped checking at exactly 1.0).
+    /// off (stopping the checks at 1.0 would let an overflow at that scale through).
     #[test]
     fn checks_at_and_below_one() {
         let mut s = GradScaler::from_state(Device::Cpu, ScalerState { scale: 1.0, growth_tracker: 7 });

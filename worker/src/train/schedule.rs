@@ -64,7 +64,8 @@ mod tests {
         assert_eq!(learning_rate(0.1, 0, 5, 0, 10, 1.0, 0), 0.1);
     }
 
-    /// Per epoch with one step per epoch, as issue 16 measured it.
+    /// The rate of each epoch with one step per epoch, where a warmup that misses the peak
+    /// shows most plainly.
     fn per_epoch(epochs: u32, scale: f64, warmup: u32) -> Vec<f64> {
         (0..epochs).map(|e| learning_rate(0.1, e, epochs, 0, 1, scale, warmup)).collect()
     }

@@ -86,8 +86,8 @@ impl GradSync {
         let start = std::time::Instant::now();
         let mut wire = 0.0;
         if let (Some(overlap), true) = (&self.overlap, world > 1) {
-            // Overlapped (issue 13): the buckets backward completed are already reduced or
-            // in flight; parameters without a gradient count as ready with zeros, the flag
+            // Overlapped with backward: the buckets backward completed are already reduced
+            // or in flight; parameters without a gradient count as ready with zeros, the flag
             // slot just filled releases the last bucket, and only the tail is waited for.
             overlap.end_backward();
             overlap.flag_ready();

@@ -44,7 +44,7 @@ pub struct TrainerConfig {
     pub resume: Option<PathBuf>,
     pub progress_interval: Duration,
     /// Run BatchNorm on its running statistics (as in eval mode) and leave them unchanged,
-    /// so a step no longer depends on how the batch is composed: used for fine-tuning
+    /// so a step does not depend on how the batch is composed: used for fine-tuning
     /// with small per-worker batches and for exact data-parallel equivalence checks.
     pub freeze_bn: bool,
 }
@@ -168,7 +168,8 @@ pub struct Engine {
     /// The steps' agreed divergence flags since the last check, on the device.
     pub divergence: DivergenceRecord,
     /// Gradient-ready hooks on every parameter, installed by [`Engine::overlapped_sync`]
-    /// (only runs with a comm thread pay for them; issue 13).
+    /// (only runs with a comm thread, which overlap the all-reduce with backward, pay for
+    /// them).
     hooks: Option<GradHooks>,
 }
 
@@ -234,6 +235,14 @@ impl Engine {
         })
     }
 
+    /// Stops the gradient hooks feeding their comm thread ([`GradHooks::disconnect`]);
+    /// the next [`Engine::overlapped_sync`] connects them again.
+    pub fn disconnect_hooks(&self) {
+        if let Some(hooks) = &self.hooks {
+            hooks.disconnect();
+        }
+    }
+
     /// A [`GradSync`] whose all-reduce runs on `lane`'s comm thread while backward
     /// computes ([`overlap::with_comm_thread`]): installs the gradient-ready hooks (once
     /// per engine, removed when it drops; a later call connects the same hooks to its
@@ -241,7 +250,7 @@ impl Engine {
     ///
     /// Errors: libtorch refused a hook.
     pub fn overlapped_sync(&mut self, lane: Lane) -> Result<GradSync, TrainError> {
-        // An engine kept from a failed attempt (issue 14) has its hooks: they now feed
+        // An engine kept from a failed attempt has its hooks: they now feed
         // this attempt's comm thread.
         if let Some(hooks) = &self.hooks {
             return Ok(GradSync::overlapped(hooks.connect(lane)));
@@ -401,7 +410,7 @@ pub fn train(
     train_from(cfg, data, comm, observer, None, None)
 }
 
-/// [`train`], continuing from `live` (a member's in-memory state, issue 14) instead of
+/// [`train`], continuing from `live` (a member's in-memory state) instead of
 /// `cfg.resume` when given, and leaving the state of the last complete step in `keep`
 /// (slot, job id, attempt) when training ends with an error.
 pub fn train_from(
@@ -603,11 +612,11 @@ fn train_on(
             "epoch done"
         );
         // The last update of an epoch can turn the weights into NaN without any training
-        // loss showing it (with one step per epoch, never): the test loss does. Mixed
-        // precision used to tolerate non-finite training losses; now every non-finite
-        // step loss stops the run at once (above), so this is a second guard. The
-        // epoch is still recorded (non-finite values are stored as described in
-        // cvdist_common::nonfinite), but no checkpoint of the diverged weights is kept.
+        // loss showing it (with one step per epoch, never): the test loss does. Every
+        // non-finite step loss stops the run at once (above), so this is a second guard
+        // for what the step checks cannot see. The epoch is still recorded (non-finite
+        // values are stored as described in cvdist_common::nonfinite), but no checkpoint
+        // of the diverged weights is kept.
         let diverged = if !metrics.test_loss.is_finite() {
             Some(("test loss", metrics.test_loss))
         } else if !metrics.train_loss.is_finite() {

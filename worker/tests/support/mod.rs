@@ -38,3 +38,64 @@ pub fn with_ring<R: Send + 'static>(
         .collect();
     handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
 }
+
+/// Which communicator a multi-rank test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comm {
+    /// cvdist's TCP ring.
+    Ring,
+    /// PyTorch's c10d `ProcessGroupGloo`, rendezvoused over the ring as jobs do.
+    Gloo,
+}
+
+pub const COMMS: [Comm; 2] = [Comm::Ring, Comm::Gloo];
+
+/// Runs `f(rank, comm)` on `n` threads over a communicator of kind `kind` (each op bounded
+/// by `timeout`); returns the results by rank.
+pub fn with_comm<R: Send + 'static>(
+    kind: Comm,
+    n: usize,
+    secret: &'static str,
+    timeout: Duration,
+    f: impl Fn(usize, Box<dyn cvdist_worker::collective::Collective>) -> R + Send + Sync + 'static,
+) -> Vec<R> {
+    let (ls, addrs) = listeners(n);
+    let f = Arc::new(f);
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let (addrs, f) = (addrs.clone(), f.clone());
+            thread::spawn(move || {
+                let ring = Ring::connect(rank, n, &addrs, l, secret, timeout)
+                    .unwrap_or_else(|e| panic!("rank {rank} connect: {e}"));
+                f(rank, into_comm(kind, ring, &addrs, secret, timeout))
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+}
+
+/// `ring` itself, or the c10d group of `kind` agreed over it as a job agrees on it.
+pub fn into_comm(
+    kind: Comm,
+    ring: Ring,
+    addrs: &[String],
+    secret: &str,
+    timeout: Duration,
+) -> Box<dyn cvdist_worker::collective::Collective> {
+    use cvdist_worker::collective::backend::{self, Addresses, Chosen, SystemGroup};
+    let rank = cvdist_worker::collective::Collective::rank(&ring);
+    match kind {
+        Comm::Ring => Box::new(ring),
+        Comm::Gloo => {
+            let group = SystemGroup::for_choice("gloo", tch::Device::Cpu);
+            let addrs = Addresses { peers: addrs, secret };
+            match backend::choose(ring, "gloo", timeout, &addrs, group.as_ref()) {
+                Ok(Chosen::Group(g)) => Box::new(g),
+                Ok(Chosen::Ring { .. }) => panic!("rank {rank}: gloo fell back to the ring"),
+                Err(e) => panic!("rank {rank}: gloo group: {e}"),
+            }
+        }
+    }
+}

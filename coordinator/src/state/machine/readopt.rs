@@ -1,11 +1,11 @@
-//! Re-adopting the running attempt after a coordinator restart (issue 14 item 5). Workers
+//! Re-adopting the running attempt after a coordinator restart. Workers
 //! keep training while the coordinator is away; a restarted coordinator loads the job as
 //! RUNNING and, instead of aborting the attempt, waits a bounded window for every member to
 //! re-register claiming its rank (`RejoinRequest`, proof checked by the caller). All back:
 //! the attempt simply continues (no abort, no recovery entry, no step trained again). A member
-//! back without the attempt, or the window passing: the job falls back to the recovery a
-//! restart always did (RECOVERING in a new attempt from the newest checkpoint), recorded as
-//! a recovery whose cause says why.
+//! back without the attempt, or the window passing: the job falls back to the recovery of a
+//! restart without re-adoption (RECOVERING in a new attempt from the newest checkpoint),
+//! recorded as a recovery whose cause says why.
 //!
 //! ```text
 //!   RUNNING ──coordinator restart──▶ RUNNING (re-adopting: members re-register)
@@ -33,7 +33,7 @@ pub struct Readoption {
     pub deadline: Instant,
     /// Ranks whose worker re-registered with a valid claim.
     pub rejoined: BTreeSet<u32>,
-    /// Every member is back: the attempt runs on as before.
+    /// Every member is back: the attempt runs on unchanged.
     pub complete: bool,
 }
 
