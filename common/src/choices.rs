@@ -236,7 +236,7 @@ mod tests {
         let names: Vec<String> = Dataset::ALL.iter().map(|d| d.to_string()).collect();
         assert_eq!(names, ["cifar10", "synthetic"]);
         let names: Vec<String> = Collective::ALL.iter().map(|c| c.to_string()).collect();
-        assert_eq!(names, ["auto", "ring", "nccl"]);
+        assert_eq!(names, ["auto", "ring", "gloo", "nccl"]);
         let names: Vec<String> = Precision::ALL.iter().map(|p| p.to_string()).collect();
         assert_eq!(names, ["fp32", "bf16", "fp16"]);
         for c in GradCompression::ALL {

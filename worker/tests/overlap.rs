@@ -10,6 +10,8 @@
 //! - a peer lost or stalled mid-backward, or the job's abort, ends the step with the
 //!   collective error instead of a hang.
 
+mod support;
+
 use cvdist_worker::collective::{ring::Ring, AbortHandle, Collective, CollectiveError};
 use cvdist_worker::train::buckets::Buckets;
 use cvdist_worker::train::overlap::{self, GradHooks};
@@ -138,6 +140,31 @@ fn local_grads(rank: usize, step: usize, use_b: bool) -> Vec<(String, Tensor)> {
         .collect()
 }
 
+/// [`pair`] on a communicator of kind `kind` (the ring, or a c10d gloo group agreed over it).
+fn pair_on<T: Send>(
+    kind: support::Comm,
+    timeout: Duration,
+    body: impl Fn(usize, Box<dyn Collective>) -> T + Sync,
+) -> Vec<T> {
+    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let (peers, body) = (peers.clone(), &body);
+                s.spawn(move || {
+                    tch::set_num_threads(1);
+                    let ring = Ring::connect(rank, 2, &peers, listener, "secret", timeout).expect("ring");
+                    body(rank, support::into_comm(kind, ring, &peers, "secret", timeout))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Runs `body` for ranks 0 and 1 on threads joined by a real loopback ring whose ops
 /// time out after `timeout`.
 fn pair<T: Send>(timeout: Duration, body: impl Fn(usize, Ring) -> T + Sync) -> Vec<T> {
@@ -179,33 +206,52 @@ fn inside(t: &Tensor, buffer: &Tensor) -> bool {
 #[test]
 fn buckets_are_handed_over_during_backward_and_reduce_to_the_exact_mean() {
     let _guard = HangGuard::new("overlap pair");
-    let results = pair(Duration::from_secs(60), |rank, mut ring| {
-        overlap::with_comm_thread(&mut ring, Device::Cpu, |proxy, lane| {
-            let mut r = rank_model(&[]);
-            overlap::check_same_layout(&r.buckets, proxy).expect("same layout");
-            let mut sync = GradSync::overlapped(r.hooks.connect(lane));
-            let mut steps = Vec::new();
-            for step in 0..3 {
-                r.buckets.zero_grads();
-                let loss = r.net.loss(&input(rank, step), true);
-                loss.backward();
-                let ov = sync.overlap().expect("overlapped");
-                assert_eq!(ov.launched(), ov.buckets() - 1, "step {step}: buckets handed over during backward");
-                assert_eq!(ov.buckets(), 4);
-                for (name, p) in &r.params {
-                    let b = r.buckets.bucket_of(r.params.iter().position(|(n, _)| n == name).unwrap());
-                    assert!(inside(&p.grad(), &r.buckets.reduce_buffer(b)), "{name}'s gradient left its bucket");
-                }
-                let reduced = sync.reduce(&mut r.buckets, proxy, &loss, None).expect("reduce");
-                assert_eq!(reduced.flag.view([-1]).double_value(&[0]), 0.0, "no rank diverged");
-                assert!(reduced.apply);
-                assert_eq!(sync.overlap().unwrap().launched(), 0, "every bucket went; the next step starts over");
-                steps.push(r.params.iter().map(|(n, p)| (n.clone(), values(&p.grad()))).collect::<Vec<_>>());
-            }
-            steps
-        })
-        .expect("comm thread")
+    let results = pair(Duration::from_secs(60), |rank, mut ring| three_overlapped_steps(rank, &mut ring));
+    assert_exact_means(&results);
+}
+
+/// The same on PyTorch's c10d gloo group: buckets are started during backward and
+/// finished with the last one, and the result is the same exact mean.
+#[test]
+fn gloo_buckets_are_handed_over_during_backward_and_reduce_to_the_exact_mean() {
+    let _guard = HangGuard::new("overlap pair on gloo");
+    let results = pair_on(support::Comm::Gloo, Duration::from_secs(60), |rank, mut comm| {
+        three_overlapped_steps(rank, comm.as_mut())
     });
+    assert_exact_means(&results);
+}
+
+type StepGrads = Vec<Vec<(String, Vec<f32>)>>;
+
+fn three_overlapped_steps(rank: usize, comm: &mut dyn Collective) -> StepGrads {
+    overlap::with_comm_thread(comm, Device::Cpu, |proxy, lane| {
+        let mut r = rank_model(&[]);
+        overlap::check_same_layout(&r.buckets, proxy).expect("same layout");
+        let mut sync = GradSync::overlapped(r.hooks.connect(lane));
+        let mut steps = Vec::new();
+        for step in 0..3 {
+            r.buckets.zero_grads();
+            let loss = r.net.loss(&input(rank, step), true);
+            loss.backward();
+            let ov = sync.overlap().expect("overlapped");
+            assert_eq!(ov.launched(), ov.buckets() - 1, "step {step}: buckets handed over during backward");
+            assert_eq!(ov.buckets(), 4);
+            for (name, p) in &r.params {
+                let b = r.buckets.bucket_of(r.params.iter().position(|(n, _)| n == name).unwrap());
+                assert!(inside(&p.grad(), &r.buckets.reduce_buffer(b)), "{name}'s gradient left its bucket");
+            }
+            let reduced = sync.reduce(&mut r.buckets, proxy, &loss, None).expect("reduce");
+            assert_eq!(reduced.flag.view([-1]).double_value(&[0]), 0.0, "no rank diverged");
+            assert!(reduced.apply);
+            assert_eq!(sync.overlap().unwrap().launched(), 0, "every bucket went; the next step starts over");
+            steps.push(r.params.iter().map(|(n, p)| (n.clone(), values(&p.grad()))).collect::<Vec<_>>());
+        }
+        steps
+    })
+    .expect("comm thread")
+}
+
+fn assert_exact_means(results: &[StepGrads]) {
     for step in 0..3 {
         let (g0, g1) = (local_grads(0, step, true), local_grads(1, step, true));
         for (k, ((name, a), (_, b))) in g0.iter().zip(&g1).enumerate() {
@@ -404,6 +450,35 @@ fn the_jobs_abort_ends_an_overlapped_step_at_once() {
     assert!(matches!(again, SyncError::Collective(_)), "{again:?}");
 }
 
+/// The job's abort ends an overlapped step on a gloo group whose peer never joins, at
+/// once: gloo cannot interrupt its collective, but the wait polls the abort.
+#[test]
+fn the_jobs_abort_ends_an_overlapped_step_on_gloo_at_once() {
+    let _guard = HangGuard::new("abort on gloo");
+    let timeout = Duration::from_secs(600);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = (Mutex::new(Some(done_tx)), Mutex::new(Some(done_rx)));
+    let out = pair_on(support::Comm::Gloo, timeout, |rank, mut comm| {
+        if rank == 1 {
+            let _ = done_rx.lock().unwrap().take().unwrap().recv();
+            return None;
+        }
+        let abort = comm.abort_handle();
+        let result = failing_step(comm.as_mut(), move || {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                abort.abort("job cancelled");
+            });
+        });
+        drop(done_tx.lock().unwrap().take());
+        Some(result)
+    });
+    let (err, took, again) = out.into_iter().flatten().next().expect("rank 0's result");
+    assert!(matches!(err, SyncError::Collective(CollectiveError::Aborted(ref r)) if r == "job cancelled"), "{err:?}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(matches!(again, SyncError::Collective(_)), "{again:?}");
+}
+
 /// The probe finds resnet20's gradient order: the classifier first, the stem convolution
 /// last, every parameter once; the same order each time; the probe leaves BatchNorm's
 /// running statistics as they were.
@@ -478,4 +553,25 @@ fn the_bucket_cap_of_the_spec_sizes_the_buckets() {
         let want = if cap == 25 { 3..=3 } else { 10..=40 };
         assert!(want.contains(&sizes.len()), "{} buckets at {cap} MB: {sizes:?}", sizes.len());
     }
+}
+
+/// A panic in the step (a tch call unwrapping a CUDA out-of-memory error, say) while a
+/// sender of the comm thread's queue lives on elsewhere (the hooks of a model kept for live
+/// recovery) ends the comm thread, so the panic reaches the job thread, which reports it,
+/// instead of the scope waiting forever for more buckets.
+#[test]
+fn a_panic_in_the_step_ends_the_comm_thread_even_with_a_sender_kept_elsewhere() {
+    static KEPT: Mutex<Option<overlap::Lane>> = Mutex::new(None);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut comm = cvdist_worker::collective::Solo::new();
+            overlap::with_comm_thread(&mut comm, Device::Cpu, |_proxy, lane| {
+                *KEPT.lock().unwrap_or_else(|e| e.into_inner()) = Some(lane);
+                panic!("injected: CUDA out of memory");
+            })
+        }));
+        let _ = tx.send(r.is_err());
+    });
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true), "the panic never came back: the comm thread hangs");
 }

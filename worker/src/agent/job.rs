@@ -218,6 +218,14 @@ impl Observer for ReportingObserver<'_> {
     }
 }
 
+/// The message of a caught panic.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Runs the assignment to completion and reports the outcome to the coordinator.
 pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
     let span = info_span!("job", job = %assignment.job_id, attempt = assignment.attempt, rank = assignment.rank);
@@ -229,7 +237,11 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
         confirmed: None,
         upload_error: None,
     };
-    let outcome = execute(&assignment, &env, &control);
+    // A panic anywhere in the attempt (a tch call that unwraps a CUDA out-of-memory error,
+    // say) is a failure like any other: reported, so the coordinator restarts the group,
+    // instead of a job thread that ends silently while heartbeats go on.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&assignment, &env, &control)))
+        .unwrap_or_else(|p| Err(Failure::retry(format!("the training thread panicked: {}", panic_text(p.as_ref())))));
     match outcome {
         Ok(fin) => {
             info!(test_acc = fin.final_test_acc, "job finished");
