@@ -140,11 +140,27 @@ fn local_grads(rank: usize, step: usize, use_b: bool) -> Vec<(String, Tensor)> {
         .collect()
 }
 
+/// Runs `body` for ranks 0 and 1 on threads joined by a real loopback ring whose ops
+/// time out after `timeout`.
+fn pair<T: Send>(timeout: Duration, body: impl Fn(usize, Ring) -> T + Sync) -> Vec<T> {
+    pair_of(timeout, |_, ring| ring, body)
+}
+
 /// [`pair`] on a communicator of kind `kind` (the ring, or a c10d gloo group agreed over it).
 fn pair_on<T: Send>(
     kind: support::Comm,
     timeout: Duration,
     body: impl Fn(usize, Box<dyn Collective>) -> T + Sync,
+) -> Vec<T> {
+    pair_of(timeout, |peers, ring| support::into_comm(kind, ring, peers, "secret", timeout), body)
+}
+
+/// Ranks 0 and 1 on threads: a loopback ring, made into a communicator by `make`, given to
+/// `body`.
+fn pair_of<C, T: Send>(
+    timeout: Duration,
+    make: impl Fn(&[String], Ring) -> C + Sync,
+    body: impl Fn(usize, C) -> T + Sync,
 ) -> Vec<T> {
     let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
@@ -153,33 +169,11 @@ fn pair_on<T: Send>(
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
-                let (peers, body) = (peers.clone(), &body);
+                let (peers, body, make) = (peers.clone(), &body, &make);
                 s.spawn(move || {
                     tch::set_num_threads(1);
                     let ring = Ring::connect(rank, 2, &peers, listener, "secret", timeout).expect("ring");
-                    body(rank, support::into_comm(kind, ring, &peers, "secret", timeout))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
-}
-
-/// Runs `body` for ranks 0 and 1 on threads joined by a real loopback ring whose ops
-/// time out after `timeout`.
-fn pair<T: Send>(timeout: Duration, body: impl Fn(usize, Ring) -> T + Sync) -> Vec<T> {
-    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let (peers, body) = (peers.clone(), &body);
-                s.spawn(move || {
-                    tch::set_num_threads(1);
-                    let ring = Ring::connect(rank, 2, &peers, listener, "secret", timeout).expect("ring");
-                    body(rank, ring)
+                    body(rank, make(&peers, ring))
                 })
             })
             .collect();
@@ -426,39 +420,22 @@ fn a_stalled_peer_ends_the_step_at_the_collective_timeout() {
 #[test]
 fn the_jobs_abort_ends_an_overlapped_step_at_once() {
     let _guard = HangGuard::new("abort");
-    let timeout = Duration::from_secs(600);
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let (done_tx, done_rx) = (Mutex::new(Some(done_tx)), Mutex::new(Some(done_rx)));
-    let out = pair(timeout, |rank, mut ring| {
-        if rank == 1 {
-            let _ = done_rx.lock().unwrap().take().unwrap().recv();
-            return None;
-        }
-        let abort = ring.abort_handle();
-        let result = failing_step(&mut ring, move || {
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(200));
-                abort.abort("job cancelled");
-            });
-        });
-        drop(done_tx.lock().unwrap().take());
-        Some(result)
-    });
-    let (err, took, again) = out.into_iter().flatten().next().expect("rank 0's result");
-    assert!(matches!(err, SyncError::Collective(CollectiveError::Aborted(ref r)) if r == "job cancelled"), "{err:?}");
-    assert!(took < Duration::from_secs(60), "took {took:?}");
-    assert!(matches!(again, SyncError::Collective(_)), "{again:?}");
+    abort_ends_a_stalled_step(support::Comm::Ring);
 }
 
-/// The job's abort ends an overlapped step on a gloo group whose peer never joins, at
-/// once: gloo cannot interrupt its collective, but the wait polls the abort.
+/// The same on a gloo group: gloo cannot interrupt its collective, but the wait polls the
+/// abort.
 #[test]
 fn the_jobs_abort_ends_an_overlapped_step_on_gloo_at_once() {
     let _guard = HangGuard::new("abort on gloo");
+    abort_ends_a_stalled_step(support::Comm::Gloo);
+}
+
+fn abort_ends_a_stalled_step(kind: support::Comm) {
     let timeout = Duration::from_secs(600);
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let (done_tx, done_rx) = (Mutex::new(Some(done_tx)), Mutex::new(Some(done_rx)));
-    let out = pair_on(support::Comm::Gloo, timeout, |rank, mut comm| {
+    let out = pair_on(kind, timeout, |rank, mut comm| {
         if rank == 1 {
             let _ = done_rx.lock().unwrap().take().unwrap().recv();
             return None;

@@ -22,6 +22,16 @@ pub fn with_ring<R: Send + 'static>(
     timeout: Duration,
     f: impl Fn(usize, Ring) -> R + Send + Sync + 'static,
 ) -> Vec<R> {
+    ring_ranks(n, secret, timeout, move |rank, ring, _| f(rank, ring))
+}
+
+/// `f(rank, ring, addresses)` on `n` threads joined by a loopback ring; results by rank.
+fn ring_ranks<R: Send + 'static>(
+    n: usize,
+    secret: &'static str,
+    timeout: Duration,
+    f: impl Fn(usize, Ring, &[String]) -> R + Send + Sync + 'static,
+) -> Vec<R> {
     let (ls, addrs) = listeners(n);
     let f = Arc::new(f);
     let handles: Vec<_> = ls
@@ -32,7 +42,7 @@ pub fn with_ring<R: Send + 'static>(
             thread::spawn(move || {
                 let ring = Ring::connect(rank, n, &addrs, l, secret, timeout)
                     .unwrap_or_else(|e| panic!("rank {rank} connect: {e}"));
-                f(rank, ring)
+                f(rank, ring, &addrs)
             })
         })
         .collect();
@@ -59,21 +69,7 @@ pub fn with_comm<R: Send + 'static>(
     timeout: Duration,
     f: impl Fn(usize, Box<dyn cvdist_worker::collective::Collective>) -> R + Send + Sync + 'static,
 ) -> Vec<R> {
-    let (ls, addrs) = listeners(n);
-    let f = Arc::new(f);
-    let handles: Vec<_> = ls
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let (addrs, f) = (addrs.clone(), f.clone());
-            thread::spawn(move || {
-                let ring = Ring::connect(rank, n, &addrs, l, secret, timeout)
-                    .unwrap_or_else(|e| panic!("rank {rank} connect: {e}"));
-                f(rank, into_comm(kind, ring, &addrs, secret, timeout))
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+    ring_ranks(n, secret, timeout, move |rank, ring, addrs| f(rank, into_comm(kind, ring, addrs, secret, timeout)))
 }
 
 /// `ring` itself, or the c10d group of `kind` agreed over it as a job agrees on it.
