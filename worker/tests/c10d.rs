@@ -115,3 +115,63 @@ fn a_tensor_on_another_kind_or_layout_is_refused() {
     });
     assert_eq!(got, vec![true, true]);
 }
+
+/// Records, at the start of every step, how many host-staged operations the group has run.
+struct StagedAtEachStep {
+    stats: std::sync::Arc<cvdist_worker::collective::c10d::GroupStats>,
+    at_step: Vec<(u32, u64, u64)>,
+}
+
+impl cvdist_worker::train::Observer for StagedAtEachStep {
+    fn batch_indices(&mut self, epoch: u32, step: u64, _indices: &[usize]) {
+        let staged = self.stats.host_staged.load(std::sync::atomic::Ordering::Relaxed);
+        self.at_step.push((epoch, step, staged));
+    }
+}
+
+/// A training step runs no collective through a host buffer (on NCCL each such op blocks the
+/// host until the device drains): the gradient buckets and the step's BatchNorm/metric
+/// all-reduce stay device tensors. Counted by the real gloo group over two epochs of real
+/// training, with the per-step BatchNorm average on (a kept live state) and off.
+#[test]
+fn training_steps_stage_no_collective_through_the_host() {
+    use cvdist_worker::train::{self, live_state::LiveSlot, TrainerConfig};
+    for keep in [false, true] {
+        let ends = support::ring_ranks(2, SECRET, TIMEOUT, move |rank, ring, addrs| {
+            tch::set_num_threads(1);
+            let group = support::gloo_group(ring, addrs, SECRET, TIMEOUT);
+            let mut observer = StagedAtEachStep { stats: group.stats(), at_step: Vec::new() };
+            let mut comm = group;
+            let mut spec = cvdist_common::spec::default_spec("resnet20", 2);
+            spec.batch_size = 16;
+            spec.dataset = "synthetic".into();
+            let data = cvdist_worker::data::Datasets {
+                train: std::sync::Arc::new(cvdist_common::cifar::synthetic(256, 3)),
+                test: std::sync::Arc::new(cvdist_common::cifar::synthetic(32, 4)),
+            };
+            let cfg = TrainerConfig {
+                spec,
+                device: tch::Device::Cpu,
+                rank,
+                world_size: 2,
+                checkpoint_dir: None,
+                resume: None,
+                progress_interval: Duration::from_secs(3600),
+                freeze_bn: false,
+            };
+            let slot = keep.then(|| (LiveSlot::default(), "j0001-staged".to_string(), 0));
+            train::train_from(&cfg, &data, &mut comm, &mut observer, None, slot).unwrap();
+            observer.at_step
+        });
+        for (rank, at_step) in ends.iter().enumerate() {
+            assert_eq!(at_step.len(), 16, "rank {rank}: two epochs of 8 steps");
+            for epoch in 0..2 {
+                let staged: Vec<u64> = at_step.iter().filter(|s| s.0 == epoch).map(|s| s.2).collect();
+                assert!(
+                    staged.windows(2).all(|w| w[0] == w[1]),
+                    "keep {keep}, rank {rank}, epoch {epoch}: host-staged ops at each step's start {staged:?}"
+                );
+            }
+        }
+    }
+}

@@ -3,20 +3,23 @@
 //! (1) A replacement at the same world size ends bit-identical to an uninterrupted run,
 //! weights and epoch metrics alike; (2) survivors that completed different steps continue
 //! from the furthest; (3) at a smaller world size the rest of the epoch trains every sample
-//! exactly once (the batch-index audit of `equivalence.rs`).
+//! exactly once (the batch-index audit of `equivalence.rs`). Each runs on the ring and on a
+//! c10d gloo group.
+
+mod support;
 
 use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec};
 use cvdist_common::sampler;
-use cvdist_worker::collective::{ring::Ring, Collective, Solo};
+use cvdist_worker::collective::{ring::Ring, AbortHandle, Collective, CollectiveError, GradCompression, Solo};
 use cvdist_worker::data::Datasets;
 use cvdist_worker::train::live_state::{self, LiveSlot};
 use cvdist_worker::train::position::Position;
 use cvdist_worker::train::{self, Engine, Observer, TrainError, TrainOutcome, TrainerConfig};
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
-use tch::Device;
+use support::{Comm, COMMS};
+use tch::{Device, Tensor};
 
 const LEN: usize = 384;
 const JOB: &str = "j0001-live";
@@ -60,19 +63,84 @@ struct Member {
     slot: LiveSlot,
     stop_at: Option<(u32, u64)>,
     live: bool,
+    /// Abort this rank's group at the BatchNorm all-reduce of this step (of the first
+    /// epoch), after the step's gradient all-reduce completed.
+    abort_bn_at: Option<u64>,
 }
 
 fn member(slot: &LiveSlot) -> Member {
-    Member { slot: slot.clone(), stop_at: None, live: false }
+    Member { slot: slot.clone(), stop_at: None, live: false, abort_bn_at: None }
+}
+
+/// A rank's real communicator that aborts itself (the group's own abort, as a dead peer's
+/// detection or a job's stop does) when the trainer issues the BatchNorm average of step
+/// `at`: the step's exact device all-reduce, the only one a step issues, after its
+/// gradient buckets.
+struct AbortAtBatchNorm {
+    inner: Box<dyn Collective>,
+    at: u64,
+    exact_calls: u64,
+}
+
+impl Collective for AbortAtBatchNorm {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.inner.all_reduce_sum(buf)
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        self.inner.broadcast(buf, root)
+    }
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        self.inner.barrier()
+    }
+    fn abort_handle(&self) -> AbortHandle {
+        self.inner.abort_handle()
+    }
+    fn set_grad_compression(&mut self, c: GradCompression) -> Result<(), CollectiveError> {
+        self.inner.set_grad_compression(c)
+    }
+    fn grad_compression(&self) -> GradCompression {
+        self.inner.grad_compression()
+    }
+    fn all_reduce_sum_grads(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.inner.all_reduce_sum_grads(buf)
+    }
+    fn wait(&mut self) -> Result<(), CollectiveError> {
+        self.inner.wait()
+    }
+    fn finish(&mut self) -> Result<(), CollectiveError> {
+        self.inner.finish()
+    }
+    fn reduce_tensor_sum(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        self.inner.reduce_tensor_sum(t)
+    }
+    fn reduce_tensor_sum_exact(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        if self.exact_calls == self.at {
+            self.inner.abort_handle().abort("injected between the gradient and BatchNorm all-reduces");
+        }
+        self.exact_calls += 1;
+        self.inner.reduce_tensor_sum_exact(t)
+    }
+    fn start_reduce_grads(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
+        self.inner.start_reduce_grads(t)
+    }
+    fn finish_reduce_grads(&mut self) -> Result<(), CollectiveError> {
+        self.inner.finish_reduce_grads()
+    }
 }
 
 type Ended = (Result<TrainOutcome, TrainError>, Audit);
 
-/// Runs `members` as the ranks of attempt `attempt`, in threads, over a real ring.
-fn run_group(attempt: u32, members: Vec<Member>, data: &Datasets) -> Vec<Ended> {
+/// Runs `members` as the ranks of attempt `attempt`, in threads, over a real loopback
+/// ring, or the gloo group agreed over it.
+fn run_group(kind: Comm, attempt: u32, members: Vec<Member>, data: &Datasets) -> Vec<Ended> {
     let world = members.len();
-    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let (listeners, peers) = support::listeners(world);
     std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
@@ -82,9 +150,13 @@ fn run_group(attempt: u32, members: Vec<Member>, data: &Datasets) -> Vec<Ended> 
                 let peers = peers.clone();
                 s.spawn(move || {
                     tch::set_num_threads(1);
-                    let mut ring =
-                        Ring::connect(rank, world, &peers, listener, "secret", Duration::from_secs(30)).unwrap();
-                    let comm = &mut ring as &mut dyn Collective;
+                    let timeout = Duration::from_secs(30);
+                    let ring = Ring::connect(rank, world, &peers, listener, "secret", timeout).unwrap();
+                    let mut group = support::into_comm(kind, ring, &peers, "secret", timeout);
+                    if let Some(at) = m.abort_bn_at {
+                        group = Box::new(AbortAtBatchNorm { inner: group, at, exact_calls: 0 });
+                    }
+                    let comm = group.as_mut();
                     let cfg = TrainerConfig {
                         spec: spec(),
                         device: Device::Cpu,
@@ -138,51 +210,93 @@ fn assert_same_weights(a: &TrainOutcome, b: &TrainOutcome) {
 }
 
 /// Two ranks, uninterrupted: the reference.
-fn reference(data: &Datasets) -> TrainOutcome {
+fn reference(kind: Comm, data: &Datasets) -> TrainOutcome {
     let s = slots(2);
-    let mut out = run_group(0, s.iter().map(member).collect(), data);
+    let mut out = run_group(kind, 0, s.iter().map(member).collect(), data);
     out.remove(0).0.unwrap()
 }
 
 /// Attempt 0 of two ranks in which rank 1 stops before `step` of epoch 0: rank 0's slot
 /// then holds the state of the last step both completed.
-fn lose_rank_1_at(step: u64, data: &Datasets) -> LiveSlot {
+fn lose_rank_1_at(kind: Comm, step: u64, data: &Datasets) -> LiveSlot {
     let s = slots(2);
     let members = vec![member(&s[0]), Member { stop_at: Some((0, step)), ..member(&s[1]) }];
-    let out = run_group(0, members, data);
-    assert!(out.iter().all(|(r, _)| r.is_err()), "both ranks end with an error");
-    assert_eq!(kept_at(&s[0]), (0, step), "the survivor keeps the last complete step");
+    let out = run_group(kind, 0, members, data);
+    assert!(out.iter().all(|(r, _)| r.is_err()), "{kind:?}: both ranks end with an error");
+    assert_eq!(kept_at(&s[0]), (0, step), "{kind:?}: the survivor keeps the last complete step");
     s[0].clone()
 }
 
 #[test]
 fn a_replacement_continues_bit_identically_with_the_uninterrupted_metrics() {
+    for kind in COMMS {
+        a_replacement_continues_bit_identically_with_the_uninterrupted_metrics_on(kind);
+    }
+}
+
+fn a_replacement_continues_bit_identically_with_the_uninterrupted_metrics_on(kind: Comm) {
     let data = datasets();
-    let want = reference(&data);
-    let survivor = lose_rank_1_at(5, &data);
+    let want = reference(kind, &data);
+    let survivor = lose_rank_1_at(kind, 5, &data);
     // Attempt 1: the survivor as rank 0 and a fresh worker (empty slot) as rank 1.
     let members =
         vec![Member { live: true, ..member(&survivor) }, Member { live: true, ..member(&LiveSlot::default()) }];
-    let out = run_group(1, members, &data);
+    let out = run_group(kind, 1, members, &data);
     for (rank, (r, audit)) in out.into_iter().enumerate() {
         let got = r.unwrap();
         assert_same_weights(&got, &want);
-        assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history), "rank {rank}");
+        assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history), "{kind:?} rank {rank}");
         // Nothing before the survivor's position was trained again.
+        assert_eq!(audit.batches.first().map(|(e, s, _)| (*e, *s)), Some((0, 5)));
+    }
+}
+
+/// An abort after a step's gradients were reduced and before its BatchNorm statistics were:
+/// every rank keeps the state of the step before (weights, momentum and statistics alike,
+/// nothing half-applied), and the group continues from it bit-identically.
+#[test]
+fn an_abort_between_the_gradient_and_batch_norm_all_reduces_keeps_the_step_before() {
+    for kind in COMMS {
+        an_abort_between_the_gradient_and_batch_norm_all_reduces_keeps_the_step_before_on(kind);
+    }
+}
+
+fn an_abort_between_the_gradient_and_batch_norm_all_reduces_keeps_the_step_before_on(kind: Comm) {
+    let data = datasets();
+    let want = reference(kind, &data);
+    let s = slots(2);
+    let members = vec![member(&s[0]), Member { abort_bn_at: Some(5), ..member(&s[1]) }];
+    let out = run_group(kind, 0, members, &data);
+    assert!(out.iter().all(|(r, _)| r.is_err()), "{kind:?}: both ranks end with an error");
+    for (rank, slot) in s.iter().enumerate() {
+        assert_eq!(kept_at(slot), (0, 5), "{kind:?} rank {rank}: the step whose statistics were reduced");
+    }
+    let members = s.iter().map(|x| Member { live: true, ..member(x) }).collect();
+    let out = run_group(kind, 1, members, &data);
+    for (rank, (r, audit)) in out.into_iter().enumerate() {
+        let got = r.unwrap();
+        assert_same_weights(&got, &want);
+        assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history), "{kind:?} rank {rank}");
         assert_eq!(audit.batches.first().map(|(e, s, _)| (*e, *s)), Some((0, 5)));
     }
 }
 
 #[test]
 fn survivors_at_different_steps_continue_from_the_furthest() {
+    for kind in COMMS {
+        survivors_at_different_steps_continue_from_the_furthest_on(kind);
+    }
+}
+
+fn survivors_at_different_steps_continue_from_the_furthest_on(kind: Comm) {
     let data = datasets();
-    let want = reference(&data);
+    let want = reference(kind, &data);
     // Two survivors of attempt 0 that completed 4 and 6 steps (as when the ring let one
     // finish steps the other did not).
-    let behind = lose_rank_1_at(4, &data);
-    let ahead = lose_rank_1_at(6, &data);
+    let behind = lose_rank_1_at(kind, 4, &data);
+    let ahead = lose_rank_1_at(kind, 6, &data);
     let members = vec![Member { live: true, ..member(&behind) }, Member { live: true, ..member(&ahead) }];
-    let out = run_group(1, members, &data);
+    let out = run_group(kind, 1, members, &data);
     for (r, audit) in out {
         let got = r.unwrap();
         assert_same_weights(&got, &want);
@@ -193,11 +307,17 @@ fn survivors_at_different_steps_continue_from_the_furthest() {
 
 #[test]
 fn a_smaller_group_trains_the_rest_of_the_epoch_once() {
+    for kind in COMMS {
+        a_smaller_group_trains_the_rest_of_the_epoch_once_on(kind);
+    }
+}
+
+fn a_smaller_group_trains_the_rest_of_the_epoch_once_on(kind: Comm) {
     let data = datasets();
     let s = slots(3);
     // 384 samples on 3 ranks in batches of 16: 8 steps; rank 2 stops before step 3.
     let members = vec![member(&s[0]), member(&s[1]), Member { stop_at: Some((0, 3)), ..member(&s[2]) }];
-    let first = run_group(0, members, &data);
+    let first = run_group(kind, 0, members, &data);
     assert_eq!(kept_at(&s[0]), (0, 3));
     assert_eq!(kept_at(&s[1]), (0, 3));
     // The complete steps (0..3) of every rank of the first group, not the partial step 3.
@@ -211,12 +331,12 @@ fn a_smaller_group_trains_the_rest_of_the_epoch_once() {
     }
     assert_eq!(seen.iter().sum::<u32>(), 3 * 3 * 16);
     // The survivors go on as a group of 2: the other 240 samples of the order, 120 each.
-    let out = run_group(1, s[..2].iter().map(|x| Member { live: true, ..member(x) }).collect(), &data);
+    let out = run_group(kind, 1, s[..2].iter().map(|x| Member { live: true, ..member(x) }).collect(), &data);
     for (rank, (r, audit)) in out.iter().enumerate() {
         let got = r.as_ref().unwrap();
         assert_eq!(got.history.len(), 2);
         let epoch0: Vec<usize> = audit.batches.iter().filter(|b| b.0 == 0).flat_map(|b| b.2.clone()).collect();
-        assert_eq!(epoch0.len(), 120, "rank {rank}");
+        assert_eq!(epoch0.len(), 120, "{kind:?} rank {rank}");
         // Steps count on from where the epoch was: 144 samples = 4.5 steps of 32 → step 4.
         assert_eq!(audit.batches.first().map(|b| (b.0, b.1)), Some((0, 4)));
         epoch0.iter().for_each(|&i| seen[i] += 1);

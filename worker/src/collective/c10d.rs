@@ -325,6 +325,9 @@ pub struct GroupStats {
     pub host_waits: AtomicU64,
     /// Collectives issued.
     pub collectives: AtomicU64,
+    /// Operations staged through a host buffer, and barriers: on NCCL each one blocks the
+    /// host until the device has drained, so none may run per training step.
+    pub host_staged: AtomicU64,
 }
 
 /// A c10d process group as a [`Collective`]; see the module docs.
@@ -539,6 +542,7 @@ impl ProcessGroup {
         buf: &mut [f32],
         f: impl FnOnce(&mut Self, &Tensor) -> Result<Pending, CollectiveError>,
     ) -> Result<(), CollectiveError> {
+        self.stats.host_staged.fetch_add(1, Ordering::Relaxed);
         let t = Tensor::from_slice(buf).to_device(self.device());
         let p = f(self, &t)?;
         self.complete(p)?;
@@ -588,6 +592,7 @@ impl Collective for ProcessGroup {
     }
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.check()?;
+        self.stats.host_staged.fetch_add(1, Ordering::Relaxed);
         let mut err = [0 as c_char; ERR_CAP];
         // SAFETY: a live group; `err` has ERR_CAP bytes.
         let work = unsafe { cvdist_group_barrier(self.group.raw, err.as_mut_ptr(), ERR_CAP) };

@@ -26,7 +26,7 @@ pub fn with_ring<R: Send + 'static>(
 }
 
 /// `f(rank, ring, addresses)` on `n` threads joined by a loopback ring; results by rank.
-fn ring_ranks<R: Send + 'static>(
+pub fn ring_ranks<R: Send + 'static>(
     n: usize,
     secret: &'static str,
     timeout: Duration,
@@ -72,6 +72,24 @@ pub fn with_comm<R: Send + 'static>(
     ring_ranks(n, secret, timeout, move |rank, ring, addrs| f(rank, into_comm(kind, ring, addrs, secret, timeout)))
 }
 
+/// The c10d gloo group agreed over `ring` (as a job agrees on it).
+pub fn gloo_group(
+    ring: Ring,
+    addrs: &[String],
+    secret: &str,
+    timeout: Duration,
+) -> cvdist_worker::collective::c10d::ProcessGroup {
+    use cvdist_worker::collective::backend::{self, Addresses, Chosen, SystemGroup};
+    let rank = cvdist_worker::collective::Collective::rank(&ring);
+    let group = SystemGroup::for_choice("gloo", tch::Device::Cpu);
+    let addrs = Addresses { peers: addrs, secret };
+    match backend::choose(ring, "gloo", timeout, &addrs, group.as_ref()) {
+        Ok(Chosen::Group(g)) => g,
+        Ok(Chosen::Ring { .. }) => panic!("rank {rank}: gloo fell back to the ring"),
+        Err(e) => panic!("rank {rank}: gloo group: {e}"),
+    }
+}
+
 /// `ring` itself, or the c10d group of `kind` agreed over it as a job agrees on it.
 pub fn into_comm(
     kind: Comm,
@@ -80,18 +98,8 @@ pub fn into_comm(
     secret: &str,
     timeout: Duration,
 ) -> Box<dyn cvdist_worker::collective::Collective> {
-    use cvdist_worker::collective::backend::{self, Addresses, Chosen, SystemGroup};
-    let rank = cvdist_worker::collective::Collective::rank(&ring);
     match kind {
         Comm::Ring => Box::new(ring),
-        Comm::Gloo => {
-            let group = SystemGroup::for_choice("gloo", tch::Device::Cpu);
-            let addrs = Addresses { peers: addrs, secret };
-            match backend::choose(ring, "gloo", timeout, &addrs, group.as_ref()) {
-                Ok(Chosen::Group(g)) => Box::new(g),
-                Ok(Chosen::Ring { .. }) => panic!("rank {rank}: gloo fell back to the ring"),
-                Err(e) => panic!("rank {rank}: gloo group: {e}"),
-            }
-        }
+        Comm::Gloo => Box::new(gloo_group(ring, addrs, secret, timeout)),
     }
 }
