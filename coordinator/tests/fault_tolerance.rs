@@ -349,6 +349,14 @@ async fn hung_member_is_replaced_from_the_survivor_with_no_step_replayed() {
     live_replacement(Fault::Stop, "ring").await;
 }
 
+/// A stopped (SIGSTOP) member on a gloo group: its sockets stay open, so only the job's
+/// abort of the survivor's process group (after the coordinator declares the member lost)
+/// ends the survivor's stuck collective.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_member_on_gloo_is_replaced_from_the_survivor_with_no_step_replayed() {
+    live_replacement(Fault::Stop, "gloo").await;
+}
+
 /// A `2:3` job on 3 workers loses one mid-epoch with no spare: the 2 survivors
 /// go on from their last complete step (nothing replayed), the rest of the epoch re-sharded
 /// over 2 (which samples: `worker/tests/live_recovery.rs::a_smaller_group_trains_the_rest_of_the_epoch_once`).
@@ -397,12 +405,24 @@ async fn elastic_job_continues_mid_epoch_on_the_survivors_with_no_step_replayed(
 /// the coordinator's metrics show the job's world size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_below_its_maximum_grows_when_a_worker_registers() {
+    grows("ring").await;
+}
+
+/// The same growth on gloo groups: the routine stop of the one-worker group and a fresh
+/// rendezvous of the group of two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gloo_job_below_its_maximum_grows_when_a_worker_registers() {
+    grows("gloo").await;
+}
+
+async fn grows(collective: &str) {
     let mut c = Cluster::new(256, 100);
     c.start_worker(0, true);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut s = live_spec((1, 2));
     s.epochs = 3;
     s.scale_lr = true;
+    s.collective = collective.into();
     let job = c.submit(s).await;
     let url = c.url();
     let mut second_at = None;

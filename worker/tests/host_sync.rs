@@ -5,6 +5,8 @@
 //! bit for bit, as per-step host arithmetic, the same progress lines, and every rank
 //! stopping at the same step with the error naming the step that diverged first.
 
+mod support;
+
 use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
 use cvdist_common::sampler;
@@ -14,10 +16,10 @@ use cvdist_worker::train::divergence::CHECK_EVERY_STEPS;
 use cvdist_worker::train::schedule::learning_rate;
 use cvdist_worker::train::sync::GradSync;
 use cvdist_worker::train::{self, checkpoint, Engine, Observer, TrainError, TrainerConfig};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use support::{Comm, COMMS};
 use tch::Device;
 
 fn spec(batch: u32) -> JobSpec {
@@ -128,11 +130,10 @@ struct RankEnd {
     last_step: Option<u64>,
 }
 
-/// Two ranks on the real loopback ring, one epoch, rank `poison.0` poisoned at step
-/// `poison.1` of epoch 0.
-fn two_ranks(spec: &JobSpec, data: &Datasets, poison: (usize, u64), ckpt: Option<&Path>) -> Vec<RankEnd> {
-    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+/// Two ranks on the real loopback ring (or the gloo group agreed over it), one epoch, rank
+/// `poison.0` poisoned at step `poison.1` of epoch 0.
+fn two_ranks(kind: Comm, spec: &JobSpec, data: &Datasets, poison: (usize, u64), ckpt: Option<&Path>) -> Vec<RankEnd> {
+    let (listeners, peers) = support::listeners(2);
     std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
@@ -143,9 +144,11 @@ fn two_ranks(spec: &JobSpec, data: &Datasets, poison: (usize, u64), ckpt: Option
                 s.spawn(move || {
                     tch::set_num_threads(1);
                     let cfg = config(spec, rank, 2, Duration::from_secs(3600), ckpt);
-                    let mut ring = Ring::connect(rank, 2, &peers, listener, "secret", Duration::from_secs(60)).unwrap();
+                    let timeout = Duration::from_secs(60);
+                    let ring = Ring::connect(rank, 2, &peers, listener, "secret", timeout).unwrap();
+                    let mut comm = support::into_comm(kind, ring, &peers, "secret", timeout);
                     let mut watch = Watch { poison: (rank == poison.0).then_some((0, poison.1)), ..Watch::default() };
-                    let result = train::train(&cfg, &data, &mut ring as &mut dyn Collective, &mut watch);
+                    let result = train::train(&cfg, &data, comm.as_mut(), &mut watch);
                     RankEnd { result, last_step: watch.last_step }
                 })
             })
@@ -174,19 +177,26 @@ fn forty_steps() -> (JobSpec, Datasets) {
 }
 
 /// A NaN loss on rank 1 at step 5 is found at the first check point (after step 31, the
-/// 32nd step): both ranks trained the same steps, stop there, and name step 5.
+/// 32nd step): both ranks trained the same steps, stop there, and name step 5. On the ring
+/// and on gloo.
 #[test]
 fn divergence_is_checked_lazily_and_names_the_first_diverged_step_on_every_rank() {
     assert_eq!(CHECK_EVERY_STEPS, 32, "the step numbers below assume checks every 32 steps");
+    for kind in COMMS {
+        lazily_on(kind);
+    }
+}
+
+fn lazily_on(kind: Comm) {
     let (spec, data) = forty_steps();
-    let ends = two_ranks(&spec, &data, (1, 5), None);
+    let ends = two_ranks(kind, &spec, &data, (1, 5), None);
     assert_eq!(diverged_at(&ends, 5), "training diverged at epoch 0 step 5: loss is NaN");
     for end in &ends {
         assert_eq!(end.last_step, Some(31), "every rank stops at the same check point");
     }
 
     // Past the last check point of the epoch: found at the epoch's last step.
-    let ends = two_ranks(&spec, &data, (0, 35), None);
+    let ends = two_ranks(kind, &spec, &data, (0, 35), None);
     assert_eq!(diverged_at(&ends, 35), "training diverged at epoch 0 step 35: loss is NaN");
     for end in &ends {
         assert_eq!(end.last_step, Some(39));
@@ -194,13 +204,20 @@ fn divergence_is_checked_lazily_and_names_the_first_diverged_step_on_every_rank(
 }
 
 /// A checkpoint is a check point too: a divergence at step 12 stops both ranks before the
-/// step-20 checkpoint, so no checkpoint of the diverged weights is written.
+/// step-20 checkpoint, so no checkpoint of the diverged weights is written. On the ring and
+/// on gloo.
 #[test]
 fn divergence_is_checked_before_every_checkpoint() {
+    for kind in COMMS {
+        before_checkpoints_on(kind);
+    }
+}
+
+fn before_checkpoints_on(kind: Comm) {
     let (mut spec, data) = forty_steps();
     spec.checkpoint_every_steps = 10;
     let dir = tempfile::tempdir().unwrap();
-    let ends = two_ranks(&spec, &data, (1, 12), Some(dir.path()));
+    let ends = two_ranks(kind, &spec, &data, (1, 12), Some(dir.path()));
     assert_eq!(diverged_at(&ends, 12), "training diverged at epoch 0 step 12: loss is NaN");
     for end in &ends {
         assert_eq!(end.last_step, Some(19));
