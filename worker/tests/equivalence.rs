@@ -1,18 +1,20 @@
 //! Data-parallel correctness through the real trainer and the real TCP ring:
-//! (1) N workers × batch b take the same steps as 1 worker × batch N·b;
+//! (1) N workers × batch b take the same steps as 1 worker × batch N·b (on the ring and on a
+//! c10d gloo group);
 //! (2) each rank trains on exactly the samples DistributedSampler semantics define.
 
+mod support;
 mod tolerance;
 
 use cvdist_common::cifar;
 use cvdist_common::proto::JobSpec;
 use cvdist_common::sampler;
-use cvdist_worker::collective::{ring::Ring, Collective, Solo};
+use cvdist_worker::collective::{ring::Ring, Solo};
 use cvdist_worker::data::Datasets;
 use cvdist_worker::train::{self, Observer, TrainerConfig};
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
+use support::{Comm, COMMS};
 use tch::Device;
 
 fn datasets(train_len: usize) -> Datasets {
@@ -55,14 +57,15 @@ impl Observer for Audit {
     }
 }
 
-/// Runs `world` ranks in threads connected by a real loopback ring.
+/// Runs `world` ranks in threads connected by a real loopback ring (or the gloo group
+/// agreed over it).
 fn run_group(
+    kind: Comm,
     world: usize,
     make: impl Fn(usize) -> TrainerConfig + Sync,
     data: &Datasets,
 ) -> Vec<(train::TrainOutcome, Audit)> {
-    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let (listeners, peers) = support::listeners(world);
     std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
@@ -72,10 +75,11 @@ fn run_group(
                 let cfg = make(rank);
                 s.spawn(move || {
                     tch::set_num_threads(1);
-                    let mut ring =
-                        Ring::connect(rank, world, &peers, listener, "secret", Duration::from_secs(30)).unwrap();
+                    let timeout = Duration::from_secs(30);
+                    let ring = Ring::connect(rank, world, &peers, listener, "secret", timeout).unwrap();
+                    let mut comm = support::into_comm(kind, ring, &peers, "secret", timeout);
                     let mut audit = Audit::default();
-                    let out = train::train(&cfg, data, &mut ring as &mut dyn Collective, &mut audit).unwrap();
+                    let out = train::train(&cfg, data, comm.as_mut(), &mut audit).unwrap();
                     (out, audit)
                 })
             })
@@ -98,7 +102,7 @@ fn run_group(
 /// from it (initial weights): tests that train in one process must not interleave.
 static TORCH_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn single_vs_pair(channels_last: bool) -> (f64, f64) {
+fn single_vs_pair(kind: Comm, channels_last: bool) -> (f64, f64) {
     let _one_at_a_time = TORCH_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     tch::set_num_threads(1);
     let steps: usize = std::env::var("EQ_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
@@ -114,7 +118,7 @@ fn single_vs_pair(channels_last: bool) -> (f64, f64) {
         assert_eq!(audit.batches.len(), steps);
         out
     };
-    let group = run_group(2, |rank| config(with_layout(16), rank, 2), &data);
+    let group = run_group(kind, 2, |rank| config(with_layout(16), rank, 2), &data);
     assert_eq!(group[0].1.batches.len(), steps);
 
     // Both ranks hold identical weights.
@@ -150,7 +154,7 @@ fn single_vs_pair(channels_last: bool) -> (f64, f64) {
     assert!(moved > 10, "only {moved} tensors changed");
     let global = diff_sq.sqrt() / norm_sq.sqrt().max(1e-12);
     eprintln!(
-        "equivalence (channels_last={channels_last}): worst tensor {worst:e}, all parameters {global:e}, \
+        "equivalence ({kind:?}, channels_last={channels_last}): worst tensor {worst:e}, all parameters {global:e}, \
          typical |w| {typical:e}"
     );
     (worst, global)
@@ -170,9 +174,11 @@ const MODEL_BOUND: f64 = 1e-5;
 
 #[test]
 fn two_workers_with_batch_b_match_one_worker_with_batch_2b() {
-    let (worst, global) = single_vs_pair(false);
-    assert!(worst <= WORST_TENSOR_BOUND, "2x16 vs 1x32 (NCHW): worst tensor differs by {worst:e}");
-    assert!(global <= MODEL_BOUND, "2x16 vs 1x32 (NCHW): all parameters differ by {global:e}");
+    for kind in COMMS {
+        let (worst, global) = single_vs_pair(kind, false);
+        assert!(worst <= WORST_TENSOR_BOUND, "{kind:?} 2x16 vs 1x32 (NCHW): worst tensor differs by {worst:e}");
+        assert!(global <= MODEL_BOUND, "{kind:?} 2x16 vs 1x32 (NCHW): all parameters differ by {global:e}");
+    }
 }
 
 #[test]
@@ -180,7 +186,7 @@ fn two_workers_match_one_worker_in_the_default_channels_last_layout() {
     // libtorch's channels_last BatchNorm kernel accumulates per-channel sums in float (the
     // NCHW one in double), so rounding is larger here than in NCHW, and how much larger
     // depends on the CPU's vector width; the floored relative error absorbs that.
-    let (worst, global) = single_vs_pair(true);
+    let (worst, global) = single_vs_pair(Comm::Ring, true);
     assert!(worst <= WORST_TENSOR_BOUND, "2x16 vs 1x32 (channels_last): worst tensor differs by {worst:e}");
     assert!(global <= MODEL_BOUND, "2x16 vs 1x32 (channels_last): all parameters differ by {global:e}");
 }
@@ -191,7 +197,7 @@ fn three_ranks_train_exactly_the_distributed_sampler_shards() {
     tch::set_num_threads(1);
     let len = 100; // not divisible by 3: ranks get 34 each, two samples repeated
     let data = datasets(len);
-    let group = run_group(3, |rank| config(spec(8, 2), rank, 3), &data);
+    let group = run_group(Comm::Ring, 3, |rank| config(spec(8, 2), rank, 3), &data);
     for epoch in 0..2u32 {
         // DistributedSampler: permutation, padded by repeating its head, rank r takes r::3.
         let perm = sampler::epoch_permutation(len, 11, epoch as u64);
