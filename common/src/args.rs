@@ -95,10 +95,11 @@ pub struct JobArgs {
     /// collectives (weights, BatchNorm statistics, metrics) stay f32.
     #[arg(long, default_value_t = GradCompression::None)]
     pub grad_compression: GradCompression,
-    /// MB of f32 gradients per all-reduce bucket (PyTorch DDP's bucket_cap_mb, whose
-    /// default is 25; the first bucket in backward order is 1 MB or less). Smaller buckets
-    /// hide more of a slow link behind backward; 1 to 1024 (0 = the default).
-    #[arg(long, value_name = "MB", default_value_t = spec::DEFAULT_BUCKET_CAP_MB)]
+    /// MB of f32 gradients per all-reduce bucket (PyTorch DDP's bucket_cap_mb; the first
+    /// bucket in backward order is 1 MB or less). 0 picks by device: 25 on CUDA (NCCL,
+    /// DDP's default), 4 on CPUs (smaller buckets hide more of a slow link behind
+    /// backward); else 1 to 1024.
+    #[arg(long, value_name = "MB", default_value_t = 0)]
     pub bucket_cap_mb: u32,
     /// Job name (letters, digits, '.', '_', '-').
     #[arg(long, default_value = "")]
@@ -347,7 +348,7 @@ mod tests {
             collective: "ring".into(),
             collective_timeout_s: 90,
             grad_compression: "bf16".into(),
-            bucket_cap_mb: 4,
+            bucket_cap_mb: 0,
         };
         assert_eq!(s, want);
     }

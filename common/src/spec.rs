@@ -55,23 +55,31 @@ pub enum SpecError {
     BucketCap(u32),
 }
 
-/// Gradient bucket capacity (`--bucket-cap-mb`): 4 MB, smaller than PyTorch DDP's 25 MB
-/// `bucket_cap_mb`. Smaller buckets let the all-reduce start earlier in backward and leave
-/// less of it after backward (the last bucket holds the stem's gradients, ready last), at
-/// the cost of more all-reduce calls. Measured with `scripts/bench-net.sh` (resnet18, two
-/// hosts, docs/BENCHMARKS.md "Two hosts over a shaped link"): cvdist / DDP 0.92 → 0.72 at
-/// 100 Mbit/s and 0.80 → 0.73 at 1 Gbit/s going from 25 to 4 MB, unshaped 0.75 and 0.78
-/// (noise). On NCCL a 4 MB bucket is still far above the size where a call's fixed cost
-/// (tens of µs) matters; `--bucket-cap-mb 25` gives DDP's layout.
-pub const DEFAULT_BUCKET_CAP_MB: u32 = 4;
+/// Gradient bucket capacity (`--bucket-cap-mb`) over a TCP link (the ring, gloo): 4 MB,
+/// smaller than PyTorch DDP's 25 MB `bucket_cap_mb`. Smaller buckets let the all-reduce
+/// start earlier in backward and leave less of it after backward (the last bucket holds
+/// the stem's gradients, ready last), at the cost of more all-reduce calls. Measured with
+/// `scripts/bench-net.sh` (resnet18, two hosts, docs/BENCHMARKS.md "Two hosts over a shaped
+/// link"): cvdist / DDP 0.92 → 0.72 at 100 Mbit/s and 0.80 → 0.73 at 1 Gbit/s going from 25
+/// to 4 MB, unshaped 0.75 and 0.78 (noise).
+pub const TCP_BUCKET_CAP_MB: u32 = 4;
+/// Gradient bucket capacity on CUDA devices (NCCL): 25 MB, PyTorch DDP's `bucket_cap_mb`.
+/// NVLink and InfiniBand move a bucket in well under a millisecond, so the number of calls
+/// (each with a fixed launch and synchronisation cost) matters more than an early start:
+/// ResNet-50's ~94 MB of gradients are 5 all-reduces per step instead of ~24 at 4 MB.
+pub const NCCL_BUCKET_CAP_MB: u32 = 25;
 /// Upper bound for `--bucket-cap-mb`: 1 GiB of f32 gradients is more than any zoo model has.
 pub const MAX_BUCKET_CAP_MB: u32 = 1024;
 
-/// The bucket capacity of `spec` in MB; specs from clients that predate the field (0) get
-/// the default.
-pub fn bucket_cap_mb(spec: &JobSpec) -> u32 {
+/// The bucket capacity of `spec` in MB for a rank training on CUDA (`on_cuda`, NCCL's
+/// [`NCCL_BUCKET_CAP_MB`]) or on a CPU ([`TCP_BUCKET_CAP_MB`]). 0, the default (and what
+/// clients that predate the field send), picks by device; any other value is the user's.
+/// Every rank of a group must come to the same capacity (the ranks compare their bucket
+/// layouts before training), so a group mixing CUDA and CPU ranks needs an explicit one.
+pub fn bucket_cap_mb(spec: &JobSpec, on_cuda: bool) -> u32 {
     match spec.bucket_cap_mb {
-        0 => DEFAULT_BUCKET_CAP_MB,
+        0 if on_cuda => NCCL_BUCKET_CAP_MB,
+        0 => TCP_BUCKET_CAP_MB,
         mb => mb,
     }
 }
@@ -149,7 +157,7 @@ pub fn default_spec(model: &str, epochs: u32) -> JobSpec {
         collective: Collective::Auto.to_string(),
         collective_timeout_s: DEFAULT_COLLECTIVE_TIMEOUT_S,
         grad_compression: GradCompression::None.to_string(),
-        bucket_cap_mb: DEFAULT_BUCKET_CAP_MB,
+        bucket_cap_mb: 0,
     }
 }
 
@@ -284,6 +292,17 @@ pub fn check_shard(spec: &JobSpec, workers: u32) -> Result<(), SpecError> {
 
 #[cfg(test)]
 mod tests {
+
+    /// The default capacity follows the device (DDP's 25 MB on CUDA, the ring's measured
+    /// 4 MB on CPUs); an explicit one is kept on both.
+    #[test]
+    fn bucket_capacity_defaults_by_device_and_keeps_an_explicit_one() {
+        let spec = default_spec("resnet50", 1);
+        assert_eq!(spec.bucket_cap_mb, 0);
+        assert_eq!((bucket_cap_mb(&spec, true), bucket_cap_mb(&spec, false)), (25, 4));
+        let spec = JobSpec { bucket_cap_mb: 7, ..spec };
+        assert_eq!((bucket_cap_mb(&spec, true), bucket_cap_mb(&spec, false)), (7, 7));
+    }
     use super::*;
 
     #[test]

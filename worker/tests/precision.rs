@@ -10,6 +10,7 @@ use cvdist_worker::data::Datasets;
 use cvdist_worker::train::precision::Precision;
 use cvdist_worker::train::scaler::{GradScaler, ScalerState, BACKOFF_FACTOR, INIT_SCALE};
 use cvdist_worker::train::sync::GradSync;
+use cvdist_worker::train::trainer::MAX_SKIPPED_IN_A_ROW;
 use cvdist_worker::train::{self, Engine, Observer, TrainError, TrainerConfig};
 use std::net::TcpListener;
 use std::path::Path;
@@ -154,6 +155,52 @@ fn skipped_fp16_step_leaves_weights_and_momentum_unchanged() {
     assert_eq!(
         engine.scaler.as_ref().unwrap().state(),
         ScalerState { scale: INIT_SCALE * BACKOFF_FACTOR, growth_tracker: 0 }
+    );
+}
+
+/// An fp16 forward overflow (an input of inf makes the loss itself NaN) is what torch.amp
+/// makes of it: the step is skipped and the scale backed off, the run is not diverged and
+/// trains on; only `MAX_SKIPPED_IN_A_ROW` skips in a row end it, naming the first.
+#[test]
+fn a_forward_overflow_under_fp16_skips_the_step_instead_of_failing_the_run() {
+    tch::set_num_threads(1);
+    let mut spec = cvdist_common::spec::default_spec("resnet20", 1);
+    spec.dataset = "synthetic".into();
+    let mut engine = Engine::new(&spec, Device::Cpu).unwrap();
+    engine.scaler = Some(GradScaler::new(Device::Cpu));
+    let mut sync = GradSync::new();
+    let mut solo = Solo::new();
+    let (x, y) = small_batch();
+    let overflow = x.full_like(f64::INFINITY);
+    let mut step = |engine: &mut Engine, images: &Tensor, at: u64| {
+        let out = engine.forward_backward(images, &y);
+        let loss = out.loss.double_value(&[]);
+        let r = engine.finish_step(&mut sync, &mut solo as &mut dyn Collective, &out.loss, 0.1, (0, at));
+        (loss, r)
+    };
+    let weights = snapshot(engine.sgd.params());
+    let (loss, r) = step(&mut engine, &overflow, 0);
+    assert!(loss.is_nan(), "the forward pass overflowed: loss {loss}");
+    assert!(!r.unwrap().1, "the step is skipped");
+    assert!(identical(&weights, &snapshot(engine.sgd.params())), "weights changed on a skipped step");
+    engine.check_divergence().expect("a skipped step is not a divergence");
+    assert_eq!(engine.scaler.as_ref().unwrap().state().scale, INIT_SCALE * BACKOFF_FACTOR);
+    let (loss, r) = step(&mut engine, &x, 1);
+    assert!(loss.is_finite() && r.unwrap().1, "the next clean batch trains");
+    engine.check_divergence().unwrap();
+
+    for k in 0..MAX_SKIPPED_IN_A_ROW - 1 {
+        let (_, r) = step(&mut engine, &overflow, 2 + u64::from(k));
+        assert!(!r.unwrap().1, "skip {k}");
+    }
+    let (_, r) = step(&mut engine, &overflow, 2 + u64::from(MAX_SKIPPED_IN_A_ROW - 1));
+    let err = r.unwrap_err();
+    assert_eq!(err.failure_kind(), cvdist_common::proto::FailureKind::Diverged);
+    assert!(
+        err.to_string().starts_with(&format!(
+            "training diverged at epoch 0 step 2: the fp16 loss scaler skipped {MAX_SKIPPED_IN_A_ROW} steps in a row"
+        )),
+        "{err}"
     );
 }
 

@@ -1,13 +1,15 @@
 //! Flat bucket buffers that hold every trainable parameter and its gradient.
 //!
-//! Each parameter's data and its `.grad` are views into per-bucket flat f32 buffers, the
-//! design of PyTorch DDP's `gradient_as_bucket_view` extended to the parameters
-//! themselves, as fused/flat optimizers do. The per-step bookkeeping is then a handful of
-//! whole-buffer operations instead of a few kernel launches per parameter (ResNet-50 has
-//! 161 parameters):
-//! - zeroing the gradients is one `zero_` per bucket;
+//! Each parameter's data and its `.grad` are views into one flat f32 buffer each (values,
+//! gradients), and a bucket is a consecutive part of those buffers: the design of PyTorch
+//! DDP's `gradient_as_bucket_view` extended to the parameters themselves, as fused/flat
+//! optimizers do. The per-step bookkeeping is then a handful of kernels whatever the model
+//! and the bucket count, instead of a few launches per parameter (ResNet-50 has 161
+//! parameters) or per bucket:
+//! - zeroing the gradients is one `zero_`;
 //! - the all-reduce works on the gradient buckets in place: no pack or unpack copies;
-//! - the SGD update ([`super::sgd`]) runs over whole buckets.
+//! - averaging or unscaling the gradients is one pass, and the SGD update
+//!   ([`super::sgd`]) four kernels, over all parameters at once.
 //!
 //! A view keeps its parameter's strides, so channels_last weights stay NHWC and autograd
 //! accumulates into them without a layout change. Gradients stay views because autograd's
@@ -85,6 +87,7 @@ unsafe extern "C" {
 /// Where one parameter lives.
 struct Slot {
     bucket: usize,
+    /// Offset of its first element in the flat buffers (all buckets together).
     offset: i64,
     numel: i64,
     size: Vec<i64>,
@@ -93,10 +96,15 @@ struct Slot {
 
 /// The flat buffers of a model's trainable parameters (see the module docs).
 pub struct Buckets {
-    /// Per bucket: the parameters' values, flat f32 on their device.
+    /// Every parameter's value, flat f32 on their device, bucket after bucket.
+    all_values: Tensor,
+    /// Their gradients, laid out like `all_values`, with one extra trailing element that
+    /// is no parameter's: the rank's divergence flag rides the last bucket's all-reduce
+    /// in it.
+    all_grads: Tensor,
+    /// Per bucket: its part of `all_values`.
     values: Vec<Tensor>,
-    /// Per bucket: their gradients. The last bucket has one extra trailing element that
-    /// is no parameter's: the rank's divergence flag rides the all-reduce in it.
+    /// Per bucket: its part of `all_grads` (the last one with the flag slot).
     grads: Vec<Tensor>,
     /// Per bucket: elements of its parameters (without the trailing slot).
     numels: Vec<i64>,
@@ -160,22 +168,32 @@ impl Buckets {
         }
         let sizes: Vec<usize> = order.iter().map(|&i| params[i].1.numel()).collect();
         let ranges = plan(&sizes, first_cap, cap);
-        let mut buckets =
-            Buckets { values: Vec::new(), grads: Vec::new(), numels: Vec::new(), slots: Vec::new(), order: Vec::new() };
+        let total: i64 = sizes.iter().map(|&n| n as i64).sum();
+        let all_values = Tensor::f_zeros([total], (Kind::Float, device))?;
+        let all_grads = Tensor::f_zeros([total + 1], (Kind::Float, device))?;
+        let mut buckets = Buckets {
+            all_values,
+            all_grads,
+            values: Vec::new(),
+            grads: Vec::new(),
+            numels: Vec::new(),
+            slots: Vec::new(),
+            order: Vec::new(),
+        };
         let mut slots: Vec<Option<Slot>> = (0..params.len()).map(|_| None).collect();
+        let mut offset = 0i64;
         for (b, range) in ranges.iter().enumerate() {
             let numel: i64 = sizes[range.clone()].iter().map(|&n| n as i64).sum();
             let tail = i64::from(b + 1 == ranges.len());
-            buckets.values.push(Tensor::f_zeros([numel], (Kind::Float, device))?);
-            buckets.grads.push(Tensor::f_zeros([numel + tail], (Kind::Float, device))?);
+            buckets.values.push(buckets.all_values.f_narrow(0, offset, numel)?);
+            buckets.grads.push(buckets.all_grads.f_narrow(0, offset, numel + tail)?);
             buckets.numels.push(numel);
             buckets.order.push(order[range.clone()].to_vec());
-            let mut offset = 0i64;
             for &i in &order[range.clone()] {
                 let (name, p) = &params[i];
                 let slot = Slot { bucket: b, offset, numel: p.numel() as i64, size: p.size(), stride: p.stride() };
-                let value = buckets.view(&buckets.values[b], &slot)?;
-                let grad = buckets.view(&buckets.grads[b], &slot)?;
+                let value = buckets.view(&buckets.all_values, &slot)?;
+                let grad = buckets.view(&buckets.all_grads, &slot)?;
                 tch::no_grad(|| value.shallow_clone().f_copy_(p))?;
                 let mut handle = p.shallow_clone();
                 handle.set_data(&value);
@@ -195,8 +213,8 @@ impl Buckets {
         Ok(buckets)
     }
 
-    /// The part of `buffer` (a bucket buffer or one laid out like it) that holds `slot`'s
-    /// parameter, with the parameter's shape and strides.
+    /// The part of `buffer` (the flat values or gradients, or a buffer laid out like them)
+    /// that holds `slot`'s parameter, with the parameter's shape and strides.
     fn view(&self, buffer: &Tensor, slot: &Slot) -> Result<Tensor, TchError> {
         buffer.f_narrow(0, slot.offset, slot.numel)?.f_as_strided(slot.size.as_slice(), slot.stride.as_slice(), None)
     }
@@ -242,20 +260,28 @@ impl Buckets {
         Some(self.grads[last].narrow(0, self.numels[last], 1))
     }
 
-    /// Zeroes every gradient (and the flag slot): one call per bucket.
+    /// Every parameter's value, flat (all buckets together): one tensor for whole-model
+    /// elementwise work such as the SGD update.
+    pub fn all_values(&self) -> Tensor {
+        self.all_values.shallow_clone()
+    }
+
+    /// Every gradient, flat (all buckets together), without the trailing flag slot.
+    pub fn all_grads(&self) -> Tensor {
+        self.all_grads.narrow(0, 0, self.all_values.numel() as i64)
+    }
+
+    /// Zeroes every gradient (and the flag slot): one kernel.
     pub fn zero_grads(&mut self) {
         tch::no_grad(|| {
-            for g in &mut self.grads {
-                let _ = g.zero_();
-            }
+            let _ = self.all_grads.zero_();
         });
     }
 
-    /// Parameter `i`'s part of `per_bucket[its bucket]`, where `per_bucket` holds one flat
-    /// buffer per bucket laid out like the values (the optimizer's momentum buffers).
-    pub fn param_view(&self, per_bucket: &[Tensor], i: usize) -> Result<Tensor, TchError> {
-        let slot = &self.slots[i];
-        self.view(&per_bucket[slot.bucket], slot)
+    /// Parameter `i`'s part of `flat`, a buffer laid out like [`Buckets::all_values`] (the
+    /// optimizer's momentum), with the parameter's shape and strides.
+    pub fn param_view(&self, flat: &Tensor, i: usize) -> Result<Tensor, TchError> {
+        self.view(flat, &self.slots[i])
     }
 
     /// The bucket parameter `i` lives in.
@@ -309,6 +335,38 @@ mod tests {
             assert_eq!(covered, (0..sizes.len()).collect::<Vec<_>>(), "every parameter once, in order");
             assert!(buckets.iter().all(|r| !r.is_empty()));
         }
+    }
+
+    /// Every bucket's values and gradients, and every parameter and its `.grad`, are parts
+    /// of one flat buffer each, in bucket order: a whole-model operation is one kernel.
+    #[test]
+    fn buckets_are_consecutive_parts_of_one_flat_buffer_each() {
+        let p = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let params = vec![("a".to_string(), p(3)), ("b".into(), p(5)), ("c".into(), p(2)), ("d".into(), p(4))];
+        let buckets = Buckets::in_order(&params, &[3, 2, 1, 0], 4, 7).unwrap();
+        assert_eq!(buckets.len(), 3);
+        let f32_at = |base: &Tensor, t: &Tensor| (t.data_ptr() as usize - base.data_ptr() as usize) / 4;
+        let (values, grads) = (buckets.all_values(), buckets.all_grads());
+        assert_eq!((values.numel(), grads.numel()), (14, 14));
+        let mut start = 0;
+        for b in 0..buckets.len() {
+            assert_eq!(f32_at(&values, &buckets.values(b)), start, "bucket {b} values");
+            assert_eq!(f32_at(&grads, &buckets.grads(b)), start, "bucket {b} grads");
+            start += buckets.numels()[b] as usize;
+        }
+        assert_eq!(start, 14);
+        // Parameter d (placed first) starts the buffers; a, placed last, ends them.
+        assert_eq!(f32_at(&values, &params[3].1), 0);
+        assert_eq!(f32_at(&values, &params[0].1), 11);
+        assert_eq!(f32_at(&grads, &params[0].1.grad()), 11);
+        // One write through the flat buffer reaches every parameter; one zero every grad.
+        let _ = tch::no_grad(|| values.shallow_clone().fill_(2.0));
+        assert!(params.iter().all(|(_, t)| Vec::<f32>::try_from(t).unwrap().iter().all(|&x| x == 2.0)));
+        let _ = tch::no_grad(|| buckets.all_grads().fill_(1.0));
+        let mut buckets = buckets;
+        buckets.zero_grads();
+        assert!(params.iter().all(|(_, t)| Vec::<f32>::try_from(t.grad()).unwrap().iter().all(|&x| x == 0.0)));
+        assert_eq!(buckets.flag_slot().unwrap().double_value(&[0]), 0.0, "the flag slot is zeroed too");
     }
 
     /// Buckets planned over a given order: parameter indices keep their meaning, the

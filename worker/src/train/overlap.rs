@@ -22,7 +22,7 @@
 //! - **Buckets in ready order** ([`ready_order`]): at construction one probe backward (a
 //!   zero batch, eval mode, so no statistics change and no random numbers are drawn)
 //!   records the order in which autograd finishes the parameters; the buckets are planned
-//!   over that order, a small first one (1 MB, [`FIRST_BUCKET_ELEMS`]) and then `--bucket-cap-mb` (4 MB)
+//!   over that order, a small first one (1 MB, [`FIRST_BUCKET_ELEMS`]) and then `--bucket-cap-mb` (by default 4 MB on CPU, 25 MB on CUDA)
 //!   ones, so the first bucket is complete early in backward. The order depends only on
 //!   the model, so every rank (and every resumed run) gets the same layout; the ranks
 //!   still compare a fingerprint of it before training ([`check_same_layout`]).

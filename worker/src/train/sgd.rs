@@ -13,12 +13,12 @@ use tch::Tensor;
 pub struct Sgd {
     /// Trainable parameters in a fixed (name-sorted) order shared by every rank.
     params: Vec<(String, Tensor)>,
-    /// The parameters and their gradients, as views into flat buckets: the update runs
-    /// over whole buckets, a few operations each instead of a few per parameter.
+    /// The parameters and their gradients, as views into one flat buffer each: the update
+    /// is a few operations over all of them instead of a few per parameter.
     buckets: Buckets,
-    /// One flat buffer per bucket, laid out like its values; absent before the first step
+    /// One flat buffer laid out like [`Buckets::all_values`]; absent before the first step
     /// (torch.optim.SGD creates the buffer from the first gradient).
-    momentum_buffers: Option<Vec<Tensor>>,
+    momentum_buffers: Option<Tensor>,
     pub momentum: f64,
     pub weight_decay: f64,
 }
@@ -51,7 +51,7 @@ impl Sgd {
         &mut self.buckets
     }
 
-    /// Zeroes every gradient: one call per bucket.
+    /// Zeroes every gradient: one kernel.
     pub fn zero_grad(&mut self) {
         self.buckets.zero_grads();
     }
@@ -61,37 +61,31 @@ impl Sgd {
         // with no temporary. The final `p -= lr * buf` stays a multiply then a subtract:
         // a fused version rounds differently and measurably widened the gap between 1 ×
         // 2b and 2 × b training (worker/tests/equivalence.rs). Every operation is
-        // elementwise, so running it over a whole bucket gives each element exactly what
-        // the per-parameter loop gave.
+        // elementwise, so running it over all parameters at once (the buckets are parts of
+        // one flat buffer) gives each element exactly what a per-parameter loop gives, in
+        // four kernels whatever the model.
         let wd = Tensor::from(self.weight_decay as f32);
-        let first = self.momentum_buffers.is_none() && self.momentum != 0.0;
         tch::no_grad(|| {
-            let mut new_buffers = Vec::new();
-            for b in 0..self.buckets.len() {
-                let mut p = self.buckets.values(b);
-                // In place on the gradient: it is consumed here and cleared before the
-                // next backward, exactly as torch.optim.SGD's out-of-place `add` would be.
-                let mut d = self.buckets.grads(b);
-                if self.weight_decay != 0.0 {
-                    let _ = d.addcmul_(&p, &wd);
+            let mut p = self.buckets.all_values();
+            // In place on the gradient: it is consumed here and cleared before the next
+            // backward, exactly as torch.optim.SGD's out-of-place `add` would be.
+            let mut d = self.buckets.all_grads();
+            if self.weight_decay != 0.0 {
+                let _ = d.addcmul_(&p, &wd);
+            }
+            let update = match self.momentum_buffers.as_mut() {
+                Some(buf) => {
+                    let _ = buf.g_mul_scalar_(self.momentum).g_add_(&d);
+                    buf.shallow_clone()
                 }
-                let update = match self.momentum_buffers.as_mut() {
-                    Some(bufs) => {
-                        let _ = bufs[b].g_mul_scalar_(self.momentum).g_add_(&d);
-                        bufs[b].shallow_clone()
-                    }
-                    None if first => {
-                        let buf = d.detach().copy();
-                        new_buffers.push(buf.shallow_clone());
-                        buf
-                    }
-                    None => d,
-                };
-                let _ = p.g_sub_(&(update * lr));
-            }
-            if first {
-                self.momentum_buffers = Some(new_buffers);
-            }
+                None if self.momentum != 0.0 => {
+                    let buf = d.detach().copy();
+                    self.momentum_buffers = Some(buf.shallow_clone());
+                    buf
+                }
+                None => d,
+            };
+            let _ = p.g_sub_(&(update * lr));
         });
     }
 
@@ -115,7 +109,7 @@ impl Sgd {
             return Ok(());
         }
         let mut seen = vec![false; self.params.len()];
-        let bufs: Vec<Tensor> = (0..self.buckets.len()).map(|b| self.buckets.values(b).zeros_like()).collect();
+        let bufs = self.buckets.all_values().zeros_like();
         for (name, tensor) in saved {
             let idx = self
                 .params
@@ -222,6 +216,9 @@ mod tests {
         one.zero_grad();
         ((&a * 3.0).sum(Kind::Float) + (&b * &b).sum(Kind::Float)).backward();
         one.step(0.1);
+        let live = one.momentum_buffers();
+        let gap = live[1].1.data_ptr() as usize - live[0].1.data_ptr() as usize;
+        assert_eq!(gap, 6 * 4, "both parameters' momentum are parts of one flat buffer");
         let saved: Vec<(String, Tensor)> = one.momentum_buffers().into_iter().map(|(n, t)| (n, t.copy())).collect();
         let (mut two, _, _) = make();
         assert!(two.momentum_buffers().is_empty(), "no buffers before the first step");

@@ -63,7 +63,7 @@ impl GradSync {
     }
 
     /// Replaces every gradient in `buckets` by its mean over the ranks, unscales it when
-    /// `scaler` is given (one fused check per bucket), and agrees over the ranks whether
+    /// `scaler` is given (one fused check over all of them), and agrees over the ranks whether
     /// any rank's `loss` (the step's mean loss, a tensor on the device) was non-finite —
     /// all in the one all-reduce the step already does: the flag slot after the last
     /// gradient holds this rank's loss if it is non-finite and 0 otherwise, so the sum is
@@ -103,16 +103,16 @@ impl GradSync {
             wire = start.elapsed().as_secs_f64();
         }
 
-        let mut grads: Vec<Tensor> = (0..buckets.len()).map(|b| buckets.grads(b)).collect();
+        // The buckets are parts of one flat buffer: unscaling or averaging is one pass
+        // over all gradients, whatever the number of buckets.
+        let mut grads = buckets.all_grads();
         let apply = match scaler {
             Some(scaler) => {
-                scaler.unscale_all(&mut grads, 1.0 / world as f64)?;
+                scaler.unscale(&mut grads, 1.0 / world as f64)?;
                 scaler.update()?
             }
             None => {
-                for g in &mut grads {
-                    let _ = tch::no_grad(|| g.f_mul_scalar_(1.0 / world as f64))?;
-                }
+                let _ = tch::no_grad(|| grads.f_mul_scalar_(1.0 / world as f64))?;
                 true
             }
         };

@@ -65,6 +65,11 @@ pub enum TrainError {
     Torch(#[from] tch::TchError),
     #[error("training diverged at epoch {epoch} step {step}: {what} is {loss}")]
     Diverged { epoch: u32, step: u64, what: &'static str, loss: f64 },
+    #[error(
+        "training diverged at epoch {epoch} step {step}: the fp16 loss scaler skipped {skipped} steps in a row \
+         from there (gradients non-finite at every loss scale down to {scale:e})"
+    )]
+    ScalerExhausted { epoch: u32, step: u64, skipped: u32, scale: f64 },
     #[error("stopped: {0}")]
     Stopped(String),
 }
@@ -91,7 +96,7 @@ impl TrainError {
         match self {
             // Every step is a deterministic function of the checkpoint it started from
             // (docs/ARCHITECTURE.md, Determinism): a rerun diverges at the same step.
-            TrainError::Diverged { .. } => FailureKind::Diverged,
+            TrainError::Diverged { .. } | TrainError::ScalerExhausted { .. } => FailureKind::Diverged,
             TrainError::Data(_) => FailureKind::Data,
             // The model named by the spec cannot be built by this worker.
             TrainError::Model(_) => FailureKind::Configuration,
@@ -152,6 +157,13 @@ pub struct TrainOutcome {
     pub variables: Vec<(String, Tensor)>,
 }
 
+/// Loss-scaler skips in a row after which an fp16 run counts as diverged. Each skip halves
+/// the scale (GradScaler's backoff factor), so 32 skips take it down by 2^32 (from the
+/// initial 2^16 to 2^-16): an overflow that survives that is no scaling artefact but a
+/// forward pass or gradients that are non-finite on every batch. torch.amp's GradScaler
+/// would skip such steps for ever without training.
+pub const MAX_SKIPPED_IN_A_ROW: u32 = 32;
+
 /// Everything needed to run steps of one model; exposed so benchmarks time the real step.
 pub struct Engine {
     pub vs: VarStore,
@@ -167,6 +179,8 @@ pub struct Engine {
     pub scaler: Option<GradScaler>,
     /// The steps' agreed divergence flags since the last check, on the device.
     pub divergence: DivergenceRecord,
+    /// The first of the steps the loss scaler has skipped in a row, and how many.
+    skipped: Option<((u32, u64), u32)>,
     /// Gradient-ready hooks on every parameter, installed by [`Engine::overlapped_sync`]
     /// (only runs with a comm thread, which overlap the all-reduce with backward, pay for
     /// them).
@@ -210,8 +224,9 @@ impl Engine {
         // first all-reduce can start early in backward (train::overlap).
         let order =
             overlap::ready_order(&params, model.as_ref(), device).map_err(|e| TrainError::Model(e.to_string()))?;
-        // `--bucket-cap-mb` (DDP's bucket_cap_mb); the first bucket stays at most 1 MB.
-        let cap = cvdist_common::spec::bucket_cap_mb(spec) as usize * 1024 * 1024 / 4;
+        // `--bucket-cap-mb` (DDP's bucket_cap_mb, by default per device); the first bucket
+        // stays at most 1 MB.
+        let cap = cvdist_common::spec::bucket_cap_mb(spec, device.is_cuda()) as usize * 1024 * 1024 / 4;
         let buckets = Buckets::in_order(&params, &order, FIRST_BUCKET_ELEMS.min(cap), cap)
             .map_err(|e| TrainError::Model(e.to_string()))?;
         let sgd = Sgd::with_buckets(params, buckets, spec.momentum, spec.weight_decay);
@@ -231,6 +246,7 @@ impl Engine {
             freeze_bn: false,
             scaler: (precision == Precision::Fp16).then(|| GradScaler::new(device)),
             divergence: DivergenceRecord::new(device)?,
+            skipped: None,
             hooks: None,
         })
     }
@@ -344,12 +360,27 @@ impl Engine {
 
     /// The second half of [`Engine::finish_step`]: records the agreed divergence flag of
     /// step `at` and applies the SGD step unless the scaler skipped it.
+    ///
+    /// A skipped step records no divergence: as with torch.amp's GradScaler, an fp16
+    /// overflow (in the forward pass too, which makes the loss itself non-finite) skips the
+    /// step and backs the scale off, and training goes on. Only [`MAX_SKIPPED_IN_A_ROW`]
+    /// skips in a row end the run, as [`TrainError::ScalerExhausted`]: every rank takes the
+    /// same skip decisions (from the all-reduced gradients), so every rank ends at the same
+    /// step.
     pub fn apply(&mut self, reduced: Reduced, lr: f64, at: (u32, u64)) -> Result<(f64, bool), TrainError> {
-        self.divergence.record(&reduced.flag, at)?;
         if reduced.apply {
+            self.divergence.record(&reduced.flag, at)?;
             self.sgd.step(lr);
+            self.skipped = None;
+            return Ok((reduced.wire, true));
         }
-        Ok((reduced.wire, reduced.apply))
+        let (first, count) = self.skipped.get_or_insert((at, 0));
+        *count += 1;
+        if *count >= MAX_SKIPPED_IN_A_ROW {
+            let scale = self.scaler.as_ref().map_or(f64::NAN, |s| s.state().scale);
+            return Err(TrainError::ScalerExhausted { epoch: first.0, step: first.1, skipped: *count, scale });
+        }
+        Ok((reduced.wire, false))
     }
 
     /// Reads the divergence record (one value back from the device): the first step since
