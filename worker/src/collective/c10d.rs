@@ -418,8 +418,13 @@ impl ProcessGroup {
         abort.on_abort(Box::new(move || {
             if let Some(g) = weak.upgrade() {
                 g.in_flight.store(true, Ordering::SeqCst);
-                // SAFETY: a live group; c10d's abort may be called from any thread.
-                unsafe { cvdist_group_abort(g.raw) }
+                abort_within(
+                    ABORT_DEADLINE,
+                    // SAFETY: a live group (held by this closure); c10d's abort may be
+                    // called from any thread.
+                    move || unsafe { cvdist_group_abort(g.raw) },
+                    end_process_after_hung_abort,
+                );
             }
         }));
         Ok(ProcessGroup {
@@ -663,6 +668,56 @@ impl Drop for ProcessGroup {
     }
 }
 
+/// How long a process group's abort may take. NCCL's `ncclCommAbort` can itself hang
+/// (a device stuck in a kernel that never completes); c10d's own heartbeat monitor ends
+/// such a process after `TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC` (480 s by default), which is
+/// longer than a replacement takes to be ready.
+pub const ABORT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Exit status of a worker whose process-group abort hung (the agent's supervisor and
+/// the coordinator see a lost worker and replace it).
+pub const EXIT_ABORT_HUNG: i32 = 75;
+
+/// Runs `abort` on its own thread, so that the caller (the thread that noticed a dead peer
+/// or a job stop) never blocks on it; if it has not returned after `deadline`, calls
+/// `on_hang` (in the worker: [`end_process_after_hung_abort`]) on a watcher thread.
+pub fn abort_within(
+    deadline: Duration,
+    abort: impl FnOnce() + Send + 'static,
+    on_hang: impl FnOnce() + Send + 'static,
+) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new().name("cvdist-group-abort".into()).spawn(move || {
+        abort();
+        let _ = done_tx.send(());
+    });
+    if spawned.is_err() {
+        // No thread to run it on: nothing can end it in time either.
+        on_hang();
+        return;
+    }
+    let _ = std::thread::Builder::new().name("cvdist-abort-watch".into()).spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(deadline) {
+            on_hang();
+        }
+    });
+}
+
+/// A process whose process group cannot be aborted cannot take part in any later group
+/// (its device may still be running the stuck collective): it ends, with one line saying
+/// why, and its supervisor and the coordinator replace it as they replace a lost worker.
+pub fn end_process_after_hung_abort() {
+    tracing::error!(
+        deadline_s = ABORT_DEADLINE.as_secs(),
+        "the process group's abort did not return within the deadline; ending this worker process"
+    );
+    eprintln!(
+        "cvdist-worker: the process group's abort hung for {} s (a stuck device collective); exiting with status {EXIT_ABORT_HUNG}",
+        ABORT_DEADLINE.as_secs()
+    );
+    std::process::exit(EXIT_ABORT_HUNG);
+}
+
 /// The IP a rank's store server binds: the host of its own data-plane address when it is
 /// an IP literal, else every interface.
 pub fn bind_ip(data_addr: &str) -> IpAddr {
@@ -675,4 +730,24 @@ pub fn bind_ip(data_addr: &str) -> IpAddr {
 /// The host part of `host:port`.
 pub fn host_of(addr: &str) -> String {
     addr.rsplit_once(':').map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']').to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// An abort that returns in time ends nothing; one that hangs past the deadline is
+    /// reported (the worker ends its process there) while the caller returned at once.
+    #[test]
+    fn a_hung_abort_is_reported_after_the_deadline_and_never_blocks_the_caller() {
+        for (takes, hangs) in [(Duration::ZERO, false), (Duration::from_secs(3), true)] {
+            let (tx, rx) = mpsc::channel();
+            let called = Instant::now();
+            abort_within(Duration::from_millis(300), move || std::thread::sleep(takes), move || tx.send(()).unwrap());
+            assert!(called.elapsed() < Duration::from_millis(100), "the caller waited for the abort");
+            let reported = rx.recv_timeout(Duration::from_secs(2)).is_ok();
+            assert_eq!(reported, hangs, "abort taking {takes:?}");
+        }
+    }
 }
