@@ -242,8 +242,7 @@ fn recv_values(
             continue;
         }
         let tmp = &mut scratch.values[..piece.len()];
-        wire.decode(w, tmp);
-        add_into(piece, tmp);
+        wire.decode_add(w, piece, tmp);
         if completes {
             shared.overflowed(wire.round(piece, w));
         }

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod overlap;
 pub mod position;
 pub mod precision;
+pub mod reduction_audit;
 pub mod scaler;
 pub mod schedule;
 pub mod sgd;

@@ -49,6 +49,7 @@
 //!   thread, which reports it as a failure instead of hanging.
 
 use super::buckets::Buckets;
+use super::reduction_audit::ReductionAudit;
 use crate::collective::{AbortHandle, Collective, CollectiveError};
 use std::ffi::c_void;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -428,6 +429,7 @@ fn use_cuda_device(d: usize) {
 /// step reports it instead of waiting for a reply that never comes.
 fn serve(comm: &mut dyn Collective, rx: Receiver<Msg>, done: Sender<Done>) {
     let mut failed: Option<String> = None;
+    let mut audit = ReductionAudit::from_env();
     for msg in rx {
         match msg {
             Msg::Stop => break,
@@ -444,9 +446,15 @@ fn serve(comm: &mut dyn Collective, rx: Receiver<Msg>, done: Sender<Done>) {
                     Some(why) => Err(CollectiveError::Broken(format!("an earlier gradient reduction failed: {why}"))),
                     None => {
                         let reduced = catch(|| {
+                            if let Some(a) = audit.as_mut() {
+                                a.before(&grad)?;
+                            }
                             comm.start_reduce_grads(&mut grad)?;
                             if last {
                                 comm.finish_reduce_grads()?;
+                                if let Some(a) = audit.as_mut() {
+                                    a.after_step(comm)?;
+                                }
                             }
                             Ok(())
                         });
