@@ -36,7 +36,9 @@ t_start=$(date +%s)
 STOP_BOUND=60
 
 say() { echo "slurm-smoke: $*" >&2; }
-fail() { say "FAIL: $*"; exit 1; }
+failure=""
+# The reason is said again after the logs teardown prints, so that a CI log's tail shows it.
+fail() { failure="$*"; say "FAIL: $*"; exit 1; }
 
 for b in cvdist cvdist-worker; do
   [ -x "$bin_dir/$b" ] || fail "$bin_dir/$b is missing: run scripts/build.sh (or set CVDIST_BIN_DIR)"
@@ -106,11 +108,13 @@ teardown() {
       echo "==== $f (last 25 lines)" >&2
       tail -n 25 "$f" >&2
     done
+    [ -z "$failure" ] || say "FAIL (see the logs above): $failure"
   fi
   if [ "${CVDIST_SMOKE_KEEP:-0}" = 1 ]; then say "kept $T"; else rm -rf "$T"; fi
   exit "$rc"
 }
 trap teardown EXIT
+trap '[ -n "$failure" ] || failure="line $LINENO: \"$BASH_COMMAND\" failed"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 

@@ -31,6 +31,12 @@ pub struct LocalRun {
     pub keep_checkpoints: usize,
 }
 
+/// Set on every local worker when several of them train on the same GPU: NCCL refuses two
+/// ranks of one communicator on one device of one host ("Duplicate GPU detected"), so each
+/// worker claims a host of its own. NCCL then connects them through sockets, not NVLink or
+/// shared memory: a way to run a multi-rank job on a one-GPU machine, not a fast one.
+pub const NCCL_HOSTID: &str = "NCCL_HOSTID";
+
 /// Finds `cvdist-worker` next to the running executable (how both are installed), or
 /// where `$CVDIST_WORKER_BIN` says.
 pub fn worker_binary() -> anyhow::Result<PathBuf> {
@@ -133,7 +139,15 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
     if run.out.join(run_dir::SUMMARY_FILE).exists() {
         bail!("{} already holds a finished run; choose another --out", run.out.display());
     }
-    check_device(&run.worker_bin, run.device)?;
+    let shared_gpu = check_device(&run.worker_bin, run.device, run.workers)?;
+    if shared_gpu && std::env::var_os(NCCL_HOSTID).is_none() && !run.quiet {
+        stderr_line(format_args!(
+            "{} local workers share a GPU: each gets its own {NCCL_HOSTID}, so NCCL connects them through \
+             sockets (slower than one worker per GPU)",
+            run.workers
+        ));
+    }
+    let distinct_hosts = shared_gpu && std::env::var_os(NCCL_HOSTID).is_none();
     std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
     let state_dir = run.out.join(".coordinator");
     // Two credentials, as on a cluster: the client token for this process, the worker
@@ -163,7 +177,7 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
 
     let mut children = Vec::new();
     for k in 0..run.workers {
-        children.push(spawn_worker(&run, &url, &worker_token, k)?);
+        children.push(spawn_worker(&run, &url, &worker_token, k, distinct_hosts)?);
     }
     let children = std::sync::Arc::new(tokio::sync::Mutex::new(children));
     let mut supervisor =
@@ -183,7 +197,7 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
                     quiet: true,
                     keep_checkpoints: 0,
                 };
-                spawn_worker(&r, &url, &token, k)
+                spawn_worker(&r, &url, &token, k, distinct_hosts)
             }
         }));
     let outcome = tokio::select! {
@@ -232,23 +246,38 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
 }
 
 /// Refuses a CUDA device this machine does not have before anything starts (otherwise
-/// every worker would exit at once, be restarted and exit again). `cpu` and `auto` cannot
-/// fail, so they skip the check and its libtorch start-up.
-fn check_device(worker_bin: &Path, device: DeviceRequest) -> anyhow::Result<()> {
+/// every worker would exit at once, be restarted and exit again), and says whether two of
+/// the `workers` would train on the same GPU (`--device cuda` gives worker k the GPU of
+/// local rank k, modulo the GPUs visible). `cpu` and `auto` cannot fail, so they skip the
+/// check and its libtorch start-up (and `auto` is never NCCL on a shared GPU: its
+/// collective falls back to the ring when NCCL cannot be set up).
+fn check_device(worker_bin: &Path, device: DeviceRequest, workers: u32) -> anyhow::Result<bool> {
     if matches!(device, DeviceRequest::Cpu | DeviceRequest::Auto) {
-        return Ok(());
+        return Ok(false);
     }
-    let out = std::process::Command::new(worker_bin)
-        .args(["check-device", "--device", &device.to_string()])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("starting {}", worker_bin.display()))?;
-    if !out.status.success() {
-        let text = String::from_utf8_lossy(&out.stderr);
-        let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("device check failed");
-        bail!("{}", line.trim().trim_start_matches("error: "));
+    let mut resolved = Vec::new();
+    for k in 0..workers.max(1) {
+        let out = std::process::Command::new(worker_bin)
+            .args(["check-device", "--device", &device.to_string()])
+            .env("LOCAL_RANK", k.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("starting {}", worker_bin.display()))?;
+        if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("device check failed");
+            bail!("{}", line.trim().trim_start_matches("error: "));
+        }
+        resolved.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        // An explicit cuda:K is the same device for every worker: one check says it all.
+        if matches!(device, DeviceRequest::Cuda(Some(_))) {
+            return Ok(workers > 1);
+        }
     }
-    Ok(())
+    let mut distinct = resolved.clone();
+    distinct.sort();
+    distinct.dedup();
+    Ok(distinct.len() < resolved.len())
 }
 
 /// Restarts local workers that die (a crash, the OOM killer), as a cluster scheduler would
@@ -295,7 +324,13 @@ async fn supervise(
     }
 }
 
-fn spawn_worker(run: &LocalRun, url: &str, worker_token: &str, k: u32) -> anyhow::Result<Child> {
+fn spawn_worker(
+    run: &LocalRun,
+    url: &str,
+    worker_token: &str,
+    k: u32,
+    distinct_nccl_host: bool,
+) -> anyhow::Result<Child> {
     let log_path = run.out.join(format!("worker-{k}.log"));
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = Command::new(&run.worker_bin);
@@ -320,6 +355,9 @@ fn spawn_worker(run: &LocalRun, url: &str, worker_token: &str, k: u32) -> anyhow
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true);
+    if distinct_nccl_host {
+        cmd.env(NCCL_HOSTID, format!("cvdist-local-{k}"));
+    }
     die_with_parent(&mut cmd);
     if let Some(d) = &run.data {
         cmd.arg("--data").arg(d);

@@ -225,6 +225,19 @@ int cvdist_work_completed(CvdWork* w) {
   }
 }
 
+// Where the operation stands on its device, without waiting: 0 still running, 1 completed
+// successfully, 2 failed (an exception recorded, an abort or a timeout included).
+int cvdist_work_state(CvdWork* w) {
+  try {
+    if (!w->work->isCompleted()) {
+      return 0;
+    }
+    return w->work->exception() ? 2 : 1;
+  } catch (...) {
+    return 2;
+  }
+}
+
 // Waits for the operation as c10d defines it (the host for gloo; for NCCL the caller's
 // current stream waits on the device, the host does not) and writes a compressed result
 // back. 0, or -1 with `err` set when the operation failed.

@@ -11,7 +11,7 @@
 #include <vector>
 
 extern "C" {
-// The store operations, implemented in Rust (worker/src/collective/c10d/ffi.rs). Each
+// The store operations, implemented in Rust (worker/src/collective/c10d.rs). Each
 // returns 0 on success and -1 on failure with a message in `err` (at most `cap` bytes,
 // NUL-terminated). `out` is an opaque `std::vector<uint8_t>*` filled through
 // `cvdist_bytes_assign`.

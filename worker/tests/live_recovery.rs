@@ -11,7 +11,9 @@ mod support;
 use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec};
 use cvdist_common::sampler;
-use cvdist_worker::collective::{ring::Ring, AbortHandle, Collective, CollectiveError, GradCompression, Solo};
+use cvdist_worker::collective::{
+    ring::Ring, AbortHandle, Collective, CollectiveError, Completion, CompletionState, GradCompression, Solo,
+};
 use cvdist_worker::data::Datasets;
 use cvdist_worker::train::live_state::{self, LiveSlot};
 use cvdist_worker::train::position::Position;
@@ -66,10 +68,13 @@ struct Member {
     /// Abort this rank's group at the BatchNorm all-reduce of this step (of the first
     /// epoch), after the step's gradient all-reduce completed.
     abort_bn_at: Option<u64>,
+    /// From this commit on, report the step's collectives as `CompletionState` on the
+    /// device.
+    device_state_from: Option<(u64, CompletionState)>,
 }
 
 fn member(slot: &LiveSlot) -> Member {
-    Member { slot: slot.clone(), stop_at: None, live: false, abort_bn_at: None }
+    Member { slot: slot.clone(), stop_at: None, live: false, abort_bn_at: None, device_state_from: None }
 }
 
 /// A rank's real communicator that aborts itself (the group's own abort, as a dead peer's
@@ -78,8 +83,11 @@ fn member(slot: &LiveSlot) -> Member {
 /// gradient buckets.
 struct AbortAtBatchNorm {
     inner: Box<dyn Collective>,
-    at: u64,
+    at: Option<u64>,
     exact_calls: u64,
+    /// See [`Member::device_state_from`]; `commits` counts the trainer's asks.
+    device_state: Option<(u64, CompletionState)>,
+    commits: u64,
 }
 
 impl Collective for AbortAtBatchNorm {
@@ -120,7 +128,7 @@ impl Collective for AbortAtBatchNorm {
         self.inner.reduce_tensor_sum(t)
     }
     fn reduce_tensor_sum_exact(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
-        if self.exact_calls == self.at {
+        if Some(self.exact_calls) == self.at {
             self.inner.abort_handle().abort("injected between the gradient and BatchNorm all-reduces");
         }
         self.exact_calls += 1;
@@ -131,6 +139,23 @@ impl Collective for AbortAtBatchNorm {
     }
     fn finish_reduce_grads(&mut self) -> Result<(), CollectiveError> {
         self.inner.finish_reduce_grads()
+    }
+    fn completion(&mut self) -> Option<Completion> {
+        self.commits += 1;
+        match self.device_state {
+            Some((from, state)) if self.commits > from => {
+                // Running for a moment, then `state`: what NCCL's works report after a step.
+                let settles = std::time::Instant::now() + Duration::from_millis(50);
+                Some(Completion::new(move || {
+                    if std::time::Instant::now() < settles {
+                        CompletionState::Running
+                    } else {
+                        state
+                    }
+                }))
+            }
+            _ => self.inner.completion(),
+        }
     }
 }
 
@@ -153,8 +178,14 @@ fn run_group(kind: Comm, attempt: u32, members: Vec<Member>, data: &Datasets) ->
                     let timeout = Duration::from_secs(30);
                     let ring = Ring::connect(rank, world, &peers, listener, "secret", timeout).unwrap();
                     let mut group = support::into_comm(kind, ring, &peers, "secret", timeout);
-                    if let Some(at) = m.abort_bn_at {
-                        group = Box::new(AbortAtBatchNorm { inner: group, at, exact_calls: 0 });
+                    if m.abort_bn_at.is_some() || m.device_state_from.is_some() {
+                        group = Box::new(AbortAtBatchNorm {
+                            inner: group,
+                            at: m.abort_bn_at,
+                            exact_calls: 0,
+                            device_state: m.device_state_from,
+                            commits: 0,
+                        });
                     }
                     let comm = group.as_mut();
                     let cfg = TrainerConfig {
@@ -278,6 +309,26 @@ fn an_abort_between_the_gradient_and_batch_norm_all_reduces_keeps_the_step_befor
         assert_same_weights(&got, &want);
         assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history), "{kind:?} rank {rank}");
         assert_eq!(audit.batches.first().map(|(e, s, _)| (*e, *s)), Some((0, 5)));
+    }
+}
+
+/// A state is kept only when the collectives it was built from completed on the device. On
+/// NCCL the host goes on before a reduction finishes there; if the device later reports it
+/// failed (an abort in flight), the weights hold undefined gradients: such a rank keeps
+/// nothing and recovery falls back to the checkpoint. Here rank 1's group reports the
+/// device state of its last commits (NCCL's, standing in for a GPU) while everything else
+/// is the real ring and trainer: running, then failed, is not kept; running, then
+/// succeeded, is.
+#[test]
+fn a_state_whose_device_collectives_failed_is_not_kept() {
+    let data = datasets();
+    for (state, kept) in [(CompletionState::Failed, false), (CompletionState::Succeeded, true)] {
+        let s = slots(2);
+        let rank_1 = Member { stop_at: Some((0, 5)), device_state_from: Some((3, state)), ..member(&s[1]) };
+        let out = run_group(Comm::Ring, 0, vec![member(&s[0]), rank_1], &data);
+        assert!(out.iter().all(|(r, _)| r.is_err()));
+        assert_eq!(kept_at(&s[0]), (0, 5), "rank 0's own reductions completed");
+        assert_eq!(s[1].lock().unwrap().is_some(), kept, "rank 1 whose last commits' collectives {state:?}");
     }
 }
 

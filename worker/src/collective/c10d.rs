@@ -24,7 +24,7 @@
 //! collective ends at the group's timeout or when a peer's socket closes).
 
 use super::rendezvous::{StoreClient, StoreError, StoreServer};
-use super::{AbortHandle, Collective, CollectiveError, GradCompression};
+use super::{AbortHandle, Collective, CollectiveError, Completion, CompletionState, GradCompression};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,6 +96,7 @@ unsafe extern "C" {
     ) -> *mut CWork;
     fn cvdist_group_barrier(g: *mut CGroup, err: *mut c_char, cap: usize) -> *mut CWork;
     fn cvdist_work_completed(w: *mut CWork) -> c_int;
+    fn cvdist_work_state(w: *mut CWork) -> c_int;
     fn cvdist_work_finish(w: *mut CWork, err: *mut c_char, cap: usize) -> c_int;
     fn cvdist_work_free(w: *mut CWork);
     fn cvdist_group_abort(g: *mut CGroup);
@@ -341,6 +342,9 @@ pub struct ProcessGroup {
     grad_compression: GradCompression,
     /// Gradient buckets started and not yet finished.
     grads: Vec<Pending>,
+    /// NCCL: operations finished in stream order whose completion on the device has not
+    /// been handed to a [`Completion`] yet (kept alive so that it can be polled).
+    unconfirmed: Vec<Pending>,
     broken: Option<String>,
     stats: Arc<GroupStats>,
     /// Rank 0 serves the rendezvous store for as long as the group lives (NCCL may use
@@ -436,6 +440,7 @@ impl ProcessGroup {
             timeout,
             grad_compression: GradCompression::None,
             grads: Vec::new(),
+            unconfirmed: Vec::new(),
             broken: None,
             stats: Arc::default(),
             _server: server,
@@ -522,6 +527,14 @@ impl ProcessGroup {
                 None => CollectiveError::Protocol(format!("{}: {text}", p.op)),
             };
             return Err(self.fail(e));
+        }
+        if self.backend != GroupBackend::Gloo {
+            // Finished in stream order only: its completion is confirmed later. Those that
+            // already succeeded need no confirmation, so the list stays short even when no
+            // one asks for a [`Completion`].
+            // SAFETY: live work handles.
+            self.unconfirmed.retain(|w| unsafe { cvdist_work_state(w.work) } != 1);
+            self.unconfirmed.push(p);
         }
         Ok(())
     }
@@ -650,6 +663,28 @@ impl Collective for ProcessGroup {
     fn wait(&mut self) -> Result<(), CollectiveError> {
         self.finish_reduce_grads()?;
         self.check()
+    }
+    fn completion(&mut self) -> Option<Completion> {
+        if self.backend == GroupBackend::Gloo {
+            return None;
+        }
+        let mut works = std::mem::take(&mut self.unconfirmed);
+        Some(Completion::new(move || {
+            let mut state = CompletionState::Succeeded;
+            for w in &works {
+                // SAFETY: live work handles, owned by this closure.
+                match unsafe { cvdist_work_state(w.work) } {
+                    1 => {}
+                    0 => state = CompletionState::Running,
+                    _ => return CompletionState::Failed,
+                }
+            }
+            if state == CompletionState::Succeeded {
+                // Confirmed once and for all: nothing left to poll or keep alive.
+                works.clear();
+            }
+            state
+        }))
     }
     fn finish(&mut self) -> Result<(), CollectiveError> {
         self.wait()?;

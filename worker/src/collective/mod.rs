@@ -157,6 +157,52 @@ pub trait Collective: Send {
     fn finish_reduce_grads(&mut self) -> Result<(), CollectiveError> {
         Ok(())
     }
+
+    /// Whether the collectives issued so far completed on their device, for those that
+    /// may still be running there: c10d on NCCL finishes an operation only in stream
+    /// order, so a host that went on may hold a state built from a reduction that later
+    /// failed (an abort in flight). None when every operation issued is known complete
+    /// (the ring and gloo wait on the host). Each call covers the operations since the
+    /// previous one (and, in stream order, every earlier one).
+    fn completion(&mut self) -> Option<Completion> {
+        None
+    }
+}
+
+/// Where the device collectives covered by a [`Completion`] stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompletionState {
+    Running,
+    Succeeded,
+    /// Some operation recorded an error (an abort or a timeout included): the values it
+    /// wrote are undefined.
+    Failed,
+}
+
+/// A poll of some device collectives' completion ([`Collective::completion`]).
+pub struct Completion(Box<dyn FnMut() -> CompletionState + Send>);
+
+impl Completion {
+    pub fn new(poll: impl FnMut() -> CompletionState + Send + 'static) -> Completion {
+        Completion(Box::new(poll))
+    }
+
+    /// Where they stand now, without waiting.
+    pub fn poll(&mut self) -> CompletionState {
+        (self.0)()
+    }
+
+    /// Polls until they are no longer running or `limit` has passed.
+    pub fn settle(&mut self, limit: std::time::Duration) -> CompletionState {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let state = self.poll();
+            if state != CompletionState::Running || std::time::Instant::now() >= deadline {
+                return state;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 }
 
 /// The host-memory reductions behind [`Collective::reduce_tensor_sum`] (`grads`: with the

@@ -18,12 +18,12 @@ use super::position::Position;
 use super::scaler::{GradScaler, ScalerState};
 use super::sync::{self, GradSync};
 use super::trainer::{Engine, TrainError};
-use crate::collective::{Collective, CollectiveError};
+use crate::collective::{Collective, CollectiveError, Completion, CompletionState};
 use cvdist_common::proto::JobSpec;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
-use tracing::info;
+use tracing::{info, warn};
 
 /// One rank's state at its last complete step.
 pub struct LiveState {
@@ -242,6 +242,10 @@ pub fn broadcast_from(tensors: &[Tensor], comm: &mut dyn Collective, root: usize
     Ok(())
 }
 
+/// How long a failed attempt waits for its last step's device collectives to settle
+/// before deciding whether its state can be kept.
+pub const CONFIRM_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The trainer's engine, put back into the worker's [`LiveSlot`] at its last commit when
 /// training ends with an error (dropped without [`Keeper::release`]).
 ///
@@ -261,6 +265,9 @@ pub struct Keeper {
     saved: Option<Tensor>,
     /// The statistics the running step commits: its cross-rank average.
     pending: Option<Tensor>,
+    /// Whether the collectives the last commit's state was built from completed on their
+    /// device (None: known complete, as on the ring and gloo).
+    confirm: Option<Completion>,
     /// Every rank's sums after the two newest steps whose BatchNorm all-reduce completed:
     /// (position after the step, the packed sums as reduced, still on the device so that
     /// no step waits to read them).
@@ -288,6 +295,7 @@ impl Keeper {
             sums,
             saved: None,
             pending: None,
+            confirm: None,
             gathered: [None, None],
         };
         keeper.refresh_statistics();
@@ -312,12 +320,23 @@ impl Keeper {
         self.saved = (!flats.is_empty()).then(|| Tensor::cat(&flats, 0));
     }
 
+    /// Whether a state is kept at all (only then does [`Keeper::commit`] want a
+    /// [`Completion`]).
+    pub fn keeps(&self) -> bool {
+        self.slot.is_some()
+    }
+
     /// A step (or an epoch end) is complete at `at`: `sums` holds this rank's epoch sums
-    /// including it, `host` its samples, seconds and all-reduce seconds.
-    pub fn commit(&mut self, at: Position, sums: &DeviceSums, host: [f64; 3]) {
+    /// including it, `host` its samples, seconds and all-reduce seconds. `confirm`: the
+    /// completion of the collectives it was built from, when they may still be running
+    /// on the device (NCCL; [`Collective::completion`]).
+    pub fn commit(&mut self, at: Position, sums: &DeviceSums, host: [f64; 3], confirm: Option<Completion>) {
         if self.slot.is_none() {
             return;
         }
+        // In stream order the new operations complete after the earlier ones: the newest
+        // confirmation covers the earlier states too.
+        self.confirm = confirm;
         self.at = at;
         self.host = host;
         self.sums = sums.snapshot();
@@ -419,6 +438,21 @@ impl Drop for Keeper {
         let Some(engine) = self.engine.take() else { return };
         // The kept model must not keep this attempt's comm thread waiting for buckets.
         engine.disconnect_hooks();
+        // A state built from reductions that did not complete (an abort while NCCL still
+        // ran them) holds undefined gradients in its weights: not kept, so recovery takes
+        // the checkpoint instead. After an abort c10d ends the operations within moments.
+        if let Some(mut confirm) = self.confirm.take() {
+            let state = confirm.settle(CONFIRM_LIMIT);
+            if state != CompletionState::Succeeded {
+                warn!(
+                    epoch = self.at.epoch,
+                    steps = self.at.steps,
+                    ?state,
+                    "the last step's collectives did not complete on the device; its state is not kept"
+                );
+                return;
+            }
+        }
         // The one read of the kept state, at the failure (not per step).
         let read = |t: &Tensor| t.f_to_device(Device::Cpu).and_then(|t| t.f_double_value(&[])).unwrap_or(f64::NAN);
         let [seen, seconds, wire] = self.host;

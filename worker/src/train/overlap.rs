@@ -50,7 +50,7 @@
 
 use super::buckets::Buckets;
 use super::reduction_audit::ReductionAudit;
-use crate::collective::{AbortHandle, Collective, CollectiveError};
+use crate::collective::{AbortHandle, Collective, CollectiveError, Completion, CompletionState};
 use std::ffi::c_void;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -560,6 +560,10 @@ impl Collective for CommProxy {
     fn reduce_tensor_sum_exact(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
         let mut t = t.shallow_clone();
         self.call(move |c| c.reduce_tensor_sum_exact(&mut t))?
+    }
+    fn completion(&mut self) -> Option<Completion> {
+        // A comm thread that is gone cannot confirm anything.
+        self.call(|c| c.completion()).unwrap_or_else(|_| Some(Completion::new(|| CompletionState::Failed)))
     }
 }
 

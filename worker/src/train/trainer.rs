@@ -570,7 +570,8 @@ fn train_on(
             step += 1;
             steps_since_report += 1;
             let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
-            engine.commit(after, &sums, [seen, elapsed, wire_seconds]);
+            let confirm = if engine.keeps() { comm.completion() } else { None };
+            engine.commit(after, &sums, [seen, elapsed, wire_seconds], confirm);
             let every = spec.checkpoint_every_steps as u64;
             // Not in a re-sharded remainder of an epoch: a checkpoint's position is a step
             // of the epoch's own shards (a resume from it restarts such an epoch instead).
@@ -662,7 +663,13 @@ fn train_on(
         if let Some(done) = write_checkpoint(cfg, &mut engine, comm, observer, &mut writer, epoch + 1, 0, [0.0; 5])? {
             deliver(done, observer, &final_name, &mut final_checkpoint_error);
         }
-        engine.commit(Position::epoch_start(epoch + 1, world), &DeviceSums::new(cfg.device, 0.0, 0.0)?, [0.0; 3]);
+        let confirm = if engine.keeps() { comm.completion() } else { None };
+        engine.commit(
+            Position::epoch_start(epoch + 1, world),
+            &DeviceSums::new(cfg.device, 0.0, 0.0)?,
+            [0.0; 3],
+            confirm,
+        );
         observer.epoch(&metrics);
         history.push(metrics);
     }
