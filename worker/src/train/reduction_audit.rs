@@ -96,7 +96,8 @@ impl ReductionAudit {
         };
         let mut buckets = Vec::new();
         for (sent, reduced) in std::mem::take(&mut self.sent) {
-            let mut exact = sent.shallow_clone();
+            // A copy: the bound needs every rank's own |x|, which an in-place sum overwrites.
+            let mut exact = sent.f_detach_copy().map_err(torch)?;
             comm.reduce_tensor_sum_exact(&mut exact)?;
             let mut magnitude = sent.f_abs().map_err(torch)?;
             comm.reduce_tensor_sum_exact(&mut magnitude)?;
