@@ -11,7 +11,8 @@
 #   3. 2-rank jobs through the real worker (`cvdist local --workers 2 --device cuda
 #      --collective nccl`: c10d's ProcessGroupNCCL; the two ranks share the GPU under
 #      distinct NCCL_HOSTIDs, which `cvdist local` sets) with each gradient wire (none, bf16,
-#      fp16), every step's reduced gradients checked on every rank against the exact sum
+#      fp16, under fp32, bf16 and fp16 autocast with the loss scaler), every step's reduced
+#      gradients checked on every rank against the exact sum
 #      (CVDIST_AUDIT_REDUCTIONS, worker/src/train/reduction_audit.rs);
 #   4. a rank killed mid-epoch (SIGKILL): the job recovers from the survivor's live state
 #      with no step replayed, and its final checkpoint's BatchNorm statistics and weights
@@ -131,19 +132,22 @@ sys.exit(1 if missing else 0)
 PY
 
 echo "gpu-check: [3] 2 ranks, --collective $collective, every step's reduction audited on every rank"
+# Each wire with its precision: fp32, bf16 autocast, and fp16 autocast with the loss scaler
+# (a CUDA mode; fp32 on the CPU twin), so the scaled, overlapped, compressed path is audited.
 for wire in none bf16 fp16; do
+  case $wire in none) precision=fp32 ;; *) precision=$wire ;; esac
   run="$out/audit-$wire"
   rm -rf "$run"
   if CVDIST_AUDIT_REDUCTIONS=1000 timeout 150 "$bundle/cvdist" local --model resnet20 --epochs 1 \
     --dataset synthetic --train-samples "$audit_samples" --test-samples 256 --batch-size 128 --workers 2 \
-    --device "$dev" --collective "$collective" --grad-compression "$wire" --quiet --out "$run" \
+    --device "$dev" --collective "$collective" --grad-compression "$wire" --precision "$precision" --quiet --out "$run" \
     > "$out/audit-$wire.log" 2>&1; then
     want=$(( audit_samples / 256 ))
     for k in 0 1; do
       n=$(grep -c 'reduction audit: ok' "$run/worker-$k.log" || true)
       worst=$(grep -o 'worst_error_over_bound=[0-9.e+-]*' "$run/worker-$k.log" | cut -d= -f2 | sort -g | tail -n 1)
       if [ "$n" -ge "$want" ] && ! grep -q 'reduction audit failed' "$run/worker-$k.log"; then
-        echo "gpu-check: wire $wire rank $k: $n steps audited, worst error ${worst:-?} of the bound: ok"
+        echo "gpu-check: wire $wire, $precision, rank $k: $n steps audited, worst error ${worst:-?} of the bound: ok"
       else
         echo "gpu-check: wire $wire rank $k: FAILED ($n of $want steps audited):"
         grep -m 3 'reduction audit' "$run/worker-$k.log"

@@ -224,7 +224,7 @@ def secrets_mounted(docs, workload) -> set[str]:
 
 
 def test_each_credential_is_mounted_only_where_it_is_used(stack):
-    """Issue 17: the client token only where `cvdist submit` runs (and the coordinator),
+    """The client token only where `cvdist submit` runs (and the coordinator),
     the worker credential only in worker pods (and the coordinator)."""
     _, docs = stack
     tokens = {TOKEN, WORKER_TOKEN}
@@ -237,7 +237,7 @@ def test_each_credential_is_mounted_only_where_it_is_used(stack):
 
 
 def test_tls_is_on_by_default(stack):
-    """Issue 17: the tokens travel only over TLS; clients and workers verify the CA."""
+    """The tokens travel only over TLS; clients and workers verify the CA."""
     _, docs = stack
     env = container_env(docs, coord_container(docs))
     assert env.get("CVDIST_TLS_CERT") and env.get("CVDIST_TLS_KEY")
@@ -411,7 +411,7 @@ def test_gpu_overlay(stacks):
             flag_value(args, "--batch-size"), flag_value(args, "--follow")) == ("resnet50", "200", "8", "128", True)
     assert (flag_value(args, "--lr"), flag_value(args, "--scale-lr"), flag_value(args, "--warmup-epochs")) == \
         ("0.1", True, "5")
-    # bf16 autocast on H100/H200-class GPUs (issue 12, item 5).
+    # bf16 autocast on H100/H200-class GPUs.
     assert flag_value(args, "--precision") == "bf16"
     assert int(flag_value(args, "--workers")) <= sts["spec"]["replicas"] * GPUS_PER_NODE
 

@@ -69,7 +69,7 @@ def test_python_client_submits_and_watches(tmp_path):
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        # The client token does not make this client a worker (issue 17).
+        # The client token does not make this client a worker.
         q = queue.Queue()
         q.put(pb.WorkerMessage(register=pb.RegisterRequest(
             protocol_version=2, worker_id="-evil", data_addr="127.0.0.1:9")))

@@ -1,4 +1,4 @@
-"""Issue 17, point 6: a worker trusts no name from its coordinator. A fake coordinator
+"""A worker trusts no name from its coordinator. A fake coordinator
 written with grpcio hands a real `cvdist-worker` process assignments whose job id,
 checkpoint name or peer entries would become paths or dial targets outside the worker's
 cache; the worker refuses each one (reporting the failure) and touches nothing outside its

@@ -16,7 +16,11 @@
 //! summation order) and N the world size: each of the N terms and N partial sums is
 //! rounded at most once (docs/RELIABILITY.md, "The 16-bit wire"); fp16 also loses what
 //! falls below 2^-25 after the division by N. Then every rank's result must equal rank
-//! 0's up to f32 rounding of the check itself. Each audited step logs one
+//! 0's up to f32 rounding of the check itself. A non-finite value (an fp16 loss scale
+//! that overflowed) must reach every rank's result, since the loss scaler decides on it: a
+//! non-finite exact sum requires a non-finite result; a non-finite result is accepted only
+//! there, or where the fp16 wire's range (65504 after the division by N) was exceeded.
+//! Each audited step logs one
 //! `reduction audit` line; a violation fails the attempt with the worst element named.
 //! Audited steps read back from the device (a host wait each): leave it off for timing.
 
@@ -26,6 +30,9 @@ use tracing::info;
 
 /// Environment variable: how many steps of each attempt to audit (absent or 0: none).
 pub const ENV: &str = "CVDIST_AUDIT_REDUCTIONS";
+
+/// The largest finite IEEE 754 binary16 value.
+const F16_MAX: f64 = 65504.0;
 
 /// One step's buckets: what this rank sent, and the buckets reduced in place.
 pub struct ReductionAudit {
@@ -108,9 +115,24 @@ impl ReductionAudit {
         }
         let mut worst_ratio = 0.0f64;
         let mut values = 0usize;
+        let mut non_finite = 0usize;
         for (b, [got, want, mag, all]) in buckets.iter().enumerate() {
             values += got.len();
             for i in 0..got.len() {
+                if !(got[i].is_finite() && want[i].is_finite() && mag[i].is_finite()) {
+                    let wire_overflow = wire == GradCompression::Fp16 && mag[i] / world > F16_MAX;
+                    let ok =
+                        if want[i].is_finite() { got[i].is_finite() || wire_overflow } else { !got[i].is_finite() };
+                    if !ok {
+                        return Err(CollectiveError::Protocol(format!(
+                            "reduction audit failed at step {step}, bucket {b}, element {i} ({wire} wire, world size \
+                             {world}): reduced {} where the exact sum is {} (overflow must reach every rank)",
+                            got[i], want[i]
+                        )));
+                    }
+                    non_finite += 1;
+                    continue;
+                }
                 let bound = 2.0 * world * unit * mag[i] + floor;
                 let err = (got[i] - want[i]).abs();
                 // The check's own sum of N equal f32 values rounds at most N times.
@@ -132,7 +154,7 @@ impl ReductionAudit {
                 }
             }
         }
-        info!(step, values, wire = %wire, worst_error_over_bound = worst_ratio, "reduction audit: ok");
+        info!(step, values, non_finite, wire = %wire, worst_error_over_bound = worst_ratio, "reduction audit: ok");
         Ok(())
     }
 }
