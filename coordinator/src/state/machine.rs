@@ -663,6 +663,8 @@ fn on_report(
                 // stays unused.
                 release_members(job, &reason, t);
                 fail_job(job, format!("{reason}; {NOT_RESTARTED}"), outcome::of_failure(failure_kind), now, t);
+            } else if job.readopting().is_some() {
+                readopt::member_failed(job, &reason, now, t);
             } else {
                 let attempt = job.info.attempt;
                 fail_attempt(job, attempt, reason, now, t);

@@ -546,6 +546,30 @@ mod readopt_edges {
     }
 
     #[test]
+    fn a_failure_before_every_member_is_back_falls_back_to_recovery_without_counting_a_restart() {
+        let now = Now::current();
+        let mut job = reloaded(&running(now), now);
+        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
+        step(&mut job, rejoin("w0", 0), now).unwrap();
+        // w1 stopped the attempt while the coordinator was away; w0's ring broke.
+        let failed = JobReport {
+            job_id: job.info.id.clone(),
+            attempt: 0,
+            rank: 0,
+            kind: Some(cvdist_common::proto::job_report::Kind::Failed("rank 1 closed the connection".into())),
+            failure_kind: cvdist_common::proto::FailureKind::Retryable as i32,
+        };
+        step(&mut job, Event::Report { worker: "w0", report: failed, final_checkpoint_on_disk: false }, now).unwrap();
+        assert_eq!((job.state(), job.info.attempt, job.info.restarts), (JobState::Recovering, 1, 0));
+        let cause = &job.info.recoveries.last().unwrap().cause;
+        assert_eq!(
+            cause,
+            "coordinator restarted; attempt 0 not re-adopted: rank 0 on w0 failed: rank 1 closed the connection \
+             while the others had not re-registered"
+        );
+    }
+
+    #[test]
     fn a_member_back_without_the_attempt_ends_the_wait_at_once() {
         let now = Now::current();
         let mut job = reloaded(&running(now), now);

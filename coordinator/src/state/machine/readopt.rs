@@ -185,6 +185,15 @@ pub(super) fn member_back_without_attempt(job: &mut Job, worker: &str, now: Now,
     }
 }
 
+/// A member of the attempt being re-adopted reported a retryable failure before every
+/// member re-registered. The members still away may have stopped the attempt themselves
+/// (`--detached-timeout` while the coordinator was down), which breaks the ring for those
+/// back: the failure is the restart's consequence, not the job's, so it ends the wait like
+/// a member back without the attempt and is not counted against `max_restarts`.
+pub(super) fn member_failed(job: &mut Job, reason: &str, now: Now, t: &mut Transition) {
+    give_up(job, format!("{reason} while the others had not re-registered"), now, t);
+}
+
 /// The window passed before every member re-registered.
 pub(super) fn deadline(job: &mut Job, now: Now, t: &mut Transition) {
     let Some(r) = job.readopting() else { return };
