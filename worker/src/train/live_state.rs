@@ -13,14 +13,14 @@
 //! rank takes that rank's state by a broadcast over the same authenticated ring the initial
 //! weights travel on.
 
+use super::engine::Engine;
+use super::error::TrainError;
 use super::metrics::DeviceSums;
 use super::position::Position;
 use super::scaler::{GradScaler, ScalerState};
 use super::sync::{self, GradSync};
-use super::trainer::{Engine, TrainError};
 use crate::collective::{Collective, CollectiveError, Completion, CompletionState};
 use cvdist_common::proto::JobSpec;
-use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use tch::{Device, Kind, Tensor};
 use tracing::{info, warn};
@@ -373,9 +373,9 @@ impl Keeper {
         sums: &DeviceSums,
         seen: f64,
     ) -> Result<(f64, bool), TrainError> {
-        let reduced = self.deref_mut().reduce_gradients(grad_sync, comm, loss)?;
+        let reduced = self.engine_mut().reduce_gradients(grad_sync, comm, loss)?;
         self.average_batch_norm(comm, after, sums, seen)?;
-        self.deref_mut().apply(reduced, lr, at)
+        self.engine_mut().apply(reduced, lr, at)
     }
 
     fn average_batch_norm(
@@ -408,22 +408,21 @@ impl Keeper {
         Ok(())
     }
 
+    /// The engine whose state is kept.
+    pub fn engine(&self) -> &Engine {
+        self.engine.as_ref().expect("the engine is present until the keeper is dropped")
+    }
+
+    /// The engine, for what changes its state outside [`Keeper::finish_step`] (forward and
+    /// backward, evaluation, checkpoints); [`Keeper::refresh_statistics`] after a change of
+    /// the BatchNorm statistics makes it the committed state.
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        self.engine.as_mut().expect("the engine is present until the keeper is dropped")
+    }
+
     /// Training ended normally: nothing is kept.
     pub fn release(&mut self) {
         self.slot = None;
-    }
-}
-
-impl Deref for Keeper {
-    type Target = Engine;
-    fn deref(&self) -> &Engine {
-        self.engine.as_ref().expect("the engine is present until the keeper is dropped")
-    }
-}
-
-impl DerefMut for Keeper {
-    fn deref_mut(&mut self) -> &mut Engine {
-        self.engine.as_mut().expect("the engine is present until the keeper is dropped")
     }
 }
 
