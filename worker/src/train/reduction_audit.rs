@@ -14,7 +14,7 @@
 //!
 //! with u the unit roundoff of the wire (2^-8 bf16, 2^-11 fp16, 2^-23 f32 for a different
 //! summation order) and N the world size: each of the N terms and N partial sums is
-//! rounded at most once (docs/RELIABILITY.md, "The 16-bit wire"); fp16 also loses what
+//! rounded at most once (docs/RELIABILITY.md, "The 16-bit gradient wire"); fp16 also loses what
 //! falls below 2^-25 after the division by N. Then every rank's result must equal rank
 //! 0's up to f32 rounding of the check itself. A non-finite value (an fp16 loss scale
 //! that overflowed) must reach every rank's result, since the loss scaler decides on it: a
