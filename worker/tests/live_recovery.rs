@@ -12,7 +12,7 @@ use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec};
 use cvdist_common::sampler;
 use cvdist_worker::collective::{
-    ring::Ring, AbortHandle, Collective, CollectiveError, Completion, CompletionState, GradCompression, Solo,
+    ring::Ring, Collective, CollectiveError, Completion, CompletionState, GradCompression, Solo,
 };
 use cvdist_worker::data::Datasets;
 use cvdist_worker::train::live_state::{self, LiveSlot};
@@ -91,24 +91,7 @@ struct AbortAtBatchNorm {
 }
 
 impl Collective for AbortAtBatchNorm {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        self.inner.all_reduce_sum(buf)
-    }
-    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        self.inner.broadcast(buf, root)
-    }
-    fn barrier(&mut self) -> Result<(), CollectiveError> {
-        self.inner.barrier()
-    }
-    fn abort_handle(&self) -> AbortHandle {
-        self.inner.abort_handle()
-    }
+    support::delegate_required_collective!(inner);
     fn set_grad_compression(&mut self, c: GradCompression) -> Result<(), CollectiveError> {
         self.inner.set_grad_compression(c)
     }
@@ -241,6 +224,17 @@ fn assert_same_weights(a: &TrainOutcome, b: &TrainOutcome) {
 }
 
 /// Two ranks, uninterrupted: the reference.
+/// Every rank of a continued group ends with the uninterrupted run's weights and metrics
+/// bit for bit, and trained nothing before `from` (epoch, step).
+fn assert_continued_like(out: Vec<Ended>, want: &TrainOutcome, from: (u32, u64), what: &str) {
+    for (rank, (r, audit)) in out.into_iter().enumerate() {
+        let got = r.unwrap();
+        assert_same_weights(&got, want);
+        assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history), "{what} rank {rank}");
+        assert_eq!(audit.batches.first().map(|(e, s, _)| (*e, *s)), Some(from), "{what} rank {rank}");
+    }
+}
+
 fn reference(kind: Comm, data: &Datasets) -> TrainOutcome {
     let s = slots(2);
     let mut out = run_group(kind, 0, s.iter().map(member).collect(), data);
@@ -273,13 +267,8 @@ fn a_replacement_continues_bit_identically_with_the_uninterrupted_metrics_on(kin
     let members =
         vec![Member { live: true, ..member(&survivor) }, Member { live: true, ..member(&LiveSlot::default()) }];
     let out = run_group(kind, 1, members, &data);
-    for (rank, (r, audit)) in out.into_iter().enumerate() {
-        let got = r.unwrap();
-        assert_same_weights(&got, &want);
-        assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history), "{kind:?} rank {rank}");
-        // Nothing before the survivor's position was trained again.
-        assert_eq!(audit.batches.first().map(|(e, s, _)| (*e, *s)), Some((0, 5)));
-    }
+    // Nothing before the survivor's position is trained again.
+    assert_continued_like(out, &want, (0, 5), &format!("{kind:?}"));
 }
 
 /// An abort after a step's gradients were reduced and before its BatchNorm statistics were:
@@ -304,12 +293,7 @@ fn an_abort_between_the_gradient_and_batch_norm_all_reduces_keeps_the_step_befor
     }
     let members = s.iter().map(|x| Member { live: true, ..member(x) }).collect();
     let out = run_group(kind, 1, members, &data);
-    for (rank, (r, audit)) in out.into_iter().enumerate() {
-        let got = r.unwrap();
-        assert_same_weights(&got, &want);
-        assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history), "{kind:?} rank {rank}");
-        assert_eq!(audit.batches.first().map(|(e, s, _)| (*e, *s)), Some((0, 5)));
-    }
+    assert_continued_like(out, &want, (0, 5), &format!("{kind:?}"));
 }
 
 /// A state is kept only when the collectives it was built from completed on the device. On
@@ -348,12 +332,7 @@ fn survivors_at_different_steps_continue_from_the_furthest_on(kind: Comm) {
     let ahead = lose_rank_1_at(kind, 6, &data);
     let members = vec![Member { live: true, ..member(&behind) }, Member { live: true, ..member(&ahead) }];
     let out = run_group(kind, 1, members, &data);
-    for (r, audit) in out {
-        let got = r.unwrap();
-        assert_same_weights(&got, &want);
-        assert_eq!(metrics_bits(&got.history), metrics_bits(&want.history));
-        assert_eq!(audit.batches.first().map(|(e, s, _)| (*e, *s)), Some((0, 6)), "from the furthest step");
-    }
+    assert_continued_like(out, &want, (0, 6), &format!("{kind:?}, from the furthest step,"));
 }
 
 #[test]

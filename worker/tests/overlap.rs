@@ -12,7 +12,7 @@
 
 mod support;
 
-use cvdist_worker::collective::{ring::Ring, AbortHandle, Collective, CollectiveError};
+use cvdist_worker::collective::{ring::Ring, Collective, CollectiveError};
 use cvdist_worker::train::buckets::Buckets;
 use cvdist_worker::train::overlap::{self, GradHooks};
 use cvdist_worker::train::sync::{GradSync, SyncError};
@@ -304,24 +304,7 @@ struct Tripwire {
 }
 
 impl Collective for Tripwire {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
-        self.inner.all_reduce_sum(buf)
-    }
-    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        self.inner.broadcast(buf, root)
-    }
-    fn barrier(&mut self) -> Result<(), CollectiveError> {
-        self.inner.barrier()
-    }
-    fn abort_handle(&self) -> AbortHandle {
-        self.inner.abort_handle()
-    }
+    support::delegate_required_collective!(inner);
     fn reduce_tensor_sum(&mut self, t: &mut Tensor) -> Result<(), CollectiveError> {
         if let Some(die) = self.die.take() {
             let _ = die.send(());

@@ -103,3 +103,35 @@ pub fn into_comm(
         Comm::Gloo => Box::new(gloo_group(ring, addrs, secret, timeout)),
     }
 }
+
+/// The methods every `Collective` must define, delegated to `self.$inner`: for test wrappers
+/// that intercept only some of the others (use it inside their `impl Collective` block).
+#[allow(unused_macros)]
+macro_rules! delegate_required_collective {
+    ($inner:ident) => {
+        fn rank(&self) -> usize {
+            self.$inner.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.$inner.world_size()
+        }
+        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), cvdist_worker::collective::CollectiveError> {
+            self.$inner.all_reduce_sum(buf)
+        }
+        fn broadcast(
+            &mut self,
+            buf: &mut [f32],
+            root: usize,
+        ) -> Result<(), cvdist_worker::collective::CollectiveError> {
+            self.$inner.broadcast(buf, root)
+        }
+        fn barrier(&mut self) -> Result<(), cvdist_worker::collective::CollectiveError> {
+            self.$inner.barrier()
+        }
+        fn abort_handle(&self) -> cvdist_worker::collective::AbortHandle {
+            self.$inner.abort_handle()
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use delegate_required_collective;
