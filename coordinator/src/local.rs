@@ -140,14 +140,14 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
         bail!("{} already holds a finished run; choose another --out", run.out.display());
     }
     let shared_gpu = check_device(&run.worker_bin, run.device, run.workers)?;
-    if shared_gpu && std::env::var_os(NCCL_HOSTID).is_none() && !run.quiet {
+    let distinct_hosts = shared_gpu && std::env::var_os(NCCL_HOSTID).is_none();
+    if distinct_hosts && !run.quiet {
         stderr_line(format_args!(
             "{} local workers share a GPU: each gets its own {NCCL_HOSTID}, so NCCL connects them through \
              sockets (slower than one worker per GPU)",
             run.workers
         ));
     }
-    let distinct_hosts = shared_gpu && std::env::var_os(NCCL_HOSTID).is_none();
     std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
     let state_dir = run.out.join(".coordinator");
     // Two credentials, as on a cluster: the client token for this process, the worker
@@ -247,37 +247,33 @@ pub async fn run_local(run: LocalRun, interrupted: impl std::future::Future<Outp
 
 /// Refuses a CUDA device this machine does not have before anything starts (otherwise
 /// every worker would exit at once, be restarted and exit again), and says whether two of
-/// the `workers` would train on the same GPU (`--device cuda` gives worker k the GPU of
-/// local rank k, modulo the GPUs visible). `cpu` and `auto` cannot fail, so they skip the
-/// check and its libtorch start-up (and `auto` is never NCCL on a shared GPU: its
+/// the `workers` would train on the same GPU. `cpu` and `auto` cannot fail, so they skip
+/// the check and its libtorch start-up (and `auto` is never NCCL on a shared GPU: its
 /// collective falls back to the ring when NCCL cannot be set up).
+///
+/// One check suffices: `--device cuda` gives local rank k the GPU k modulo the GPUs
+/// visible (`cvdist_worker::device::resolve`), so the last rank resolves to `cuda:{k}`
+/// exactly when no GPU is shared; an explicit `cuda:K` is the same GPU for every worker.
 fn check_device(worker_bin: &Path, device: DeviceRequest, workers: u32) -> anyhow::Result<bool> {
     if matches!(device, DeviceRequest::Cpu | DeviceRequest::Auto) {
         return Ok(false);
     }
-    let mut resolved = Vec::new();
-    for k in 0..workers.max(1) {
-        let out = std::process::Command::new(worker_bin)
-            .args(["check-device", "--device", &device.to_string()])
-            .env("LOCAL_RANK", k.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("starting {}", worker_bin.display()))?;
-        if !out.status.success() {
-            let text = String::from_utf8_lossy(&out.stderr);
-            let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("device check failed");
-            bail!("{}", line.trim().trim_start_matches("error: "));
-        }
-        resolved.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
-        // An explicit cuda:K is the same device for every worker: one check says it all.
-        if matches!(device, DeviceRequest::Cuda(Some(_))) {
-            return Ok(workers > 1);
-        }
+    let last = workers.max(1) - 1;
+    let out = std::process::Command::new(worker_bin)
+        .args(["check-device", "--device", &device.to_string()])
+        .env("LOCAL_RANK", last.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {}", worker_bin.display()))?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        let line = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("device check failed");
+        bail!("{}", line.trim().trim_start_matches("error: "));
     }
-    let mut distinct = resolved.clone();
-    distinct.sort();
-    distinct.dedup();
-    Ok(distinct.len() < resolved.len())
+    if matches!(device, DeviceRequest::Cuda(Some(_))) {
+        return Ok(workers > 1);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim() != format!("cuda:{last}"))
 }
 
 /// Restarts local workers that die (a crash, the OOM killer), as a cluster scheduler would
