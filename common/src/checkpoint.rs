@@ -4,6 +4,7 @@
 //! file. On the wire it is the proto message `CheckpointState` (conversions in
 //! `crate::convert`); the name is `crate::names::checkpoint_name(epoch, step)`.
 
+use crate::epoch_sums::EpochSums;
 use serde::{Deserialize, Serialize};
 
 /// Version of the JSON record; a reader refuses any other.
@@ -19,18 +20,19 @@ pub struct CheckpointState {
     pub step: u64,
     pub seed: u64,
     pub world_size: u32,
-    /// Running sums of the partially trained epoch over all ranks: loss·samples, correct,
-    /// samples, seconds (rank 0's clock). For readers; resuming uses `rank_partials`.
+    /// Running sums of the partially trained epoch over all ranks (`EpochSums::total`,
+    /// rank 0's clock, no all-reduce seconds; JSON: four numbers). For readers; resuming
+    /// uses `rank_partials`.
     /// (With mixed precision an overflowed step's loss can make the first one non-finite;
     /// such values are written as `crate::nonfinite` describes.)
-    #[serde(with = "crate::nonfinite::array")]
-    pub partial: [f64; 4],
-    /// Each rank's own running sums of the partially trained epoch, by rank: loss·samples,
-    /// correct, samples, seconds, all-reduce seconds. A resumed rank continues from its own
+    #[serde(with = "crate::epoch_sums::four")]
+    pub partial: EpochSums,
+    /// Each rank's own running sums of the partially trained epoch, by rank (JSON: a row
+    /// of five numbers each, in `EpochSums::to_array` order). A resumed rank continues from its own
     /// entry, so the epoch's totals equal the uninterrupted run's bit for bit. Empty in
     /// checkpoints written before this field existed (and at epoch boundaries).
-    #[serde(default, with = "crate::nonfinite::vec_of_arrays")]
-    pub rank_partials: Vec<[f64; 5]>,
+    #[serde(default, with = "crate::epoch_sums::rows_of_five")]
+    pub rank_partials: Vec<EpochSums>,
     /// The fp16 loss scale (1.0 for fp32/bf16 runs); kept for readers, resuming uses
     /// `grad_scaler`.
     #[serde(with = "crate::nonfinite")]
@@ -64,7 +66,7 @@ impl CheckpointState {
             step,
             seed,
             world_size,
-            partial: [0.0; 4],
+            partial: EpochSums::default(),
             rank_partials: Vec::new(),
             loss_scale: 1.0,
             grad_scaler: None,

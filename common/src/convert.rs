@@ -7,6 +7,7 @@
 
 use crate::checkpoint::{CheckpointState, ScalerState};
 use crate::choices::GradCompression;
+use crate::epoch_sums::EpochSums;
 use crate::proto;
 use crate::spec::SpecError;
 
@@ -54,12 +55,28 @@ pub enum CheckpointStateError {
     RankPartials { got: usize, world_size: u32 },
 }
 
-fn sums4(a: &[f64; 4]) -> proto::EpochSums {
-    proto::EpochSums { loss_sum: a[0], correct: a[1], samples: a[2], seconds: a[3], allreduce_seconds: 0.0 }
+impl From<&EpochSums> for proto::EpochSums {
+    fn from(s: &EpochSums) -> proto::EpochSums {
+        proto::EpochSums {
+            loss_sum: s.loss_sum,
+            correct: s.correct,
+            samples: s.samples,
+            seconds: s.seconds,
+            allreduce_seconds: s.allreduce_seconds,
+        }
+    }
 }
 
-fn sums5(a: &[f64; 5]) -> proto::EpochSums {
-    proto::EpochSums { loss_sum: a[0], correct: a[1], samples: a[2], seconds: a[3], allreduce_seconds: a[4] }
+impl From<&proto::EpochSums> for EpochSums {
+    fn from(s: &proto::EpochSums) -> EpochSums {
+        EpochSums {
+            loss_sum: s.loss_sum,
+            correct: s.correct,
+            samples: s.samples,
+            seconds: s.seconds,
+            allreduce_seconds: s.allreduce_seconds,
+        }
+    }
 }
 
 impl From<&CheckpointState> for proto::CheckpointState {
@@ -71,8 +88,9 @@ impl From<&CheckpointState> for proto::CheckpointState {
             step: s.step,
             seed: s.seed,
             world_size: s.world_size,
-            partial: Some(sums4(&s.partial)),
-            rank_partials: s.rank_partials.iter().map(sums5).collect(),
+            // The group's sums carry no all-reduce time (it is a per-rank figure).
+            partial: Some(proto::EpochSums { allreduce_seconds: 0.0, ..(&s.partial).into() }),
+            rank_partials: s.rank_partials.iter().map(Into::into).collect(),
             loss_scale: s.loss_scale,
             grad_scaler: s
                 .grad_scaler
@@ -94,7 +112,6 @@ impl TryFrom<proto::CheckpointState> for CheckpointState {
         if p.rank_partials.len() > p.world_size as usize {
             return Err(CheckpointStateError::RankPartials { got: p.rank_partials.len(), world_size: p.world_size });
         }
-        let partial = p.partial.unwrap_or_default();
         Ok(CheckpointState {
             format_version: p.format_version,
             model: p.model,
@@ -102,12 +119,8 @@ impl TryFrom<proto::CheckpointState> for CheckpointState {
             step: p.step,
             seed: p.seed,
             world_size: p.world_size,
-            partial: [partial.loss_sum, partial.correct, partial.samples, partial.seconds],
-            rank_partials: p
-                .rank_partials
-                .iter()
-                .map(|r| [r.loss_sum, r.correct, r.samples, r.seconds, r.allreduce_seconds])
-                .collect(),
+            partial: EpochSums { allreduce_seconds: 0.0, ..p.partial.as_ref().map(Into::into).unwrap_or_default() },
+            rank_partials: p.rank_partials.iter().map(Into::into).collect(),
             loss_scale: p.loss_scale,
             grad_scaler: p.grad_scaler.map(|g| ScalerState { scale: g.scale, growth_tracker: g.growth_tracker }),
             sha256: p.sha256,
@@ -153,8 +166,11 @@ mod tests {
     #[test]
     fn checkpoint_state_round_trips_through_the_wire_form() {
         let mut s = CheckpointState::new("resnet20", 3, 17, 42, 2);
-        s.partial = [f64::INFINITY, 5.0, 64.0, 1.25];
-        s.rank_partials = vec![[1.0, 2.0, 32.0, 0.5, 0.125], [f64::NEG_INFINITY, 3.0, 32.0, 0.5, 0.25]];
+        s.partial = EpochSums { loss_sum: f64::INFINITY, correct: 5.0, samples: 64.0, seconds: 1.25, allreduce_seconds: 0.0 };
+        s.rank_partials = [[1.0, 2.0, 32.0, 0.5, 0.125], [f64::NEG_INFINITY, 3.0, 32.0, 0.5, 0.25]]
+            .into_iter()
+            .map(EpochSums::from_array)
+            .collect();
         s.loss_scale = 32768.0;
         s.grad_scaler = Some(ScalerState { scale: 32768.0, growth_tracker: 9 });
         s.sha256 = "ab".repeat(32);

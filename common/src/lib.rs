@@ -10,6 +10,7 @@ pub mod cifar;
 pub mod client;
 pub mod convert;
 pub mod download;
+pub mod epoch_sums;
 pub mod models;
 pub mod names;
 pub mod nonfinite;

@@ -103,13 +103,12 @@ pub fn collective_timeout(spec: &JobSpec) -> std::time::Duration {
 }
 
 /// The precision `spec` trains in: its `precision` field, or for specs from clients that
-/// predate the field, "fp16" when the legacy `amp` flag is set and "fp32" otherwise.
+/// predate the field, fp16 when the legacy `amp` flag is set and fp32 otherwise.
 /// `validate` has checked the field, so anything else cannot reach here; it reads as fp32.
-pub fn precision(spec: &JobSpec) -> &str {
+pub fn precision(spec: &JobSpec) -> Precision {
     match spec.precision.as_str() {
-        "" if spec.amp => Precision::Fp16.as_str(),
-        "" => Precision::Fp32.as_str(),
-        p => p,
+        "" if spec.amp => Precision::Fp16,
+        p => p.parse().unwrap_or_default(),
     }
 }
 
@@ -347,22 +346,22 @@ mod tests {
     #[test]
     fn precision_flags_and_the_amp_alias() {
         let mut s = default_spec("resnet20", 1);
-        assert_eq!(precision(&s), "fp32");
+        assert_eq!(precision(&s), Precision::Fp32);
         set_precision(&mut s, Some(Precision::Bf16), false).unwrap();
-        assert_eq!((precision(&s), s.amp), ("bf16", false));
+        assert_eq!((precision(&s), s.amp), (Precision::Bf16, false));
         set_precision(&mut s, None, true).unwrap();
-        assert_eq!((precision(&s), s.amp), ("fp16", true));
+        assert_eq!((precision(&s), s.amp), (Precision::Fp16, true));
         set_precision(&mut s, Some(Precision::Fp16), true).unwrap();
-        assert_eq!(precision(&s), "fp16");
+        assert_eq!(precision(&s), Precision::Fp16);
         assert_eq!(set_precision(&mut s, Some(Precision::Bf16), true), Err(SpecError::AmpConflict("bf16".into())));
         assert_eq!(
             validate(&JobSpec { precision: "half".into(), ..s.clone() }),
             Err(SpecError::Precision("half".into()))
         );
         let legacy = JobSpec { precision: String::new(), amp: true, ..default_spec("resnet20", 1) };
-        assert_eq!((precision(&legacy), validate(&legacy)), ("fp16", Ok(())));
+        assert_eq!((precision(&legacy), validate(&legacy)), (Precision::Fp16, Ok(())));
         let legacy = JobSpec { precision: String::new(), ..default_spec("resnet20", 1) };
-        assert_eq!(precision(&legacy), "fp32");
+        assert_eq!(precision(&legacy), Precision::Fp32);
     }
 
     /// Default 600 s; 0 (a spec from a client without the field) reads as the default.

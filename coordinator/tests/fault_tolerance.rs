@@ -74,8 +74,8 @@ async fn elastic_job_finishes_on_survivors() {
     for k in 0..3 {
         c.start_worker(k, true);
     }
-    // Give all three time to register so the group forms with three.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // All three registered, so the group forms with three.
+    c.wait_workers(3, TIMEOUT).await;
     let job = c.submit(spec((2, 3))).await;
     let url = c.url();
     let mut killed = false;
@@ -270,7 +270,7 @@ async fn live_replacement(fault: Fault, collective: &str) {
     for k in 0..3 {
         c.start_worker(k, true);
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.wait_workers(3, TIMEOUT).await;
     let job = c.submit(spec()).await;
     let url = c.url();
     let mut faulted: Option<((u32, u64), std::time::SystemTime)> = None;
@@ -366,7 +366,7 @@ async fn elastic_job_continues_mid_epoch_on_the_survivors_with_no_step_replayed(
     for k in 0..3 {
         c.start_worker(k, true);
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.wait_workers(3, TIMEOUT).await;
     let mut s = live_spec((2, 3));
     s.train_samples = 4800; // 50 steps per epoch on 3 workers
     let job = c.submit(s).await;
@@ -418,7 +418,7 @@ async fn a_gloo_job_below_its_maximum_grows_when_a_worker_registers() {
 async fn grows(collective: &str) {
     let mut c = Cluster::new(256, 100);
     c.start_worker(0, true);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.wait_workers(1, TIMEOUT).await;
     let mut s = live_spec((1, 2));
     s.epochs = 3;
     s.scale_lr = true;

@@ -323,7 +323,12 @@ async fn checkpoints_come_only_from_rank0_of_the_current_attempt() {
         job_report::Kind::Progress(Progress { epoch: 1, step: 31, steps_per_epoch: 31, ..Default::default() }),
     ))
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The upload follows from the progress once the coordinator has it.
+    let start = Instant::now();
+    while get_job(&c, &queued).await.progress.is_none_or(|p| (p.epoch, p.step) != (1, 31)) {
+        assert!(start.elapsed() < Duration::from_secs(20), "the progress report never arrived\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     upload(&c, chunks(&queued, 0, "ckpt-e0002-s000000", &key0, &data)).await.unwrap();
     assert_eq!(get_job(&c, &queued).await.latest_checkpoint, "ckpt-e0002-s000000");
     // Once the attempt is over (rank 1 lost), its rank 0 uploads nothing more.
@@ -430,12 +435,15 @@ async fn a_slow_attacker_on_the_data_ports_does_not_block_the_ring() {
         c.start_worker_on(k, true, &format!("127.0.0.1:{p}"));
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut attackers = Vec::new();
     for p in ports {
         for _ in 0..24 {
             let stop = stop.clone();
+            let connected = connected.clone();
             attackers.push(tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
+                let mut counted = false;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let sock = tokio::net::TcpSocket::new_v4().unwrap();
                     sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
@@ -443,6 +451,10 @@ async fn a_slow_attacker_on_the_data_ports_does_not_block_the_ring() {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     };
+                    if !counted {
+                        counted = true;
+                        connected.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     // One byte of "CVDRING\x01" every 5 s, until the worker hangs up.
                     for b in b"CVDRING\x01".iter().cycle() {
                         if s.write_all(&[*b]).await.is_err() {
@@ -454,7 +466,12 @@ async fn a_slow_attacker_on_the_data_ports_does_not_block_the_ring() {
             }));
         }
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The attack is in place once every attacker holds a connection.
+    let start = Instant::now();
+    while connected.load(std::sync::atomic::Ordering::SeqCst) < attackers.len() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the attackers could not connect\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let job = c.submit(small_spec("resnet20", 1, (2, 2))).await;
     let info = wait_state_terminal(&c, &job).await;
     assert_eq!(info.state(), JobState::Succeeded, "{}\n{}", info.message, c.logs());

@@ -393,7 +393,7 @@ fn a_state_past_the_unrecorded_epoch_is_not_used() {
         attempt: 1,
         engine: Engine::new(&spec, Device::Cpu).unwrap(),
         at,
-        partial: [0.0; 5],
+        partial: Default::default(),
         rank_sums: None,
     });
     let mut solo = Solo::new();

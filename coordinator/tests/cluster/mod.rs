@@ -212,6 +212,24 @@ impl Cluster {
         text
     }
 
+    /// The value of the unlabelled metric `name` (e.g. `cvdist_workers`); None while the
+    /// coordinator does not report it.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// Waits until exactly `n` workers are registered: a group formed after this has all
+    /// of them to choose from, however slowly the workers started.
+    pub async fn wait_workers(&self, n: u32, within: Duration) {
+        let start = std::time::Instant::now();
+        while self.metric("cvdist_workers") != Some(f64::from(n)) {
+            assert!(start.elapsed() < within, "{n} workers did not register within {within:?}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {

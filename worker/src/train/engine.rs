@@ -99,8 +99,8 @@ impl Engine {
         let buckets = Buckets::in_order(&params, &order, FIRST_BUCKET_ELEMS.min(cap), cap)
             .map_err(|e| TrainError::Model(e.to_string()))?;
         let sgd = Sgd::with_buckets(params, buckets, spec.momentum, spec.weight_decay);
-        let asked = Precision::parse(cvdist_common::spec::precision(spec));
-        let precision = asked.effective(device);
+        let asked = cvdist_common::spec::precision(spec);
+        let precision = precision::effective(asked, device);
         if precision != asked {
             warn!("fp16 mixed precision (--amp) is a CUDA mode; this CPU run trains in fp32 (bf16 works on CPU: --precision bf16)");
         }

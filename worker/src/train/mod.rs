@@ -6,6 +6,7 @@ pub mod ckpt_writer;
 pub mod divergence;
 pub mod engine;
 pub mod error;
+pub mod exact_gather;
 pub mod live_state;
 pub mod metrics;
 pub mod observer;

@@ -15,40 +15,15 @@
 
 use tch::Device;
 
-/// The precision a run trains in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    Fp32,
-    Bf16,
-    Fp16,
-}
+pub use cvdist_common::choices::Precision;
 
-impl Precision {
-    /// Parses the spec's value (`cvdist_common::spec::precision`); unknown values read as
-    /// fp32 (the spec validation has rejected them before a trainer sees them).
-    pub fn parse(text: &str) -> Precision {
-        match text {
-            "bf16" => Precision::Bf16,
-            "fp16" => Precision::Fp16,
-            _ => Precision::Fp32,
-        }
-    }
-
-    /// What actually runs on `device`: fp16 is a CUDA mode (see the module comment).
-    pub fn effective(self, device: Device) -> Precision {
-        if self == Precision::Fp16 && !device.is_cuda() {
-            Precision::Fp32
-        } else {
-            self
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-            Precision::Fp16 => "fp16",
-        }
+/// What actually runs on `device` for `precision`: fp16 is a CUDA mode (see the module
+/// comment), so a CPU run of an fp16 job trains in fp32.
+pub fn effective(precision: Precision, device: Device) -> Precision {
+    if precision == Precision::Fp16 && !device.is_cuda() {
+        Precision::Fp32
+    } else {
+        precision
     }
 }
 
@@ -77,7 +52,7 @@ impl Drop for Restore {
 
 /// Runs `f` (a forward pass) under autocast for `precision` on `device`'s device type.
 pub fn autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -> T) -> T {
-    let bf16 = match precision.effective(device) {
+    let bf16 = match effective(precision, device) {
         Precision::Fp32 => return f(),
         Precision::Bf16 => 1,
         Precision::Fp16 => 0,
@@ -89,7 +64,7 @@ pub fn autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -> T) 
     if rc != 0 {
         // Only reachable if libtorch's autocast tables reject the device type: train in fp32
         // rather than abort, and say so.
-        tracing::warn!(precision = precision.name(), "libtorch refused to enable autocast; this pass runs in fp32");
+        tracing::warn!(precision = precision.as_str(), "libtorch refused to enable autocast; this pass runs in fp32");
         return f();
     }
     let _restore = Restore { cuda, prev_enabled, prev_dtype };

@@ -120,49 +120,53 @@ impl GradSync {
     }
 }
 
-/// Views a contiguous CPU f32 tensor's storage as a slice.
-fn host_slice(t: &mut Tensor, numel: usize) -> &mut [f32] {
-    assert!(t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous());
-    assert_eq!(t.numel(), numel);
-    // FFI, not a byte cast: the memory is libtorch's, reached only through a raw pointer, so
-    // `bytemuck` (which casts between Rust slices) cannot express this view.
-    // SAFETY: the tensor is a contiguous CPU float tensor of `numel` elements that we own
-    // exclusively for the lifetime of the returned borrow (`&mut Tensor`).
-    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, numel) }
+/// Copies consecutive pieces of the 1-D `flat` into `tensors`, each in its own shape,
+/// kind and device: the inverse of flattening them in order and concatenating.
+pub fn unflatten_into(tensors: &[&Tensor], flat: &Tensor) {
+    tch::no_grad(|| {
+        let mut offset = 0i64;
+        for t in tensors {
+            let n = t.numel() as i64;
+            let src = flat.narrow(0, offset, n).view(t.size().as_slice()).to_kind(t.kind()).to_device(t.device());
+            let mut dst = t.shallow_clone();
+            dst.copy_(&src);
+            offset += n;
+        }
+    });
 }
 
-/// Runs `op` over the named tensors packed into one host buffer, then writes the result back.
+/// Runs `op` over `tensors` packed into one host f32 buffer (f32 on the wire: weights,
+/// momentum and running statistics are f32; `num_batches_tracked` counts stay exact below
+/// 2^24), then writes the result back.
 fn through_host(
-    tensors: &[(String, Tensor)],
+    tensors: &[&Tensor],
     op: impl FnOnce(&mut [f32]) -> Result<(), CollectiveError>,
 ) -> Result<(), CollectiveError> {
     if tensors.is_empty() {
         return Ok(());
     }
     let flats: Vec<Tensor> =
-        tensors.iter().map(|(_, t)| t.detach().reshape([-1]).to_device(Device::Cpu).to_kind(Kind::Float)).collect();
-    let mut flat = Tensor::cat(&flats, 0).contiguous();
+        tensors.iter().map(|t| t.detach().reshape([-1]).to_device(Device::Cpu).to_kind(Kind::Float)).collect();
+    let flat = Tensor::cat(&flats, 0).contiguous();
     let numel = flat.numel();
-    op(host_slice(&mut flat, numel))?;
-    tch::no_grad(|| {
-        let mut offset = 0i64;
-        for (_, t) in tensors {
-            let n = t.numel() as i64;
-            let src = flat.narrow(0, offset, n).view_as(t).to_kind(t.kind()).to_device(t.device());
-            let mut dst = t.shallow_clone();
-            dst.copy_(&src);
-            offset += n;
-        }
-    });
+    let mut host = vec![0f32; numel];
+    flat.copy_data(&mut host, numel);
+    op(&mut host)?;
+    unflatten_into(tensors, &Tensor::from_slice(&host));
     Ok(())
+}
+
+/// Makes every rank's `tensors` equal rank `root`'s.
+pub fn broadcast(tensors: &[&Tensor], comm: &mut dyn Collective, root: usize) -> Result<(), CollectiveError> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    through_host(tensors, |buf| comm.broadcast(buf, root))
 }
 
 /// Makes every rank hold rank 0's values (weights and buffers at the start of a job).
 pub fn broadcast_from_root(tensors: &[(String, Tensor)], comm: &mut dyn Collective) -> Result<(), CollectiveError> {
-    if comm.world_size() == 1 {
-        return Ok(());
-    }
-    through_host(tensors, |buf| comm.broadcast(buf, 0))
+    broadcast(&tensors.iter().map(|(_, t)| t).collect::<Vec<_>>(), comm, 0)
 }
 
 /// Averages BatchNorm running statistics over the ranks. Each rank's statistics only saw
@@ -174,7 +178,7 @@ pub fn average_running_stats(buffers: &[(String, Tensor)], comm: &mut dyn Collec
     if world == 1 {
         return Ok(());
     }
-    through_host(buffers, |buf| {
+    through_host(&buffers.iter().map(|(_, t)| t).collect::<Vec<_>>(), |buf| {
         comm.all_reduce_sum(buf)?;
         let inv = 1.0 / world as f32;
         buf.iter_mut().for_each(|x| *x *= inv);
@@ -194,77 +198,4 @@ pub fn sum_metrics(values: &mut [f64], comm: &mut dyn Collective) -> Result<(), 
         *v = b as f64;
     }
     Ok(())
-}
-
-/// Every rank's `values`, by rank, exactly (bit for bit) on every rank. Every rank must
-/// pass the same number of values.
-///
-/// The collectives only sum f32. Each f64 is cut into four 16-bit pieces, each held
-/// exactly by an f32; every rank fills only its own slots and leaves the others 0.0, so
-/// the sum is exact (x + 0 = x) whatever the reduction order. Used for the per-rank
-/// partial-epoch sums a checkpoint carries: rounding them would make a resumed epoch's
-/// totals differ from the uninterrupted run's.
-pub fn gather_f64(values: &[f64], comm: &mut dyn Collective) -> Result<Vec<Vec<f64>>, CollectiveError> {
-    let world = comm.world_size();
-    if world == 1 {
-        return Ok(vec![values.to_vec()]);
-    }
-    let mut buf = pack_f64(values, comm.rank(), world);
-    comm.all_reduce_sum(&mut buf)?;
-    Ok(unpack_f64(&buf, world))
-}
-
-const PIECES: usize = 4;
-
-/// `values` in rank `rank`'s slots of a buffer for `world` ranks, 16 bits per f32.
-fn pack_f64(values: &[f64], rank: usize, world: usize) -> Vec<f32> {
-    let per_rank = values.len() * PIECES;
-    let mut buf = vec![0f32; world * per_rank];
-    for (v, slot) in values.iter().zip(buf[rank * per_rank..].chunks_mut(PIECES)) {
-        let bits = v.to_bits();
-        for (k, piece) in slot.iter_mut().enumerate() {
-            *piece = ((bits >> (16 * k)) & 0xffff) as f32;
-        }
-    }
-    buf
-}
-
-fn unpack_f64(buf: &[f32], world: usize) -> Vec<Vec<f64>> {
-    let per_rank = buf.len() / world.max(1);
-    buf.chunks(per_rank.max(1))
-        .map(|rank| {
-            rank.chunks(PIECES)
-                .map(|slot| {
-                    let bits =
-                        slot.iter().enumerate().fold(0u64, |acc, (k, &p)| acc | ((p as u64 & 0xffff) << (16 * k)));
-                    f64::from_bits(bits)
-                })
-                .collect()
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Two ranks' packed buffers summed as the ring sums them (f32 adds) unpack to each
-    /// rank's exact values, including ones f32 cannot hold.
-    #[test]
-    fn gathered_f64_values_are_bit_exact() {
-        let a = [1.742447123456789e3, -0.0, f64::MIN_POSITIVE, 1.0 / 3.0, 123456789.125];
-        let b = [2.0f64.powi(60) + 1.0, 1e-300, -7.25, f64::MAX, 0.1];
-        let mut sum = pack_f64(&a, 0, 2);
-        for (s, x) in sum.iter_mut().zip(pack_f64(&b, 1, 2)) {
-            *s += x;
-        }
-        let got = unpack_f64(&sum, 2);
-        assert_eq!(got.len(), 2);
-        for (want, have) in [a, b].iter().zip(&got) {
-            assert_eq!(
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                have.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
-        }
-    }
 }

@@ -9,6 +9,7 @@ use super::ckpt_writer::{BackgroundWriter, Done};
 use super::divergence::CHECK_EVERY_STEPS;
 use super::engine::Engine;
 use super::error::TrainError;
+use super::exact_gather;
 use super::live_state::{Keeper, LiveSlot, LiveStart};
 use super::metrics::DeviceSums;
 use super::observer::Observer;
@@ -19,6 +20,7 @@ use super::schedule::learning_rate;
 use super::sync::{self, GradSync};
 use crate::collective::Collective;
 use crate::data::loader::Loader;
+use cvdist_common::epoch_sums::EpochSums;
 use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
 use cvdist_common::sampler;
 use std::path::PathBuf;
@@ -143,8 +145,8 @@ fn train_on(
         let segment = at.segment(train_len, cfg.rank, spec.seed, batch);
         let steps_per_epoch = segment.steps_per_epoch;
         let skip = at.step(batch);
-        let [loss_sum, correct, mut seen, prior_seconds, mut wire_seconds] =
-            if epoch == start_epoch { partial } else { [0.0; 5] };
+        let EpochSums { loss_sum, correct, samples: mut seen, seconds: prior_seconds, allreduce_seconds: mut wire_seconds } =
+            if epoch == start_epoch { partial } else { EpochSums::default() };
         // Σ loss·samples and Σ correct stay on the device and are read back only where
         // a value is needed (progress line, checkpoint, epoch end); `seen` is known here.
         let mut sums = DeviceSums::new(cfg.device, loss_sum, correct)?;
@@ -197,7 +199,8 @@ fn train_on(
             steps_since_report += 1;
             let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
             let confirm = if kept.keeps() { comm.completion() } else { None };
-            kept.commit(after, &sums, [seen, elapsed, wire_seconds], confirm);
+            let host = EpochSums { samples: seen, seconds: elapsed, allreduce_seconds: wire_seconds, ..EpochSums::default() };
+            kept.commit(after, &sums, host, confirm);
             let every = spec.checkpoint_every_steps as u64;
             // Not in a re-sharded remainder of an epoch: a checkpoint's position is a step
             // of the epoch's own shards (a resume from it restarts such an epoch instead).
@@ -227,7 +230,13 @@ fn train_on(
             if checkpoint_due {
                 // Exact partial sums: the resumed epoch must add up to the same totals.
                 let (loss_sum, correct) = sums.read()?;
-                let acc = [loss_sum, correct, seen, prior_seconds + epoch_start.elapsed().as_secs_f64(), wire_seconds];
+                let acc = EpochSums {
+                    loss_sum,
+                    correct,
+                    samples: seen,
+                    seconds: prior_seconds + epoch_start.elapsed().as_secs_f64(),
+                    allreduce_seconds: wire_seconds,
+                };
                 if let Some(done) =
                     write_checkpoint(cfg, kept.engine_mut(), comm, observer, &mut writer, epoch, step, acc)?
                 {
@@ -290,7 +299,7 @@ fn train_on(
             return Err(TrainError::Diverged { epoch, step: steps_per_epoch, what, loss });
         }
         if let Some(done) =
-            write_checkpoint(cfg, kept.engine_mut(), comm, observer, &mut writer, epoch + 1, 0, [0.0; 5])?
+            write_checkpoint(cfg, kept.engine_mut(), comm, observer, &mut writer, epoch + 1, 0, EpochSums::default())?
         {
             deliver(done, observer, &final_name, &mut final_checkpoint_error);
         }
@@ -298,7 +307,7 @@ fn train_on(
         kept.commit(
             Position::epoch_start(epoch + 1, world),
             &DeviceSums::new(cfg.device, 0.0, 0.0)?,
-            [0.0; 3],
+            EpochSums::default(),
             confirm,
         );
         observer.epoch(&metrics);
@@ -317,13 +326,13 @@ fn train_on(
 
 /// Restores `engine` from `cfg.resume`'s checkpoint, or gives every rank rank 0's initial
 /// weights. Returns the epoch and step to start at and this rank's sums of the partially
-/// trained epoch (loss·samples, correct, samples, seconds, all-reduce seconds).
+/// trained epoch.
 fn start_engine(
     cfg: &TrainerConfig,
     engine: &mut Engine,
     comm: &mut dyn Collective,
-) -> Result<(u32, u64, [f64; 5]), TrainError> {
-    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, [0.0f64; 5]);
+) -> Result<(u32, u64, EpochSums), TrainError> {
+    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, EpochSums::default());
     if let Some(path) = &cfg.resume {
         let ckpt = checkpoint::load(path)?;
         checkpoint::restore_into(path, &ckpt.model, &engine.variables())?;
@@ -357,13 +366,12 @@ fn start_engine(
             partial = match ckpt.state.rank_partials.get(cfg.rank) {
                 Some(own) if ckpt.state.rank_partials.len() == cfg.world_size => *own,
                 _ => {
-                    let [l, c, n, t] = ckpt.state.partial;
                     if cfg.world_size > 1 && ckpt.state.step > 0 {
                         warn!("checkpoint predates per-rank sums: the resumed epoch's train loss and accuracy are estimates");
                         // Older checkpoints hold rank 0's sums only: use them as this
                         // rank's estimate (every shard has the same number of samples).
                     }
-                    [l, c, n, t, 0.0]
+                    ckpt.state.partial
                 }
             };
         } else {
@@ -399,8 +407,8 @@ fn deliver(done: Done, observer: &mut dyn Observer, final_name: &str, final_erro
     }
 }
 
-/// Takes a checkpoint at (`epoch`, `step`) with this rank's partial-epoch sums `partial`
-/// (loss·samples, correct, samples, seconds, all-reduce seconds); every rank calls it at
+/// Takes a checkpoint at (`epoch`, `step`) with this rank's partial-epoch sums `partial`;
+/// every rank calls it at
 /// the same points. Rank 0 snapshots to host memory and hands the write to `writer`
 /// (waiting for the previous checkpoint if that is still in flight, whose outcome it
 /// returns).
@@ -413,27 +421,26 @@ fn write_checkpoint(
     writer: &mut BackgroundWriter,
     epoch: u32,
     step: u64,
-    partial: [f64; 5],
+    partial: EpochSums,
 ) -> Result<Option<Done>, TrainError> {
     let Some(dir) = &cfg.checkpoint_dir else { return Ok(None) };
     // All ranks take part so the saved statistics are the same ones every rank continues with.
     sync::average_running_stats(&engine.buffers, comm)?;
     // Mid-epoch, every rank's own sums go into the checkpoint: rank 0's alone, used by every
     // rank after a restart, would misreport the resumed epoch's loss and accuracy.
-    let rank_partials: Vec<[f64; 5]> = if step == 0 {
+    let rank_partials: Vec<EpochSums> = if step == 0 {
         Vec::new()
     } else {
-        sync::gather_f64(&partial, comm)?
+        exact_gather::gather_f64(&partial.to_array(), comm)?
             .into_iter()
-            .map(|v| std::array::from_fn(|k| v.get(k).copied().unwrap_or(0.0)))
+            .map(|v| EpochSums::from_array(std::array::from_fn(|k| v.get(k).copied().unwrap_or(0.0))))
             .collect()
     };
     if cfg.rank != 0 {
         return Ok(None);
     }
     let mut state = CheckpointState::new(&cfg.spec.model, epoch, step, cfg.spec.seed, cfg.world_size as u32);
-    let total = |k: usize| rank_partials.iter().map(|r| r[k]).sum::<f64>();
-    state.partial = [total(0), total(1), total(2), partial[3]];
+    state.partial = EpochSums { allreduce_seconds: 0.0, ..EpochSums::total(&rank_partials, &partial) };
     state.rank_partials = rank_partials;
     state.grad_scaler = engine.scaler.as_ref().map(GradScaler::state);
     state.loss_scale = state.grad_scaler.map_or(1.0, |s| s.scale);
