@@ -166,7 +166,8 @@ mod tests {
     #[test]
     fn checkpoint_state_round_trips_through_the_wire_form() {
         let mut s = CheckpointState::new("resnet20", 3, 17, 42, 2);
-        s.partial = EpochSums { loss_sum: f64::INFINITY, correct: 5.0, samples: 64.0, seconds: 1.25, allreduce_seconds: 0.0 };
+        s.partial =
+            EpochSums { loss_sum: f64::INFINITY, correct: 5.0, samples: 64.0, seconds: 1.25, allreduce_seconds: 0.0 };
         s.rank_partials = [[1.0, 2.0, 32.0, 0.5, 0.125], [f64::NEG_INFINITY, 3.0, 32.0, 0.5, 0.25]]
             .into_iter()
             .map(EpochSums::from_array)

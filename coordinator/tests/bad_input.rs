@@ -9,8 +9,8 @@
 mod cluster;
 
 use cluster::{
-    cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_exit, wait_port, worker_bin, write_dataset, TinyDisk,
-    TOKEN, WORKER_TOKEN,
+    cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_exit, wait_port, worker_bin, write_dataset,
+    ChildGuard, TinyDisk, TOKEN, WORKER_TOKEN,
 };
 use cvdist_common::client::{connect, Client};
 use cvdist_common::proto::coordinator_client::CoordinatorClient;
@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
@@ -38,8 +38,8 @@ struct Coord {
     dir: tempfile::TempDir,
     port: u16,
     metrics: u16,
-    child: Option<Child>,
-    workers: Vec<Child>,
+    child: Option<ChildGuard>,
+    workers: Vec<ChildGuard>,
 }
 
 impl Coord {
@@ -54,7 +54,7 @@ impl Coord {
     fn spawn(&mut self) {
         let child =
             spawn_coordinator(self.port, self.metrics, &self.state_dir(), &self.data(), self.log_file("coordinator"));
-        self.child = Some(child);
+        self.child = Some(ChildGuard(child));
         wait_port(self.port);
         wait_port(self.metrics);
     }
@@ -160,7 +160,7 @@ impl Coord {
             .arg("--data")
             .arg(data);
         let child = spawn_logged(&mut cmd, self.log_file(id));
-        self.workers.push(child);
+        self.workers.push(ChildGuard(child));
     }
 
     fn all_logs(&self) -> String {
@@ -182,19 +182,6 @@ impl Coord {
             cmd.env("CVDIST_TOKEN", t);
         }
         cmd.output().unwrap()
-    }
-}
-
-impl Drop for Coord {
-    fn drop(&mut self) {
-        for w in &mut self.workers {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -1001,7 +988,7 @@ async fn disk_full_while_storing_a_checkpoint() {
             .stderr(log)
             .spawn()
             .unwrap();
-        c.child = Some(child);
+        c.child = Some(ChildGuard(child));
         wait_port(c.port);
     }
     let (job, key, _session, _inbound) = running_as_rank0(&c).await;

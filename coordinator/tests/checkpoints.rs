@@ -10,13 +10,14 @@
 mod cluster;
 
 use cluster::{
-    cvdist_bin, free_port, spawn_logged, wait_port, watch_until_done, write_dataset, Cluster, TinyDisk, TOKEN,
+    cvdist_bin, free_port, spawn_logged, wait_port, watch_until_done, write_dataset, ChildGuard, Cluster, TinyDisk,
+    TOKEN,
 };
 use cvdist_common::client::connect;
 use cvdist_common::proto::{JobInfo, JobSpec, JobState, SubmitJobRequest};
 use cvdist_common::{run_dir, spec};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Generous: a job here trains a few hundred resnet20 steps on two shared cores.
@@ -33,16 +34,6 @@ fn summary_json(dir: &Path) -> serde_json::Value {
     let path = dir.join(run_dir::SUMMARY_FILE);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
-}
-
-/// Kills a child process when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
@@ -82,8 +73,8 @@ fn verified_sha(json: &Path) -> String {
 struct Single {
     dir: PathBuf,
     port: u16,
-    _coordinator: Proc,
-    _worker: Proc,
+    _coordinator: ChildGuard,
+    _worker: ChildGuard,
 }
 
 impl Single {
@@ -108,14 +99,14 @@ impl Single {
             .arg("--data")
             .arg(&data)
             .envs(env.iter().copied());
-        let coordinator = Proc(spawn_logged(&mut cmd, log_file(dir, "coordinator")));
+        let coordinator = ChildGuard(spawn_logged(&mut cmd, log_file(dir, "coordinator")));
         wait_port(port);
         let mut w = Command::new(cluster::worker_bin());
         w.args(["worker", "--coordinator", &format!("http://127.0.0.1:{port}"), "--data-listen", "127.0.0.1:0"])
             .args(["--threads", "1", "--worker-id", "w0", "--device", "cpu"])
             .arg("--cache-dir")
             .arg(dir.join("cache-0"));
-        let worker = Proc(spawn_logged(&mut w, log_file(dir, "worker-0")));
+        let worker = ChildGuard(spawn_logged(&mut w, log_file(dir, "worker-0")));
         Single { dir: dir.to_path_buf(), port, _coordinator: coordinator, _worker: worker }
     }
 

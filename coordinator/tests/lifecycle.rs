@@ -9,8 +9,8 @@
 mod cluster;
 
 use cluster::{
-    cvdist_bin, free_port, small_spec, spawn_logged, wait_exit, wait_port, watch_until_done, worker_bin, Cluster,
-    TOKEN, WORKER_TOKEN,
+    cvdist_bin, free_port, small_spec, spawn_logged, wait_exit, wait_port, watch_until_done, worker_bin, ChildGuard,
+    Cluster, TOKEN, WORKER_TOKEN,
 };
 use cvdist_common::proto::{
     coordinator_message, worker_message, CheckpointChunk, CoordinatorMessage, GetJobRequest, Heartbeat, JobSpec,
@@ -25,16 +25,6 @@ use std::time::{Duration, Instant};
 const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 // ------------------------------------------------------------------ helpers
-
-/// A child process killed and reaped when the test ends, also when an assertion fails.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on a pid we started and have not reaped yet.
@@ -333,7 +323,7 @@ async fn stopping_cvdist_worker_stops_the_real_worker() {
             .args(["--worker-id", marker])
             .arg("--cache-dir")
             .arg(c.dir.path().join(marker));
-        let mut guard = Reaped(spawn_logged(&mut cmd, c.log(marker)));
+        let mut guard = ChildGuard(spawn_logged(&mut cmd, c.log(marker)));
         let child = &mut guard.0;
         wait_gauge(&c, "cvdist_workers", 1.0, Duration::from_secs(60));
         // The pid we started is the worker itself: no parent left behind to outlive.
@@ -476,7 +466,7 @@ fn cvdist_local_stops_on_signals_and_leaves_no_worker() {
             .arg("--out")
             .arg(&out);
         let log = std::fs::File::create(dir.path().join(format!("local-{sig}.log"))).unwrap();
-        let mut guard = Reaped(spawn_logged(&mut cmd, log));
+        let mut guard = ChildGuard(spawn_logged(&mut cmd, log));
         let child = &mut guard.0;
         let context = || {
             let mut s = std::fs::read_to_string(dir.path().join(format!("local-{sig}.log"))).unwrap_or_default();
@@ -664,7 +654,7 @@ fn cvdist_local_ends_when_its_workers_are_gone_for_good() {
         .arg("--out")
         .arg(&out)
         .env("CVDIST_WORKER_BIN", "/bin/false");
-    let mut guard = Reaped(spawn_logged(&mut cmd, std::fs::File::create(&log_path).unwrap()));
+    let mut guard = ChildGuard(spawn_logged(&mut cmd, std::fs::File::create(&log_path).unwrap()));
     let (status, took) =
         wait_exit(&mut guard.0, Duration::from_secs(60), &|| std::fs::read_to_string(&log_path).unwrap_or_default());
     let log = std::fs::read_to_string(&log_path).unwrap();

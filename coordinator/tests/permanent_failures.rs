@@ -8,7 +8,7 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, spawn_coordinator, wait_port, write_dataset, TOKEN, WORKER_TOKEN};
+use cluster::{cvdist_bin, free_port, spawn_coordinator, wait_port, write_dataset, ChildGuard, TOKEN, WORKER_TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{
     coordinator_message, job_report, worker_message, CoordinatorMessage, FailureKind, GetJobRequest, JobReport,
@@ -178,14 +178,7 @@ fn nccl_on_cpu_workers_fails_at_once_as_a_configuration_error() {
 struct Coord {
     _dir: tempfile::TempDir,
     url: String,
-    child: std::process::Child,
-}
-
-impl Drop for Coord {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _child: ChildGuard,
 }
 
 fn coordinator() -> Coord {
@@ -195,7 +188,7 @@ fn coordinator() -> Coord {
     let log = std::fs::File::create(dir.path().join("coordinator.log")).unwrap();
     let child = spawn_coordinator(port, free_port(), &dir.path().join("state"), &dir.path().join("data"), log);
     wait_port(port);
-    Coord { _dir: dir, url: format!("http://127.0.0.1:{port}"), child }
+    Coord { _dir: dir, url: format!("http://127.0.0.1:{port}"), _child: ChildGuard(child) }
 }
 
 type Session = (mpsc::UnboundedSender<WorkerMessage>, tonic::Streaming<CoordinatorMessage>);

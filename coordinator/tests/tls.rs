@@ -7,7 +7,7 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, wait_port, worker_bin, TOKEN, WORKER_TOKEN};
+use cluster::{cvdist_bin, free_port, wait_port, worker_bin, ChildGuard, TOKEN, WORKER_TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::ListJobsRequest;
 use rcgen::{
@@ -16,7 +16,7 @@ use rcgen::{
 };
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Certificates written to a temporary directory.
@@ -69,8 +69,8 @@ struct Coord {
     state: tempfile::TempDir,
     port: u16,
     metrics: u16,
-    child: Child,
-    workers: Vec<Child>,
+    _child: ChildGuard,
+    workers: Vec<ChildGuard>,
 }
 
 impl Coord {
@@ -98,7 +98,7 @@ impl Coord {
         let child = cmd.spawn().unwrap();
         wait_port(port);
         wait_port(metrics);
-        Coord { state, port, metrics, child, workers: Vec::new() }
+        Coord { state, port, metrics, _child: ChildGuard(child), workers: Vec::new() }
     }
 
     fn workers(&self) -> f64 {
@@ -107,17 +107,6 @@ impl Coord {
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
         text.lines().find_map(|l| l.strip_prefix("cvdist_workers ")).unwrap().trim().parse().unwrap()
-    }
-}
-
-impl Drop for Coord {
-    fn drop(&mut self) {
-        for w in &mut self.workers {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -225,7 +214,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         .stderr(std::fs::File::create(c.state.path().join("worker.log")).unwrap())
         .spawn()
         .unwrap();
-    c.workers.push(worker);
+    c.workers.push(ChildGuard(worker));
     let start = Instant::now();
     while c.workers() != 1.0 {
         let log = std::fs::read_to_string(c.state.path().join("worker.log")).unwrap_or_default();

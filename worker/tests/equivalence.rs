@@ -9,7 +9,7 @@ mod tolerance;
 use cvdist_common::cifar;
 use cvdist_common::proto::JobSpec;
 use cvdist_common::sampler;
-use cvdist_worker::collective::{ring::Ring, Solo};
+use cvdist_worker::collective::Solo;
 use cvdist_worker::data::Datasets;
 use cvdist_worker::train::{self, Observer, TrainerConfig};
 use std::sync::Arc;
@@ -65,26 +65,11 @@ fn run_group(
     make: impl Fn(usize) -> TrainerConfig + Sync,
     data: &Datasets,
 ) -> Vec<(train::TrainOutcome, Audit)> {
-    let (listeners, peers) = support::listeners(world);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let peers = peers.clone();
-                let cfg = make(rank);
-                s.spawn(move || {
-                    tch::set_num_threads(1);
-                    let timeout = Duration::from_secs(30);
-                    let ring = Ring::connect(rank, world, &peers, listener, "secret", timeout).unwrap();
-                    let mut comm = support::into_comm(kind, ring, &peers, "secret", timeout);
-                    let mut audit = Audit::default();
-                    let out = train::train(&cfg, data, comm.as_mut(), &mut audit).unwrap();
-                    (out, audit)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    support::with_comm_scoped(kind, world, Duration::from_secs(30), |rank, mut comm| {
+        let cfg = make(rank);
+        let mut audit = Audit::default();
+        let out = train::train(&cfg, data, comm.as_mut(), &mut audit).unwrap();
+        (out, audit)
     })
 }
 

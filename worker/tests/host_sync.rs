@@ -10,7 +10,7 @@ mod support;
 use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
 use cvdist_common::sampler;
-use cvdist_worker::collective::{ring::Ring, Collective, Solo};
+use cvdist_worker::collective::{Collective, Solo};
 use cvdist_worker::data::{Datasets, Loader};
 use cvdist_worker::train::divergence::CHECK_EVERY_STEPS;
 use cvdist_worker::train::schedule::learning_rate;
@@ -133,27 +133,11 @@ struct RankEnd {
 /// Two ranks on the real loopback ring (or the gloo group agreed over it), one epoch, rank
 /// `poison.0` poisoned at step `poison.1` of epoch 0.
 fn two_ranks(kind: Comm, spec: &JobSpec, data: &Datasets, poison: (usize, u64), ckpt: Option<&Path>) -> Vec<RankEnd> {
-    let (listeners, peers) = support::listeners(2);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let (peers, data, spec) = (peers.clone(), data.clone(), spec.clone());
-                let ckpt = ckpt.map(Path::to_path_buf);
-                s.spawn(move || {
-                    tch::set_num_threads(1);
-                    let cfg = config(spec, rank, 2, Duration::from_secs(3600), ckpt);
-                    let timeout = Duration::from_secs(60);
-                    let ring = Ring::connect(rank, 2, &peers, listener, "secret", timeout).unwrap();
-                    let mut comm = support::into_comm(kind, ring, &peers, "secret", timeout);
-                    let mut watch = Watch { poison: (rank == poison.0).then_some((0, poison.1)), ..Watch::default() };
-                    let result = train::train(&cfg, &data, comm.as_mut(), &mut watch);
-                    RankEnd { result, last_step: watch.last_step }
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    support::with_comm_scoped(kind, 2, Duration::from_secs(60), |rank, mut comm| {
+        let cfg = config(spec.clone(), rank, 2, Duration::from_secs(3600), ckpt.map(Path::to_path_buf));
+        let mut watch = Watch { poison: (rank == poison.0).then_some((0, poison.1)), ..Watch::default() };
+        let result = train::train(&cfg, data, comm.as_mut(), &mut watch);
+        RankEnd { result, last_step: watch.last_step }
     })
 }
 

@@ -11,9 +11,7 @@ mod support;
 use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec};
 use cvdist_common::sampler;
-use cvdist_worker::collective::{
-    ring::Ring, Collective, CollectiveError, Completion, CompletionState, GradCompression, Solo,
-};
+use cvdist_worker::collective::{Collective, CollectiveError, Completion, CompletionState, GradCompression, Solo};
 use cvdist_worker::data::Datasets;
 use cvdist_worker::train::live_state::{self, LiveSlot};
 use cvdist_worker::train::position::Position;
@@ -148,55 +146,40 @@ type Ended = (Result<TrainOutcome, TrainError>, Audit);
 /// ring, or the gloo group agreed over it.
 fn run_group(kind: Comm, attempt: u32, members: Vec<Member>, data: &Datasets) -> Vec<Ended> {
     let world = members.len();
-    let (listeners, peers) = support::listeners(world);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .zip(members)
-            .enumerate()
-            .map(|(rank, (listener, m))| {
-                let peers = peers.clone();
-                s.spawn(move || {
-                    tch::set_num_threads(1);
-                    let timeout = Duration::from_secs(30);
-                    let ring = Ring::connect(rank, world, &peers, listener, "secret", timeout).unwrap();
-                    let mut group = support::into_comm(kind, ring, &peers, "secret", timeout);
-                    if m.abort_bn_at.is_some() || m.device_state_from.is_some() {
-                        group = Box::new(AbortAtBatchNorm {
-                            inner: group,
-                            at: m.abort_bn_at,
-                            exact_calls: 0,
-                            device_state: m.device_state_from,
-                            commits: 0,
-                        });
-                    }
-                    let comm = group.as_mut();
-                    let cfg = TrainerConfig {
-                        spec: spec(),
-                        device: Device::Cpu,
-                        rank,
-                        world_size: world,
-                        checkpoint_dir: None,
-                        resume: None,
-                        progress_interval: Duration::from_secs(3600),
-                        freeze_bn: false,
-                    };
-                    let start = if m.live {
-                        let mut own = live_state::take(&m.slot, JOB, attempt - 1, attempt);
-                        let start = live_state::agree(&mut own, &cfg.spec, Device::Cpu, LEN, u32::MAX, comm).unwrap();
-                        live_state::put_back(&m.slot, own);
-                        Some(start.expect("a member held a live state"))
-                    } else {
-                        None
-                    };
-                    let mut audit = Audit { stop_at: m.stop_at, ..Default::default() };
-                    let keep = Some((m.slot.clone(), JOB.to_string(), attempt));
-                    let out = train::train_from(&cfg, data, comm, &mut audit, start, keep);
-                    (out, audit)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    support::with_comm_scoped(kind, world, Duration::from_secs(30), |rank, mut group| {
+        let m = &members[rank];
+        if m.abort_bn_at.is_some() || m.device_state_from.is_some() {
+            group = Box::new(AbortAtBatchNorm {
+                inner: group,
+                at: m.abort_bn_at,
+                exact_calls: 0,
+                device_state: m.device_state_from,
+                commits: 0,
+            });
+        }
+        let comm = group.as_mut();
+        let cfg = TrainerConfig {
+            spec: spec(),
+            device: Device::Cpu,
+            rank,
+            world_size: world,
+            checkpoint_dir: None,
+            resume: None,
+            progress_interval: Duration::from_secs(3600),
+            freeze_bn: false,
+        };
+        let start = if m.live {
+            let mut own = live_state::take(&m.slot, JOB, attempt - 1, attempt);
+            let start = live_state::agree(&mut own, &cfg.spec, Device::Cpu, LEN, u32::MAX, comm).unwrap();
+            live_state::put_back(&m.slot, own);
+            Some(start.expect("a member held a live state"))
+        } else {
+            None
+        };
+        let mut audit = Audit { stop_at: m.stop_at, ..Default::default() };
+        let keep = Some((m.slot.clone(), JOB.to_string(), attempt));
+        let out = train::train_from(&cfg, data, comm, &mut audit, start, keep);
+        (out, audit)
     })
 }
 

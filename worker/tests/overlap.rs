@@ -16,7 +16,6 @@ use cvdist_worker::collective::{ring::Ring, Collective, CollectiveError};
 use cvdist_worker::train::buckets::Buckets;
 use cvdist_worker::train::overlap::{self, GradHooks};
 use cvdist_worker::train::sync::{GradSync, SyncError};
-use std::net::TcpListener;
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -162,23 +161,7 @@ fn pair_of<C, T: Send>(
     make: impl Fn(&[String], Ring) -> C + Sync,
     body: impl Fn(usize, C) -> T + Sync,
 ) -> Vec<T> {
-    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let (peers, body, make) = (peers.clone(), &body, &make);
-                s.spawn(move || {
-                    tch::set_num_threads(1);
-                    let ring = Ring::connect(rank, 2, &peers, listener, "secret", timeout).expect("ring");
-                    body(rank, make(&peers, ring))
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    support::scoped_ranks(2, timeout, |rank, ring, peers| body(rank, make(peers, ring)))
 }
 
 fn values(t: &Tensor) -> Vec<f32> {

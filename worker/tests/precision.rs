@@ -3,16 +3,17 @@
 //! (a skipped step changes nothing), and a divergence on one of two ranks connected by the
 //! real TCP ring stopping both at the same step with the same error.
 
+mod support;
+
 use cvdist_common::cifar;
 use cvdist_common::proto::EpochMetrics;
-use cvdist_worker::collective::{ring::Ring, Collective, Solo};
+use cvdist_worker::collective::{Collective, Solo};
 use cvdist_worker::data::Datasets;
 use cvdist_worker::train::engine::MAX_SKIPPED_IN_A_ROW;
 use cvdist_worker::train::precision::Precision;
 use cvdist_worker::train::scaler::{GradScaler, ScalerState, BACKOFF_FACTOR, INIT_SCALE};
 use cvdist_worker::train::sync::GradSync;
 use cvdist_worker::train::{self, Engine, Observer, TrainError, TrainerConfig};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -223,38 +224,25 @@ impl Observer for PoisonAt {
 #[test]
 fn divergence_on_one_rank_stops_both_at_the_same_step_with_the_same_error() {
     let data = Datasets { train: Arc::new(cifar::synthetic(128, 3)), test: Arc::new(cifar::synthetic(20, 4)) };
-    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
     let started = Instant::now();
-    let results: Vec<Result<train::TrainOutcome, TrainError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let (peers, data) = (peers.clone(), data.clone());
-                s.spawn(move || {
-                    tch::set_num_threads(1);
-                    let mut spec = cvdist_common::spec::default_spec("resnet20", 1);
-                    spec.dataset = "synthetic".into();
-                    spec.batch_size = 16;
-                    let cfg = TrainerConfig {
-                        spec,
-                        device: Device::Cpu,
-                        rank,
-                        world_size: 2,
-                        checkpoint_dir: None,
-                        resume: None,
-                        progress_interval: Duration::from_secs(3600),
-                        freeze_bn: false,
-                    };
-                    let mut ring = Ring::connect(rank, 2, &peers, listener, "secret", Duration::from_secs(30)).unwrap();
-                    let mut observer = PoisonAt { rank, poison_rank: 1, at: (0, 2) };
-                    train::train(&cfg, &data, &mut ring as &mut dyn Collective, &mut observer)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let results: Vec<Result<train::TrainOutcome, TrainError>> =
+        support::scoped_ranks(2, Duration::from_secs(30), |rank, mut ring, _| {
+            let mut spec = cvdist_common::spec::default_spec("resnet20", 1);
+            spec.dataset = "synthetic".into();
+            spec.batch_size = 16;
+            let cfg = TrainerConfig {
+                spec,
+                device: Device::Cpu,
+                rank,
+                world_size: 2,
+                checkpoint_dir: None,
+                resume: None,
+                progress_interval: Duration::from_secs(3600),
+                freeze_bn: false,
+            };
+            let mut observer = PoisonAt { rank, poison_rank: 1, at: (0, 2) };
+            train::train(&cfg, &data, &mut ring as &mut dyn Collective, &mut observer)
+        });
     let errors: Vec<String> = results
         .into_iter()
         .map(|r| match r {

@@ -215,9 +215,7 @@ impl Cluster {
     /// The value of the unlabelled metric `name` (e.g. `cvdist_workers`); None while the
     /// coordinator does not report it.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        self.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        self.metrics().lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     /// Waits until exactly `n` workers are registered: a group formed after this has all
@@ -239,6 +237,30 @@ impl Cluster {
             }
         }
         out
+    }
+}
+
+/// A child process killed and reaped when dropped, also when an assertion fails; derefs to
+/// the [`Child`].
+pub struct ChildGuard(pub Child);
+
+impl std::ops::Deref for ChildGuard {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -145,8 +145,13 @@ fn train_on(
         let segment = at.segment(train_len, cfg.rank, spec.seed, batch);
         let steps_per_epoch = segment.steps_per_epoch;
         let skip = at.step(batch);
-        let EpochSums { loss_sum, correct, samples: mut seen, seconds: prior_seconds, allreduce_seconds: mut wire_seconds } =
-            if epoch == start_epoch { partial } else { EpochSums::default() };
+        let EpochSums {
+            loss_sum,
+            correct,
+            samples: mut seen,
+            seconds: prior_seconds,
+            allreduce_seconds: mut wire_seconds,
+        } = if epoch == start_epoch { partial } else { EpochSums::default() };
         // Σ loss·samples and Σ correct stay on the device and are read back only where
         // a value is needed (progress line, checkpoint, epoch end); `seen` is known here.
         let mut sums = DeviceSums::new(cfg.device, loss_sum, correct)?;
@@ -199,7 +204,8 @@ fn train_on(
             steps_since_report += 1;
             let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
             let confirm = if kept.keeps() { comm.completion() } else { None };
-            let host = EpochSums { samples: seen, seconds: elapsed, allreduce_seconds: wire_seconds, ..EpochSums::default() };
+            let host =
+                EpochSums { samples: seen, seconds: elapsed, allreduce_seconds: wire_seconds, ..EpochSums::default() };
             kept.commit(after, &sums, host, confirm);
             let every = spec.checkpoint_every_steps as u64;
             // Not in a re-sharded remainder of an epoch: a checkpoint's position is a step

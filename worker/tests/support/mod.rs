@@ -49,6 +49,39 @@ pub fn ring_ranks<R: Send + 'static>(
     handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
 }
 
+/// `f(rank, ring, addresses)` on `n` scoped threads (so `f` may borrow the caller's data),
+/// each with one libtorch thread, joined by a loopback ring authenticated with "secret"
+/// (each operation bounded by `timeout`); results by rank.
+pub fn scoped_ranks<R: Send>(n: usize, timeout: Duration, f: impl Fn(usize, Ring, &[String]) -> R + Sync) -> Vec<R> {
+    let (ls, addrs) = listeners(n);
+    thread::scope(|s| {
+        let handles: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (addrs, f) = (&addrs, &f);
+                s.spawn(move || {
+                    tch::set_num_threads(1);
+                    let ring = Ring::connect(rank, n, addrs, l, "secret", timeout)
+                        .unwrap_or_else(|e| panic!("rank {rank} connect: {e}"));
+                    f(rank, ring, addrs)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+    })
+}
+
+/// [`scoped_ranks`] over a communicator of kind `kind`: `f(rank, comm)`; results by rank.
+pub fn with_comm_scoped<R: Send>(
+    kind: Comm,
+    n: usize,
+    timeout: Duration,
+    f: impl Fn(usize, Box<dyn cvdist_worker::collective::Collective>) -> R + Sync,
+) -> Vec<R> {
+    scoped_ranks(n, timeout, |rank, ring, addrs| f(rank, into_comm(kind, ring, addrs, "secret", timeout)))
+}
+
 /// Which communicator a multi-rank test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Comm {

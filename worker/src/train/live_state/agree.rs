@@ -200,7 +200,9 @@ pub fn agree(
     // estimate (the lost rank's are gone).
     let mine = claims.get(rank).and_then(|c| c.as_ref()?.held);
     let partial = match src.rank_sums.as_ref().and_then(|sums| sums.get(rank)) {
-        Some(own) => EpochSums { seconds: held.partial.seconds, allreduce_seconds: held.partial.allreduce_seconds, ..*own },
+        Some(own) => {
+            EpochSums { seconds: held.partial.seconds, allreduce_seconds: held.partial.allreduce_seconds, ..*own }
+        }
         None => match mine {
             Some(m) if m.at == at => m.partial,
             _ => held.partial,
@@ -220,7 +222,13 @@ mod tests {
     fn a_claim_round_trips_through_its_numbers() {
         let held = Held {
             at: Position { epoch: 3, base: 640, world: 2, steps: 17 },
-            partial: EpochSums { loss_sum: 1.0 / 3.0, correct: 12.0, samples: 40.0, seconds: 2.5, allreduce_seconds: 0.25 },
+            partial: EpochSums {
+                loss_sum: 1.0 / 3.0,
+                correct: 12.0,
+                samples: 40.0,
+                seconds: 2.5,
+                allreduce_seconds: 0.25,
+            },
             scaler: Some(ScalerState { scale: 32768.0, growth_tracker: 7 }),
             momentum: true,
         };
@@ -228,7 +236,10 @@ mod tests {
         for claim in [
             Claim { held: None, rank_sums: None },
             Claim { held: Some(held), rank_sums: None },
-            Claim { held: Some(Held { scaler: None, momentum: false, ..held }), rank_sums: Some(vec![sums(0.5), sums(0.75)]) },
+            Claim {
+                held: Some(Held { scaler: None, momentum: false, ..held }),
+                rank_sums: Some(vec![sums(0.5), sums(0.75)]),
+            },
         ] {
             let numbers = claim.encode(2);
             assert_eq!(numbers.len(), FIXED + PER_RANK * 2);
