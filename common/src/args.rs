@@ -248,6 +248,9 @@ fn own_message(e: &clap::Error) -> Option<String> {
     if let Some(s) = source.downcast_ref::<SpecError>() {
         return Some(s.to_string());
     }
+    if let Some(c) = source.downcast_ref::<crate::choices::ChoiceError>() {
+        return Some(c.to_string());
+    }
     source.downcast_ref::<DeviceSyntaxError>().map(|d| d.to_string())
 }
 

@@ -4,13 +4,32 @@
 //! and the Python client stay valid) and in run directories: [`Display`](std::fmt::Display)
 //! writes it and [`FromStr`] reads it back, here and nowhere else.
 //!
-//! Parse errors are the one-line messages users already know ([`SpecError`] for job
+//! Parse errors are the one-line messages users already know ([`ChoiceError`] for job
 //! fields, [`DeviceSyntaxError`] for `--device`); `crate::args::parse` prints them as they
 //! are instead of clap's multi-line usage error.
 
-use crate::spec::SpecError;
 use std::fmt;
 use std::str::FromStr;
+
+/// A value outside one of the closed sets, as the one line users see.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ChoiceError {
+    #[error("unknown dataset {0:?}; expected \"cifar10\" or \"synthetic\"")]
+    Dataset(String),
+    #[error("unknown collective {0:?}; expected \"auto\", \"ring\", \"gloo\" or \"nccl\"")]
+    Collective(String),
+    #[error("precision must be \"fp32\", \"bf16\" or \"fp16\", got {0:?}")]
+    Precision(String),
+    #[error("unknown gradient compression {0:?}; expected \"none\", \"bf16\" or \"fp16\"")]
+    GradCompression(String),
+}
+
+/// Training-set and test-set sizes of CIFAR-10 (the official binary version).
+pub const CIFAR10_TRAIN: u64 = 50_000;
+pub const CIFAR10_TEST: u64 = 10_000;
+/// Sizes of the generated `synthetic` dataset (same shapes as CIFAR-10, fewer images).
+pub const SYNTHETIC_TRAIN: u64 = 5_000;
+pub const SYNTHETIC_TEST: u64 = 1_000;
 
 /// Where a job's images come from (`--dataset`, `JobSpec.dataset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -37,16 +56,16 @@ impl Dataset {
     /// `--test-samples` cut them).
     pub const fn sizes(self) -> (u64, u64) {
         match self {
-            Dataset::Cifar10 => (crate::spec::CIFAR10_TRAIN, crate::spec::CIFAR10_TEST),
-            Dataset::Synthetic => (crate::spec::SYNTHETIC_TRAIN, crate::spec::SYNTHETIC_TEST),
+            Dataset::Cifar10 => (CIFAR10_TRAIN, CIFAR10_TEST),
+            Dataset::Synthetic => (SYNTHETIC_TRAIN, SYNTHETIC_TEST),
         }
     }
 }
 
 impl FromStr for Dataset {
-    type Err = SpecError;
-    fn from_str(s: &str) -> Result<Dataset, SpecError> {
-        Dataset::ALL.into_iter().find(|d| d.as_str() == s).ok_or_else(|| SpecError::Dataset(s.to_string()))
+    type Err = ChoiceError;
+    fn from_str(s: &str) -> Result<Dataset, ChoiceError> {
+        Dataset::ALL.into_iter().find(|d| d.as_str() == s).ok_or_else(|| ChoiceError::Dataset(s.to_string()))
     }
 }
 
@@ -79,9 +98,9 @@ impl Collective {
 }
 
 impl FromStr for Collective {
-    type Err = SpecError;
-    fn from_str(s: &str) -> Result<Collective, SpecError> {
-        Collective::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| SpecError::Collective(s.to_string()))
+    type Err = ChoiceError;
+    fn from_str(s: &str) -> Result<Collective, ChoiceError> {
+        Collective::ALL.into_iter().find(|c| c.as_str() == s).ok_or_else(|| ChoiceError::Collective(s.to_string()))
     }
 }
 
@@ -113,9 +132,9 @@ impl Precision {
 }
 
 impl FromStr for Precision {
-    type Err = SpecError;
-    fn from_str(s: &str) -> Result<Precision, SpecError> {
-        Precision::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| SpecError::Precision(s.to_string()))
+    type Err = ChoiceError;
+    fn from_str(s: &str) -> Result<Precision, ChoiceError> {
+        Precision::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| ChoiceError::Precision(s.to_string()))
     }
 }
 
@@ -152,12 +171,12 @@ impl GradCompression {
 }
 
 impl FromStr for GradCompression {
-    type Err = SpecError;
-    fn from_str(s: &str) -> Result<GradCompression, SpecError> {
+    type Err = ChoiceError;
+    fn from_str(s: &str) -> Result<GradCompression, ChoiceError> {
         GradCompression::ALL
             .into_iter()
             .find(|c| c.as_str() == s)
-            .ok_or_else(|| SpecError::GradCompression(s.to_string()))
+            .ok_or_else(|| ChoiceError::GradCompression(s.to_string()))
     }
 }
 
@@ -263,7 +282,7 @@ mod tests {
         // The empty string is the wire's "unset" (see `GradCompression::from_spec`), not
         // a spelling the command line takes.
         for bad in ["fp8", "", "BF16", "int8"] {
-            assert_eq!(bad.parse::<GradCompression>(), Err(SpecError::GradCompression(bad.into())));
+            assert_eq!(bad.parse::<GradCompression>(), Err(ChoiceError::GradCompression(bad.into())));
         }
         assert_eq!(
             "fp8".parse::<GradCompression>().unwrap_err().to_string(),

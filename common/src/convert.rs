@@ -6,17 +6,16 @@
 //! `grad_compression`, is read here.)
 
 use crate::checkpoint::{CheckpointState, ScalerState};
-use crate::choices::GradCompression;
+use crate::choices::{ChoiceError, GradCompression};
 use crate::epoch_sums::EpochSums;
 use crate::proto;
-use crate::spec::SpecError;
 
 impl GradCompression {
     /// The compression `spec` asks for. An empty field is what clients that predate it
     /// send (and what proto3 decodes when it is absent): no compression, which keeps their gradients exact.
     ///
-    /// Errors: [`SpecError::GradCompression`] naming any other unknown value.
-    pub fn from_spec(spec: &proto::JobSpec) -> Result<GradCompression, SpecError> {
+    /// Errors: [`ChoiceError::GradCompression`] naming any other unknown value.
+    pub fn from_spec(spec: &proto::JobSpec) -> Result<GradCompression, ChoiceError> {
         match spec.grad_compression.as_str() {
             "" => Ok(GradCompression::None),
             other => other.parse(),

@@ -1,12 +1,10 @@
 //! Job specification defaults and validation. Every field a user controls is checked here,
 //! once, before the coordinator stores anything.
 
-use crate::choices::{Collective, Dataset, GradCompression, Precision};
+use crate::choices::{ChoiceError, Collective, Dataset, GradCompression, Precision};
+pub use crate::choices::{CIFAR10_TEST, CIFAR10_TRAIN, SYNTHETIC_TEST, SYNTHETIC_TRAIN};
 use crate::proto::JobSpec;
 
-/// Training-set and test-set sizes of CIFAR-10, used to check subsets and shard sizes.
-pub const CIFAR10_TRAIN: u64 = 50_000;
-pub const CIFAR10_TEST: u64 = 10_000;
 const MAX_EPOCHS: u32 = 10_000;
 const MAX_BATCH: u32 = 65_536;
 const MAX_WORKERS: u32 = 1_024;
@@ -27,30 +25,25 @@ pub enum SpecError {
     WeightDecay(f64),
     #[error("workers must be N or MIN:MAX with 1 <= MIN <= MAX <= {MAX_WORKERS}, got {0}")]
     Workers(String),
-    #[error("unknown dataset {0:?}; expected \"cifar10\" or \"synthetic\"")]
-    Dataset(String),
     #[error("job name {0:?} must be 1-64 characters from [A-Za-z0-9._-] and not start with '.'")]
     Name(String),
     #[error("{what} is {got}, but the training set has only {max} samples")]
     Samples { what: &'static str, got: u64, max: u64 },
     #[error("batch size {batch} is larger than each worker's shard of {shard} samples ({samples} samples over {workers} workers)")]
     BatchLargerThanShard { batch: u32, shard: u64, samples: u64, workers: u32 },
-    #[error("unknown collective {0:?}; expected \"auto\", \"ring\", \"gloo\" or \"nccl\"")]
-    Collective(String),
     #[error("warmup epochs ({warmup}) must be smaller than epochs ({epochs})")]
     Warmup { warmup: u32, epochs: u32 },
     #[error("--warmup-epochs {0} needs --scale-lr: warmup ramps from --lr up to lr × workers (Goyal et al. 2017), and without scaling there is no higher rate to ramp to")]
     WarmupWithoutScaling(u32),
     #[error("threads per worker must be at most 1024, got {0}")]
     Threads(u32),
-    #[error("precision must be \"fp32\", \"bf16\" or \"fp16\", got {0:?}")]
-    Precision(String),
     #[error("--amp means --precision fp16 and cannot be combined with --precision {0}")]
     AmpConflict(String),
     #[error("collective timeout must be between 1 and {MAX_COLLECTIVE_TIMEOUT_S} seconds, got {0}")]
     CollectiveTimeout(u32),
-    #[error("unknown gradient compression {0:?}; expected \"none\", \"bf16\" or \"fp16\"")]
-    GradCompression(String),
+    /// A value outside a closed set (dataset, collective, precision, compression).
+    #[error(transparent)]
+    Choice(#[from] ChoiceError),
     #[error("bucket capacity must be between 1 and {MAX_BUCKET_CAP_MB} MB, got {0}")]
     BucketCap(u32),
 }
@@ -214,10 +207,6 @@ pub fn test_len(spec: &JobSpec) -> u64 {
     }
 }
 
-/// Sizes of the generated `synthetic` dataset (same shapes as CIFAR-10, fewer images).
-pub const SYNTHETIC_TRAIN: u64 = 5_000;
-pub const SYNTHETIC_TEST: u64 = 1_000;
-
 /// Checks every field; returns the first problem found.
 pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if !spec.name.is_empty() && !valid_name(&spec.name) {
@@ -356,7 +345,7 @@ mod tests {
         assert_eq!(set_precision(&mut s, Some(Precision::Bf16), true), Err(SpecError::AmpConflict("bf16".into())));
         assert_eq!(
             validate(&JobSpec { precision: "half".into(), ..s.clone() }),
-            Err(SpecError::Precision("half".into()))
+            Err(SpecError::Choice(ChoiceError::Precision("half".into())))
         );
         let legacy = JobSpec { precision: String::new(), amp: true, ..default_spec("resnet20", 1) };
         assert_eq!((precision(&legacy), validate(&legacy)), (Precision::Fp16, Ok(())));

@@ -23,7 +23,7 @@ pub enum DataError {
     Read(String),
     /// A job spec naming a dataset this worker does not know.
     #[error(transparent)]
-    Spec(#[from] cvdist_common::spec::SpecError),
+    Spec(#[from] cvdist_common::choices::ChoiceError),
 }
 
 /// Train and test splits, already cut to the job's subset sizes.
