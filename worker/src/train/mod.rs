@@ -2,6 +2,7 @@
 
 pub mod buckets;
 pub mod checkpoint;
+mod checkpointing;
 pub mod ckpt_writer;
 pub mod divergence;
 pub mod engine;
@@ -14,6 +15,7 @@ pub mod overlap;
 pub mod position;
 pub mod precision;
 pub mod reduction_audit;
+mod resume;
 pub mod scaler;
 pub mod schedule;
 pub mod sgd;

@@ -4,18 +4,18 @@
 //! would. BatchNorm in training mode still normalises over each rank's own batch, so the
 //! steps are only the same with `freeze_bn` (docs/ARCHITECTURE.md, "N workers × batch b").
 
-use super::checkpoint::{self, CheckpointState};
-use super::ckpt_writer::{BackgroundWriter, Done};
+use super::checkpoint;
+use super::checkpointing::{deliver, write_checkpoint};
+use super::ckpt_writer::BackgroundWriter;
 use super::divergence::CHECK_EVERY_STEPS;
 use super::engine::Engine;
 use super::error::TrainError;
-use super::exact_gather;
 use super::live_state::{Keeper, LiveSlot, LiveStart};
 use super::metrics::DeviceSums;
 use super::observer::Observer;
 use super::overlap::{self, Lane};
 use super::position::Position;
-use super::scaler::{GradScaler, ScalerState};
+use super::resume;
 use super::schedule::learning_rate;
 use super::sync::{self, GradSync};
 use crate::collective::Collective;
@@ -26,7 +26,7 @@ use cvdist_common::sampler;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
-use tracing::{info, info_span, warn};
+use tracing::{info, info_span};
 
 pub struct TrainerConfig {
     pub spec: JobSpec,
@@ -112,7 +112,7 @@ fn train_on(
         None => (Engine::new(spec, cfg.device)?, None),
     };
     engine.freeze_bn = cfg.freeze_bn;
-    let mut grad_sync = match lane {
+    let grad_sync = match lane {
         Some(lane) => {
             overlap::check_same_layout(engine.sgd.buckets(), comm)?;
             engine.overlapped_sync(lane)?
@@ -122,27 +122,92 @@ fn train_on(
     let (start_at, partial) = match live_at {
         Some(at) => at,
         None => {
-            let (epoch, step, partial) = start_engine(cfg, &mut engine, comm)?;
+            let (epoch, step, partial) = resume::start_engine(cfg, &mut engine, comm)?;
             (Position { steps: step, ..Position::epoch_start(epoch, world) }, partial)
         }
     };
-    let mut kept = Keeper::new(engine, keep, start_at, partial)?;
-    let start_epoch = start_at.epoch;
-
-    let scale = if spec.scale_lr { cfg.world_size as f64 } else { 1.0 };
+    let mut run = Run {
+        cfg,
+        data,
+        comm,
+        observer,
+        kept: Keeper::new(engine, keep, start_at, partial)?,
+        grad_sync,
+        writer: BackgroundWriter::default(),
+        final_name: checkpoint::name_for(spec.epochs, 0),
+        final_checkpoint_error: None,
+        scale: if spec.scale_lr { cfg.world_size as f64 } else { 1.0 },
+    };
     let mut history = Vec::new();
-    let mut final_checkpoint_error = None;
-    let final_name = checkpoint::name_for(spec.epochs, 0);
-    let mut writer = BackgroundWriter::default();
-
-    for epoch in start_epoch..spec.epochs {
+    for epoch in start_at.epoch..spec.epochs {
         let span = info_span!("epoch", epoch, rank = cfg.rank);
         let _enter = span.enter();
-        let epoch_start = Instant::now();
+        let first = epoch == start_at.epoch;
         // The epoch's samples: its DistributedSampler shard, or after a world-size change
         // mid-epoch the rest of its order re-sharded (`position`).
-        let at = if epoch == start_epoch { start_at } else { Position::epoch_start(epoch, world) };
-        let segment = at.segment(train_len, cfg.rank, spec.seed, batch);
+        let (at, partial) =
+            if first { (start_at, partial) } else { (Position::epoch_start(epoch, world), EpochSums::default()) };
+        let trained = run.train_epoch(at, partial, report_first && first)?;
+        let metrics = run.end_epoch(epoch, trained)?;
+        history.push(metrics);
+    }
+    // The run is only over once its last checkpoint is written and stored (or known not
+    // to be): the final-checkpoint rule reads the outcome.
+    if let Some(done) = run.writer.wait() {
+        deliver(done, run.observer, &run.final_name, &mut run.final_checkpoint_error);
+    }
+    run.kept.release();
+    let variables =
+        run.kept.engine().variables().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
+    Ok(TrainOutcome {
+        history,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        final_checkpoint_error: run.final_checkpoint_error,
+        variables,
+    })
+}
+
+/// One rank's run in progress: what the epochs share.
+struct Run<'a> {
+    cfg: &'a TrainerConfig,
+    data: &'a Datasets,
+    comm: &'a mut dyn Collective,
+    observer: &'a mut dyn Observer,
+    /// The engine, committed after every complete step.
+    kept: Keeper,
+    grad_sync: GradSync,
+    writer: BackgroundWriter,
+    /// The name of the checkpoint after the last epoch, and why it could not be written
+    /// if it could not.
+    final_name: String,
+    final_checkpoint_error: Option<String>,
+    /// The learning-rate multiplier: the world size with `--scale-lr`, else 1.
+    scale: f64,
+}
+
+/// What an epoch's training left for its end.
+struct Trained {
+    /// This rank's sums over the epoch's steps; `seconds` is its training time, including
+    /// what earlier attempts trained of it (`prior_seconds`).
+    sums: EpochSums,
+    prior_seconds: f64,
+    /// The learning rate of the last step.
+    lr: f64,
+    steps_per_epoch: u64,
+    /// When this attempt's part of the epoch began.
+    began: Instant,
+}
+
+impl Run<'_> {
+    /// The training steps of the epoch at `at`, continuing this rank's sums `partial`;
+    /// `report_first`: report progress after the first step (a live recovery's end).
+    fn train_epoch(&mut self, at: Position, partial: EpochSums, report_first: bool) -> Result<Trained, TrainError> {
+        let cfg = self.cfg;
+        let spec = &cfg.spec;
+        let batch = spec.batch_size as usize;
+        let epoch = at.epoch;
+        let began = Instant::now();
+        let segment = at.segment(self.data.train.len(), cfg.rank, spec.seed, batch);
         let steps_per_epoch = segment.steps_per_epoch;
         let skip = at.step(batch);
         let EpochSums {
@@ -151,18 +216,18 @@ fn train_on(
             samples: mut seen,
             seconds: prior_seconds,
             allreduce_seconds: mut wire_seconds,
-        } = if epoch == start_epoch { partial } else { EpochSums::default() };
+        } = partial;
         // Σ loss·samples and Σ correct stay on the device and are read back only where
         // a value is needed (progress line, checkpoint, epoch end); `seen` is known here.
         let mut sums = DeviceSums::new(cfg.device, loss_sum, correct)?;
         let mut last_report = match Instant::now().checked_sub(cfg.progress_interval) {
-            Some(past) if report_first && epoch == start_epoch => past,
+            Some(past) if report_first => past,
             _ => Instant::now(),
         };
         let mut steps_since_report = 0u32;
         let loader = Loader::for_device(
             cfg.device,
-            data.train.clone(),
+            self.data.train.clone(),
             segment.indices,
             batch,
             spec.seed,
@@ -170,19 +235,22 @@ fn train_on(
             spec.augment,
             at.steps as usize,
         );
+        let scale = self.scale;
+        let schedule =
+            |step| learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
         let mut step = skip;
-        let mut lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
+        let mut lr = schedule(step);
         for batch in loader {
-            if let Some(reason) = observer.should_stop() {
+            if let Some(reason) = self.observer.should_stop() {
                 return Err(TrainError::Stopped(reason));
             }
-            observer.batch_indices(epoch, step, &batch.indices);
-            if let Some(done) = writer.poll() {
-                deliver(done, observer, &final_name, &mut final_checkpoint_error);
+            self.observer.batch_indices(epoch, step, &batch.indices);
+            if let Some(done) = self.writer.poll() {
+                deliver(done, self.observer, &self.final_name, &mut self.final_checkpoint_error);
             }
-            lr = learning_rate(spec.lr, epoch, spec.epochs, step, steps_per_epoch, scale, spec.warmup_epochs);
-            let mut out = kept.engine_mut().forward_backward(&batch.images, &batch.labels);
-            if observer.poison_loss(epoch, step) {
+            lr = schedule(step);
+            let mut out = self.kept.engine_mut().forward_backward(&batch.images, &batch.labels);
+            if self.observer.poison_loss(epoch, step) {
                 out.loss = out.loss.full_like(f64::NAN);
             }
             // Every rank learns in the gradient all-reduce whether any rank's loss is
@@ -197,22 +265,30 @@ fn train_on(
             sums.add(&out.loss, &out.correct, n)?;
             seen += n as f64;
             let after = Position { steps: at.steps + (step - skip) + 1, ..at };
-            let (wire, _applied) =
-                kept.finish_step(&mut grad_sync, comm, &out.loss, lr, (epoch, step), after, &sums, seen)?;
+            let (wire, _applied) = self.kept.finish_step(
+                &mut self.grad_sync,
+                self.comm,
+                &out.loss,
+                lr,
+                (epoch, step),
+                after,
+                &sums,
+                seen,
+            )?;
             wire_seconds += wire;
             step += 1;
             steps_since_report += 1;
-            let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
-            let confirm = if kept.keeps() { comm.completion() } else { None };
+            let elapsed = prior_seconds + began.elapsed().as_secs_f64();
+            let confirm = if self.kept.keeps() { self.comm.completion() } else { None };
             let host =
                 EpochSums { samples: seen, seconds: elapsed, allreduce_seconds: wire_seconds, ..EpochSums::default() };
-            kept.commit(after, &sums, host, confirm);
+            self.kept.commit(after, &sums, host, confirm);
             let every = spec.checkpoint_every_steps as u64;
             // Not in a re-sharded remainder of an epoch: a checkpoint's position is a step
             // of the epoch's own shards (a resume from it restarts such an epoch instead).
-            let checkpoint_due = every > 0 && step % every == 0 && step < steps_per_epoch && at.base == 0;
-            if step % CHECK_EVERY_STEPS == 0 || step == steps_per_epoch || checkpoint_due {
-                kept.engine_mut().check_divergence()?;
+            let checkpoint_due = every > 0 && step.is_multiple_of(every) && step < steps_per_epoch && at.base == 0;
+            if step.is_multiple_of(CHECK_EVERY_STEPS) || step == steps_per_epoch || checkpoint_due {
+                self.kept.engine_mut().check_divergence()?;
             }
             if cfg.rank == 0 && (last_report.elapsed() >= cfg.progress_interval || step == steps_per_epoch) {
                 // The one read of a progress interval: it waits for the queued steps, so
@@ -221,8 +297,8 @@ fn train_on(
                 let step_seconds = last_report.elapsed().as_secs_f64() / f64::from(steps_since_report.max(1));
                 last_report = Instant::now();
                 steps_since_report = 0;
-                let elapsed = prior_seconds + epoch_start.elapsed().as_secs_f64();
-                observer.progress(&Progress {
+                let elapsed = prior_seconds + began.elapsed().as_secs_f64();
+                self.observer.progress(&Progress {
                     epoch,
                     step,
                     steps_per_epoch,
@@ -240,32 +316,43 @@ fn train_on(
                     loss_sum,
                     correct,
                     samples: seen,
-                    seconds: prior_seconds + epoch_start.elapsed().as_secs_f64(),
+                    seconds: prior_seconds + began.elapsed().as_secs_f64(),
                     allreduce_seconds: wire_seconds,
                 };
-                if let Some(done) =
-                    write_checkpoint(cfg, kept.engine_mut(), comm, observer, &mut writer, epoch, step, acc)?
-                {
-                    deliver(done, observer, &final_name, &mut final_checkpoint_error);
-                }
+                self.checkpoint(epoch, step, acc)?;
                 // The checkpoint averaged the statistics once more (a no-op up to rounding).
-                kept.refresh_statistics();
+                self.kept.refresh_statistics();
             }
         }
         // Normally done at the last step already; reads nothing when it was.
-        kept.engine_mut().check_divergence()?;
+        self.kept.engine_mut().check_divergence()?;
         let (loss_sum, correct) = sums.read()?;
-        let train_seconds = prior_seconds + epoch_start.elapsed().as_secs_f64();
+        let sums = EpochSums {
+            loss_sum,
+            correct,
+            samples: seen,
+            seconds: prior_seconds + began.elapsed().as_secs_f64(),
+            allreduce_seconds: wire_seconds,
+        };
+        Ok(Trained { sums, prior_seconds, lr, steps_per_epoch, began })
+    }
 
-        sync::average_running_stats(&kept.engine().buffers, comm)?;
-        let eval_range = sampler::eval_indices(data.test.len(), cfg.world_size, cfg.rank);
+    /// The end of epoch `epoch`: the group's statistics and evaluation, the epoch's metrics
+    /// summed over the ranks, the divergence guard, the epoch-end checkpoint and commit,
+    /// and the report.
+    fn end_epoch(&mut self, epoch: u32, trained: Trained) -> Result<EpochMetrics, TrainError> {
+        let cfg = self.cfg;
+        let world = cfg.world_size as u32;
+        let Trained { sums, prior_seconds, lr, steps_per_epoch, began } = trained;
+        sync::average_running_stats(&self.kept.engine().buffers, self.comm)?;
+        let eval_range = sampler::eval_indices(self.data.test.len(), cfg.world_size, cfg.rank);
         let (test_loss_sum, test_correct, test_seen) =
-            kept.engine().evaluate(&data.test, eval_range.collect(), observer)?;
-        if let Some(reason) = observer.should_stop() {
+            self.kept.engine().evaluate(&self.data.test, eval_range.collect(), self.observer)?;
+        if let Some(reason) = self.observer.should_stop() {
             return Err(TrainError::Stopped(reason));
         }
-        let mut totals = [loss_sum, correct, seen, test_loss_sum, test_correct, test_seen];
-        sync::sum_metrics(&mut totals, comm)?;
+        let mut totals = [sums.loss_sum, sums.correct, sums.samples, test_loss_sum, test_correct, test_seen];
+        sync::sum_metrics(&mut totals, self.comm)?;
         let [loss_sum, correct, seen, test_loss_sum, test_correct, test_seen] = totals;
         let metrics = EpochMetrics {
             epoch,
@@ -274,10 +361,10 @@ fn train_on(
             test_loss: test_loss_sum / test_seen.max(1.0),
             test_acc: test_correct / test_seen.max(1.0),
             lr,
-            seconds: prior_seconds + epoch_start.elapsed().as_secs_f64(),
-            images_per_sec: seen / train_seconds.max(1e-9),
+            seconds: prior_seconds + began.elapsed().as_secs_f64(),
+            images_per_sec: seen / sums.seconds.max(1e-9),
             world_size: cfg.world_size as u32,
-            allreduce_seconds: wire_seconds,
+            allreduce_seconds: sums.allreduce_seconds,
             attempt: 0,
         };
         info!(
@@ -301,160 +388,37 @@ fn train_on(
             None
         };
         if let Some((what, loss)) = diverged {
-            observer.epoch(&metrics);
+            self.observer.epoch(&metrics);
             return Err(TrainError::Diverged { epoch, step: steps_per_epoch, what, loss });
         }
-        if let Some(done) =
-            write_checkpoint(cfg, kept.engine_mut(), comm, observer, &mut writer, epoch + 1, 0, EpochSums::default())?
-        {
-            deliver(done, observer, &final_name, &mut final_checkpoint_error);
-        }
-        let confirm = if kept.keeps() { comm.completion() } else { None };
-        kept.commit(
+        self.checkpoint(epoch + 1, 0, EpochSums::default())?;
+        let confirm = if self.kept.keeps() { self.comm.completion() } else { None };
+        self.kept.commit(
             Position::epoch_start(epoch + 1, world),
             &DeviceSums::new(cfg.device, 0.0, 0.0)?,
             EpochSums::default(),
             confirm,
         );
-        observer.epoch(&metrics);
-        history.push(metrics);
-    }
-    // The run is only over once its last checkpoint is written and stored (or known not
-    // to be): the final-checkpoint rule reads the outcome.
-    if let Some(done) = writer.wait() {
-        deliver(done, observer, &final_name, &mut final_checkpoint_error);
-    }
-    kept.release();
-    let variables =
-        kept.engine().variables().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect();
-    Ok(TrainOutcome { history, wall_seconds: started.elapsed().as_secs_f64(), final_checkpoint_error, variables })
-}
-
-/// Restores `engine` from `cfg.resume`'s checkpoint, or gives every rank rank 0's initial
-/// weights. Returns the epoch and step to start at and this rank's sums of the partially
-/// trained epoch.
-fn start_engine(
-    cfg: &TrainerConfig,
-    engine: &mut Engine,
-    comm: &mut dyn Collective,
-) -> Result<(u32, u64, EpochSums), TrainError> {
-    let (mut start_epoch, mut start_step, mut partial) = (0u32, 0u64, EpochSums::default());
-    if let Some(path) = &cfg.resume {
-        let ckpt = checkpoint::load(path)?;
-        checkpoint::restore_into(path, &ckpt.model, &engine.variables())?;
-        engine
-            .sgd
-            .load_momentum_buffers(ckpt.momentum)
-            .map_err(|reason| checkpoint::CheckpointError::Mismatch { path: path.clone(), reason })?;
-        // An fp16 run continues with the saved scale and growth tracker (bit-identical
-        // resume). Checkpoints written before the tracker was saved carry the scale alone
-        // (the tracker restarts at 0); ones from an fp32/bf16 run (or imported ones) carry
-        // no scaler and the run starts from the initial scale.
-        if let Some(scaler) = engine.scaler.as_mut() {
-            let saved = match ckpt.state.grad_scaler {
-                Some(state) => Some(state),
-                None if ckpt.state.loss_scale > 1.0 => {
-                    Some(ScalerState { scale: ckpt.state.loss_scale, growth_tracker: 0 })
-                }
-                None => None,
-            };
-            if let Some(state) = saved {
-                *scaler = GradScaler::from_state(cfg.device, state);
-            }
-        }
-        start_epoch = ckpt.state.epoch;
-        start_step = ckpt.state.step;
-        // Accumulators of a partial epoch only carry over at the same world size; at another
-        // size the remaining steps differ anyway.
-        if ckpt.state.world_size as usize == cfg.world_size {
-            // Each rank continues its own sums; the epoch's totals are summed over the
-            // ranks at its end, exactly as in an uninterrupted run.
-            partial = match ckpt.state.rank_partials.get(cfg.rank) {
-                Some(own) if ckpt.state.rank_partials.len() == cfg.world_size => *own,
-                _ => {
-                    if cfg.world_size > 1 && ckpt.state.step > 0 {
-                        warn!("checkpoint predates per-rank sums: the resumed epoch's train loss and accuracy are estimates");
-                        // Older checkpoints hold rank 0's sums only: use them as this
-                        // rank's estimate (every shard has the same number of samples).
-                    }
-                    ckpt.state.partial
-                }
-            };
-        } else {
-            start_step = 0;
-        }
-        info!(checkpoint = %path.display(), epoch = start_epoch, step = start_step, "resumed");
-    } else {
-        sync::broadcast_from_root(&engine.variables(), comm)?;
+        self.observer.epoch(&metrics);
+        Ok(metrics)
     }
 
-    Ok((start_epoch, start_step, partial))
-}
-
-/// Reports a finished background checkpoint to `observer`; a failure of the final one
-/// (`final_name`) is kept in `final_error` (the run trained to its end but its final model
-/// is not on disk).
-fn deliver(done: Done, observer: &mut dyn Observer, final_name: &str, final_error: &mut Option<String>) {
-    match done.written {
-        Ok((json, state)) => {
-            observer.checkpoint(&json, &state);
-            if let Some(result) = &done.stored {
-                observer.checkpoint_stored(&done.name, result);
-            }
+    /// A checkpoint at (`epoch`, `step`) with this rank's partial-epoch sums `partial`
+    /// (every rank takes part); reports the previous one if it finished meanwhile.
+    fn checkpoint(&mut self, epoch: u32, step: u64, partial: EpochSums) -> Result<(), TrainError> {
+        let done = write_checkpoint(
+            self.cfg,
+            self.kept.engine_mut(),
+            self.comm,
+            self.observer,
+            &mut self.writer,
+            epoch,
+            step,
+            partial,
+        )?;
+        if let Some(done) = done {
+            deliver(done, self.observer, &self.final_name, &mut self.final_checkpoint_error);
         }
-        // A failed checkpoint (disk full, say) must not kill a healthy run: the previous
-        // checkpoint is still intact because writes are atomic.
-        Err(e) => {
-            warn!(checkpoint = %done.name, error = %e, "checkpoint failed; training continues with the previous checkpoint kept");
-            if done.name == final_name {
-                *final_error = Some(e.to_string());
-            }
-        }
-    }
-}
-
-/// Takes a checkpoint at (`epoch`, `step`) with this rank's partial-epoch sums `partial`;
-/// every rank calls it at
-/// the same points. Rank 0 snapshots to host memory and hands the write to `writer`
-/// (waiting for the previous checkpoint if that is still in flight, whose outcome it
-/// returns).
-#[allow(clippy::too_many_arguments)]
-fn write_checkpoint(
-    cfg: &TrainerConfig,
-    engine: &mut Engine,
-    comm: &mut dyn Collective,
-    observer: &mut dyn Observer,
-    writer: &mut BackgroundWriter,
-    epoch: u32,
-    step: u64,
-    partial: EpochSums,
-) -> Result<Option<Done>, TrainError> {
-    let Some(dir) = &cfg.checkpoint_dir else { return Ok(None) };
-    // All ranks take part so the saved statistics are the same ones every rank continues with.
-    sync::average_running_stats(&engine.buffers, comm)?;
-    // Mid-epoch, every rank's own sums go into the checkpoint: rank 0's alone, used by every
-    // rank after a restart, would misreport the resumed epoch's loss and accuracy.
-    let rank_partials: Vec<EpochSums> = if step == 0 {
-        Vec::new()
-    } else {
-        exact_gather::gather_f64(&partial.to_array(), comm)?
-            .into_iter()
-            .map(|v| EpochSums::from_array(std::array::from_fn(|k| v.get(k).copied().unwrap_or(0.0))))
-            .collect()
-    };
-    if cfg.rank != 0 {
-        return Ok(None);
-    }
-    let mut state = CheckpointState::new(&cfg.spec.model, epoch, step, cfg.spec.seed, cfg.world_size as u32);
-    state.partial = EpochSums { allreduce_seconds: 0.0, ..EpochSums::total(&rank_partials, &partial) };
-    state.rank_partials = rank_partials;
-    state.grad_scaler = engine.scaler.as_ref().map(GradScaler::state);
-    state.loss_scale = state.grad_scaler.map_or(1.0, |s| s.scale);
-    let snap = checkpoint::snapshot(&engine.variables(), &engine.sgd.momentum_buffers());
-    let name = state.name();
-    match writer.submit(dir, state, snap, observer.checkpoint_store()) {
-        Ok(previous) => Ok(previous),
-        // No thread for the writer: report it as this checkpoint's failure, like a full disk.
-        Err(e) => Ok(Some(Done { name, written: Err(e), stored: None })),
+        Ok(())
     }
 }
