@@ -1,6 +1,6 @@
 //! The job this worker runs, kept across sessions with its journal of reports.
 
-use super::job::JobControl;
+use super::control::JobControl;
 use cvdist_common::proto::{job_report, worker_message, Assignment, RegisterRequest, RejoinRequest, WorkerMessage};
 use cvdist_common::rejoin;
 use cvdist_common::text::printable;

@@ -10,9 +10,14 @@
 //! stop the job. After `--detached-timeout` without a session the job stops on its own.
 
 mod config;
+mod control;
 mod current;
+mod env;
+mod failure;
 pub mod job;
 pub mod link;
+mod observer;
+mod resume;
 mod session;
 pub mod transfer;
 

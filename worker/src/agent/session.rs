@@ -2,8 +2,10 @@
 //! one), then serve assignments and aborts and forward the job's reports.
 
 use super::config::{capabilities, WorkerConfig};
+use super::control::JobControl;
 use super::current::{next_report, Current};
-use super::job::{self, JobControl, JobEnv};
+use super::env::JobEnv;
+use super::job;
 use super::link::{Attached, Deferred, SessionLink};
 use super::{stopped, transfer, AgentError};
 use crate::train::live_state::LiveSlot;
