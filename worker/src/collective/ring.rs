@@ -25,7 +25,7 @@
 use super::compress::Wire;
 use super::executor::Executor;
 use super::wire::{self, OpHeader};
-use super::{link, AbortHandle, Collective, CollectiveError, GradCompression};
+use super::{check_broadcast_root, link, AbortHandle, Collective, CollectiveError, GradCompression};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -198,9 +198,7 @@ impl Collective for Ring {
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        if root >= self.world {
-            return Err(CollectiveError::Config(format!("broadcast root {root} >= world size {}", self.world)));
-        }
+        check_broadcast_root(root, self.world)?;
         self.run(wire::op::BROADCAST, root, buf)
     }
 
