@@ -1,222 +1,30 @@
 //! Running one assignment on this worker: data, resume point, data-plane ring, training,
 //! reports. Runs on its own OS thread because libtorch calls block.
 
+use super::failure::Failure;
+use super::observer::ReportingObserver;
+use super::resume::{continue_live, download_resume};
 use super::transfer;
 use crate::collective::backend::{self, BackendError, Chosen};
 use crate::collective::{ring::Ring, AbortHandle, Collective, GradCompression, Solo};
 use crate::data::Datasets;
-use crate::train::checkpoint::{self, CheckpointState};
-use crate::train::ckpt_writer::CheckpointStore;
-use crate::train::live_state::{self, LiveSlot, LiveStart};
-use crate::train::{self, Observer, TrainerConfig};
+use crate::train::checkpoint;
+use crate::train::live_state::LiveStart;
+use crate::train::{self, TrainOutcome, TrainerConfig};
 use cvdist_common::choices::Dataset;
-use cvdist_common::client::Client;
-use cvdist_common::proto::{
-    job_report, worker_message, Assignment, EpochMetrics, FailureKind, Finished, JobReport, Progress, Resumed,
-    WorkerMessage,
-};
+use cvdist_common::proto::{job_report, Assignment, Finished, JobSpec};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tch::Device;
-use tokio::sync::mpsc;
 use tracing::{info, info_span, warn};
+
+// What [`run`] takes besides the assignment.
+pub use super::control::JobControl;
+pub use super::env::JobEnv;
 
 /// How long ranks wait for each other when forming the data-plane ring.
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// What a running job shares with the session loop, so an abort can reach it: the
-/// training loop polls `stop`, the communicator (and a ring still connecting) is cut by
-/// `abort`, and transfers through the coordinator wait on `wake`.
-#[derive(Clone, Default)]
-pub struct JobControl {
-    pub stop: Arc<Mutex<Option<String>>>,
-    pub abort: Arc<Mutex<Option<AbortHandle>>>,
-    pub done: Arc<AtomicBool>,
-    wake: Arc<tokio::sync::Notify>,
-}
-
-impl JobControl {
-    pub fn request_stop(&self, reason: &str) {
-        if let Ok(mut s) = self.stop.lock() {
-            s.get_or_insert_with(|| reason.to_string());
-        }
-        if let Ok(a) = self.abort.lock() {
-            if let Some(h) = a.as_ref() {
-                h.abort(reason);
-            }
-        }
-        self.wake.notify_waiters();
-    }
-
-    /// The reason given to the first [`JobControl::request_stop`], if any.
-    pub fn stop_reason(&self) -> Option<String> {
-        self.stop.lock().ok().and_then(|s| s.clone())
-    }
-
-    /// Makes `handle` the one an abort fires; fires it at once if the stop came first,
-    /// so an abort that arrives while the handle is being set up is not lost.
-    pub fn install_abort(&self, handle: AbortHandle) {
-        if let Ok(mut slot) = self.abort.lock() {
-            *slot = Some(handle.clone());
-        }
-        if let Some(reason) = self.stop_reason() {
-            handle.abort(reason);
-        }
-    }
-
-    /// Runs `fut` (a transfer through the coordinator) on `runtime`, giving up with
-    /// `stopped: REASON` as soon as a stop is requested, instead of when it finishes.
-    pub fn block_on_unless_stopped<F: std::future::Future>(
-        &self,
-        runtime: &tokio::runtime::Handle,
-        fut: F,
-    ) -> Result<F::Output, String> {
-        runtime.block_on(async {
-            let notified = self.wake.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a stop between the two still wakes us.
-            notified.as_mut().enable();
-            if let Some(reason) = self.stop_reason() {
-                return Err(format!("stopped: {reason}"));
-            }
-            tokio::select! {
-                out = fut => Ok(out),
-                _ = notified => Err(format!("stopped: {}", self.stop_reason().unwrap_or_default())),
-            }
-        })
-    }
-}
-
-pub struct JobEnv {
-    pub device: Device,
-    pub data: Option<PathBuf>,
-    pub cache_dir: PathBuf,
-    /// The id the coordinator registered this worker under: names its own scratch folder.
-    pub worker_id: String,
-    pub listener: std::net::TcpListener,
-    pub client: Client,
-    pub runtime: tokio::runtime::Handle,
-    pub outbox: mpsc::UnboundedSender<WorkerMessage>,
-    /// The session that holds this job now (it can change while the job trains, since a
-    /// job outlives the session it was assigned on): checkpoint uploads go through it.
-    pub link: super::link::SessionLink,
-    /// The training state a failed attempt of this worker left, so the next attempt can
-    /// continue from memory instead of a checkpoint.
-    pub live: LiveSlot,
-}
-
-struct ReportingObserver<'a> {
-    assignment: &'a Assignment,
-    env: &'a JobEnv,
-    control: JobControl,
-    /// The newest checkpoint the coordinator confirmed it stored, and why the newest
-    /// upload failed (cleared by a later success).
-    confirmed: Option<String>,
-    upload_error: Option<(String, String)>,
-}
-
-/// Why an attempt ended on this rank, and whether a restart could help.
-struct Failure {
-    text: String,
-    kind: FailureKind,
-}
-
-impl Failure {
-    /// Lost peers, network, aborts: the coordinator may restart the group.
-    fn retry(text: impl Into<String>) -> Failure {
-        Failure { text: text.into(), kind: FailureKind::Retryable }
-    }
-
-    /// The same assignment would fail again in the same way.
-    fn config(text: impl Into<String>) -> Failure {
-        Failure { text: text.into(), kind: FailureKind::Configuration }
-    }
-}
-
-impl From<train::TrainError> for Failure {
-    fn from(e: train::TrainError) -> Failure {
-        Failure { kind: e.failure_kind(), text: e.to_string() }
-    }
-}
-
-impl ReportingObserver<'_> {
-    fn send(&self, kind: job_report::Kind) {
-        self.send_with(kind, FailureKind::Unspecified);
-    }
-
-    fn send_with(&self, kind: job_report::Kind, failure_kind: FailureKind) {
-        let report = JobReport {
-            job_id: self.assignment.job_id.clone(),
-            attempt: self.assignment.attempt,
-            rank: self.assignment.rank,
-            kind: Some(kind),
-            failure_kind: failure_kind as i32,
-        };
-        let _ = self.env.outbox.send(WorkerMessage { msg: Some(worker_message::Msg::Report(report)) });
-    }
-}
-
-impl Observer for ReportingObserver<'_> {
-    fn progress(&mut self, p: &Progress) {
-        self.send(job_report::Kind::Progress(*p));
-    }
-
-    fn epoch(&mut self, m: &EpochMetrics) {
-        if self.assignment.rank == 0 {
-            self.send(job_report::Kind::Epoch(*m));
-        }
-    }
-
-    /// The upload runs on the checkpoint writer thread, off the training thread, so the
-    /// other ranks do not wait at the next all-reduce while rank 0 uploads. A stop cuts it
-    /// short.
-    fn checkpoint_store(&mut self) -> Option<CheckpointStore> {
-        let link = self.env.link.clone();
-        let runtime = self.env.runtime.clone();
-        let control = self.control.clone();
-        let (job_id, attempt) = (self.assignment.job_id.clone(), self.assignment.attempt);
-        let epochs = self.assignment.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
-        Some(Box::new(move |json: &Path, state: &CheckpointState| {
-            let is_final = (state.epoch, state.step) == (epochs, 0);
-            super::link::upload_checkpoint(&link, &control, &runtime, &job_id, attempt, json, state, is_final)?;
-            // Only what the coordinator holds (this one) or has superseded (anything
-            // older) may go; a local copy is the only copy until then.
-            let name = state.name();
-            if let Some(dir) = json.parent() {
-                for old in checkpoint::list(dir) {
-                    let older = old.file_stem().is_some_and(|s| s.to_string_lossy().as_ref() < name.as_str());
-                    if older {
-                        let _ = std::fs::remove_file(old.with_extension("safetensors"));
-                        let _ = std::fs::remove_file(&old);
-                    }
-                }
-            }
-            Ok(())
-        }))
-    }
-
-    fn checkpoint_stored(&mut self, name: &str, result: &Result<(), String>) {
-        match result {
-            Ok(()) => {
-                info!(checkpoint = %name, "checkpoint uploaded");
-                self.confirmed = Some(name.to_string());
-                self.upload_error = None;
-            }
-            // The job can go on; a restart would resume from an older checkpoint. The local
-            // copy stays.
-            Err(e) => {
-                warn!(checkpoint = %name, error = %e, "checkpoint upload failed");
-                self.upload_error = Some((name.to_string(), e.clone()));
-            }
-        }
-    }
-
-    fn should_stop(&mut self) -> Option<String> {
-        self.control.stop.lock().ok().and_then(|s| s.clone())
-    }
-}
 
 /// The message of a caught panic.
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
@@ -230,13 +38,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
     let span = info_span!("job", job = %assignment.job_id, attempt = assignment.attempt, rank = assignment.rank);
     let _enter = span.enter();
-    let observer = ReportingObserver {
-        assignment: &assignment,
-        env: &env,
-        control: control.clone(),
-        confirmed: None,
-        upload_error: None,
-    };
+    let observer = ReportingObserver::new(&assignment, &env, control.clone());
     // A panic anywhere in the attempt (a tch call that unwraps a CUDA out-of-memory error,
     // say) is a failure like any other: reported, so the coordinator restarts the group,
     // instead of a job thread that ends silently while heartbeats go on.
@@ -261,7 +63,7 @@ pub fn run(assignment: Assignment, env: JobEnv, control: JobControl) {
 /// carries the job's `--grad-compression` (every rank reads it from the same spec).
 fn choose_backend(
     ring: Ring,
-    spec: &cvdist_common::proto::JobSpec,
+    spec: &JobSpec,
     device: Device,
     addrs: &backend::Addresses<'_>,
     control: &JobControl,
@@ -320,6 +122,62 @@ pub fn validate_assignment(a: &Assignment) -> Result<(), String> {
 }
 
 fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finished, Failure> {
+    let spec = checked_spec(a)?;
+    if spec.threads_per_worker > 0 {
+        tch::set_num_threads(spec.threads_per_worker as i32);
+    }
+    // Per worker: several workers may be given one cache dir (`cvdist local`, or two
+    // workers on one host sharing ~/.cache/cvdist), and each deletes its job folder when
+    // done; a shared folder would lose another rank's checkpoint being written.
+    let job_dir = scratch_dir(&env.cache_dir, &env.worker_id).join("jobs").join(&a.job_id);
+    let data = prepare_data(&spec, env, control)?;
+
+    // A recovery with survivors needs no checkpoint: it is fetched only once the group
+    // found that no member holds a live state.
+    if !a.live {
+        // A state kept from an earlier job or attempt can never be used by this one: its
+        // memory (a whole model, on the device) goes before this one is built.
+        drop(env.live.lock().map(|mut s| s.take()));
+    }
+    let mut resume = if a.live { None } else { download_resume(a, env, control, &job_dir)? };
+    let mut comm = connect_group(a, &spec, env, control)?;
+    let live = if a.live { continue_live(a, env, comm.as_mut(), &spec, data.train.len())? } else { None };
+    if a.live && live.is_none() {
+        resume = download_resume(a, env, control, &job_dir)?;
+    }
+
+    let cfg = TrainerConfig {
+        spec,
+        device: env.device,
+        rank: a.rank as usize,
+        world_size: a.world_size as usize,
+        checkpoint_dir: Some(job_dir.join(format!("attempt-{}", a.attempt))),
+        resume,
+        progress_interval: Duration::from_secs(2),
+        freeze_bn: false,
+    };
+    let (outcome, observer) = train_to_end(a, env, control, &cfg, &data, comm.as_mut(), live)?;
+    let final_test_acc = outcome.history.last().map(|m| m.test_acc).unwrap_or(0.0);
+    let final_name = checkpoint::name_for(cfg.spec.epochs, 0);
+    // Rank 0 says why the final model is not on the coordinator, if it is not; the
+    // coordinator then does not report the job as succeeded.
+    let final_checkpoint = (a.rank == 0).then(|| {
+        FinalCheckpoint::judge(
+            &a.checkpoint,
+            &final_name,
+            observer.confirmed.as_deref(),
+            outcome.final_checkpoint_error,
+            observer.upload_error,
+        )
+    });
+    clean_up(&job_dir, final_checkpoint.as_ref(), &final_name);
+    let final_checkpoint_error = final_checkpoint.as_ref().map(FinalCheckpoint::error).unwrap_or_default();
+    Ok(Finished { final_test_acc, wall_seconds: outcome.wall_seconds, final_checkpoint_error })
+}
+
+/// The assignment's job spec, once the assignment passed [`validate_assignment`] and
+/// names a rank of its world with one peer per rank.
+fn checked_spec(a: &Assignment) -> Result<JobSpec, Failure> {
     // A coordinator that sends such names would send them again: not worth a restart.
     validate_assignment(a).map_err(Failure::config)?;
     let spec = a.spec.clone().ok_or_else(|| Failure::config("assignment without a job spec"))?;
@@ -331,14 +189,12 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
             a.peers.len()
         )));
     }
-    if spec.threads_per_worker > 0 {
-        tch::set_num_threads(spec.threads_per_worker as i32);
-    }
-    // Per worker: several workers may be given one cache dir (`cvdist local`, or two
-    // workers on one host sharing ~/.cache/cvdist), and each deletes its job folder when
-    // done; a shared folder would lose another rank's checkpoint being written.
-    let job_dir = scratch_dir(&env.cache_dir, &env.worker_id).join("jobs").join(&a.job_id);
+    Ok(spec)
+}
 
+/// The job's data: synthetic, the worker's own `--data`, or fetched from the coordinator
+/// into the cache.
+fn prepare_data(spec: &JobSpec, env: &JobEnv, control: &JobControl) -> Result<Datasets, Failure> {
     let data_dir = match (&env.data, spec.dataset.parse::<Dataset>()) {
         (_, Ok(Dataset::Synthetic)) => None,
         (Some(d), _) => Some(d.clone()),
@@ -347,22 +203,23 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
             let dir = control
                 .block_on_unless_stopped(&env.runtime, transfer::fetch_dataset(&mut client, &env.cache_dir))
                 .map_err(Failure::retry)?
-                .map_err(|e| dataset_fetch_failure(&e))?;
+                .map_err(|e| Failure::dataset_fetch(&e))?;
             Some(dir)
         }
     };
-    let data = Datasets::for_spec(&spec, data_dir.as_deref()).map_err(train::TrainError::from)?;
+    Ok(Datasets::for_spec(spec, data_dir.as_deref()).map_err(train::TrainError::from)?)
+}
 
-    // A recovery with survivors needs no checkpoint: it is fetched only once the group
-    // found that no member holds a live state.
-    if !a.live {
-        // A state kept from an earlier job or attempt can never be used by this one: its
-        // memory (a whole model, on the device) goes before this one is built.
-        drop(env.live.lock().map(|mut s| s.take()));
-    }
-    let mut resume = if a.live { None } else { download_resume(a, env, control, &job_dir)? };
-
-    let mut comm: Box<dyn Collective> = if world == 1 {
+/// The attempt's communicator: none to form for a single rank; otherwise the data-plane
+/// ring, then the gradient backend agreed over it. Fails if the job was stopped meanwhile.
+fn connect_group(
+    a: &Assignment,
+    spec: &JobSpec,
+    env: &JobEnv,
+    control: &JobControl,
+) -> Result<Box<dyn Collective>, Failure> {
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let comm: Box<dyn Collective> = if world == 1 {
         Box::new(Solo::new())
     } else {
         let peers: Vec<String> = a.peers.iter().map(|p| p.data_addr.clone()).collect();
@@ -375,7 +232,7 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
             Ring::connect_with_abort(rank, world, &peers, listener, &a.session_secret, RENDEZVOUS_TIMEOUT, abort)
                 .map_err(|e| Failure::retry(format!("forming the data-plane ring: {e}")))?;
         let addrs = backend::Addresses { peers: &peers, secret: &a.session_secret };
-        let comm = choose_backend(ring, &spec, env.device, &addrs, control)?;
+        let comm = choose_backend(ring, spec, env.device, &addrs, control)?;
         control.install_abort(comm.abort_handle());
         comm
     };
@@ -383,25 +240,24 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     if let Some(reason) = control.stop.lock().ok().and_then(|s| s.clone()) {
         return Err(Failure::retry(format!("stopped: {reason}")));
     }
-    let live = if a.live { continue_live(a, env, comm.as_mut(), &spec, data.train.len())? } else { None };
-    if a.live && live.is_none() {
-        resume = download_resume(a, env, control, &job_dir)?;
-    }
+    Ok(comm)
+}
 
-    let cfg = TrainerConfig {
-        spec,
-        device: env.device,
-        rank,
-        world_size: world,
-        checkpoint_dir: Some(job_dir.join(format!("attempt-{}", a.attempt))),
-        resume,
-        progress_interval: Duration::from_secs(2),
-        freeze_bn: false,
-    };
-    let mut observer =
-        ReportingObserver { assignment: a, env, control: control.clone(), confirmed: None, upload_error: None };
+/// Trains to the last epoch over `comm`, reporting to the coordinator and keeping the
+/// state in memory for a later attempt; then shuts `comm` down. Returns the outcome and
+/// the observer, which knows which checkpoints the coordinator stored.
+fn train_to_end<'a>(
+    a: &'a Assignment,
+    env: &'a JobEnv,
+    control: &JobControl,
+    cfg: &TrainerConfig,
+    data: &Datasets,
+    comm: &mut dyn Collective,
+    live: Option<LiveStart>,
+) -> Result<(TrainOutcome, ReportingObserver<'a>), Failure> {
+    let mut observer = ReportingObserver::new(a, env, control.clone());
     let keep = Some((env.live.clone(), a.job_id.clone(), a.attempt));
-    let outcome = train::train_from(&cfg, &data, comm.as_mut(), &mut observer, live, keep)?;
+    let outcome = train::train_from(cfg, data, comm, &mut observer, live, keep)?;
     // A clean end lets a device communicator shut down gracefully; otherwise its drop
     // aborts it, which never waits for peers.
     if let Err(e) = comm.finish() {
@@ -410,98 +266,74 @@ fn execute(a: &Assignment, env: &JobEnv, control: &JobControl) -> Result<Finishe
     if let Ok(mut slot) = control.abort.lock() {
         *slot = None;
     }
-    let final_test_acc = outcome.history.last().map(|m| m.test_acc).unwrap_or(0.0);
-    let final_name = checkpoint::name_for(cfg.spec.epochs, 0);
-    // Rank 0 says why the final model is not on the coordinator, if it is not; the
-    // coordinator then does not report the job as succeeded.
-    let final_checkpoint_error =
-        if rank != 0 || a.checkpoint == final_name || observer.confirmed.as_deref() == Some(&final_name) {
-            String::new()
-        } else if let Some(e) = outcome.final_checkpoint_error {
-            format!("rank 0 could not write it: {e}")
-        } else if let Some((name, e)) = observer.upload_error.filter(|(n, _)| *n == final_name) {
-            format!("uploading {name} failed: {e}")
+    Ok((outcome, observer))
+}
+
+/// What became of the final checkpoint, as rank 0 sees it at the end of the job.
+#[derive(Debug, PartialEq)]
+enum FinalCheckpoint {
+    /// The coordinator holds it: it confirmed the upload, or it is the checkpoint this
+    /// attempt resumed from.
+    Stored,
+    /// The trainer could not write it.
+    WriteFailed(String),
+    /// Its upload failed.
+    UploadFailed { name: String, error: String },
+    /// Written, but no upload of it was confirmed or refused.
+    NotUploaded,
+}
+
+impl FinalCheckpoint {
+    /// The verdict for `final_name`, given the checkpoint the attempt resumed from, the
+    /// newest upload the coordinator `confirmed`, why the trainer could not write it and
+    /// the newest failed upload (name, error).
+    fn judge(
+        resumed_from: &str,
+        final_name: &str,
+        confirmed: Option<&str>,
+        write_error: Option<String>,
+        upload_error: Option<(String, String)>,
+    ) -> FinalCheckpoint {
+        if resumed_from == final_name || confirmed == Some(final_name) {
+            FinalCheckpoint::Stored
+        } else if let Some(e) = write_error {
+            FinalCheckpoint::WriteFailed(e)
+        } else if let Some((name, error)) = upload_error.filter(|(n, _)| n == final_name) {
+            FinalCheckpoint::UploadFailed { name, error }
         } else {
-            "rank 0 did not upload it".to_string()
-        };
-    if rank == 0 && final_checkpoint_error.is_empty() {
+            FinalCheckpoint::NotUploaded
+        }
+    }
+
+    /// Why the coordinator does not hold it (`Finished.final_checkpoint_error`); empty
+    /// when it does.
+    fn error(&self) -> String {
+        match self {
+            FinalCheckpoint::Stored => String::new(),
+            FinalCheckpoint::WriteFailed(e) => format!("rank 0 could not write it: {e}"),
+            FinalCheckpoint::UploadFailed { name, error } => format!("uploading {name} failed: {error}"),
+            FinalCheckpoint::NotUploaded => "rank 0 did not upload it".to_string(),
+        }
+    }
+}
+
+/// Removes what the job left in `job_dir`: everything once rank 0 knows the coordinator
+/// holds the final checkpoint (`final_checkpoint`, `None` on other ranks), otherwise only
+/// the downloaded resume checkpoint.
+fn clean_up(job_dir: &Path, final_checkpoint: Option<&FinalCheckpoint>, final_name: &str) {
+    if final_checkpoint == Some(&FinalCheckpoint::Stored) {
         // Local copies are no longer needed once the coordinator holds the final checkpoint.
-        let _ = std::fs::remove_dir_all(&job_dir);
+        let _ = std::fs::remove_dir_all(job_dir);
     } else {
         // Another rank cannot know whether the final checkpoint arrives, so it keeps any
         // checkpoint it wrote as rank 0 of an earlier attempt; the downloaded copy goes.
         let _ = std::fs::remove_dir_all(job_dir.join("resume"));
-        let _ = std::fs::remove_dir(&job_dir);
-        if rank == 0 {
-            warn!(checkpoint = %final_name, error = %final_checkpoint_error, kept = %job_dir.display(),
+        let _ = std::fs::remove_dir(job_dir);
+        if let Some(f) = final_checkpoint {
+            warn!(checkpoint = %final_name, error = %f.error(), kept = %job_dir.display(),
                 "the final checkpoint is not stored by the coordinator; local checkpoints are kept");
         }
     }
-    Ok(Finished { final_test_acc, wall_seconds: outcome.wall_seconds, final_checkpoint_error })
-}
-
-/// Downloads the assignment's checkpoint (if it names one) into the job's `resume` folder.
-fn download_resume(
-    a: &Assignment,
-    env: &JobEnv,
-    control: &JobControl,
-    job_dir: &Path,
-) -> Result<Option<PathBuf>, Failure> {
-    if a.checkpoint.is_empty() {
-        return Ok(None);
-    }
-    let mut client = env.client.clone();
-    let dir = job_dir.join("resume");
-    let path = control
-        .block_on_unless_stopped(
-            &env.runtime,
-            transfer::download_checkpoint(&mut client, &a.job_id, &a.checkpoint, &dir),
-        )
-        .map_err(Failure::retry)?
-        .map_err(|e| Failure::retry(format!("downloading checkpoint {}: {e}", a.checkpoint)))?;
-    Ok(Some(path))
-}
-
-/// A recovery from memory: the members agree over the ring on the furthest live state any
-/// of them kept from attempt `a.live_attempt` and all take it; rank 0 tells the
-/// coordinator where the group continues. `None`: no member kept one. This worker's own
-/// state goes back to its slot if the agreement fails (another recovery may use it).
-fn continue_live(
-    a: &Assignment,
-    env: &JobEnv,
-    comm: &mut dyn Collective,
-    spec: &cvdist_common::proto::JobSpec,
-    train_len: usize,
-) -> Result<Option<LiveStart>, Failure> {
-    let mut own = live_state::take(&env.live, &a.job_id, a.live_attempt, a.attempt);
-    let agreed = live_state::agree(&mut own, spec, env.device, train_len, a.live_max_epoch, comm);
-    live_state::put_back(&env.live, own);
-    let start = agreed?;
-    if a.rank == 0 {
-        let batch = spec.batch_size as usize;
-        let resumed = match &start {
-            Some(s) => {
-                let at = s.at.continue_on(a.world_size, train_len, batch);
-                Resumed {
-                    epoch: at.epoch,
-                    step: at.step(batch),
-                    samples: at.consumed(train_len, batch),
-                    live: true,
-                    source_worker: a.peers.get(s.source).map(|p| p.worker_id.clone()).unwrap_or_default(),
-                }
-            }
-            None => Resumed::default(),
-        };
-        let report = JobReport {
-            job_id: a.job_id.clone(),
-            attempt: a.attempt,
-            rank: a.rank,
-            kind: Some(job_report::Kind::Resumed(resumed)),
-            failure_kind: FailureKind::Unspecified as i32,
-        };
-        let _ = env.outbox.send(WorkerMessage { msg: Some(worker_message::Msg::Report(report)) });
-    }
-    Ok(start)
 }
 
 /// This worker's own scratch folder under `cache_dir` (checkpoints, resume downloads):
@@ -510,14 +342,46 @@ pub fn scratch_dir(cache_dir: &Path, worker_id: &str) -> PathBuf {
     cache_dir.join("workers").join(worker_id)
 }
 
-/// A coordinator that has no dataset to serve (or serves a broken one) will answer the same
-/// way on every retry; a network failure may not recur.
-fn dataset_fetch_failure(e: &transfer::TransferError) -> Failure {
-    let text = format!("fetching the dataset from the coordinator: {e}");
-    match e {
-        transfer::TransferError::Rpc {
-            code: tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument, ..
-        } => Failure { text, kind: FailureKind::Data },
-        _ => Failure::retry(text),
+#[cfg(test)]
+mod tests {
+    use super::FinalCheckpoint;
+
+    const FINAL: &str = "ckpt-e0003-s000000";
+
+    fn judge(
+        resumed_from: &str,
+        confirmed: Option<&str>,
+        write: Option<&str>,
+        upload: Option<(&str, &str)>,
+    ) -> FinalCheckpoint {
+        FinalCheckpoint::judge(
+            resumed_from,
+            FINAL,
+            confirmed,
+            write.map(str::to_string),
+            upload.map(|(n, e)| (n.to_string(), e.to_string())),
+        )
+    }
+
+    #[test]
+    fn the_final_checkpoint_is_stored_once_confirmed_or_resumed_from() {
+        assert_eq!(judge("", Some(FINAL), Some("disk full"), Some((FINAL, "refused"))), FinalCheckpoint::Stored);
+        assert_eq!(judge(FINAL, None, None, None), FinalCheckpoint::Stored);
+        assert_eq!(FinalCheckpoint::Stored.error(), "");
+    }
+
+    #[test]
+    fn otherwise_a_write_failure_explains_it_before_an_upload_failure() {
+        let f = judge("", Some("ckpt-e0002-s000000"), Some("disk full"), Some((FINAL, "refused")));
+        assert_eq!(f.error(), "rank 0 could not write it: disk full");
+        let f = judge("", None, None, Some((FINAL, "refused")));
+        assert_eq!(f.error(), format!("uploading {FINAL} failed: refused"));
+    }
+
+    #[test]
+    fn an_older_checkpoint_s_upload_failure_does_not_explain_the_final_one() {
+        let f = judge("", None, None, Some(("ckpt-e0002-s000000", "refused")));
+        assert_eq!(f, FinalCheckpoint::NotUploaded);
+        assert_eq!(f.error(), "rank 0 did not upload it");
     }
 }

@@ -3,7 +3,7 @@
 //! connection of whichever session holds the job now, and an upload cut off by a lost
 //! session is retried on the next one instead of failing.
 
-use super::job::JobControl;
+use super::control::JobControl;
 use super::transfer::{self, TransferError};
 use crate::train::checkpoint::CheckpointState;
 use cvdist_common::client::Client;

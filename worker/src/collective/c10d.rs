@@ -24,7 +24,9 @@
 //! collective ends at the group's timeout or when a peer's socket closes).
 
 use super::rendezvous::{StoreClient, StoreError, StoreServer};
-use super::{AbortHandle, Collective, CollectiveError, Completion, CompletionState, GradCompression};
+use super::{
+    check_broadcast_root, AbortHandle, Collective, CollectiveError, Completion, CompletionState, GradCompression,
+};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -598,9 +600,7 @@ impl Collective for ProcessGroup {
         self.on_host_buffer(buf, |g, t| g.all_reduce_tensor(t, wire))
     }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        if root >= self.world {
-            return Err(CollectiveError::Config(format!("broadcast root {root} >= world size {}", self.world)));
-        }
+        check_broadcast_root(root, self.world)?;
         self.on_host_buffer(buf, |g, t| {
             g.start("broadcast", t, |g, t, err| {
                 // SAFETY: live group and tensor; `err` has ERR_CAP bytes.

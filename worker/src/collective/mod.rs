@@ -362,6 +362,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Fails with [`CollectiveError::Config`] unless `root` is a rank of a group of `world`.
+fn check_broadcast_root(root: usize, world: usize) -> Result<(), CollectiveError> {
+    if root >= world {
+        return Err(CollectiveError::Config(format!("broadcast root {root} >= world size {world}")));
+    }
+    Ok(())
+}
+
 /// World size 1: every op is a no-op (but still honours abort).
 #[derive(Debug, Default)]
 pub struct Solo {
@@ -386,9 +394,7 @@ impl Collective for Solo {
         self.abort.check()
     }
     fn broadcast(&mut self, _buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        if root != 0 {
-            return Err(CollectiveError::Config(format!("broadcast root {root} >= world size 1")));
-        }
+        check_broadcast_root(root, 1)?;
         self.abort.check()
     }
     fn barrier(&mut self) -> Result<(), CollectiveError> {

@@ -4,7 +4,7 @@
 //!   handshake (message formats and MACs in `wire.rs`);
 //! * `schedule.rs`: which segment each rank sends and receives at each step, and
 //!   each rank's place in a broadcast;
-//! * `executor.rs`: running an op on the calling thread (small ops) or pipelined
+//! * `executor/`: running an op on the calling thread (small ops) or pipelined
 //!   over two threads (large ones);
 //! * `io_error.rs`: turning socket errors into [`CollectiveError`]s.
 //!
@@ -14,7 +14,7 @@
 //!
 //! Gradients may travel as 16-bit values ([`Ring::set_grad_compression`]): the gradient
 //! all-reduce then uses its own op kind, so ranks that disagree on the format fail with a
-//! protocol error; every other op stays f32 (see `compress.rs` and `executor.rs`).
+//! protocol error; every other op stays f32 (see `compress.rs` and `executor/`).
 //!
 //! The ring also numbers the ops: every op starts with an [`OpHeader`] carrying the op's
 //! kind, root, sequence number and length, so ranks that issue different ops fail with a
@@ -25,7 +25,7 @@
 use super::compress::Wire;
 use super::executor::Executor;
 use super::wire::{self, OpHeader};
-use super::{link, AbortHandle, Collective, CollectiveError, GradCompression};
+use super::{check_broadcast_root, link, AbortHandle, Collective, CollectiveError, GradCompression};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -198,9 +198,7 @@ impl Collective for Ring {
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
-        if root >= self.world {
-            return Err(CollectiveError::Config(format!("broadcast root {root} >= world size {}", self.world)));
-        }
+        check_broadcast_root(root, self.world)?;
         self.run(wire::op::BROADCAST, root, buf)
     }
 

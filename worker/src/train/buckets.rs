@@ -22,6 +22,7 @@
 //! larger than the capacity gets a bucket of its own. The layout is a pure function of the
 //! parameter sizes in the order given ([`plan`]), so every rank derives the same buckets.
 
+use crate::collective::{Collective, CollectiveError};
 use std::ops::Range;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -314,6 +315,31 @@ impl Buckets {
         }
         h
     }
+}
+
+/// Fails with [`CollectiveError::Config`] unless every rank planned the same gradient
+/// buckets (same parameters in the same places): reducing differently laid out buckets
+/// would silently add unrelated gradients. The 32-bit fingerprint travels as four 8-bit
+/// pieces together with their squares; the f32 sums are exact (world ≤ 256), and the
+/// sums of x and x² equal world·x and world·x² for every rank's x only when all agree.
+pub fn check_same_layout(buckets: &Buckets, comm: &mut dyn Collective) -> Result<(), CollectiveError> {
+    let world = comm.world_size();
+    if world == 1 {
+        return Ok(());
+    }
+    let fp = buckets.layout_fingerprint();
+    let pieces: Vec<f32> = (0..4).map(|k| ((fp >> (8 * k)) & 0xff) as f32).collect();
+    let mut buf: Vec<f32> = pieces.iter().copied().chain(pieces.iter().map(|x| x * x)).collect();
+    let want: Vec<f32> = buf.iter().map(|x| x * world as f32).collect();
+    comm.all_reduce_sum(&mut buf)?;
+    if buf != want {
+        return Err(CollectiveError::Config(format!(
+            "the ranks planned different gradient buckets (rank {} layout {fp:08x}); every rank must run the same \
+             model and cvdist version",
+            comm.rank()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
