@@ -296,9 +296,8 @@ async fn cancel_reaches_a_worker_that_is_forming_the_ring() {
     s.max_restarts = 0;
     let first = c.submit(s).await;
     wait_state(&c, &first, JobState::Running, Duration::from_secs(30)).await;
-    // Let worker a get into the ring setup (it logs the assignment first).
-    wait_log(&c.dir.path().join("worker-0.log"), "assignment", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(2));
+    // Worker a is in the ring setup, waiting for the phantom that never connects.
+    wait_log(&c.dir.path().join("worker-0.log"), "forming the data-plane ring", Duration::from_secs(30));
     let (ok, out) = c.cli(&["cancel", &first]);
     assert!(ok && out.contains("CANCELLED"), "{out}");
     let cancelled_at = Instant::now();

@@ -3,7 +3,7 @@
 //! end-to-end case with real processes is in coordinator/tests/lifecycle.rs; these pin
 //! down the waits one by one.
 
-use cvdist_worker::agent::job::JobControl;
+use cvdist_worker::agent::control::JobControl;
 use cvdist_worker::collective::{AbortHandle, CollectiveError, Ring};
 use std::net::TcpListener;
 use std::thread;

@@ -13,7 +13,7 @@
 mod support;
 
 use cvdist_worker::collective::{ring::Ring, Collective, CollectiveError};
-use cvdist_worker::train::buckets::Buckets;
+use cvdist_worker::train::buckets::{self, Buckets};
 use cvdist_worker::train::overlap::{self, GradHooks};
 use cvdist_worker::train::sync::{GradSync, SyncError};
 use std::sync::mpsc;
@@ -203,7 +203,7 @@ type StepGrads = Vec<Vec<(String, Vec<f32>)>>;
 fn three_overlapped_steps(rank: usize, comm: &mut dyn Collective) -> StepGrads {
     overlap::with_comm_thread(comm, Device::Cpu, |proxy, lane| {
         let mut r = rank_model(&[]);
-        overlap::check_same_layout(&r.buckets, proxy).expect("same layout");
+        buckets::check_same_layout(&r.buckets, proxy).expect("same layout");
         let mut sync = GradSync::overlapped(r.hooks.connect(lane));
         let mut steps = Vec::new();
         for step in 0..3 {
@@ -456,7 +456,7 @@ fn ranks_with_different_bucket_layouts_are_refused() {
     let out = pair(Duration::from_secs(60), |rank, mut ring| {
         let first: &[&str] = if rank == 0 { &[] } else { &["head_b.bias", "head_b.weight"] };
         let r = rank_model(first);
-        overlap::check_same_layout(&r.buckets, &mut ring)
+        buckets::check_same_layout(&r.buckets, &mut ring)
     });
     for (rank, result) in out.into_iter().enumerate() {
         match result {

@@ -19,9 +19,8 @@ use std::time::Duration;
 use tch::Device;
 use tracing::{info, info_span, warn};
 
-// What [`run`] takes besides the assignment.
-pub use super::control::JobControl;
-pub use super::env::JobEnv;
+use super::control::JobControl;
+use super::env::JobEnv;
 
 /// How long ranks wait for each other when forming the data-plane ring.
 const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(60);
@@ -228,6 +227,7 @@ fn connect_group(
         // to load its data, say) must end at the coordinator's abort, not the timeout.
         let abort = AbortHandle::new();
         control.install_abort(abort.clone());
+        info!(world, "forming the data-plane ring");
         let ring =
             Ring::connect_with_abort(rank, world, &peers, listener, &a.session_secret, RENDEZVOUS_TIMEOUT, abort)
                 .map_err(|e| Failure::retry(format!("forming the data-plane ring: {e}")))?;

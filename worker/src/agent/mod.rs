@@ -10,7 +10,7 @@
 //! stop the job. After `--detached-timeout` without a session the job stops on its own.
 
 mod config;
-mod control;
+pub mod control;
 mod current;
 mod env;
 mod failure;

@@ -4,6 +4,7 @@
 //! would. BatchNorm in training mode still normalises over each rank's own batch, so the
 //! steps are only the same with `freeze_bn` (docs/ARCHITECTURE.md, "N workers × batch b").
 
+use super::buckets;
 use super::checkpoint;
 use super::checkpointing::{deliver, write_checkpoint};
 use super::ckpt_writer::BackgroundWriter;
@@ -114,7 +115,7 @@ fn train_on(
     engine.freeze_bn = cfg.freeze_bn;
     let grad_sync = match lane {
         Some(lane) => {
-            overlap::check_same_layout(engine.sgd.buckets(), comm)?;
+            buckets::check_same_layout(engine.sgd.buckets(), comm)?;
             engine.overlapped_sync(lane)?
         }
         None => GradSync::new(),

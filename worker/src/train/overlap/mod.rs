@@ -63,9 +63,6 @@ use tch::Tensor;
 pub use comm_thread::{with_comm_thread, Lane};
 pub use hooks::{ready_order, HookError};
 pub use proxy::CommProxy;
-// The layout check belongs to the buckets; it is named here too because the callers that
-// set up the overlapped reduction run it right before.
-pub use super::buckets::check_same_layout;
 
 /// Elements of the first bucket in ready order: 1 MB of f32, PyTorch DDP's first bucket,
 /// so the first all-reduce starts after the last layers' gradients.
