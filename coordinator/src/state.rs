@@ -21,7 +21,6 @@ pub mod record;
 pub mod registry;
 
 pub use error::CoordinatorError;
-pub use machine::checkpoint_position;
 pub use registry::WorkerTx;
 
 use crate::store::{Store, StoreError};
