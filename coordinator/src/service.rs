@@ -2,7 +2,7 @@
 //! moves checkpoints and the dataset in checksummed chunks.
 
 use crate::server::Role;
-use crate::state::{Coordinator, CoordinatorError};
+use crate::state::{Coordinator, CoordinatorError, UploadClaim, UploadStage};
 use cvdist_common::atomic_file::AtomicFile;
 use cvdist_common::checkpoint::CheckpointState;
 use cvdist_common::proto::coordinator_server::Coordinator as CoordinatorApi;
@@ -419,7 +419,13 @@ impl Service {
                 first.name, state.epoch, state.step
             )));
         }
-        let limit = self.state.accepts_checkpoint(&first.job_id, first.attempt, &first.session_key, pos, 2)?;
+        let claim = UploadClaim {
+            job_id: first.job_id.clone(),
+            attempt: first.attempt,
+            session_key: first.session_key.clone(),
+            name: first.name.clone(),
+        };
+        let limit = self.state.accepts_checkpoint(&claim, UploadStage::Started)?;
         let want_sha = state.sha256.clone();
         let dir = self.state.store().checkpoint_dir(&first.job_id);
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io_status(&dir, e))?;
@@ -467,7 +473,7 @@ impl Service {
             }
             // The uploader must still hold rank 0 of this attempt, and by now its report of
             // the epoch's last step has arrived.
-            self.state.accepts_checkpoint(&first.job_id, first.attempt, &first.session_key, pos, 1)?;
+            self.state.accepts_checkpoint(&claim, UploadStage::Complete)?;
             let Some(f) = file.take() else { return Err(Status::internal("upload file lost")) };
             let tmp = f.temp_path().to_path_buf();
             tokio::task::spawn_blocking(move || f.commit())
@@ -491,7 +497,7 @@ impl Service {
             let _ = tokio::fs::remove_file(&final_path).await;
             return Err(e);
         }
-        self.state.checkpoint_stored(&first.job_id, first.attempt, &first.session_key, &first.name)?;
+        self.state.checkpoint_stored(&claim)?;
         Ok(UploadCheckpointResponse { name: first.name, bytes: total })
     }
 }

@@ -2,9 +2,13 @@
 //! outside the lock and before anyone sees their result, restarts.
 
 use super::*;
-use cvdist_common::proto::{coordinator_message, CoordinatorMessage, EpochMetrics};
-use cvdist_common::version;
+use cvdist_common::proto::{
+    coordinator_message, CoordinatorMessage, EpochMetrics, JobReport, JobSpec, JobState, RegisterRequest,
+    RejoinRequest, WorkerState,
+};
+use cvdist_common::{spec, version};
 use std::sync::{Condvar, OnceLock, Weak};
+use tokio::sync::broadcast;
 use tokio::sync::mpsc;
 
 fn open() -> (tempfile::TempDir, Arc<Coordinator>) {
