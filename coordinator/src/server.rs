@@ -2,6 +2,7 @@
 //! standard health service for Kubernetes probes, the scheduler tick, and the Prometheus
 //! endpoint (`GET /metrics`, encoded by `prometheus-client`, served by hyper).
 
+use crate::auth::TokenCheck;
 use crate::service::Service;
 use crate::state::{Coordinator, StateConfig};
 use crate::store::Store;
@@ -15,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use tonic::{Request, Status};
 use tracing::{info, warn};
 
 /// How long a shutdown waits for open RPCs (an upload, a dataset stream) to finish after
@@ -55,39 +55,6 @@ pub struct CoordinatorConfig {
 /// Default of `--keep-checkpoints`: enough to resume from the newest and still have two
 /// older ones should the newest turn out unusable, at ~3x one checkpoint's disk space.
 pub const DEFAULT_KEEP_CHECKPOINTS: usize = 3;
-
-/// Which credential a request presented; set by the token check, read by every RPC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Client,
-    Worker,
-    /// No credentials are configured at all (loopback development): every RPC is open.
-    Any,
-}
-
-/// Decides the role of a request from its `authorization` value.
-fn role_for(given: &str, token: Option<&str>, worker_token: Option<&str>) -> Result<Role, Status> {
-    if let Some(w) = worker_token {
-        if auth::constant_time_eq(given.as_bytes(), auth::bearer(w).as_bytes()) {
-            return Ok(Role::Worker);
-        }
-    }
-    if let Some(t) = token {
-        if auth::constant_time_eq(given.as_bytes(), auth::bearer(t).as_bytes()) {
-            return Ok(Role::Client);
-        }
-    }
-    match (given.is_empty(), token, worker_token) {
-        (true, None, None) => Ok(Role::Any),
-        // Only a worker credential configured: job management stays as open as with no credential.
-        (true, None, Some(_)) => Ok(Role::Client),
-        (true, Some(_), _) => {
-            Err(Status::unauthenticated("this coordinator requires a token (CVDIST_TOKEN or --token-file)"))
-        }
-        (false, None, None) => Ok(Role::Any),
-        (false, _, _) => Err(Status::unauthenticated("wrong token")),
-    }
-}
 
 /// Refuses a configuration that would expose an unauthenticated coordinator, let the
 /// client token admit workers, or send tokens over the network in plaintext.
@@ -167,13 +134,7 @@ pub async fn serve(
         keep_checkpoints: cfg.keep_checkpoints,
         upload_idle_timeout: cfg.upload_idle_timeout,
     };
-    let (token, worker_token) = (cfg.token.clone(), cfg.worker_token.clone());
-    let check = move |mut req: Request<()>| -> Result<Request<()>, Status> {
-        let given = req.metadata().get(auth::TOKEN_METADATA_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let role = role_for(given, token.as_deref(), worker_token.as_deref())?;
-        req.extensions_mut().insert(role);
-        Ok(req)
-    };
+    let check = TokenCheck::new(cfg.token.clone(), cfg.worker_token.clone());
     let api = CoordinatorServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
