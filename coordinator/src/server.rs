@@ -5,7 +5,7 @@
 use crate::auth::TokenCheck;
 use crate::service::Service;
 use crate::state::{Coordinator, StateConfig};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use anyhow::{bail, Context};
 use cvdist_common::auth;
 use cvdist_common::proto::coordinator_server::CoordinatorServer;
@@ -110,9 +110,16 @@ pub async fn serve(
         Some(a) => Some(bind_metrics(a).await?),
         None => None,
     };
+    // Loading reads and rewrites job records: on the blocking pool, as every store write is.
+    let (state_dir, heartbeat_timeout) = (cfg.state_dir.clone(), cfg.heartbeat_timeout);
+    let loaded = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let store = Store::open(&state_dir)?;
+        Coordinator::new(store, StateConfig { heartbeat_timeout })
+    })
+    .await
+    .context("loading the coordinator's state")?;
     // StoreError already names the path and the cause; more context would repeat it.
-    let store = Store::open(&cfg.state_dir)?;
-    let state = Coordinator::new(store, StateConfig { heartbeat_timeout: cfg.heartbeat_timeout })?;
+    let state = loaded?;
     let recovered = state.job_count();
     info!(%addr, state_dir = %cfg.state_dir.display(), jobs = recovered, "coordinator listening");
 
@@ -123,7 +130,12 @@ pub async fn serve(
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = ticker.wake.notified() => {}
             }
-            ticker.tick();
+            // A pass commits what it decides to the store: on the blocking pool, one pass at
+            // a time (the next waits for this one).
+            let pass = ticker.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || pass.tick()).await {
+                warn!(error = %e, "a scheduler pass did not complete");
+            }
         }
     });
     let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(l, state.clone())));

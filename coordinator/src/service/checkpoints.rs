@@ -5,7 +5,7 @@
 //! deleted after that.
 
 use super::status::io_status;
-use super::{read_full, BoxStream, Service};
+use super::{on_state, read_full, BoxStream, Service};
 use crate::state::{UploadClaim, UploadStage};
 use cvdist_common::atomic_file::AtomicFile;
 use cvdist_common::checkpoint::CheckpointState;
@@ -51,9 +51,18 @@ impl Service {
         let result = self.store_checkpoint(chunks, &mut label).await;
         match &result {
             Ok(stored) => {
-                // Older checkpoints go only now, with the newer one durably stored.
-                let latest = self.state.get(&label.job_id).map(|j| j.latest_checkpoint).unwrap_or_default();
-                for (name, e) in self.state.store().prune_checkpoints(&label.job_id, self.keep_checkpoints, &latest) {
+                let (job_id, keep) = (label.job_id.clone(), self.keep_checkpoints);
+                let pruned = on_state(&self.state, move |s| {
+                    // Older checkpoints go only now, with the newer one durably stored.
+                    let latest = s.get(&job_id).map(|j| j.latest_checkpoint).unwrap_or_default();
+                    s.store().prune_checkpoints(&job_id, keep, &latest)
+                })
+                .await;
+                let pruned = pruned.unwrap_or_else(|e| {
+                    warn!(job = %label.job_id, error = %e.message(), "older checkpoints not pruned");
+                    Vec::new()
+                });
+                for (name, e) in pruned {
                     match e {
                         None => {
                             info!(job = %label.job_id, checkpoint = %name, keep = self.keep_checkpoints, "older checkpoint deleted")
@@ -73,7 +82,12 @@ impl Service {
                     reason = %status.message(), "checkpoint upload refused");
                 if !label.job_id.is_empty() {
                     let reason = format!("{:?}: {}", status.code(), status.message());
-                    self.state.checkpoint_refused(&label.job_id, label.attempt, &label.name, &reason);
+                    let UploadLabel { job_id, name, attempt } = std::mem::take(&mut label);
+                    if let Err(e) =
+                        on_state(&self.state, move |s| s.checkpoint_refused(&job_id, attempt, &name, &reason)).await
+                    {
+                        warn!(error = %e.message(), "the refusal was not recorded in the job's log");
+                    }
                 }
             }
         }
@@ -83,7 +97,8 @@ impl Service {
     /// `DownloadCheckpoint`: a stored checkpoint of a job, its record in the first chunk.
     pub(super) async fn download(&self, req: DownloadCheckpointRequest) -> Result<BoxStream<CheckpointChunk>, Status> {
         checkpoint_name(&req.name)?;
-        self.state.get(&req.job_id)?;
+        let id = req.job_id.clone();
+        on_state(&self.state, move |s| s.get(&id)).await??;
         let dir = self.state.store().checkpoint_dir(&req.job_id);
         let json_path = dir.join(format!("{}.json", req.name));
         let json = tokio::fs::read(&json_path).await.map_err(|e| {
@@ -229,7 +244,7 @@ impl Service {
             let _ = tokio::fs::remove_file(&final_path).await;
             return Err(e);
         }
-        self.state.checkpoint_stored(&claim)?;
+        on_state(&self.state, move |s| s.checkpoint_stored(&claim)).await??;
         Ok(UploadCheckpointResponse { name: first.name, bytes: total })
     }
 }

@@ -12,7 +12,7 @@ use tonic::Status;
 
 /// Streams the files of `dataset` from `data_dir`; refused unless it is the data set served
 /// and every file of it is there.
-pub(super) fn stream(data_dir: Option<&Path>, dataset: &str) -> Result<BoxStream<DatasetChunk>, Status> {
+pub(super) async fn stream(data_dir: Option<&Path>, dataset: &str) -> Result<BoxStream<DatasetChunk>, Status> {
     let served = cvdist_common::choices::Dataset::Cifar10.as_str();
     if dataset != served {
         return Err(Status::invalid_argument(format!(
@@ -29,7 +29,7 @@ pub(super) fn stream(data_dir: Option<&Path>, dataset: &str) -> Result<BoxStream
     let mut files: Vec<&str> = cifar::TRAIN_FILES.to_vec();
     files.push(cifar::TEST_FILE);
     for f in &files {
-        if !batches.join(f).is_file() {
+        if !tokio::fs::metadata(batches.join(f)).await.is_ok_and(|m| m.is_file()) {
             return Err(Status::failed_precondition(format!(
                 "coordinator's dataset is incomplete: {} missing",
                 batches.join(f).display()

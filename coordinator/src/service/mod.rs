@@ -3,6 +3,13 @@
 //! here ([`require`]) and hands over to the module of its concept: `watch` (a job's event
 //! stream), `session` (a worker's session stream), `checkpoints` (upload and download),
 //! `dataset` (the CIFAR-10 files); `status` turns the state's refusals into gRPC statuses.
+//!
+//! A [`Coordinator`] method that changes a job commits its record to redb before it returns,
+//! and one that answers a client waits until what it shows is committed; both can wait for
+//! other callers' commits ([`crate::state::effects::Committer`]). Such calls run on tokio's
+//! blocking pool ([`on_state`]), so that the runtime's worker threads keep serving every other
+//! stream meanwhile. Calls that only read under the state's lock (heartbeats, the worker list,
+//! the upload check) stay on the runtime: the lock is never held across a write or a wait.
 
 use crate::auth::{require, Role};
 use crate::state::Coordinator;
@@ -44,13 +51,13 @@ impl CoordinatorApi for Service {
     async fn submit_job(&self, req: Request<SubmitJobRequest>) -> Result<Response<SubmitJobResponse>, Status> {
         require(&req, Role::Client)?;
         let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("SubmitJobRequest.spec is missing"))?;
-        let job_id = self.state.submit(spec)?;
+        let job_id = on_state(&self.state, move |s| s.submit(spec)).await??;
         Ok(Response::new(SubmitJobResponse { job_id }))
     }
 
     async fn list_jobs(&self, req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
         require(&req, Role::Client)?;
-        Ok(Response::new(ListJobsResponse { jobs: self.state.list()? }))
+        Ok(Response::new(ListJobsResponse { jobs: on_state(&self.state, |s| s.list()).await?? }))
     }
 
     async fn list_workers(&self, req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
@@ -60,19 +67,22 @@ impl CoordinatorApi for Service {
 
     async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<JobInfo>, Status> {
         require(&req, Role::Client)?;
-        Ok(Response::new(self.state.get(&req.into_inner().job_id)?))
+        let id = req.into_inner().job_id;
+        Ok(Response::new(on_state(&self.state, move |s| s.get(&id)).await??))
     }
 
     async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<JobInfo>, Status> {
         require(&req, Role::Client)?;
-        Ok(Response::new(self.state.cancel(&req.into_inner().job_id)?))
+        let id = req.into_inner().job_id;
+        Ok(Response::new(on_state(&self.state, move |s| s.cancel(&id)).await??))
     }
 
     type WatchJobStream = BoxStream<JobEvent>;
 
     async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         require(&req, Role::Client)?;
-        let (snapshot, rx) = self.state.watch(&req.into_inner().job_id)?;
+        let id = req.into_inner().job_id;
+        let (snapshot, rx) = on_state(&self.state, move |s| s.watch(&id)).await??;
         Ok(Response::new(watch::stream(snapshot, rx, self.state.closing())))
     }
 
@@ -111,8 +121,22 @@ impl CoordinatorApi for Service {
         req: Request<FetchDatasetRequest>,
     ) -> Result<Response<Self::FetchDatasetStream>, Status> {
         require(&req, Role::Worker)?;
-        dataset::stream(self.data_dir.as_deref(), &req.into_inner().dataset).map(Response::new)
+        dataset::stream(self.data_dir.as_deref(), &req.into_inner().dataset).await.map(Response::new)
     }
+}
+
+/// Runs `call` on the coordinator's state on tokio's blocking pool and waits for it. The
+/// caller goes on only once it has returned, so calls made one after another (a session's
+/// messages) still reach the state in that order.
+async fn on_state<T, F>(state: &Arc<Coordinator>, call: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: FnOnce(&Coordinator) -> T + Send + 'static,
+{
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || call(&state))
+        .await
+        .map_err(|e| Status::internal(format!("the coordinator's state call did not complete: {e}")))
 }
 
 /// Reads until `buf` is full or the file ends; returns how many bytes it read.
