@@ -15,9 +15,7 @@ impl Coordinator {
         let mut pending = Pending::new(&self.committer);
         let id = {
             let mut inner = self.lock();
-            if !spec.name.is_empty()
-                && inner.jobs.values().any(|j| j.job.info.spec.as_ref().is_some_and(|s| s.name == spec.name))
-            {
+            if !spec.name.is_empty() && inner.jobs.values().any(|j| j.job.spec().name == spec.name) {
                 return Err(CoordinatorError::NameTaken(spec.name));
             }
             let id = format!("j{:04}-{}", inner.next_job, spec.model);

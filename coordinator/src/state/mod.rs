@@ -41,7 +41,7 @@ pub use stats::Stats;
 pub use uploads::{UploadClaim, UploadStage};
 
 use crate::store::{Store, StoreError};
-use cvdist_common::proto::{job_event, JobInfo};
+use cvdist_common::proto::job_event;
 use cvdist_common::{rejoin, run_dir};
 use effects::{Batch, Committer, Durable, Outcome, Pending, Write};
 use entry::JobEntry;
@@ -105,7 +105,7 @@ impl Inner {
                 Effect::Release { worker } => workers.release(&worker, id, None),
                 Effect::Wake => wake = true,
                 Effect::WriteSpec => {
-                    let spec = info.spec.clone().unwrap_or_default();
+                    let spec = entry.job.spec().clone();
                     new_batch(&mut slot, next_seq, id).writes.push(Write::Spec(Box::new(spec)))
                 }
                 Effect::WriteMetrics => {
@@ -115,7 +115,7 @@ impl Inner {
                 Effect::Finish => {
                     let b = new_batch(&mut slot, next_seq, id);
                     b.writes.push(Write::Job(Box::new(info.clone())));
-                    b.writes.push(Write::Summary(Box::new(summary(info)), info.history.clone()));
+                    b.writes.push(Write::Summary(Box::new(summary(&entry.job)), info.history.clone()));
                     b.retire = true;
                     if entry.events.is_some() {
                         entry.publish(job_event::Event::Snapshot(entry.job.info.clone()), b);
@@ -152,10 +152,11 @@ fn new_batch<'s>(slot: &'s mut Option<Batch>, next_seq: &mut u64, id: &str) -> &
 }
 
 /// `summary.json` of an ended job.
-fn summary(info: &JobInfo) -> run_dir::Summary {
+fn summary(job: &Job) -> run_dir::Summary {
+    let info = &job.info;
     let mut summary = run_dir::Summary::from_history(&info.history);
     summary.job_id = info.id.clone();
-    summary.model = info.spec.as_ref().map(|s| s.model.clone()).unwrap_or_default();
+    summary.model = job.spec().model.clone();
     summary.state = state_name(info.state()).to_string();
     summary.outcome = info.outcome.clone();
     summary.message = info.message.clone();

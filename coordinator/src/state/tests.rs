@@ -3,7 +3,7 @@
 
 use super::*;
 use cvdist_common::proto::{
-    coordinator_message, CoordinatorMessage, EpochMetrics, JobReport, JobSpec, JobState, RegisterRequest,
+    coordinator_message, CoordinatorMessage, EpochMetrics, JobInfo, JobReport, JobSpec, JobState, RegisterRequest,
     RejoinRequest, WorkerState,
 };
 use cvdist_common::{spec, version};
@@ -276,6 +276,29 @@ fn a_submission_that_cannot_be_stored_leaves_no_job_behind() {
     assert!(matches!(state.get("j0001-resnet20"), Err(CoordinatorError::NoSuchJob(_))));
     *recorder.fail_puts.lock().unwrap() = false;
     assert_eq!(state.submit(spec).expect("the name is free again"), "j0002-resnet20");
+}
+
+/// The spec a job runs by is taken from its record once; the record keeps it, in the store
+/// and in every answer, and a record stored without one still loads.
+#[test]
+fn the_record_keeps_its_spec_and_one_stored_without_a_spec_still_loads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = StateConfig { heartbeat_timeout: Duration::from_secs(60) };
+    let store = Store::open(dir.path()).unwrap();
+    let bare = JobInfo { id: "j0007-bare".into(), state: JobState::Queued as i32, ..Default::default() };
+    store.put_job(&bare).unwrap();
+    drop(store);
+    let state = Coordinator::new(Store::open(dir.path()).unwrap(), cfg).unwrap();
+    let loaded = state.get("j0007-bare").expect("loaded");
+    assert_eq!((loaded.state(), loaded.spec.is_none()), (JobState::Queued, true), "the record as stored");
+    let spec = JobSpec { name: "kept".into(), ..spec::default_spec("resnet20", 2) };
+    let id = state.submit(spec.clone()).expect("submit");
+    assert_eq!(id, "j0008-resnet20", "ids go on after the loaded ones");
+    let cancelled = state.cancel(&id).expect("cancel");
+    assert_eq!(cancelled.spec.as_ref(), Some(&spec));
+    let stored = state.store().get_jobs(&[id.as_str()]).unwrap().pop().flatten().unwrap();
+    assert_eq!(stored.spec.as_ref(), Some(&spec));
+    assert!(matches!(state.submit(spec), Err(CoordinatorError::NameTaken(_))), "the name is held by the ended job");
 }
 
 #[test]

@@ -108,8 +108,8 @@ impl Inner {
             });
         }
         machine::check_upload_position(job, *attempt, pos, stage.slack_epochs())?;
-        let model = job.info.spec.as_ref().map(|s| s.model.clone()).unwrap_or_default();
-        models::max_checkpoint_bytes(&model)
+        let model = &job.spec().model;
+        models::max_checkpoint_bytes(model)
             .ok_or_else(|| CoordinatorError::UnknownModel { job_id: job_id.clone(), model: model.clone() })
     }
 }

@@ -16,7 +16,7 @@ pub(super) fn schedule(job: &mut Job, idle: &[IdleWorker], secret: String, now: 
     if !matches!(job.state(), JobState::Queued | JobState::Recovering) || now.instant < job.not_before {
         return;
     }
-    let spec = job.spec();
+    let spec = &job.spec;
     if idle.len() < spec.min_workers as usize {
         let limit = spec.rendezvous_timeout_s;
         if limit > 0 && now.instant.saturating_duration_since(job.waiting_since) > Duration::from_secs(limit as u64) {
@@ -32,7 +32,7 @@ pub(super) fn schedule(job: &mut Job, idle: &[IdleWorker], secret: String, now: 
         return;
     }
     let n = idle.len().min(spec.max_workers as usize);
-    if let Err(e) = spec::check_shard(&spec, n as u32) {
+    if let Err(e) = spec::check_shard(spec, n as u32) {
         fail_job(job, e.to_string(), outcome::CONFIGURATION, now, t);
         return;
     }
@@ -44,10 +44,9 @@ pub(super) fn schedule(job: &mut Job, idle: &[IdleWorker], secret: String, now: 
 /// start (a group that just formed trains before it is re-formed again, so workers that
 /// register one after another do not stop it at every registration).
 pub fn wants_growth(job: &Job) -> bool {
-    let max = job.info.spec.as_ref().map_or(0, |s| s.max_workers as usize);
     job.state() == JobState::Running
         && job.readopt.is_none()
-        && job.members.len() < max
+        && job.members.len() < job.spec.max_workers as usize
         && job.attempt_position > job.attempt_start
 }
 
@@ -70,16 +69,16 @@ pub(super) fn grow(
     if !wants_growth(job) || idle.is_empty() || members.len() != job.members.len() {
         return;
     }
-    let spec = job.spec();
     let current = members.len();
-    let n = (current + idle.len()).min(spec.max_workers as usize);
-    if spec::check_shard(&spec, n as u32).is_err() {
+    let n = (current + idle.len()).min(job.spec.max_workers as usize);
+    if spec::check_shard(&job.spec, n as u32).is_err() {
         return;
     }
+    let (scale_lr, batch_size) = (job.spec.scale_lr, u64::from(job.spec.batch_size));
     let reason = format!("growing from {current} to {n} workers");
     leave_attempt(job, &reason, t);
     let (epoch, step) = job.attempt_position;
-    let lr = if spec.scale_lr {
+    let lr = if scale_lr {
         format!("; the learning rate is scaled by {n} instead of {current} from here (--scale-lr)")
     } else {
         String::new()
@@ -90,8 +89,8 @@ pub(super) fn grow(
              global batch {} instead of {}{lr}",
             idle.len(),
             job.info.attempt,
-            n as u64 * u64::from(spec.batch_size),
-            current as u64 * u64::from(spec.batch_size),
+            n as u64 * batch_size,
+            current as u64 * batch_size,
         ),
         now,
         t,
@@ -105,7 +104,7 @@ pub(super) fn grow(
 /// from the newest checkpoint or, in a recovery or growth, from the state of the attempt
 /// that ended (`failed_attempt`).
 fn start_attempt(job: &mut Job, members: &[IdleWorker], secret: String, now: Now, t: &mut Transition) {
-    let spec = job.spec();
+    let spec = &job.spec;
     let attempt = job.info.attempt;
     let (start_epoch, start_step) = job.stored_position();
     let live_attempt = job.failed_attempt.as_ref().map(|(a, _)| *a);

@@ -38,7 +38,7 @@ pub(super) fn fail_attempt(job: &mut Job, attempt: u32, reason: String, now: Now
     // A recovery whose new group failed before completing a step ends unmeasured.
     end_recovery(job, now, t);
     let old_world_size = leave_attempt(job, &reason, t);
-    let max_restarts = job.spec().max_restarts;
+    let max_restarts = job.spec.max_restarts;
     job.info.restarts += 1;
     if job.info.restarts > max_restarts {
         let msg = format!("{reason}; restart budget of {max_restarts} exhausted");

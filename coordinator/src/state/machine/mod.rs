@@ -84,6 +84,9 @@ impl Now {
 pub struct Job {
     /// The record clients see and the store keeps.
     pub info: JobInfo,
+    /// The job's spec: `info.spec`, which never changes after the submission, taken out of
+    /// its `Option` once, when the job is made (see [`Job::new`]).
+    spec: JobSpec,
     /// Worker ids by rank for the current attempt.
     pub members: Vec<String>,
     /// Ranks of the current attempt that reported `Finished`.
@@ -211,8 +214,12 @@ pub fn state_name(s: JobState) -> &'static str {
 }
 
 impl Job {
+    /// The job of a record (a submission, or one loaded from the store). Every record is
+    /// stored with its spec; a record without one would get the default spec, as every
+    /// reader of it would.
     pub fn new(info: JobInfo, now: Instant) -> Job {
         Job {
+            spec: info.spec.clone().unwrap_or_default(),
             info,
             members: Vec::new(),
             finished: BTreeSet::new(),
@@ -259,8 +266,8 @@ impl Job {
         self.info.state()
     }
 
-    fn spec(&self) -> JobSpec {
-        self.info.spec.clone().unwrap_or_default()
+    pub fn spec(&self) -> &JobSpec {
+        &self.spec
     }
 
     /// The position (epoch, step) of the newest stored checkpoint; (0, 0) before the first.

@@ -136,7 +136,7 @@ pub(super) fn rejoin(job: &mut Job, claim: Claimed<'_>, now: Now, t: &mut Transi
     if attempt != r.attempt || !is_member || world_size as usize != job.members.len() || r.rejoined.contains(&rank) {
         return;
     }
-    let epochs = job.info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
+    let epochs = job.spec.epochs;
     // A peer's numbers: past the job's end they are not believed.
     if position.0 <= epochs {
         job.attempt_position = job.attempt_position.max(position);

@@ -96,10 +96,10 @@ pub(super) fn note_lost_member(job: &mut Job, reason: &str) {
 /// The new group of a pending recovery starts with `new_world_size` members from `start`:
 /// counts the steps of the failed group it will train again.
 pub(super) fn resume_recovery(job: &mut Job, new_world_size: u32, start: (u32, u64)) {
-    let spec = job.spec();
+    let spec = &job.spec;
     let checkpoint_world_size = job.checkpoint_world_size;
     let resumed_from = job.info.latest_checkpoint.clone();
-    let Some(r) = job.recoveries().waiting_for_group() else { return };
+    let Some(r) = RecoveryLog(&mut job.info.recoveries).waiting_for_group() else { return };
     r.new_world_size = new_world_size;
     r.resumed_from = resumed_from;
     // The worker resumes mid-epoch only at the checkpoint's own world size (unknown: assume
@@ -107,7 +107,7 @@ pub(super) fn resume_recovery(job: &mut Job, new_world_size: u32, start: (u32, u
     let stored_by = if checkpoint_world_size == 0 { r.old_world_size } else { checkpoint_world_size };
     let start_step = if stored_by == new_world_size { start.1 } else { 0 };
     // In steps of the failed group: its epochs are what it trained.
-    let per_epoch = spec::steps_per_epoch(&spec, r.old_world_size);
+    let per_epoch = spec::steps_per_epoch(spec, r.old_world_size);
     // Saturating: the step of a progress report comes from a peer and is not range-checked.
     let reached = u64::from(r.reached_epoch).saturating_mul(per_epoch).saturating_add(r.reached_step);
     let resumed = u64::from(start.0).saturating_mul(per_epoch).saturating_add(start_step);
@@ -120,7 +120,7 @@ pub(super) fn resume_recovery(job: &mut Job, new_world_size: u32, start: (u32, u
 /// steps between it and what the failed group reported (0 unless a member that died had
 /// completed a step no survivor completed).
 pub(super) fn resumed_live(job: &mut Job, r: &Resumed, now: Now, t: &mut Transition) {
-    let spec = job.spec();
+    let spec = &job.spec;
     let start = (r.epoch, r.step);
     job.attempt_start = start;
     job.attempt_position = start;
@@ -131,7 +131,7 @@ pub(super) fn resumed_live(job: &mut Job, r: &Resumed, now: Now, t: &mut Transit
     if let Some(rec) = job.info.recoveries.last_mut().filter(|rec| recovering && rec.new_world_size != 0) {
         rec.resumed_from = format!("live state of {source} at epoch {} step {}", r.epoch, r.step);
         // In steps of the failed group, from the samples the survivors' complete steps consumed.
-        let per_epoch = spec::steps_per_epoch(&spec, rec.old_world_size);
+        let per_epoch = spec::steps_per_epoch(spec, rec.old_world_size);
         let per_step = u64::from(rec.old_world_size).saturating_mul(u64::from(spec.batch_size)).max(1);
         let reached = u64::from(rec.reached_epoch).saturating_mul(per_epoch).saturating_add(rec.reached_step);
         let resumed =

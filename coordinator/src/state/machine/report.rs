@@ -33,7 +33,7 @@ pub(super) fn on_report(
     if report.attempt != job.info.attempt || job.members.get(report.rank as usize).map(String::as_str) != Some(worker) {
         return Ok(());
     }
-    let epochs = job.info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
+    let epochs = job.spec.epochs;
     let epoch_ok = |epoch: u32, what: &'static str| {
         if epoch < epochs {
             Ok(())

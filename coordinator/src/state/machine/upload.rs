@@ -28,7 +28,7 @@ pub(super) fn refused(job: &mut Job, attempt: u32, name: String, reason: String,
 
 /// The name of the job's final checkpoint (the one after its last epoch).
 pub fn final_checkpoint_name(job: &Job) -> String {
-    names::checkpoint_name(job.info.spec.as_ref().map(|s| s.epochs).unwrap_or(0), 0)
+    names::checkpoint_name(job.spec.epochs, 0)
 }
 
 /// Why the job's final checkpoint is not stored, if not; `on_disk`: both its files exist.
@@ -75,7 +75,7 @@ pub fn check_upload_attempt(job: &Job, attempt: u32) -> Result<(), CoordinatorEr
 /// after where it started and after the newest stored checkpoint, within the job's epochs,
 /// and at most `slack` epochs past what its ranks reported.
 pub fn check_upload_position(job: &Job, attempt: u32, pos: (u32, u64), slack: u32) -> Result<(), CoordinatorError> {
-    let spec = job.spec();
+    let spec = &job.spec;
     let newest = job.stored_position();
     let shown = names::checkpoint_name(pos.0, pos.1);
     if pos <= job.attempt_start || pos <= newest {

@@ -126,7 +126,7 @@ fn assignments(t: &Transition) -> Vec<Assignment> {
 fn small_running() -> Job {
     let mut job = queued(JobSpec { train_samples: 256, batch_size: 32, ..spec(2, 2) });
     schedule(&mut job, &idle(2), now());
-    assert_eq!(spec::steps_per_epoch(&job.spec(), 2), 4);
+    assert_eq!(spec::steps_per_epoch(job.spec(), 2), 4);
     job
 }
 
