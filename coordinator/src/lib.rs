@@ -1,6 +1,7 @@
 //! cvdist control plane: the coordinator service and the client side of the `cvdist`
 //! command. Nothing here links libtorch.
 
+pub mod auth;
 pub mod cli;
 pub mod follow;
 pub mod local;

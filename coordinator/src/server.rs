@@ -2,9 +2,10 @@
 //! standard health service for Kubernetes probes, the scheduler tick, and the Prometheus
 //! endpoint (`GET /metrics`, encoded by `prometheus-client`, served by hyper).
 
+use crate::auth::TokenCheck;
 use crate::service::Service;
 use crate::state::{Coordinator, StateConfig};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use anyhow::{bail, Context};
 use cvdist_common::auth;
 use cvdist_common::proto::coordinator_server::CoordinatorServer;
@@ -15,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use tonic::{Request, Status};
 use tracing::{info, warn};
 
 /// How long a shutdown waits for open RPCs (an upload, a dataset stream) to finish after
@@ -55,39 +55,6 @@ pub struct CoordinatorConfig {
 /// Default of `--keep-checkpoints`: enough to resume from the newest and still have two
 /// older ones should the newest turn out unusable, at ~3x one checkpoint's disk space.
 pub const DEFAULT_KEEP_CHECKPOINTS: usize = 3;
-
-/// Which credential a request presented; set by the token check, read by every RPC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Client,
-    Worker,
-    /// No credentials are configured at all (loopback development): every RPC is open.
-    Any,
-}
-
-/// Decides the role of a request from its `authorization` value.
-fn role_for(given: &str, token: Option<&str>, worker_token: Option<&str>) -> Result<Role, Status> {
-    if let Some(w) = worker_token {
-        if auth::constant_time_eq(given.as_bytes(), auth::bearer(w).as_bytes()) {
-            return Ok(Role::Worker);
-        }
-    }
-    if let Some(t) = token {
-        if auth::constant_time_eq(given.as_bytes(), auth::bearer(t).as_bytes()) {
-            return Ok(Role::Client);
-        }
-    }
-    match (given.is_empty(), token, worker_token) {
-        (true, None, None) => Ok(Role::Any),
-        // Only a worker credential configured: job management stays as open as with no credential.
-        (true, None, Some(_)) => Ok(Role::Client),
-        (true, Some(_), _) => {
-            Err(Status::unauthenticated("this coordinator requires a token (CVDIST_TOKEN or --token-file)"))
-        }
-        (false, None, None) => Ok(Role::Any),
-        (false, _, _) => Err(Status::unauthenticated("wrong token")),
-    }
-}
 
 /// Refuses a configuration that would expose an unauthenticated coordinator, let the
 /// client token admit workers, or send tokens over the network in plaintext.
@@ -143,9 +110,16 @@ pub async fn serve(
         Some(a) => Some(bind_metrics(a).await?),
         None => None,
     };
+    // Loading reads and rewrites job records: on the blocking pool, as every store write is.
+    let (state_dir, heartbeat_timeout) = (cfg.state_dir.clone(), cfg.heartbeat_timeout);
+    let loaded = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let store = Store::open(&state_dir)?;
+        Coordinator::new(store, StateConfig { heartbeat_timeout })
+    })
+    .await
+    .context("loading the coordinator's state")?;
     // StoreError already names the path and the cause; more context would repeat it.
-    let store = Store::open(&cfg.state_dir)?;
-    let state = Coordinator::new(store, StateConfig { heartbeat_timeout: cfg.heartbeat_timeout })?;
+    let state = loaded?;
     let recovered = state.job_count();
     info!(%addr, state_dir = %cfg.state_dir.display(), jobs = recovered, "coordinator listening");
 
@@ -156,7 +130,12 @@ pub async fn serve(
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = ticker.wake.notified() => {}
             }
-            ticker.tick();
+            // A pass commits what it decides to the store: on the blocking pool, one pass at
+            // a time (the next waits for this one).
+            let pass = ticker.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || pass.tick()).await {
+                warn!(error = %e, "a scheduler pass did not complete");
+            }
         }
     });
     let metrics_task = metrics_listener.map(|l| tokio::spawn(serve_metrics(l, state.clone())));
@@ -167,13 +146,7 @@ pub async fn serve(
         keep_checkpoints: cfg.keep_checkpoints,
         upload_idle_timeout: cfg.upload_idle_timeout,
     };
-    let (token, worker_token) = (cfg.token.clone(), cfg.worker_token.clone());
-    let check = move |mut req: Request<()>| -> Result<Request<()>, Status> {
-        let given = req.metadata().get(auth::TOKEN_METADATA_KEY).and_then(|v| v.to_str().ok()).unwrap_or("");
-        let role = role_for(given, token.as_deref(), worker_token.as_deref())?;
-        req.extensions_mut().insert(role);
-        Ok(req)
-    };
+    let check = TokenCheck::new(cfg.token.clone(), cfg.worker_token.clone());
     let api = CoordinatorServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -3,7 +3,7 @@
 //! before it is acknowledged, so a restarted coordinator picks up exactly where it was.
 
 use cvdist_common::proto::JobInfo;
-use cvdist_common::{rejoin, run_dir};
+use cvdist_common::{names, rejoin, run_dir};
 use prost::Message;
 use redb::{Database, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -158,7 +158,7 @@ impl Store {
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().strip_suffix(".json")?.to_string();
-                Some((crate::state::checkpoint_position(&name)?, name))
+                Some((names::parse_checkpoint_name(&name).ok()?, name))
             })
             .collect();
         stored.sort();

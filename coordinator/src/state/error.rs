@@ -1,5 +1,5 @@
 //! Why the coordinator refused a request, as a type of its own: the state machine, the worker
-//! registry and the store know nothing of gRPC, and `service.rs` turns each variant into a
+//! registry and the store know nothing of gRPC, and `service/status.rs` turns each variant into a
 //! `tonic::Status` in one place. Each variant's text is the message the caller sees (tests and
 //! scripts match on it), so change the wording only together with them.
 

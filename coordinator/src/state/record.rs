@@ -2,7 +2,7 @@
 //! workers supply some of its text, so every record is cut to a known size before it is kept,
 //! stored or listed.
 
-use cvdist_common::proto::JobInfo;
+use cvdist_common::proto::{JobInfo, Recovery};
 use cvdist_common::text;
 
 /// Event lines kept per job (oldest go first).
@@ -10,6 +10,9 @@ pub const MAX_EVENTS_KEPT: usize = 500;
 /// Bytes of event log kept per job (oldest lines go first). With the epoch history bounded
 /// by the job's epochs and every peer string bounded, this bounds the whole job record.
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// Recoveries kept per job record (the oldest go first): `max_restarts` is not bounded, and
+/// every entry carries a cause of up to `text::MAX_REPORT_TEXT` bytes.
+pub const MAX_RECOVERIES_KEPT: usize = 256;
 
 /// Keeps a job record within its byte bound: message and event lines escaped and cut, the
 /// event log within [`MAX_EVENT_BYTES`], the history within the job's epochs. Also applied
@@ -24,10 +27,7 @@ pub fn bound_record(info: &mut JobInfo) {
     trim_events(info);
     let epochs = info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
     info.history.retain(|h| h.epoch < epochs);
-    let kept = super::machine::MAX_RECOVERIES_KEPT;
-    if info.recoveries.len() > kept {
-        info.recoveries.drain(..info.recoveries.len() - kept);
-    }
+    trim_recoveries(&mut info.recoveries);
     for r in info.recoveries.iter_mut() {
         r.cause = text::bound(&r.cause, text::MAX_REPORT_TEXT);
     }
@@ -53,4 +53,11 @@ pub fn trim_events(info: &mut JobInfo) {
         drop += 1;
     }
     info.events.drain(..drop);
+}
+
+/// Drops the oldest recoveries beyond [`MAX_RECOVERIES_KEPT`].
+pub fn trim_recoveries(recoveries: &mut Vec<Recovery>) {
+    if recoveries.len() > MAX_RECOVERIES_KEPT {
+        recoveries.drain(..recoveries.len() - MAX_RECOVERIES_KEPT);
+    }
 }

@@ -1,6 +1,6 @@
 //! The worker registry: who is connected (one session each), their data-plane addresses,
 //! capabilities and session keys, when each was last heard from, and which job attempt each
-//! works on (busy) or none (idle). Jobs live in the state machine (`machine.rs`); the
+//! works on (busy) or none (idle). Jobs live in the state machine (`machine/`); the
 //! registry only knows a worker's `(job, attempt)`.
 //!
 //! Messages to a worker go into its session's unbounded channel here, under the coordinator's

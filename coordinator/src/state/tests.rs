@@ -2,9 +2,13 @@
 //! outside the lock and before anyone sees their result, restarts.
 
 use super::*;
-use cvdist_common::proto::{coordinator_message, CoordinatorMessage, EpochMetrics};
-use cvdist_common::version;
+use cvdist_common::proto::{
+    coordinator_message, CoordinatorMessage, EpochMetrics, JobInfo, JobReport, JobSpec, JobState, RegisterRequest,
+    RejoinRequest, WorkerState,
+};
+use cvdist_common::{spec, version};
 use std::sync::{Condvar, OnceLock, Weak};
+use tokio::sync::broadcast;
 use tokio::sync::mpsc;
 
 fn open() -> (tempfile::TempDir, Arc<Coordinator>) {
@@ -274,6 +278,29 @@ fn a_submission_that_cannot_be_stored_leaves_no_job_behind() {
     assert_eq!(state.submit(spec).expect("the name is free again"), "j0002-resnet20");
 }
 
+/// The spec a job runs by is taken from its record once; the record keeps it, in the store
+/// and in every answer, and a record stored without one still loads.
+#[test]
+fn the_record_keeps_its_spec_and_one_stored_without_a_spec_still_loads() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = StateConfig { heartbeat_timeout: Duration::from_secs(60) };
+    let store = Store::open(dir.path()).unwrap();
+    let bare = JobInfo { id: "j0007-bare".into(), state: JobState::Queued as i32, ..Default::default() };
+    store.put_job(&bare).unwrap();
+    drop(store);
+    let state = Coordinator::new(Store::open(dir.path()).unwrap(), cfg).unwrap();
+    let loaded = state.get("j0007-bare").expect("loaded");
+    assert_eq!((loaded.state(), loaded.spec.is_none()), (JobState::Queued, true), "the record as stored");
+    let spec = JobSpec { name: "kept".into(), ..spec::default_spec("resnet20", 2) };
+    let id = state.submit(spec.clone()).expect("submit");
+    assert_eq!(id, "j0008-resnet20", "ids go on after the loaded ones");
+    let cancelled = state.cancel(&id).expect("cancel");
+    assert_eq!(cancelled.spec.as_ref(), Some(&spec));
+    let stored = state.store().get_jobs(&[id.as_str()]).unwrap().pop().flatten().unwrap();
+    assert_eq!(stored.spec.as_ref(), Some(&spec));
+    assert!(matches!(state.submit(spec), Err(CoordinatorError::NameTaken(_))), "the name is held by the ended job");
+}
+
 #[test]
 fn a_restarted_coordinator_resumes_running_jobs_in_a_new_attempt() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -438,152 +465,4 @@ fn a_stale_claim_is_not_adopted_and_the_job_goes_on() {
     state.session_closed("w2", 2, "eof");
     assert_eq!(state.get(&id).unwrap().state(), JobState::Recovering);
     assert!(!rejoin(&state, rejoin_request("w2", &a[1], &a[1].session_secret)).unwrap(), "attempt 0 is over");
-}
-
-/// The machine's new edges, driven directly.
-mod readopt_edges {
-    use super::super::machine::{step, Effect, Event, IdleWorker, Job, Now};
-    use super::*;
-
-    fn running(now: Now) -> Job {
-        let spec = JobSpec { min_workers: 2, max_workers: 2, ..spec::default_spec("resnet20", 3) };
-        let (mut job, _) = Job::submitted("j0001-resnet20".into(), spec, now);
-        let idle: Vec<IdleWorker> =
-            (0..2).map(|i| IdleWorker { id: format!("w{i}"), data_addr: format!("127.0.0.1:{}", 40000 + i) }).collect();
-        step(&mut job, Event::Schedule { idle: &idle, secret: "s".into() }, now).unwrap();
-        assert_eq!(job.state(), JobState::Running);
-        job
-    }
-
-    /// The job as a restarted coordinator loads it: only what the record holds.
-    fn reloaded(job: &Job, now: Now) -> Job {
-        Job::new(job.info.clone(), now.instant)
-    }
-
-    fn later(now: Now, s: u64) -> Now {
-        Now { instant: now.instant + Duration::from_secs(s), unix: now.unix + s as f64 }
-    }
-
-    fn rejoin<'a>(worker: &'a str, rank: u32) -> Event<'a> {
-        Event::Rejoin { worker, attempt: 0, rank, world_size: 2, position: (1, 4) }
-    }
-
-    #[test]
-    fn running_stays_running_and_waits_for_its_members_after_a_restart() {
-        let now = Now::current();
-        let mut job = reloaded(&running(now), now);
-        let t = step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
-        assert_eq!((job.state(), job.info.attempt), (JobState::Running, 0));
-        assert_eq!(job.members, ["w0", "w1"]);
-        assert!(job.readopting().is_some() && job.awaits("w0") && job.awaits("w1"));
-        assert!(t.effects.contains(&Effect::Persist));
-        assert!(!t.effects.iter().any(|e| matches!(e, Effect::Abort { .. })), "{:?}", t.effects);
-    }
-
-    #[test]
-    fn a_recovering_job_still_resumes_in_a_new_attempt_after_a_restart() {
-        let now = Now::current();
-        let mut job = running(now);
-        step(&mut job, Event::MemberLost { attempt: 0, reason: "worker w1 lost".into() }, now).unwrap();
-        let mut job = reloaded(&job, now);
-        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
-        assert_eq!((job.state(), job.info.attempt), (JobState::Recovering, 2));
-        assert!(job.readopting().is_none());
-    }
-
-    #[test]
-    fn only_each_members_own_claim_counts_and_the_last_completes_the_readoption() {
-        let now = Now::current();
-        let mut job = reloaded(&running(now), now);
-        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
-        for wrong in [
-            Event::Rejoin { worker: "w0", attempt: 1, rank: 0, world_size: 2, position: (0, 0) },
-            Event::Rejoin { worker: "w0", attempt: 0, rank: 1, world_size: 2, position: (0, 0) },
-            Event::Rejoin { worker: "w0", attempt: 0, rank: 0, world_size: 3, position: (0, 0) },
-            Event::Rejoin { worker: "w9", attempt: 0, rank: 0, world_size: 2, position: (0, 0) },
-        ] {
-            let t = step(&mut job, wrong.clone(), now).unwrap();
-            assert!(t.effects.is_empty(), "{wrong:?}: {:?}", t.effects);
-        }
-        assert!(!job.rejoined("w0", 0));
-        step(&mut job, rejoin("w0", 0), later(now, 2)).unwrap();
-        assert!(job.rejoined("w0", 0) && job.awaits("w1") && !job.awaits("w0"));
-        let t = step(&mut job, rejoin("w1", 1), later(now, 3)).unwrap();
-        assert!(job.readopting().is_none(), "complete");
-        assert_eq!((job.state(), job.info.attempt, job.info.restarts), (JobState::Running, 0, 0));
-        assert!(job.info.recoveries.is_empty());
-        assert_eq!(job.attempt_position, (1, 4), "the claims' position");
-        assert!(job.info.events.last().unwrap().contains("re-registered 3.0 s after the coordinator restarted"));
-        assert!(t.effects.contains(&Effect::Persist) && t.effects.contains(&Effect::PublishSnapshot));
-        // The window passing later changes nothing.
-        assert!(step(&mut job, Event::ReadoptDeadline, later(now, 60)).unwrap().effects.is_empty());
-    }
-
-    #[test]
-    fn the_window_passing_falls_back_to_recovery_without_counting_a_restart() {
-        let now = Now::current();
-        let mut job = reloaded(&running(now), now);
-        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
-        step(&mut job, rejoin("w0", 0), now).unwrap();
-        assert!(step(&mut job, Event::ReadoptDeadline, later(now, 29)).unwrap().effects.is_empty(), "not yet");
-        let t = step(&mut job, Event::ReadoptDeadline, later(now, 30)).unwrap();
-        assert_eq!((job.state(), job.info.attempt, job.info.restarts), (JobState::Recovering, 1, 0));
-        // The member that did come back is told to stop the attempt.
-        let aborted: Vec<&str> = t
-            .effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Abort { worker, abort } if abort.attempt == 0 => Some(worker.as_str()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(aborted, ["w0", "w1"]);
-        assert_eq!(job.info.recoveries.len(), 1);
-        let r = &job.info.recoveries[0];
-        assert_eq!((r.attempt, r.old_world_size), (0, 2));
-        assert_eq!(r.cause, "coordinator restarted; attempt 0 not re-adopted: w1 did not re-register within 30s");
-        assert!(t.effects.contains(&Effect::Wake));
-    }
-
-    #[test]
-    fn a_failure_before_every_member_is_back_falls_back_to_recovery_without_counting_a_restart() {
-        let now = Now::current();
-        let mut job = reloaded(&running(now), now);
-        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
-        step(&mut job, rejoin("w0", 0), now).unwrap();
-        // w1 stopped the attempt while the coordinator was away; w0's ring broke.
-        let failed = JobReport {
-            job_id: job.info.id.clone(),
-            attempt: 0,
-            rank: 0,
-            kind: Some(cvdist_common::proto::job_report::Kind::Failed("rank 1 closed the connection".into())),
-            failure_kind: cvdist_common::proto::FailureKind::Retryable as i32,
-        };
-        step(&mut job, Event::Report { worker: "w0", report: failed, final_checkpoint_on_disk: false }, now).unwrap();
-        assert_eq!((job.state(), job.info.attempt, job.info.restarts), (JobState::Recovering, 1, 0));
-        let cause = &job.info.recoveries.last().unwrap().cause;
-        assert_eq!(
-            cause,
-            "coordinator restarted; attempt 0 not re-adopted: rank 0 on w0 failed: rank 1 closed the connection \
-             while the others had not re-registered"
-        );
-    }
-
-    #[test]
-    fn a_member_back_without_the_attempt_ends_the_wait_at_once() {
-        let now = Now::current();
-        let mut job = reloaded(&running(now), now);
-        step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
-        assert!(
-            step(&mut job, Event::RegisteredIdle { worker: "w7" }, now).unwrap().effects.is_empty(),
-            "not a member"
-        );
-        step(&mut job, Event::RegisteredIdle { worker: "w1" }, now).unwrap();
-        assert_eq!((job.state(), job.info.attempt), (JobState::Recovering, 1));
-        assert!(
-            job.info.message.ends_with("not re-adopted: worker w1 re-registered without it"),
-            "{}",
-            job.info.message
-        );
-    }
 }

@@ -1,11 +1,12 @@
-//! Re-adopting the running attempt after a coordinator restart. Workers
+//! A coordinator restart, and re-adopting the running attempt after it. Workers
 //! keep training while the coordinator is away; a restarted coordinator loads the job as
 //! RUNNING and, instead of aborting the attempt, waits a bounded window for every member to
 //! re-register claiming its rank (`RejoinRequest`, proof checked by the caller). All back:
 //! the attempt simply continues (no abort, no recovery entry, no step trained again). A member
 //! back without the attempt, or the window passing: the job falls back to the recovery of a
 //! restart without re-adoption (RECOVERING in a new attempt from the newest checkpoint),
-//! recorded as a recovery whose cause says why.
+//! recorded as a recovery whose cause says why. A job that was RECOVERING, or RUNNING with
+//! no known group, goes straight to RECOVERING in a new attempt.
 //!
 //! ```text
 //!   RUNNING ──coordinator restart──▶ RUNNING (re-adopting: members re-register)
@@ -15,10 +16,9 @@
 //!                                   (same attempt)        counted as a restart)
 //! ```
 
-use super::{begin_recovery, checkpoint_position, release_members, Job, Now, Transition, RECOVERY_GRACE};
-use crate::state::machine::Effect;
+use super::ending::{enter_recovering, leave_attempt};
+use super::{Effect, Job, Now, Transition};
 use cvdist_common::proto::JobState;
-use cvdist_common::text;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -65,17 +65,17 @@ impl Job {
 }
 
 /// The coordinator restarted: a RUNNING job with a known group waits up to `window` for its
-/// members; any other active job goes the old way (RECOVERING in a new attempt).
+/// members; any other active job goes to RECOVERING in a new attempt ([`resume`]).
 pub(super) fn restarted(job: &mut Job, window: Duration, now: Now, t: &mut Transition) {
     if job.state() != JobState::Running || job.info.worker_ids.is_empty() {
-        super::resume(job, now, t);
+        resume(job, now, t);
         return;
     }
     job.members = job.info.worker_ids.clone();
     job.finished.clear();
     // What the store knows of the attempt's position; the members' claims and reports
     // move it on. A checkpoint upload must lie past the newest stored one in any case.
-    let stored = checkpoint_position(&job.info.latest_checkpoint).unwrap_or((0, 0));
+    let stored = job.stored_position();
     let reported = job.info.history.last().map(|m| (m.epoch + 1, 0)).unwrap_or((0, 0));
     job.attempt_start = stored;
     job.attempt_position = stored.max(reported);
@@ -102,6 +102,20 @@ pub(super) fn restarted(job: &mut Job, window: Duration, now: Now, t: &mut Trans
     t.effects.push(Effect::Persist);
 }
 
+/// RUNNING or RECOVERING when the coordinator stopped → RECOVERING in a new attempt: the
+/// workers reconnect and the job resumes from the newest checkpoint (no survivor's state is
+/// known to a restarted coordinator).
+pub(super) fn resume(job: &mut Job, now: Now, t: &mut Transition) {
+    if !matches!(job.state(), JobState::Running | JobState::Recovering) {
+        return;
+    }
+    job.info.set_state(JobState::Recovering);
+    job.info.attempt += 1;
+    job.info.worker_ids.clear();
+    job.log("coordinator restarted; waiting for workers to resume from the newest checkpoint".into(), now, t);
+    t.effects.push(Effect::Persist);
+}
+
 /// What a re-registering worker claims (the fields of `Event::Rejoin`).
 pub(super) struct Claimed<'a> {
     pub worker: &'a str,
@@ -122,7 +136,7 @@ pub(super) fn rejoin(job: &mut Job, claim: Claimed<'_>, now: Now, t: &mut Transi
     if attempt != r.attempt || !is_member || world_size as usize != job.members.len() || r.rejoined.contains(&rank) {
         return;
     }
-    let epochs = job.info.spec.as_ref().map(|s| s.epochs).unwrap_or(0);
+    let epochs = job.spec.epochs;
     // A peer's numbers: past the job's end they are not believed.
     if position.0 <= epochs {
         job.attempt_position = job.attempt_position.max(position);
@@ -149,31 +163,16 @@ pub(super) fn rejoin(job: &mut Job, claim: Claimed<'_>, now: Now, t: &mut Transi
 }
 
 /// The re-adoption cannot complete: `why` (a member came back without the attempt, or the
-/// window passed). Falls back to what a restart did before: the members still training are
-/// aborted and the job resumes from the newest checkpoint in a new attempt, after the
-/// recovery grace. Recorded as a recovery; not counted against `max_restarts` (the job did
-/// not fail).
+/// window passed). The job recovers as after a restart without re-adoption: the members still
+/// training are aborted and the job resumes from the newest checkpoint in a new attempt,
+/// after the recovery grace. Recorded as a recovery; not counted against `max_restarts` (the
+/// job did not fail).
 fn give_up(job: &mut Job, why: String, now: Now, t: &mut Transition) {
     let Some(r) = job.readopting().cloned() else { return };
     let reason = format!("coordinator restarted; attempt {} not re-adopted: {why}", r.attempt);
-    let old_world_size = job.members.len() as u32;
     job.readopt = None;
-    job.failed_attempt = Some((r.attempt, job.members.clone()));
-    release_members(job, &reason, t);
-    job.info.attempt += 1;
-    begin_recovery(job, r.attempt, &reason, old_world_size, now);
-    job.info.set_state(JobState::Recovering);
-    job.info.message = text::bound(&reason, text::MAX_REPORT_TEXT);
-    job.waiting_since = now.instant;
-    job.not_before = now.instant + RECOVERY_GRACE;
-    let from = if job.info.latest_checkpoint.is_empty() {
-        "the start".to_string()
-    } else {
-        job.info.latest_checkpoint.clone()
-    };
-    job.log(format!("{reason}; recovering from {from}"), now, t);
-    t.effects.push(Effect::Persist);
-    t.effects.push(Effect::PublishSnapshot);
+    let old_world_size = leave_attempt(job, &reason, t);
+    enter_recovering(job, r.attempt, &reason, old_world_size, "", now, t);
     t.effects.push(Effect::Wake);
 }
 
