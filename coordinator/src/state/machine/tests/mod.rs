@@ -63,14 +63,26 @@ fn report_kind(
     failure: FailureKind,
     on_disk: bool,
 ) -> Result<Transition, CoordinatorError> {
-    let r = JobReport {
-        job_id: job.info.id.clone(),
-        attempt: job.info.attempt,
-        rank,
-        kind: Some(kind),
-        failure_kind: failure as i32,
-    };
-    step(job, Event::Report { worker, report: r, final_checkpoint_on_disk: on_disk }, now())
+    let report = job_report(job, job.info.attempt, rank, kind, failure);
+    step(job, Event::Report { worker, report, final_checkpoint_on_disk: on_disk }, now())
+}
+
+/// Rank 0's report from `worker` in `attempt` at `at`: unlike [`report_kind`], of any
+/// attempt (late and stale reports of one the job has left) and at a chosen instant.
+fn report_in(
+    job: &mut Job,
+    worker: &str,
+    attempt: u32,
+    kind: Kind,
+    failure: FailureKind,
+    at: Now,
+) -> Result<Transition, CoordinatorError> {
+    let report = job_report(job, attempt, 0, kind, failure);
+    step(job, Event::Report { worker, report, final_checkpoint_on_disk: false }, at)
+}
+
+fn job_report(job: &Job, attempt: u32, rank: u32, kind: Kind, failure: FailureKind) -> JobReport {
+    JobReport { job_id: job.info.id.clone(), attempt, rank, kind: Some(kind), failure_kind: failure as i32 }
 }
 
 fn finished() -> Kind {

@@ -99,14 +99,8 @@ fn a_failure_before_every_member_is_back_falls_back_to_recovery_without_counting
     step(&mut job, Event::Restarted { window: Duration::from_secs(30) }, now).unwrap();
     step(&mut job, rejoin("w0", 0), now).unwrap();
     // w1 stopped the attempt while the coordinator was away; w0's ring broke.
-    let failed = JobReport {
-        job_id: job.info.id.clone(),
-        attempt: 0,
-        rank: 0,
-        kind: Some(Kind::Failed("rank 1 closed the connection".into())),
-        failure_kind: FailureKind::Retryable as i32,
-    };
-    step(&mut job, Event::Report { worker: "w0", report: failed, final_checkpoint_on_disk: false }, now).unwrap();
+    report_in(&mut job, "w0", 0, Kind::Failed("rank 1 closed the connection".into()), FailureKind::Retryable, now)
+        .unwrap();
     assert_eq!((job.state(), job.info.attempt, job.info.restarts), (JobState::Recovering, 1, 0));
     let cause = &job.info.recoveries.last().unwrap().cause;
     assert_eq!(

@@ -30,8 +30,7 @@ fn a_recovery_records_its_cause_sizes_replayed_steps_and_downtime() {
     let t = report(&mut job, "w0", 0, progress(0, 2), false);
     assert_eq!(kinds(&t), ["publish"]);
     let first = later(restart, Duration::from_secs(5));
-    let r = JobReport { job_id: ID.into(), attempt: 1, rank: 0, kind: Some(progress(0, 3)), failure_kind: 0 };
-    let t = step(&mut job, Event::Report { worker: "w0", report: r, final_checkpoint_on_disk: false }, first).unwrap();
+    let t = report_in(&mut job, "w0", 1, progress(0, 3), FailureKind::Unspecified, first).unwrap();
     assert_eq!(kinds(&t), ["publish", "log", "persist"]);
     let r = job.info.recoveries.last().cloned().unwrap();
     let down = r.downtime_seconds.expect("measured at the first step");
@@ -94,14 +93,7 @@ fn the_lost_worker_joins_the_cause_when_a_survivor_reported_first() {
 fn a_late_permanent_failure_takes_back_the_recovery_being_prepared() {
     let mut job = running();
     lose_member(&mut job);
-    let late = JobReport {
-        job_id: ID.into(),
-        attempt: 0,
-        rank: 0,
-        kind: Some(Kind::Failed("loss is NaN".into())),
-        failure_kind: FailureKind::Diverged as i32,
-    };
-    step(&mut job, Event::Report { worker: "w0", report: late, final_checkpoint_on_disk: false }, now()).unwrap();
+    report_in(&mut job, "w0", 0, Kind::Failed("loss is NaN".into()), FailureKind::Diverged, now()).unwrap();
     assert_eq!(job.state(), JobState::Failed);
     assert!(job.info.recoveries.is_empty());
 }

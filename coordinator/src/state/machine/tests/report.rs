@@ -57,15 +57,7 @@ fn recovering_to_failed_on_a_late_permanent_failure_of_the_failed_attempt() {
     let mut job = running();
     lose_member(&mut job);
     assert_eq!((job.info.attempt, job.info.restarts), (1, 1));
-    let late = JobReport {
-        job_id: ID.into(),
-        attempt: 0,
-        rank: 0,
-        kind: Some(Kind::Failed("loss is NaN".into())),
-        failure_kind: FailureKind::Diverged as i32,
-    };
-    let t =
-        step(&mut job, Event::Report { worker: "w0", report: late, final_checkpoint_on_disk: false }, now()).unwrap();
+    let t = report_in(&mut job, "w0", 0, Kind::Failed("loss is NaN".into()), FailureKind::Diverged, now()).unwrap();
     assert_eq!(job.state(), JobState::Failed);
     assert_eq!((job.info.attempt, job.info.restarts), (0, 0), "the restart being prepared does not count");
     assert_eq!(job.info.outcome, outcome::DIVERGED);
@@ -77,14 +69,7 @@ fn a_late_retryable_failure_or_a_stranger_does_not_end_a_recovering_job() {
     let mut job = running();
     lose_member(&mut job);
     for (worker, kind) in [("w0", FailureKind::Retryable), ("w9", FailureKind::Diverged)] {
-        let late = JobReport {
-            job_id: ID.into(),
-            attempt: 0,
-            rank: 0,
-            kind: Some(Kind::Failed("x".into())),
-            failure_kind: kind as i32,
-        };
-        let t = step(&mut job, Event::Report { worker, report: late, final_checkpoint_on_disk: false }, now()).unwrap();
+        let t = report_in(&mut job, worker, 0, Kind::Failed("x".into()), kind, now()).unwrap();
         assert!(t.effects.is_empty());
         assert_eq!(job.state(), JobState::Recovering);
     }
@@ -94,15 +79,8 @@ fn a_late_retryable_failure_or_a_stranger_does_not_end_a_recovering_job() {
 fn reports_of_another_attempt_or_rank_change_nothing() {
     let mut job = running();
     let before = format!("{:?}", job.info);
-    let stale = JobReport {
-        job_id: ID.into(),
-        attempt: 7,
-        rank: 0,
-        kind: Some(Kind::Epoch(EpochMetrics::default())),
-        failure_kind: 0,
-    };
     let t =
-        step(&mut job, Event::Report { worker: "w0", report: stale, final_checkpoint_on_disk: false }, now()).unwrap();
+        report_in(&mut job, "w0", 7, Kind::Epoch(EpochMetrics::default()), FailureKind::Unspecified, now()).unwrap();
     assert!(t.effects.is_empty());
     let t = report(&mut job, "w1", 0, Kind::Failed("not my rank".into()), false);
     assert!(t.effects.is_empty());
