@@ -3,6 +3,8 @@
 //! end-to-end case with real processes is in coordinator/tests/lifecycle.rs; these pin
 //! down the waits one by one.
 
+mod trainer_config;
+
 use cvdist_worker::agent::control::JobControl;
 use cvdist_worker::collective::{AbortHandle, CollectiveError, Ring};
 use std::net::TcpListener;
@@ -125,16 +127,7 @@ fn a_stop_during_the_test_pass_ends_training_without_finishing_the_epoch() {
     spec.test_samples = 1000;
     spec.batch_size = 32;
     let data = Datasets::for_spec(&spec, None).unwrap();
-    let cfg = TrainerConfig {
-        spec,
-        device: tch::Device::Cpu,
-        rank: 0,
-        world_size: 1,
-        checkpoint_dir: Some(dir.path().join("checkpoints")),
-        resume: None,
-        progress_interval: Duration::from_secs(3600),
-        freeze_bn: false,
-    };
+    let cfg = TrainerConfig { checkpoint_dir: Some(dir.path().join("checkpoints")), ..trainer_config::cpu(spec, 0, 1) };
     let mut observer = StopDuringEval::default();
     let r = train::train(&cfg, &data, &mut cvdist_worker::collective::Solo::new(), &mut observer);
     assert!(observer.stop_requested);

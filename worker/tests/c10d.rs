@@ -3,6 +3,7 @@
 //! checked against the value computed here.
 
 mod support;
+mod trainer_config;
 
 use cvdist_worker::collective::{CollectiveError, GradCompression};
 use std::time::{Duration, Instant};
@@ -135,7 +136,7 @@ impl cvdist_worker::train::Observer for StagedAtEachStep {
 /// training, with the per-step BatchNorm average on (a kept live state) and off.
 #[test]
 fn training_steps_stage_no_collective_through_the_host() {
-    use cvdist_worker::train::{self, live_state::LiveSlot, TrainerConfig};
+    use cvdist_worker::train::{self, live_state::LiveSlot};
     for keep in [false, true] {
         let ends = support::ring_ranks(2, SECRET, TIMEOUT, move |rank, ring, addrs| {
             tch::set_num_threads(1);
@@ -149,16 +150,7 @@ fn training_steps_stage_no_collective_through_the_host() {
                 train: std::sync::Arc::new(cvdist_common::cifar::synthetic(256, 3)),
                 test: std::sync::Arc::new(cvdist_common::cifar::synthetic(32, 4)),
             };
-            let cfg = TrainerConfig {
-                spec,
-                device: tch::Device::Cpu,
-                rank,
-                world_size: 2,
-                checkpoint_dir: None,
-                resume: None,
-                progress_interval: Duration::from_secs(3600),
-                freeze_bn: false,
-            };
+            let cfg = trainer_config::cpu(spec, rank, 2);
             let slot = keep.then(|| (LiveSlot::default(), "j0001-staged".to_string(), 0));
             train::train_from(&cfg, &data, &mut comm, &mut observer, None, slot).unwrap();
             observer.at_step

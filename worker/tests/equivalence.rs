@@ -5,6 +5,7 @@
 
 mod support;
 mod tolerance;
+mod trainer_config;
 
 use cvdist_common::cifar;
 use cvdist_common::proto::JobSpec;
@@ -33,16 +34,7 @@ fn spec(batch: u32, epochs: u32) -> JobSpec {
 }
 
 fn config(spec: JobSpec, rank: usize, world: usize) -> TrainerConfig {
-    TrainerConfig {
-        spec,
-        device: Device::Cpu,
-        rank,
-        world_size: world,
-        checkpoint_dir: None,
-        resume: None,
-        progress_interval: Duration::from_secs(3600),
-        freeze_bn: true,
-    }
+    TrainerConfig { freeze_bn: true, ..trainer_config::cpu(spec, rank, world) }
 }
 
 /// Records every batch's dataset indices.

@@ -6,6 +6,7 @@
 //! stopping at the same step with the error naming the step that diverged first.
 
 mod support;
+mod trainer_config;
 
 use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec, Progress};
@@ -31,16 +32,7 @@ fn spec(batch: u32) -> JobSpec {
 }
 
 fn config(spec: JobSpec, rank: usize, world: usize, progress: Duration, ckpt: Option<PathBuf>) -> TrainerConfig {
-    TrainerConfig {
-        spec,
-        device: Device::Cpu,
-        rank,
-        world_size: world,
-        checkpoint_dir: ckpt,
-        resume: None,
-        progress_interval: progress,
-        freeze_bn: false,
-    }
+    TrainerConfig { checkpoint_dir: ckpt, progress_interval: progress, ..trainer_config::cpu(spec, rank, world) }
 }
 
 /// Collects progress lines, the last step trained, and poisons one step's loss.

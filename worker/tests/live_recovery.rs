@@ -7,6 +7,7 @@
 //! c10d gloo group.
 
 mod support;
+mod trainer_config;
 
 use cvdist_common::cifar;
 use cvdist_common::proto::{EpochMetrics, JobSpec};
@@ -15,7 +16,7 @@ use cvdist_worker::collective::{Collective, CollectiveError, Completion, Complet
 use cvdist_worker::data::Datasets;
 use cvdist_worker::train::live_state::{self, LiveSlot};
 use cvdist_worker::train::position::Position;
-use cvdist_worker::train::{self, Engine, Observer, TrainError, TrainOutcome, TrainerConfig};
+use cvdist_worker::train::{self, Engine, Observer, TrainError, TrainOutcome};
 use std::sync::Arc;
 use std::time::Duration;
 use support::{Comm, COMMS};
@@ -158,16 +159,7 @@ fn run_group(kind: Comm, attempt: u32, members: Vec<Member>, data: &Datasets) ->
             });
         }
         let comm = group.as_mut();
-        let cfg = TrainerConfig {
-            spec: spec(),
-            device: Device::Cpu,
-            rank,
-            world_size: world,
-            checkpoint_dir: None,
-            resume: None,
-            progress_interval: Duration::from_secs(3600),
-            freeze_bn: false,
-        };
+        let cfg = trainer_config::cpu(spec(), rank, world);
         let start = if m.live {
             let mut own = live_state::take(&m.slot, JOB, attempt - 1, attempt);
             let start = live_state::agree(&mut own, &cfg.spec, Device::Cpu, LEN, u32::MAX, comm).unwrap();

@@ -4,6 +4,7 @@
 //! real TCP ring stopping both at the same step with the same error.
 
 mod support;
+mod trainer_config;
 
 use cvdist_common::cifar;
 use cvdist_common::proto::EpochMetrics;
@@ -13,7 +14,7 @@ use cvdist_worker::train::engine::MAX_SKIPPED_IN_A_ROW;
 use cvdist_worker::train::precision::Precision;
 use cvdist_worker::train::scaler::{GradScaler, ScalerState, BACKOFF_FACTOR, INIT_SCALE};
 use cvdist_worker::train::sync::GradSync;
-use cvdist_worker::train::{self, Engine, Observer, TrainError, TrainerConfig};
+use cvdist_worker::train::{self, Engine, Observer, TrainError};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -230,16 +231,7 @@ fn divergence_on_one_rank_stops_both_at_the_same_step_with_the_same_error() {
             let mut spec = cvdist_common::spec::default_spec("resnet20", 1);
             spec.dataset = "synthetic".into();
             spec.batch_size = 16;
-            let cfg = TrainerConfig {
-                spec,
-                device: Device::Cpu,
-                rank,
-                world_size: 2,
-                checkpoint_dir: None,
-                resume: None,
-                progress_interval: Duration::from_secs(3600),
-                freeze_bn: false,
-            };
+            let cfg = trainer_config::cpu(spec, rank, 2);
             let mut observer = PoisonAt { rank, poison_rank: 1, at: (0, 2) };
             train::train(&cfg, &data, &mut ring as &mut dyn Collective, &mut observer)
         });
