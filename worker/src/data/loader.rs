@@ -58,7 +58,7 @@ impl Loader {
         augment: bool,
         skip_batches: usize,
     ) -> Loader {
-        Loader::start(split, indices, batch_size, seed, epoch, augment, skip_batches, None)
+        Loader::for_device(Device::Cpu, split, indices, batch_size, seed, epoch, augment, skip_batches)
     }
 
     /// As [`Loader::new`], for batches that go to `device`: when that is a CUDA device, each
@@ -79,20 +79,6 @@ impl Loader {
         skip_batches: usize,
     ) -> Loader {
         let pin = device.is_cuda().then_some(device);
-        Loader::start(split, indices, batch_size, seed, epoch, augment, skip_batches, pin)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        split: Arc<CifarSplit>,
-        indices: Vec<usize>,
-        batch_size: usize,
-        seed: u64,
-        epoch: u64,
-        augment: bool,
-        skip_batches: usize,
-        pin: Option<Device>,
-    ) -> Loader {
         assert!(batch_size > 0, "batch size must be positive");
         if let Some(&bad) = indices.iter().find(|&&i| i >= split.len()) {
             panic!("sample index {bad} out of range for a split of {} samples", split.len());
