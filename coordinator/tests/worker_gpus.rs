@@ -222,6 +222,12 @@ fn refused(cmd: &mut Command) -> (Option<i32>, Vec<String>) {
     (out.status.code(), String::from_utf8_lossy(&out.stderr).lines().map(str::to_string).collect())
 }
 
+/// The arguments of `command` (`train` or `local`) for one resnet20 epoch on synthetic
+/// data into `out`, on `device`.
+fn one_epoch<'a>(command: &'a str, out: &'a str, device: &'a str) -> Vec<&'a str> {
+    vec![command, "--model", "resnet20", "--epochs", "1", "--dataset", "synthetic", "--out", out, "--device", device]
+}
+
 #[test]
 fn a_gpu_the_machine_lacks_is_refused_at_start_with_one_line() {
     let count = if has_cuda() { None } else { Some(0) };
@@ -238,19 +244,7 @@ fn a_gpu_the_machine_lacks_is_refused_at_start_with_one_line() {
     let out = out.to_str().unwrap();
     for args in [
         vec!["worker", "--device", "cuda:64", "--coordinator", "http://127.0.0.1:9"],
-        vec![
-            "train",
-            "--model",
-            "resnet20",
-            "--epochs",
-            "1",
-            "--dataset",
-            "synthetic",
-            "--out",
-            out,
-            "--device",
-            "cuda:64",
-        ],
+        one_epoch("train", out, "cuda:64"),
         vec!["check-device", "--device", "cuda:64"],
     ] {
         let (code, lines) = refused(Command::new(worker_bin()).args(&args));
@@ -262,22 +256,7 @@ fn a_gpu_the_machine_lacks_is_refused_at_start_with_one_line() {
     let cvdist = cluster::cvdist_bin();
     for args in [
         vec!["worker", "--device", "cuda:64", "--coordinator", "http://127.0.0.1:9"],
-        vec![
-            "local",
-            "--model",
-            "resnet20",
-            "--epochs",
-            "1",
-            "--workers",
-            "2",
-            "--dataset",
-            "synthetic",
-            "--out",
-            out,
-            "--device",
-            "cuda:64",
-            "--quiet",
-        ],
+        [one_epoch("local", out, "cuda:64"), vec!["--workers", "2", "--quiet"]].concat(),
     ] {
         let (code, lines) = refused(Command::new(&cvdist).args(&args));
         assert_eq!(code, Some(2), "cvdist {args:?}: {lines:?}");
@@ -291,19 +270,7 @@ fn a_gpu_the_machine_lacks_is_refused_at_start_with_one_line() {
             (code, lines),
             (Some(2), vec!["error: device cuda requested but no CUDA device is visible".to_string()])
         );
-        let (code, lines) = refused(Command::new(&cvdist).args([
-            "local",
-            "--model",
-            "resnet20",
-            "--epochs",
-            "1",
-            "--dataset",
-            "synthetic",
-            "--out",
-            out,
-            "--device",
-            "cuda",
-        ]));
+        let (code, lines) = refused(Command::new(&cvdist).args(one_epoch("local", out, "cuda")));
         assert_eq!(
             (code, lines),
             (Some(2), vec!["error: device cuda requested but no CUDA device is visible".to_string()])
