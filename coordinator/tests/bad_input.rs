@@ -9,8 +9,8 @@
 mod cluster;
 
 use cluster::{
-    cvdist_bin, free_port, spawn_coordinator, spawn_logged, wait_exit, wait_port, worker_bin, write_dataset,
-    ChildGuard, TinyDisk, TOKEN, WORKER_TOKEN,
+    cvdist_bin, free_port, log_file, logs, lone_worker, spawn_coordinator, spawn_logged, wait_exit, wait_port,
+    worker_bin, write_dataset, ChildGuard, TinyDisk, TOKEN, WORKER_TOKEN,
 };
 use cvdist_common::client::{connect, Client};
 use cvdist_common::proto::coordinator_client::CoordinatorClient;
@@ -80,7 +80,7 @@ impl Coord {
     }
 
     fn log_file(&self, name: &str) -> std::fs::File {
-        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).unwrap()
+        log_file(self.dir.path(), name)
     }
 
     fn log_text(&self, name: &str) -> String {
@@ -164,14 +164,7 @@ impl Coord {
     }
 
     fn all_logs(&self) -> String {
-        let mut out = String::new();
-        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "log") {
-                out.push_str(&format!("==== {}\n{}\n", p.display(), std::fs::read_to_string(&p).unwrap_or_default()));
-            }
-        }
-        out
+        logs(self.dir.path())
     }
 
     /// Runs the `cvdist` CLI against this coordinator.
@@ -521,25 +514,11 @@ async fn wrong_token_is_refused() {
     assert_one_line_error(&out, "error: cancel refused: wrong token");
     // A worker process with the wrong token gives up at once (retrying cannot help).
     let log = c.log_file("bad-worker");
-    let mut w = Command::new(worker_bin())
-        .args([
-            "worker",
-            "--coordinator",
-            &c.url(),
-            "--data-listen",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ])
+    let mut w = lone_worker(&c.url())
         .arg("--data")
         .arg(c.data())
         .env("CVDIST_TOKEN", "not-the-token")
         .env("RUST_BACKTRACE", "1")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .unwrap();

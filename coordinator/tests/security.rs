@@ -4,7 +4,7 @@
 //! ("Threat model") lists what each test shows.
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, small_spec, wait_exit, worker_bin, Cluster, TOKEN, WORKER_TOKEN};
+use cluster::{cvdist_bin, free_port, lone_worker, small_spec, wait_exit, Cluster, TOKEN, WORKER_TOKEN};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{
     coordinator_message, job_report, worker_message, Assignment, CancelJobRequest, CheckpointChunk, CoordinatorMessage,
@@ -14,7 +14,7 @@ use cvdist_common::proto::{
 use cvdist_common::version::PROTOCOL_VERSION;
 use prost::Message;
 use sha2::{Digest, Sha256};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
@@ -207,26 +207,8 @@ async fn the_client_token_does_not_make_anyone_a_worker() {
 
     // A real worker holding only the client token is refused and exits with that line.
     let log = c.log("client-token-worker");
-    let mut p = Command::new(worker_bin())
-        .args([
-            "worker",
-            "--coordinator",
-            &c.url(),
-            "--data-listen",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ])
-        .env("CVDIST_TOKEN", TOKEN)
-        .env_remove("CVDIST_WORKER_TOKEN")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut p =
+        lone_worker(&c.url()).env("CVDIST_TOKEN", TOKEN).env_remove("CVDIST_WORKER_TOKEN").stderr(log).spawn().unwrap();
     let (status, _) =
         wait_exit(&mut p, Duration::from_secs(30), &|| "a worker with the client token kept running".into());
     assert_eq!(status.code(), Some(2));

@@ -77,6 +77,36 @@ pub fn spawn_logged(cmd: &mut Command, log: std::fs::File) -> Child {
         .unwrap()
 }
 
+/// `dir/NAME.log`, created if missing and opened for appending (a restarted process adds
+/// to its predecessor's log).
+pub fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap()
+}
+
+/// Every `*.log` file in `dir`, each under a `==== PATH` line: what a failing test prints.
+pub fn logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            out.push_str(&format!("==== {}\n{}\n", p.display(), std::fs::read_to_string(&p).unwrap_or_default()));
+        }
+    }
+    out
+}
+
+/// `cvdist-worker worker` against `url` on the CPU, one thread, its data plane on any
+/// loopback port, stdout discarded: a lone worker a test watches start (or refuse to);
+/// the caller adds credentials and routes stderr, where a refusal's one line goes.
+pub fn lone_worker(url: &str) -> Command {
+    let mut cmd = Command::new(worker_bin());
+    cmd.args(["worker", "--coordinator", url, "--data-listen", "127.0.0.1:0", "--device", "cpu", "--threads", "1"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -123,7 +153,7 @@ impl Cluster {
     }
 
     pub fn log(&self, name: &str) -> std::fs::File {
-        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).unwrap()
+        log_file(self.dir.path(), name)
     }
 
     pub fn start_coordinator(&mut self) {
@@ -229,14 +259,7 @@ impl Cluster {
     }
 
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "log") {
-                out.push_str(&format!("==== {}\n{}\n", p.display(), std::fs::read_to_string(&p).unwrap_or_default()));
-            }
-        }
-        out
+        logs(self.dir.path())
     }
 }
 
