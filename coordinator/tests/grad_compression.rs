@@ -5,11 +5,10 @@
 
 mod cluster;
 
-use cluster::cvdist_bin;
+use cluster::local_on_cpu;
 use cvdist_common::proto::JobSpec;
 use cvdist_common::run_dir;
 use std::path::Path;
-use std::process::Command;
 
 /// A tiny 2-worker resnet20 run on synthetic data with `--grad-compression <c>`; returns
 /// the per-epoch train losses and the text of both workers' logs.
@@ -20,9 +19,8 @@ fn local_run(dir: &Path, c: &str) -> (Vec<cvdist_common::proto::EpochMetrics>, S
 /// [`local_run`] with `--collective <collective>`.
 fn local_run_on(dir: &Path, c: &str, collective: &str) -> (Vec<cvdist_common::proto::EpochMetrics>, String) {
     let out_dir = dir.join(format!("run-{c}-{collective}"));
-    let out = Command::new(cvdist_bin())
-        .args(["local", "--model", "resnet20", "--dataset", "synthetic", "--device", "cpu"])
-        .args(["--workers", "2", "--threads-per-worker", "1", "--train-samples", "64", "--test-samples", "32"])
+    let out = local_on_cpu()
+        .args(["--workers", "2", "--train-samples", "64", "--test-samples", "32"])
         .args(["--batch-size", "16", "--epochs", "2", "--no-augment", "--quiet", "--grad-compression", c])
         .args(["--collective", collective, "--out"])
         .arg(&out_dir)

@@ -8,7 +8,9 @@
 
 mod cluster;
 
-use cluster::{cvdist_bin, free_port, spawn_coordinator, wait_port, write_dataset, ChildGuard, TOKEN, WORKER_TOKEN};
+use cluster::{
+    cvdist_bin, free_port, local_on_cpu, spawn_coordinator, wait_port, write_dataset, ChildGuard, TOKEN, WORKER_TOKEN,
+};
 use cvdist_common::client::connect;
 use cvdist_common::proto::{
     coordinator_message, job_report, worker_message, CoordinatorMessage, FailureKind, GetJobRequest, JobReport,
@@ -42,24 +44,7 @@ fn worker_logs(dir: &Path) -> String {
 /// `cvdist local` of resnet20 on synthetic data, one thread per worker, plus `extra`, on CPU;
 /// returns the process output.
 fn local(out: &Path, extra: &[&str]) -> Output {
-    Command::new(cvdist_bin())
-        .args([
-            "local",
-            "--model",
-            "resnet20",
-            "--dataset",
-            "synthetic",
-            "--device",
-            "cpu",
-            "--threads-per-worker",
-            "1",
-        ])
-        .arg("--out")
-        .arg(out)
-        .args(extra)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
+    local_on_cpu().arg("--out").arg(out).args(extra).env("NO_COLOR", "1").output().unwrap()
 }
 
 /// `cvdist train --lr 100` diverges: the run must fail as diverged, not say `succeeded`, and

@@ -5,7 +5,7 @@
 
 mod cluster;
 
-use cluster::cvdist_bin;
+use cluster::{cvdist_bin, local_on_cpu};
 use cvdist_common::run_dir;
 use std::process::Command;
 
@@ -13,18 +13,7 @@ use std::process::Command;
 fn rates(epochs: u32, extra: &[&str]) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("run");
-    let out = Command::new(cvdist_bin())
-        .args([
-            "local",
-            "--model",
-            "resnet20",
-            "--dataset",
-            "synthetic",
-            "--device",
-            "cpu",
-            "--threads-per-worker",
-            "1",
-        ])
+    let out = local_on_cpu()
         .args(["--workers", "2", "--train-samples", "32", "--test-samples", "32", "--batch-size", "16", "--lr", "0.1"])
         .args(["--epochs", &epochs.to_string(), "--quiet", "--out"])
         .arg(&out_dir)

@@ -107,6 +107,15 @@ pub fn lone_worker(url: &str) -> Command {
     cmd
 }
 
+/// `cvdist local` of resnet20 on synthetic data on the CPU, one intra-op thread per
+/// worker; the caller adds the run's size and `--out`.
+pub fn local_on_cpu() -> Command {
+    let mut cmd = Command::new(cvdist_bin());
+    cmd.args(["local", "--model", "resnet20", "--dataset", "synthetic"]);
+    cmd.args(["--device", "cpu", "--threads-per-worker", "1"]);
+    cmd
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub port: u16,
