@@ -12,7 +12,7 @@
 
 mod cluster;
 
-use cluster::{final_weights_sha, small_spec, watch_until_done, Cluster};
+use cluster::{final_weights_sha, reference_sha, small_spec, Cluster};
 use cvdist_common::proto::{job_event, JobEvent, JobSpec, JobState};
 use std::time::Duration;
 
@@ -46,24 +46,11 @@ async fn two_worker_job() -> (Cluster, String) {
 async fn a_peer_killed_during_backward_ends_the_step_and_the_resumed_run_is_bit_identical() {
     let reference = {
         let (c, job) = two_worker_job().await;
-        let (info, _) = watch_until_done(&c.url(), &job, TIMEOUT, |_| false).await;
-        assert_eq!(info.state(), JobState::Succeeded, "{}", c.logs());
-        assert_eq!(info.restarts, 0);
-        final_weights_sha(&c, &job, EPOCHS)
+        reference_sha(&c, &job, TIMEOUT, EPOCHS).await
     };
 
     let (mut c, job) = two_worker_job().await;
-    let url = c.url();
-    let mut killed = false;
-    let (info, _) = watch_until_done(&url, &job, TIMEOUT, |ev| {
-        if !killed && kill_point(ev) {
-            c.kill_worker(1);
-            c.start_worker(2, true);
-            killed = true;
-        }
-        false
-    })
-    .await;
+    let (info, killed) = c.replace_worker_at(&job, TIMEOUT, (1, 2), kill_point).await;
     assert!(killed, "the job ended before the kill");
     // Ending in time at all (well inside TIMEOUT, with the default 600 s collective
     // timeout) shows the survivor's step did not hang on the dead peer.

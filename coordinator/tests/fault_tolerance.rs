@@ -3,7 +3,7 @@
 
 mod cluster;
 
-use cluster::{final_weights_sha, is_progress_in, small_spec, watch_until_done, Cluster};
+use cluster::{final_weights_sha, is_progress_in, reference_sha, small_spec, watch_until_done, Cluster};
 use cvdist_common::proto::{job_event, GetJobRequest, JobEvent, JobSpec, JobState};
 use std::time::Duration;
 
@@ -34,10 +34,7 @@ async fn two_worker_job() -> (Cluster, String) {
 /// An uninterrupted 2-worker run: the reference for the bit-identity checks.
 async fn reference_run() -> String {
     let (c, job) = two_worker_job().await;
-    let (info, _) = watch_until_done(&c.url(), &job, TIMEOUT, |_| false).await;
-    assert_eq!(info.state(), JobState::Succeeded, "{}", c.logs());
-    assert_eq!(info.restarts, 0);
-    final_weights_sha(&c, &job, EPOCHS)
+    reference_sha(&c, &job, TIMEOUT, EPOCHS).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,18 +42,8 @@ async fn killed_worker_is_replaced_and_the_result_is_bit_identical() {
     let reference = reference_run().await;
 
     let (mut c, job) = two_worker_job().await;
-    let url = c.url();
-    let mut killed = false;
-    let (info, _) = watch_until_done(&url, &job, TIMEOUT, |ev| {
-        // Mid-epoch 1: after a mid-epoch checkpoint may exist, before the epoch ends.
-        if !killed && is_progress_in(ev, 1) {
-            c.kill_worker(1);
-            c.start_worker(2, true);
-            killed = true;
-        }
-        false
-    })
-    .await;
+    // Mid-epoch 1: after a mid-epoch checkpoint may exist, before the epoch ends.
+    let (info, killed) = c.replace_worker_at(&job, TIMEOUT, (1, 2), |ev| is_progress_in(ev, 1)).await;
     assert!(killed, "the job ended before the kill");
     assert_eq!(info.state(), JobState::Succeeded, "{}\n{}", info.message, c.logs());
     assert_eq!(info.restarts, 1, "{:?}", info.events);

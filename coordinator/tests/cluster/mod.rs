@@ -128,8 +128,6 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(per_file: usize, test: usize) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        write_dataset(&dir.path().join("data"), per_file, test);
         Cluster::with_args(per_file, test, &[])
     }
 
@@ -214,6 +212,30 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Watches `job` to its end, SIGKILLing worker `lost` and starting worker `replacement`
+    /// in its place at the first event `at` accepts; returns the final snapshot and whether
+    /// the kill happened (the job may end first).
+    pub async fn replace_worker_at(
+        &mut self,
+        job: &str,
+        timeout: Duration,
+        (lost, replacement): (usize, usize),
+        mut at: impl FnMut(&JobEvent) -> bool,
+    ) -> (JobInfo, bool) {
+        let url = self.url();
+        let mut killed = false;
+        let (info, _) = watch_until_done(&url, job, timeout, |ev| {
+            if !killed && at(ev) {
+                self.kill_worker(lost);
+                self.start_worker(replacement, true);
+                killed = true;
+            }
+            false
+        })
+        .await;
+        (info, killed)
     }
 
     pub async fn client(&self) -> Client {
@@ -437,4 +459,13 @@ pub fn final_weights_sha(c: &Cluster, job: &str, epochs: u32) -> String {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), c.logs()));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["sha256"].as_str().unwrap().to_string()
+}
+
+/// Watches `job` run to success with no restart and returns [`final_weights_sha`]: the
+/// uninterrupted run a faulted one must match bit for bit.
+pub async fn reference_sha(c: &Cluster, job: &str, timeout: Duration, epochs: u32) -> String {
+    let (info, _) = watch_until_done(&c.url(), job, timeout, |_| false).await;
+    assert_eq!(info.state(), JobState::Succeeded, "{}", c.logs());
+    assert_eq!(info.restarts, 0);
+    final_weights_sha(c, job, epochs)
 }
