@@ -18,7 +18,8 @@ fn main() {
 }
 
 /// Compiles the C++ shims in csrc/ (per-device autocast dtype; gradients as views into
-/// bucket buffers; gradient-ready hooks; c10d's process groups and store; see each file's
+/// bucket buffers; gradient-ready hooks; c10d's process groups and store; the
+/// differentiable group sum of SyncBatchNorm; see each file's
 /// header comment) against the libtorch headers next to the library directory torch-sys
 /// found, with the flags torch-sys uses for its own C++ (C++17, the wheel's C++11 ABI).
 /// The NCCL process group is compiled in only where the libtorch has CUDA and the CUDA and
@@ -30,6 +31,7 @@ fn build_shims(lib: &std::path::Path) {
         "csrc/grad_ready_shim.cpp",
         "csrc/c10d_shim.cpp",
         "csrc/c10d_nccl.cpp",
+        "csrc/sync_bn_shim.cpp",
     ];
     for f in files.iter().chain(&["csrc/c10d_shim.h"]) {
         println!("cargo:rerun-if-changed={f}");

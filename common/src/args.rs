@@ -101,6 +101,17 @@ pub struct JobArgs {
     /// backward); else 1 to 1024.
     #[arg(long, value_name = "MB", default_value_t = 0)]
     pub bucket_cap_mb: u32,
+    /// Samples per step over all workers, whatever their number: each of N workers takes
+    /// B/N (N must divide B), so the global batch, learning rate and schedule stay the same
+    /// when an elastic job grows or shrinks. Replaces --batch-size; with --sync-bn the
+    /// step is one worker's step on B samples, at any worker count.
+    #[arg(long, value_name = "B", default_value_t = 0, conflicts_with = "scale_lr")]
+    pub global_batch: u32,
+    /// Normalise BatchNorm over the whole global batch (torch.nn.SyncBatchNorm): the same
+    /// batch statistics, gradients and running statistics as one worker with the global
+    /// batch; two small all-reduces per BatchNorm layer per step. Evaluation unchanged.
+    #[arg(long)]
+    pub sync_bn: bool,
     /// Job name (letters, digits, '.', '_', '-').
     #[arg(long, default_value = "")]
     pub name: String,
@@ -164,6 +175,8 @@ impl TryFrom<&JobArgs> for JobSpec {
         s.collective = a.collective.to_string();
         s.grad_compression = a.grad_compression.to_string();
         s.bucket_cap_mb = a.bucket_cap_mb;
+        s.global_batch = a.global_batch;
+        s.sync_bn = a.sync_bn;
         s.threads_per_worker = a.threads_per_worker;
         (s.min_workers, s.max_workers) = a.workers;
         spec::validate(&s)?;
@@ -352,6 +365,8 @@ mod tests {
             collective_timeout_s: 90,
             grad_compression: "bf16".into(),
             bucket_cap_mb: 0,
+            sync_bn: false,
+            global_batch: 0,
         };
         assert_eq!(s, want);
     }

@@ -41,6 +41,8 @@ pub enum SpecError {
     AmpConflict(String),
     #[error("collective timeout must be between 1 and {MAX_COLLECTIVE_TIMEOUT_S} seconds, got {0}")]
     CollectiveTimeout(u32),
+    #[error("--global-batch {batch} is not divisible by any worker count in --workers {workers}: each of N workers takes B/N samples, so N must divide {batch} (worker counts that do: {divisors})")]
+    GlobalBatch { batch: u32, workers: String, divisors: String },
     /// A value outside a closed set (dataset, collective, precision, compression).
     #[error(transparent)]
     Choice(#[from] ChoiceError),
@@ -150,6 +152,8 @@ pub fn default_spec(model: &str, epochs: u32) -> JobSpec {
         collective_timeout_s: DEFAULT_COLLECTIVE_TIMEOUT_S,
         grad_compression: GradCompression::None.to_string(),
         bucket_cap_mb: 0,
+        sync_bn: false,
+        global_batch: 0,
     }
 }
 
@@ -190,11 +194,45 @@ pub fn train_len(spec: &JobSpec) -> u64 {
 /// (`sampler::samples_per_rank`, DistributedSampler's padding) in batches, the last one
 /// partial. 0 for a world of 0 or a batch of 0.
 pub fn steps_per_epoch(spec: &JobSpec, world_size: u32) -> u64 {
-    if spec.batch_size == 0 {
+    let batch = per_rank_batch(spec, world_size);
+    if batch == 0 {
         return 0;
     }
     let shard = crate::sampler::samples_per_rank(train_len(spec) as usize, world_size as usize) as u64;
-    shard.div_ceil(spec.batch_size as u64)
+    shard.div_ceil(u64::from(batch))
+}
+
+/// Samples each rank takes per step at `world_size` ranks: `--global-batch B` / N, or
+/// `--batch-size` (then the global batch grows with the world size).
+pub fn per_rank_batch(spec: &JobSpec, world_size: u32) -> u32 {
+    match spec.global_batch {
+        0 => spec.batch_size,
+        b => b / world_size.max(1),
+    }
+}
+
+/// The world sizes the job may run on: every size in `min..=max`, or with a global batch
+/// those that divide it (each rank takes B/N samples).
+pub fn allowed_world_sizes(spec: &JobSpec) -> Vec<u32> {
+    (spec.min_workers..=spec.max_workers)
+        .filter(|n| spec.global_batch == 0 || spec.global_batch.is_multiple_of(*n))
+        .collect()
+}
+
+/// The job's batch as users set it: "batch B per worker", or "global batch B on 2 or 4
+/// workers" (the world sizes it runs on).
+pub fn batch_description(spec: &JobSpec) -> String {
+    if spec.global_batch == 0 {
+        return format!("batch {} per worker", spec.batch_size);
+    }
+    let sizes: Vec<String> = allowed_world_sizes(spec).iter().map(u32::to_string).collect();
+    format!("global batch {} on {} workers", spec.global_batch, sizes.join(" or "))
+}
+
+/// The largest allowed world size with at most `available` workers; None when even the
+/// smallest needs more.
+pub fn world_size_for(spec: &JobSpec, available: u32) -> Option<u32> {
+    allowed_world_sizes(spec).into_iter().rev().find(|&n| n <= available)
 }
 
 /// Number of test samples a job uses.
@@ -218,7 +256,10 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if spec.epochs == 0 || spec.epochs > MAX_EPOCHS {
         return Err(SpecError::Epochs(spec.epochs));
     }
-    if spec.batch_size == 0 || spec.batch_size > MAX_BATCH {
+    if spec.global_batch > MAX_BATCH {
+        return Err(SpecError::BatchSize(spec.global_batch));
+    }
+    if spec.global_batch == 0 && (spec.batch_size == 0 || spec.batch_size > MAX_BATCH) {
         return Err(SpecError::BatchSize(spec.batch_size));
     }
     if !spec.lr.is_finite() || spec.lr <= 0.0 || spec.lr > 100.0 {
@@ -265,15 +306,40 @@ pub fn validate(spec: &JobSpec) -> Result<(), SpecError> {
     if spec.bucket_cap_mb > MAX_BUCKET_CAP_MB {
         return Err(SpecError::BucketCap(spec.bucket_cap_mb));
     }
-    check_shard(spec, spec.max_workers)
+    if spec.global_batch > 0 && allowed_world_sizes(spec).is_empty() {
+        return Err(SpecError::GlobalBatch {
+            batch: spec.global_batch,
+            workers: if spec.min_workers == spec.max_workers {
+                spec.min_workers.to_string()
+            } else {
+                format!("{}:{}", spec.min_workers, spec.max_workers)
+            },
+            divisors: divisors(spec.global_batch, 64),
+        });
+    }
+    // The largest group takes the smallest per-rank batch; with a global batch the
+    // smallest group's shard is the tightest fit.
+    let tightest = if spec.global_batch > 0 {
+        allowed_world_sizes(spec).last().copied().unwrap_or(spec.max_workers)
+    } else {
+        spec.max_workers
+    };
+    check_shard(spec, tightest)
+}
+
+/// The worker counts up to `limit` that divide `batch`, as a list for a message.
+fn divisors(batch: u32, limit: u32) -> String {
+    let all: Vec<String> = (1..=limit.min(batch)).filter(|n| batch.is_multiple_of(*n)).map(|n| n.to_string()).collect();
+    all.join(", ")
 }
 
 /// The batch must fit in each worker's shard for the given world size.
 pub fn check_shard(spec: &JobSpec, workers: u32) -> Result<(), SpecError> {
     let samples = train_len(spec);
     let shard = samples.div_ceil(workers.max(1) as u64);
-    if spec.batch_size as u64 > shard {
-        return Err(SpecError::BatchLargerThanShard { batch: spec.batch_size, shard, samples, workers });
+    let batch = per_rank_batch(spec, workers);
+    if u64::from(batch) > shard {
+        return Err(SpecError::BatchLargerThanShard { batch, shard, samples, workers });
     }
     Ok(())
 }
@@ -328,6 +394,25 @@ mod tests {
             let err = validate(&spec).unwrap_err().to_string();
             assert!(err.contains(needle), "expected {needle:?} in {err:?}");
         }
+    }
+
+    /// A global batch runs on the worker counts that divide it, each taking B/N, and a
+    /// count range none of whose sizes divides it is refused in one line naming the ones that do.
+    #[test]
+    fn a_global_batch_runs_on_the_world_sizes_that_divide_it() {
+        let s = JobSpec { global_batch: 128, min_workers: 2, max_workers: 6, ..default_spec("resnet20", 1) };
+        assert_eq!(validate(&s), Ok(()));
+        assert_eq!(allowed_world_sizes(&s), [2, 4]);
+        assert_eq!((world_size_for(&s, 1), world_size_for(&s, 3), world_size_for(&s, 9)), (None, Some(2), Some(4)));
+        assert_eq!((per_rank_batch(&s, 2), per_rank_batch(&s, 4)), (64, 32));
+        assert_eq!(steps_per_epoch(&s, 2), steps_per_epoch(&s, 4), "the same steps at any allowed size");
+        let odd = JobSpec { min_workers: 3, max_workers: 3, ..s.clone() };
+        assert_eq!(
+            validate(&odd).unwrap_err().to_string(),
+            "--global-batch 128 is not divisible by any worker count in --workers 3: each of N workers takes B/N samples, so N must divide 128 (worker counts that do: 1, 2, 4, 8, 16, 32, 64)"
+        );
+        let per_rank = default_spec("resnet20", 1);
+        assert_eq!((per_rank_batch(&per_rank, 4), world_size_for(&per_rank, 7)), (128, Some(1)));
     }
 
     /// `--amp` is an alias of `--precision fp16`; specs from older clients (no precision

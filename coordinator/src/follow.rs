@@ -310,12 +310,12 @@ pub fn describe(info: &JobInfo, now: f64) -> String {
     let info = &printable_info(info);
     let spec = info.spec.clone().unwrap_or_default();
     let mut out = format!(
-        "job:        {}\nstate:      {}\nmodel:      {} ({} epochs, batch {} per worker, lr {}, workers {}..{})\nattempt:    {} ({} restarts of {} allowed)\nworkers:    {}\ncheckpoint: {}\n",
+        "job:        {}\nstate:      {}\nmodel:      {} ({} epochs, {}, lr {}, workers {}..{})\nattempt:    {} ({} restarts of {} allowed)\nworkers:    {}\ncheckpoint: {}\n",
         info.id,
         state_label(info.state()),
         spec.model,
         spec.epochs,
-        spec.batch_size,
+        cvdist_common::spec::batch_description(&spec),
         spec.lr,
         spec.min_workers,
         spec.max_workers,

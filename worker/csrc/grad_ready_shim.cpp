@@ -1,5 +1,5 @@
 // Tells cvdist when a parameter's gradient is final for the running backward, so its
-// bucket can be all-reduced while the rest of backward still computes (issue 13).
+// bucket can be all-reduced while the rest of backward still computes.
 //
 // tch exposes no autograd hooks. libtorch runs a parameter's post-accumulate-grad hook
 // (torch/csrc/autograd/function_hook.h, `PostAccumulateGradHook`; what Python's

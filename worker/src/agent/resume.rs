@@ -8,6 +8,7 @@ use super::observer::send_report;
 use super::transfer;
 use crate::collective::Collective;
 use crate::train::live_state::{self, LiveStart};
+use crate::train::position::Batch;
 use cvdist_common::proto::{job_report, Assignment, FailureKind, JobSpec, Resumed};
 use std::path::{Path, PathBuf};
 
@@ -49,7 +50,7 @@ pub(super) fn continue_live(
     live_state::put_back(&env.live, own);
     let start = agreed?;
     if a.rank == 0 {
-        let batch = spec.batch_size as usize;
+        let batch = Batch::of(spec);
         let resumed = match &start {
             Some(s) => {
                 let at = s.at.continue_on(a.world_size, train_len, batch);

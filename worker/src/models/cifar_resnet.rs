@@ -2,6 +2,7 @@
 //! shortcuts, and their "plain" twins without shortcuts, which the paper uses to show the
 //! degradation problem.
 
+use super::batch_norm::BatchNorm2d;
 use super::init::{batch_norm2d, conv2d, linear, Conv2d, Linear};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
@@ -17,9 +18,9 @@ pub(crate) fn blocks_per_stage(depth: u32) -> Option<usize> {
 #[derive(Debug)]
 struct Block {
     conv1: Conv2d,
-    bn1: nn::BatchNorm,
+    bn1: BatchNorm2d,
     conv2: Conv2d,
-    bn2: nn::BatchNorm,
+    bn2: BatchNorm2d,
     residual: bool,
     /// Zero channels added on each side by the option-A shortcut; `None` is the identity.
     pad: Option<i64>,
@@ -56,7 +57,7 @@ impl Block {
 #[derive(Debug)]
 pub struct CifarResNet {
     conv1: Conv2d,
-    bn1: nn::BatchNorm,
+    bn1: BatchNorm2d,
     blocks: Vec<Block>,
     linear: Linear,
 }

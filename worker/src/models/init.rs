@@ -101,18 +101,4 @@ impl Module for Linear {
     }
 }
 
-/// BatchNorm2d as PyTorch creates it: γ=1, β=0, eps 1e-5, momentum 0.1, running stats 0/1.
-/// libtorch's batch_norm normalises with the biased batch variance and folds the unbiased one
-/// into running_var, exactly as torch.nn.BatchNorm2d does. There is no num_batches_tracked:
-/// it only matters for momentum=None, which PyTorch's default does not use.
-pub fn batch_norm2d(vs: nn::Path, c: i64) -> nn::BatchNorm {
-    let cfg = nn::BatchNormConfig {
-        eps: 1e-5,
-        momentum: 0.1,
-        affine: true,
-        ws_init: nn::Init::Const(1.0),
-        bs_init: nn::Init::Const(0.0),
-        ..Default::default()
-    };
-    nn::batch_norm2d(vs, c, cfg)
-}
+pub use super::batch_norm::batch_norm2d;

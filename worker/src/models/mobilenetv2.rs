@@ -2,6 +2,7 @@
 //! stride-1 second stage so the 32×32 input is downsampled only three times; ReLU instead of
 //! ReLU6; residual on every stride-1 block, with a 1×1 projection when widths differ.
 
+use super::batch_norm::BatchNorm2d;
 use super::init::{batch_norm2d, conv2d, linear, Conv2d, Linear};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
@@ -14,13 +15,13 @@ const CFG: [(i64, i64, usize, i64); 7] =
 #[derive(Debug)]
 struct Block {
     conv1: Conv2d,
-    bn1: nn::BatchNorm,
+    bn1: BatchNorm2d,
     conv2: Conv2d,
-    bn2: nn::BatchNorm,
+    bn2: BatchNorm2d,
     conv3: Conv2d,
-    bn3: nn::BatchNorm,
+    bn3: BatchNorm2d,
     stride: i64,
-    shortcut: Option<(Conv2d, nn::BatchNorm)>,
+    shortcut: Option<(Conv2d, BatchNorm2d)>,
 }
 
 impl Block {
@@ -61,10 +62,10 @@ impl Block {
 #[derive(Debug)]
 pub struct MobileNetV2 {
     conv1: Conv2d,
-    bn1: nn::BatchNorm,
+    bn1: BatchNorm2d,
     layers: Vec<Block>,
     conv2: Conv2d,
-    bn2: nn::BatchNorm,
+    bn2: BatchNorm2d,
     linear: Linear,
 }
 

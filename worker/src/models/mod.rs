@@ -5,6 +5,7 @@
 //! The valid names are the control plane's list, `cvdist_common::models::MODELS`; the zoo's
 //! tests check that every one of them builds with the parameter count recorded there.
 
+pub mod batch_norm;
 mod cifar_resnet;
 mod init;
 mod mobilenetv2;

@@ -2,6 +2,7 @@
 //! no max-pool, so the four stages see 32/16/8/4 pixels; projection shortcuts (1×1 conv + BN)
 //! wherever the shape changes.
 
+use super::batch_norm::BatchNorm2d;
 use super::init::{batch_norm2d, conv2d, linear, Conv2d, Linear};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
@@ -38,7 +39,7 @@ pub(crate) fn config(depth: u32) -> Option<(BlockKind, [usize; 4])> {
 #[derive(Debug)]
 struct ConvBn {
     conv: Conv2d,
-    bn: nn::BatchNorm,
+    bn: BatchNorm2d,
 }
 
 impl ConvBn {

@@ -2,6 +2,7 @@
 //! every 3×3 conv keeps its bias and is followed by BatchNorm; a single Linear(512, classes)
 //! replaces the ImageNet 4096-wide head since the feature map is 1×1 after five pools.
 
+use super::batch_norm::BatchNorm2d;
 use super::init::{batch_norm2d, conv2d, linear, Conv2d, Linear};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
@@ -44,7 +45,7 @@ pub(crate) fn config(depth: u32) -> Option<&'static [Option<i64>]> {
 #[derive(Debug)]
 enum Stage {
     // Boxed so the pool variant does not carry a conv-sized hole.
-    ConvBnRelu(Box<(Conv2d, nn::BatchNorm)>),
+    ConvBnRelu(Box<(Conv2d, BatchNorm2d)>),
     MaxPool,
 }
 

@@ -20,6 +20,7 @@ pub mod scaler;
 pub mod schedule;
 pub mod sgd;
 pub mod sync;
+pub mod sync_bn;
 pub mod trainer;
 
 pub use engine::Engine;

@@ -12,7 +12,41 @@
 //! DistributedSampler shard itself, and a group of the segment's own size continues it step
 //! by step, so an unchanged world size trains exactly what an uninterrupted run trains.
 
+use cvdist_common::proto::JobSpec;
 use cvdist_common::sampler;
+
+/// How many samples a step takes: a fixed number per rank (`--batch-size`: the global
+/// batch grows with the world size), or a fixed number over all ranks (`--global-batch B`:
+/// each of N ranks takes B/N, and a step covers the same B positions of the epoch's order
+/// at any N).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    PerRank(usize),
+    Global(usize),
+}
+
+impl Batch {
+    /// The job's batch.
+    pub fn of(spec: &JobSpec) -> Batch {
+        match spec.global_batch {
+            0 => Batch::PerRank(spec.batch_size as usize),
+            b => Batch::Global(b as usize),
+        }
+    }
+
+    /// Samples per rank per step on `world` ranks (at least 1).
+    pub fn per_rank(self, world: u32) -> usize {
+        match self {
+            Batch::PerRank(b) => b.max(1),
+            Batch::Global(b) => (b / world.max(1) as usize).max(1),
+        }
+    }
+
+    /// Samples per step over all `world` ranks.
+    pub fn per_step(self, world: u32) -> u64 {
+        self.per_rank(world) as u64 * u64::from(world.max(1))
+    }
+}
 
 /// The position of the last complete step: epoch, the segment it trains, and the steps of
 /// that segment done. Identical on every rank of a group.
@@ -49,14 +83,13 @@ impl Position {
 
     /// Samples of the epoch's order consumed by the complete steps (at most `len`: the
     /// padding only repeats samples already counted).
-    pub fn consumed(&self, len: usize, batch: usize) -> u64 {
-        let per_step = u64::from(self.world) * batch as u64;
-        self.base.saturating_add(self.steps.saturating_mul(per_step)).min(len as u64)
+    pub fn consumed(&self, len: usize, batch: Batch) -> u64 {
+        self.base.saturating_add(self.steps.saturating_mul(batch.per_step(self.world))).min(len as u64)
     }
 
     /// Where a group of `world` ranks continues from this position: the same segment at the
     /// same world size, otherwise a new segment from the consumed prefix.
-    pub fn continue_on(&self, world: u32, len: usize, batch: usize) -> Position {
+    pub fn continue_on(&self, world: u32, len: usize, batch: Batch) -> Position {
         if world == self.world {
             *self
         } else {
@@ -65,17 +98,17 @@ impl Position {
     }
 
     /// The step number the loop counts at this position (the next step to train).
-    pub fn step(&self, batch: usize) -> u64 {
+    pub fn step(&self, batch: Batch) -> u64 {
         self.first_step(batch) + self.steps
     }
 
-    fn first_step(&self, batch: usize) -> u64 {
-        self.base / (u64::from(self.world.max(1)) * batch.max(1) as u64)
+    fn first_step(&self, batch: Batch) -> u64 {
+        self.base / batch.per_step(self.world)
     }
 
     /// Rank `rank`'s samples of this position's segment (all of them, including those of
     /// the steps already done: the loader skips `self.steps` batches).
-    pub fn segment(&self, len: usize, rank: usize, seed: u64, batch: usize) -> Segment {
+    pub fn segment(&self, len: usize, rank: usize, seed: u64, batch: Batch) -> Segment {
         let world = self.world.max(1) as usize;
         let first_step = self.first_step(batch);
         let indices = if self.base == 0 {
@@ -90,7 +123,7 @@ impl Position {
                 (rank..total).step_by(world).map(|p| rest[p % rest.len()]).collect()
             }
         };
-        let steps = indices.len().div_ceil(batch.max(1)) as u64;
+        let steps = indices.len().div_ceil(batch.per_rank(self.world)) as u64;
         Segment { indices, first_step, steps_per_epoch: first_step + steps }
     }
 }
@@ -101,8 +134,9 @@ mod tests {
     use proptest::prelude::*;
 
     /// Trains `steps` steps of every rank's segment from `at`, recording every sample.
-    fn run(at: Position, len: usize, seed: u64, batch: usize, steps: u64, seen: &mut [u32]) -> Position {
+    fn run(at: Position, len: usize, seed: u64, batch: Batch, steps: u64, seen: &mut [u32]) -> Position {
         let segs: Vec<Segment> = (0..at.world as usize).map(|r| at.segment(len, r, seed, batch)).collect();
+        let batch = batch.per_rank(at.world);
         let mut done = at.steps;
         for _ in 0..steps {
             if done >= segs[0].steps_per_epoch - segs[0].first_step {
@@ -124,7 +158,7 @@ mod tests {
     fn a_whole_epoch_segment_is_the_distributed_sampler_shard() {
         let at = Position::epoch_start(3, 4);
         for r in 0..4 {
-            let s = at.segment(1000, r, 7, 32);
+            let s = at.segment(1000, r, 7, Batch::PerRank(32));
             assert_eq!(s.indices, sampler::rank_indices(1000, 4, r, 7, 3));
             assert_eq!((s.first_step, s.steps_per_epoch), (0, 8));
         }
@@ -133,15 +167,15 @@ mod tests {
     #[test]
     fn an_unchanged_world_size_continues_the_same_shards() {
         let at = Position { epoch: 1, base: 0, world: 2, steps: 5 };
-        assert_eq!(at.continue_on(2, 768, 32), at);
-        assert_eq!(at.step(32), 5);
+        assert_eq!(at.continue_on(2, 768, Batch::PerRank(32)), at);
+        assert_eq!(at.step(Batch::PerRank(32)), 5);
     }
 
     #[test]
     fn three_to_two_ranks_mid_epoch_trains_every_sample_once() {
         // 768 samples, batch 32: 3 ranks consume 96 per step; after 4 steps 384 are done
         // and 2 ranks shard the other 384 (6 steps of 64).
-        let (len, batch, seed) = (768, 32, 0);
+        let (len, batch, seed) = (768, Batch::PerRank(32), 0);
         let mut seen = vec![0u32; len];
         let at = run(Position::epoch_start(0, 3), len, seed, batch, 4, &mut seen);
         assert_eq!(at.consumed(len, batch), 384);
@@ -153,6 +187,41 @@ mod tests {
         assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
     }
 
+    /// With a global batch a step covers the same positions of the epoch's order at any
+    /// world size: 4 ranks then 2 then 1 train, step by step, the samples 1 rank trains.
+    #[test]
+    fn a_global_batch_trains_the_same_samples_per_step_at_any_world_size() {
+        let (len, batch, seed) = (1024, Batch::Global(64), 5);
+        let step_samples = |at: Position| -> Vec<usize> {
+            let mut all: Vec<usize> = (0..at.world as usize)
+                .flat_map(|r| {
+                    let seg = at.segment(len, r, seed, batch);
+                    let b = batch.per_rank(at.world);
+                    seg.indices[(at.steps as usize * b).min(seg.indices.len())
+                        ..((at.steps as usize + 1) * b).min(seg.indices.len())]
+                        .to_vec()
+                })
+                .collect();
+            all.sort_unstable();
+            all
+        };
+        let mut one = Position::epoch_start(0, 1);
+        let mut elastic = Position::epoch_start(0, 4);
+        for step in 0..16u64 {
+            let world = match step {
+                0..=4 => 4,
+                5..=9 => 2,
+                _ => 1,
+            };
+            elastic = elastic.continue_on(world, len, batch);
+            assert_eq!(elastic.step(batch), step);
+            assert_eq!(step_samples(elastic), step_samples(one), "step {step} on {world} ranks");
+            elastic.steps += 1;
+            one.steps += 1;
+        }
+        assert_eq!(elastic.consumed(len, batch), one.consumed(len, batch));
+    }
+
     proptest! {
         /// Any sequence of world sizes, each training some steps, covers the epoch: every
         /// sample at least once, and more than once only as DistributedSampler padding
@@ -160,6 +229,7 @@ mod tests {
         #[test]
         fn world_size_changes_skip_no_sample(len in 1usize..400, batch in 1usize..40, seed: u64,
                                               plan in proptest::collection::vec((1u32..6, 0u64..6), 1..5)) {
+            let batch = Batch::PerRank(batch);
             let mut seen = vec![0u32; len];
             let mut at = Position::epoch_start(0, plan[0].0);
             let mut repeats_allowed = 0usize;

@@ -46,9 +46,16 @@ pub(super) fn start_engine(
         }
         start_epoch = ckpt.state.epoch;
         start_step = ckpt.state.step;
-        // Accumulators of a partial epoch only carry over at the same world size; at another
-        // size the remaining steps differ anyway.
-        if ckpt.state.world_size as usize == cfg.world_size {
+        // At the same world size each rank continues its own shard. At another size only a
+        // global batch continues mid-epoch: its step k covers the same positions of the
+        // epoch's order at any size, so the new ranks go on from the same step, rank 0
+        // carrying the group's sums so far (the epoch's totals are sums over the ranks).
+        // With a per-rank batch the remaining steps differ, and the epoch starts again.
+        if ckpt.state.world_size as usize != cfg.world_size && cfg.spec.global_batch > 0 {
+            if cfg.rank == 0 {
+                partial = ckpt.state.partial;
+            }
+        } else if ckpt.state.world_size as usize == cfg.world_size {
             // Each rank continues its own sums; the epoch's totals are summed over the
             // ranks at its end, exactly as in an uninterrupted run.
             partial = match ckpt.state.rank_partials.get(cfg.rank) {

@@ -15,10 +15,11 @@ use super::live_state::{Keeper, LiveSlot, LiveStart};
 use super::metrics::DeviceSums;
 use super::observer::Observer;
 use super::overlap::{self, Lane};
-use super::position::Position;
+use super::position::{Batch, Position};
 use super::resume;
 use super::schedule::learning_rate;
 use super::sync::{self, GradSync};
+use super::sync_bn;
 use crate::collective::Collective;
 use crate::data::loader::Loader;
 use cvdist_common::epoch_sums::EpochSums;
@@ -100,7 +101,7 @@ fn train_on(
 ) -> Result<TrainOutcome, TrainError> {
     let spec = &cfg.spec;
     let started = Instant::now();
-    let batch = spec.batch_size as usize;
+    let batch = Batch::of(spec);
     let train_len = data.train.len();
     let world = cfg.world_size as u32;
     // A group continuing from a live state reports its first step at once: that report
@@ -205,7 +206,7 @@ impl Run<'_> {
     fn train_epoch(&mut self, at: Position, partial: EpochSums, report_first: bool) -> Result<Trained, TrainError> {
         let cfg = self.cfg;
         let spec = &cfg.spec;
-        let batch = spec.batch_size as usize;
+        let batch = Batch::of(spec);
         let epoch = at.epoch;
         let began = Instant::now();
         let segment = at.segment(self.data.train.len(), cfg.rank, spec.seed, batch);
@@ -230,7 +231,7 @@ impl Run<'_> {
             cfg.device,
             self.data.train.clone(),
             segment.indices,
-            batch,
+            batch.per_rank(at.world),
             spec.seed,
             epoch as u64,
             spec.augment,
@@ -250,7 +251,12 @@ impl Run<'_> {
                 deliver(done, self.observer, &self.final_name, &mut self.final_checkpoint_error);
             }
             lr = schedule(step);
-            let mut out = self.kept.engine_mut().forward_backward(&batch.images, &batch.labels);
+            let engine = self.kept.engine_mut();
+            let mut out = if spec.sync_bn {
+                sync_bn::with_group(self.comm, || engine.forward_backward(&batch.images, &batch.labels))?
+            } else {
+                engine.forward_backward(&batch.images, &batch.labels)
+            };
             if self.observer.poison_loss(epoch, step) {
                 out.loss = out.loss.full_like(f64::NAN);
             }

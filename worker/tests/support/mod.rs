@@ -82,6 +82,18 @@ pub fn with_comm_scoped<R: Send>(
     scoped_ranks(n, timeout, |rank, ring, addrs| f(rank, into_comm(kind, ring, addrs, "secret", timeout)))
 }
 
+/// [`with_comm_scoped`] on the ring, or on [`cvdist_worker::collective::Solo`] in this
+/// thread when `n` is 1 (a ring needs two ranks).
+pub fn with_comm_scoped_or_solo<R: Send>(
+    n: usize,
+    f: impl Fn(usize, &mut dyn cvdist_worker::collective::Collective) -> R + Sync,
+) -> Vec<R> {
+    if n == 1 {
+        return vec![f(0, &mut cvdist_worker::collective::Solo::new())];
+    }
+    with_comm_scoped(Comm::Ring, n, Duration::from_secs(60), |rank, mut comm| f(rank, comm.as_mut()))
+}
+
 /// Which communicator a multi-rank test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Comm {

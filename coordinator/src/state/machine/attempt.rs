@@ -17,21 +17,21 @@ pub(super) fn schedule(job: &mut Job, idle: &[IdleWorker], secret: String, now: 
         return;
     }
     let spec = &job.spec;
-    if idle.len() < spec.min_workers as usize {
+    // With a global batch only the sizes that divide it: the largest such with the idle workers.
+    let Some(n) = spec::world_size_for(spec, idle.len() as u32).map(|n| n as usize) else {
         let limit = spec.rendezvous_timeout_s;
         if limit > 0 && now.instant.saturating_duration_since(job.waiting_since) > Duration::from_secs(limit as u64) {
-            let msg = format!(
-                "rendezvous timed out after {limit}s: {} of at least {} workers available",
-                idle.len(),
-                spec.min_workers
-            );
+            // The smallest group the job runs on: its minimum, or with a global batch
+            // the smallest size at or above it that divides the batch.
+            let needed = spec::allowed_world_sizes(spec).first().copied().unwrap_or(spec.min_workers);
+            let msg =
+                format!("rendezvous timed out after {limit}s: {} of at least {needed} workers available", idle.len());
             fail_job(job, msg, outcome::FAILED, now, t);
         }
         // First come, first served: later jobs wait behind this one.
         t.holds_queue = true;
         return;
-    }
-    let n = idle.len().min(spec.max_workers as usize);
+    };
     if let Err(e) = spec::check_shard(spec, n as u32) {
         fail_job(job, e.to_string(), outcome::CONFIGURATION, now, t);
         return;
@@ -46,7 +46,7 @@ pub(super) fn schedule(job: &mut Job, idle: &[IdleWorker], secret: String, now: 
 pub fn wants_growth(job: &Job) -> bool {
     job.state() == JobState::Running
         && job.readopt.is_none()
-        && job.members.len() < job.spec.max_workers as usize
+        && spec::allowed_world_sizes(&job.spec).last().is_some_and(|&most| job.members.len() < most as usize)
         && job.attempt_position > job.attempt_start
 }
 
@@ -70,11 +70,18 @@ pub(super) fn grow(
         return;
     }
     let current = members.len();
-    let n = (current + idle.len()).min(job.spec.max_workers as usize);
-    if spec::check_shard(&job.spec, n as u32).is_err() {
+    let Some(n) = spec::world_size_for(&job.spec, (current + idle.len()) as u32).map(|n| n as usize) else {
+        return;
+    };
+    if n <= current || spec::check_shard(&job.spec, n as u32).is_err() {
         return;
     }
-    let (scale_lr, batch_size) = (job.spec.scale_lr, u64::from(job.spec.batch_size));
+    let scale_lr = job.spec.scale_lr;
+    let batch = |n: usize| {
+        let per_rank = spec::per_rank_batch(&job.spec, n as u32);
+        (n as u64 * u64::from(per_rank), per_rank)
+    };
+    let ((global, per_rank), (old_global, old_per_rank)) = (batch(n), batch(current));
     let reason = format!("growing from {current} to {n} workers");
     leave_attempt(job, &reason, t);
     let (epoch, step) = job.attempt_position;
@@ -83,14 +90,17 @@ pub(super) fn grow(
     } else {
         String::new()
     };
+    let batch = if job.spec.global_batch > 0 {
+        format!("global batch {global} kept ({per_rank} per worker instead of {old_per_rank})")
+    } else {
+        format!("global batch {global} instead of {old_global}")
+    };
     job.log(
         format!(
             "{reason} ({} idle): attempt {} continues from the members' live state after epoch {epoch} step {step}, \
-             global batch {} instead of {}{lr}",
+             {batch}{lr}",
             idle.len(),
             job.info.attempt,
-            n as u64 * batch_size,
-            current as u64 * batch_size,
         ),
         now,
         t,

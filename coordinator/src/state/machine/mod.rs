@@ -251,8 +251,12 @@ impl Job {
         let mut t = Transition { effects: vec![Effect::WriteSpec], holds_queue: false };
         job.log(
             format!(
-                "submitted: {} for {} epochs on {}..{} workers, batch {} per worker",
-                spec.model, spec.epochs, spec.min_workers, spec.max_workers, spec.batch_size
+                "submitted: {} for {} epochs on {}..{} workers, {}",
+                spec.model,
+                spec.epochs,
+                spec.min_workers,
+                spec.max_workers,
+                cvdist_common::spec::batch_description(&spec)
             ),
             now,
             &mut t,

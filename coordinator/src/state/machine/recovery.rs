@@ -132,7 +132,9 @@ pub(super) fn resumed_live(job: &mut Job, r: &Resumed, now: Now, t: &mut Transit
         rec.resumed_from = format!("live state of {source} at epoch {} step {}", r.epoch, r.step);
         // In steps of the failed group, from the samples the survivors' complete steps consumed.
         let per_epoch = spec::steps_per_epoch(spec, rec.old_world_size);
-        let per_step = u64::from(rec.old_world_size).saturating_mul(u64::from(spec.batch_size)).max(1);
+        let per_step = u64::from(rec.old_world_size)
+            .saturating_mul(u64::from(spec::per_rank_batch(spec, rec.old_world_size)))
+            .max(1);
         let reached = u64::from(rec.reached_epoch).saturating_mul(per_epoch).saturating_add(rec.reached_step);
         let resumed =
             u64::from(r.epoch).saturating_mul(per_epoch).saturating_add((r.samples / per_step).min(per_epoch));

@@ -6,7 +6,7 @@ use crate::collective::Collective;
 use crate::train::engine::Engine;
 use crate::train::error::TrainError;
 use crate::train::exact_gather;
-use crate::train::position::Position;
+use crate::train::position::{Batch, Position};
 use crate::train::scaler::{GradScaler, ScalerState};
 use crate::train::sync;
 use cvdist_common::epoch_sums::EpochSums;
@@ -156,7 +156,7 @@ pub fn agree(
         .iter()
         .map(|v| Claim::decode(v, world))
         .collect();
-    let batch = spec.batch_size as usize;
+    let batch = Batch::of(spec);
     let Some((source, src, held)) = claims
         .iter()
         .enumerate()

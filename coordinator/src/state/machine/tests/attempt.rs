@@ -153,3 +153,27 @@ fn a_running_job_below_its_maximum_grows_from_its_live_state() {
     report(&mut job, "w0", 0, progress(0, 5), false);
     assert!(!wants_growth(&job), "at its maximum");
 }
+
+/// A global batch runs only on groups whose size divides it: with 3 idle workers a `2:4`
+/// job of global batch 128 starts on 2 (each takes 64), with one more idle it does not grow
+/// to 3, with two more it grows to 4 (each takes 32) and says the global batch is kept.
+#[test]
+fn a_global_batch_job_runs_on_the_largest_group_whose_size_divides_it() {
+    let mut job = queued(JobSpec { global_batch: 128, ..spec(2, 4) });
+    let t = schedule(&mut job, &idle(3), now());
+    let a = assignments(&t);
+    assert_eq!(a.iter().map(|a| (a.rank, a.world_size)).collect::<Vec<_>>(), [(0, 2), (1, 2)]);
+    assert_eq!(job.members, ["w0", "w1"]);
+    report(&mut job, "w0", 0, progress(0, 3), false);
+    assert!(wants_growth(&job));
+    let members = idle(2);
+    let all = idle(4);
+    let one_more = step(&mut job, Event::Grow { members: &members, idle: &all[2..3], secret: "s1".into() }, now());
+    assert!(one_more.unwrap().effects.is_empty(), "3 does not divide 128");
+    let t = step(&mut job, Event::Grow { members: &members, idle: &all[2..], secret: "s1".into() }, now()).unwrap();
+    assert_eq!(assignments(&t).iter().map(|a| a.world_size).collect::<Vec<_>>(), [4, 4, 4, 4]);
+    let log = job.info.events.join("\n");
+    assert!(log.contains("growing from 2 to 4 workers"), "{log}");
+    assert!(log.contains("global batch 128 kept (32 per worker instead of 64)"), "{log}");
+    assert!(log.contains("global batch 128 on 2 or 4 workers"), "{log}");
+}
