@@ -187,6 +187,13 @@ struct Run<'a> {
     scale: f64,
 }
 
+/// This rank's epoch sums now: the device sums read back (waits for the queued steps) with
+/// the samples, seconds and all-reduce seconds the loop counted on the host.
+fn read_sums(sums: &DeviceSums, samples: f64, seconds: f64, allreduce_seconds: f64) -> Result<EpochSums, TrainError> {
+    let (loss_sum, correct) = sums.read()?;
+    Ok(EpochSums { loss_sum, correct, samples, seconds, allreduce_seconds })
+}
+
 /// What an epoch's training left for its end.
 struct Trained {
     /// This rank's sums over the epoch's steps; `seconds` is its training time, including
@@ -318,14 +325,7 @@ impl Run<'_> {
             }
             if checkpoint_due {
                 // Exact partial sums: the resumed epoch must add up to the same totals.
-                let (loss_sum, correct) = sums.read()?;
-                let acc = EpochSums {
-                    loss_sum,
-                    correct,
-                    samples: seen,
-                    seconds: prior_seconds + began.elapsed().as_secs_f64(),
-                    allreduce_seconds: wire_seconds,
-                };
+                let acc = read_sums(&sums, seen, prior_seconds + began.elapsed().as_secs_f64(), wire_seconds)?;
                 self.checkpoint(epoch, step, acc)?;
                 // The checkpoint averaged the statistics once more (a no-op up to rounding).
                 self.kept.refresh_statistics();
@@ -333,14 +333,7 @@ impl Run<'_> {
         }
         // Normally done at the last step already; reads nothing when it was.
         self.kept.engine_mut().check_divergence()?;
-        let (loss_sum, correct) = sums.read()?;
-        let sums = EpochSums {
-            loss_sum,
-            correct,
-            samples: seen,
-            seconds: prior_seconds + began.elapsed().as_secs_f64(),
-            allreduce_seconds: wire_seconds,
-        };
+        let sums = read_sums(&sums, seen, prior_seconds + began.elapsed().as_secs_f64(), wire_seconds)?;
         Ok(Trained { sums, prior_seconds, lr, steps_per_epoch, began })
     }
 
