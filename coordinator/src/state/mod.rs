@@ -305,7 +305,7 @@ impl Coordinator {
         }
     }
 
-    /// Feeds an event that cannot be refused to a job, if the job exists.
+    /// Feeds a job an event it cannot refuse, if the job exists.
     fn step_job(&self, inner: &mut Inner, id: &str, event: Event<'_>, pending: &mut Pending<'_>) -> bool {
         let Some(entry) = inner.jobs.get_mut(id) else { return false };
         match machine::step(&mut entry.job, event, Now::current()) {

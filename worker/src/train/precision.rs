@@ -64,7 +64,7 @@ pub fn autocast<T>(device: Device, precision: Precision, f: impl FnOnce() -> T) 
     if rc != 0 {
         // Only reachable if libtorch's autocast tables reject the device type: train in fp32
         // rather than abort, and say so.
-        tracing::warn!(precision = precision.as_str(), "libtorch refused to enable autocast; this pass runs in fp32");
+        tracing::warn!(precision = precision.as_str(), "libtorch would not enable autocast; this pass runs in fp32");
         return f();
     }
     let _restore = Restore { cuda, prev_enabled, prev_dtype };
